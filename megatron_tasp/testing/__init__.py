@@ -1,0 +1,1 @@
+"""Helpers for testing megatron-tasp: forked multi-process gloo workers and references."""

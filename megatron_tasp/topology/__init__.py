@@ -1,0 +1,27 @@
+"""Topology layer: hardware descriptors and verified orthogonal ring decompositions (no torch)."""
+
+from megatron_tasp.topology.descriptor import (
+    InterNode,
+    IntraNode,
+    Topology,
+    TopologyError,
+    generic_topology,
+    list_presets,
+    load_topology,
+    topology_from_dict,
+)
+from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
+from megatron_tasp.topology.rings import (
+    RingError,
+    hamiltonian_rings,
+    inter_node_arcs,
+    max_rings,
+    multinode_rings,
+    verify_rings,
+)
+
+__all__ = [
+    "InterNode", "IntraNode", "RingError", "Topology", "TopologyError", "generic_topology",
+    "hamiltonian_rings", "inter_node_arcs", "list_presets", "load_topology", "logical_to_cp_ranks",
+    "max_rings", "multinode_rings", "rings_on_cp_ranks", "topology_from_dict", "verify_rings",
+]
