@@ -7,6 +7,7 @@ Fork (not spawn) is used on purpose: the parent has already imported torch (and 
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing as mp
 import os
 import socket
@@ -29,12 +30,20 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    hang = os.environ.get("MEGATRON_TASP_DUMP_HANG_S")
+    if hang:  # debugging aid: dump every thread's stack if the rank is still running after N seconds
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(hang), exit=True,
+                                          file=open(f"/tmp/megatron_tasp_rank{rank}.stack", "w"))  # noqa: SIM115
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        buf = io.BytesIO()
+        torch.save(result, buf)  # tensors inline: no shared-memory handles outliving this process
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -43,6 +52,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
+        queue.close()
+        queue.join_thread()  # flush the report before the hard exit
         os._exit(0)
 
 
@@ -64,17 +75,30 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    import queue as queue_mod
+    import time
+
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world_size):
+        while len(results) < world_size and not errors:
             try:
-                rank, ok, payload = queue.get(timeout=timeout_s)
-            except Exception as exc:  # queue.Empty
-                raise WorkerError(f"timed out after {timeout_s:.0f}s waiting for ranks; got {sorted(results)}") from exc
+                rank, ok, payload = queue.get(timeout=0.2)
+            except queue_mod.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs)
+                        if p.exitcode is not None and r not in results]
+                if dead:
+                    time.sleep(0.3)  # a report may still be in the pipe
+                    if queue.empty():
+                        errors.append(f"rank(s) died without reporting: {dead} (rank, exit code)")
+                if time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout_s:.0f}s waiting for ranks; got {sorted(results)}")
+                continue
             if ok:
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)

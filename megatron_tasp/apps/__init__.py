@@ -1,0 +1,1 @@
+"""Applications: CLI commands, drawing, benchmarks, cost model, fine-tuning."""

@@ -1,0 +1,410 @@
+"""TASP attention: the multi-ring schedule x exchange x block kernels, forward and backward.
+
+``tasp_attention(q, k, v, cp_group)`` computes exact softmax attention over the whole sequence that
+the CP group holds, each rank passing only its shard. Inputs are Megatron's sbhd layout:
+q ``[s_local, b, h, d]``, k/v ``[s_local, b, h_kv, d]`` (GQA is never expanded: pieces carry only the
+KV heads). For causal attention the local tokens are Megatron's zigzag shard: rank r holds blocks
+``B_r`` and ``B_(2n-1-r)`` of the 2n equal blocks of the sequence.
+
+Forward (k rings, n ranks). Local KV is packed into k pieces; piece i = (slice i of the front block,
+slice i of the back block) and moves only along ring i. Step 0 runs one causal kernel on the local
+shard. At step t >= 1 a held piece from source s is either *earlier* (s < r: every query sees its
+front slice) or *later* (s > r: only the back query block sees it, all of it). Pieces of one case are
+concatenated so a step launches at most two kernels. Partial results merge by log-sum-exp in fp32.
+
+Backward re-runs the KV rotation. Each block's backward uses the merged output and lse; dQ
+accumulates locally (fp32) and the dK/dV accumulator of every piece follows its piece one hop behind
+along the same ring (fp32 by default, ``MEGATRON_TASP_DKV_DTYPE=input`` sends it in the input dtype),
+one extra hop bringing it home after the last step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_tasp.exchange import Channel, PieceLayout, make_transport
+from megatron_tasp.kernels import get_kernel, merge_into
+from megatron_tasp.schedule import EARLIER, LATER, RankStep, compile_schedule, split_sizes
+from megatron_tasp.topology import Topology, generic_topology, load_topology
+from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
+
+FULL = "full"
+
+
+class TaspConfigError(ValueError):
+    """Inputs or options that TASP cannot serve; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Everything one rank needs to run the schedule (cached per group and options)."""
+
+    rank: int
+    world_size: int
+    num_rings: int
+    rings: tuple[tuple[int, ...], ...]
+    steps: tuple[RankStep, ...]
+    send_peers: tuple[int, ...]
+    recv_peers: tuple[int, ...]
+    transport: str
+
+
+_PLANS: dict[tuple, RankPlan] = {}
+
+
+def _resolve_topology(topology: Topology | str | os.PathLike | None, n: int) -> Topology:
+    if topology is None:
+        return generic_topology(n)
+    if isinstance(topology, (str, Path)):
+        topology = load_topology(topology)
+    if not isinstance(topology, Topology):
+        raise TaspConfigError(f"topology must be a Topology, a YAML path or a preset name, got {type(topology)}")
+    topology.check_world_size(n)
+    return topology
+
+
+def _resolve_num_rings(num_rings: int | str | None, topology: Topology, shape_hint: dict | None) -> int:
+    if num_rings is None:
+        return topology.max_rings()
+    if num_rings == "auto":
+        from megatron_tasp.tuning import choose_num_rings
+
+        return choose_num_rings(topology, shape_hint or {})
+    if isinstance(num_rings, str) and num_rings.isdigit():
+        num_rings = int(num_rings)
+    if not isinstance(num_rings, int) or isinstance(num_rings, bool) or num_rings < 1:
+        raise TaspConfigError(f"num_rings must be a positive integer, 'auto' or None, got {num_rings!r}")
+    if num_rings > topology.max_rings():
+        raise TaspConfigError(f"topology '{topology.name}' offers at most {topology.max_rings()} orthogonal rings "
+                              f"for {topology.world_size} ranks; got num_rings={num_rings}")
+    return num_rings
+
+
+def _hosts(group: dist.ProcessGroup | None, n: int) -> list[str]:
+    import socket
+
+    fake = os.environ.get("MEGATRON_TASP_FAKE_HOSTS")  # testing: emulate u nodes on one machine
+    if fake:
+        names = fake.split(",")
+        if len(names) != n:
+            raise TaspConfigError(f"MEGATRON_TASP_FAKE_HOSTS lists {len(names)} hosts for {n} CP ranks")
+        return names
+    hosts: list[Any] = [None] * n
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return [str(h) for h in hosts]
+
+
+def rank_plan(group: dist.ProcessGroup | None, num_rings: int | str | None = None,
+              topology: Topology | str | None = None, transport: str | None = None,
+              shape_hint: dict | None = None) -> RankPlan:
+    """Compile (once) and return this rank's TASP plan for ``group``."""
+    n = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(n))
+    topo = _resolve_topology(topology, n)
+    k = _resolve_num_rings(num_rings, topo, shape_hint)
+    tname = transport or os.environ.get("MEGATRON_TASP_TRANSPORT") or ("p2p" if topo.multinode else "a2a")
+    key = (ranks, rank, k, topo, tname)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    rings = topo.rings(k)
+    if topo.nodes > 1:
+        rings = rings_on_cp_ranks(rings, logical_to_cp_ranks(topo, _hosts(group, n)))
+    sched = compile_schedule(rings)
+    steps = tuple(sched.plan(rank))
+    plan = RankPlan(rank=rank, world_size=n, num_rings=k, rings=tuple(tuple(r) for r in sched.rings),
+                    steps=steps, send_peers=tuple(sched.succ(i, rank) for i in range(k)),
+                    recv_peers=tuple(sched.pred(i, rank) for i in range(k)), transport=tname)
+    _PLANS[key] = plan
+    return plan
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """How the local sequence splits into k pieces (front slice + back slice each)."""
+
+    front: tuple[int, ...]
+    back: tuple[int, ...]
+    half: int  # length of the front query block (causal) or the whole length (non-causal)
+    perm: torch.Tensor  # local position of every packed row, piece after piece
+
+    @property
+    def lengths(self) -> list[int]:
+        """Rows of each piece."""
+        return [f + b for f, b in zip(self.front, self.back)]
+
+
+def make_pieces(length: int, k: int, causal: bool, device: torch.device) -> Pieces:
+    """Split ``length`` local tokens into k pieces; raises TaspConfigError when too short."""
+    if causal:
+        if length % 2:
+            raise TaspConfigError(
+                f"causal TASP needs an even local length (Megatron's zigzag: sequence divisible by 2*CP); "
+                f"got {length} local tokens")
+        half = length // 2
+        if half < k:
+            raise TaspConfigError(f"local length {length} is too short for {k} rings: each of the two zigzag "
+                                  f"blocks ({half} tokens) must give every ring >= 1 token; use num_rings <= {half}")
+        front, back = split_sizes(half, k), split_sizes(half, k)
+    else:
+        half = length
+        if length < k:
+            raise TaspConfigError(f"local length {length} is too short for {k} rings; use num_rings <= {length}")
+        front, back = split_sizes(length, k), [0] * k
+    idx: list[int] = []
+    f0 = b0 = 0
+    for f, b in zip(front, back):
+        idx.extend(range(f0, f0 + f))
+        idx.extend(range(half + b0, half + b0 + b))
+        f0 += f
+        b0 += b
+    perm = torch.tensor(idx, dtype=torch.long, device=device)
+    return Pieces(tuple(front), tuple(back), half, perm)
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """[s, b, h, d] view -> [b, h, s, d] view."""
+    return x.permute(1, 2, 0, 3)
+
+
+def _dkv_dtype(dtype: torch.dtype) -> torch.dtype:
+    mode = os.environ.get("MEGATRON_TASP_DKV_DTYPE", "fp32").lower()
+    if mode in ("fp32", "float32"):
+        return torch.float32
+    if mode == "input":
+        return dtype
+    raise TaspConfigError(f"MEGATRON_TASP_DKV_DTYPE must be 'fp32' or 'input', got {mode!r}")
+
+
+class _Run:
+    """Per-call state shared by forward and backward."""
+
+    def __init__(self, plan: RankPlan, group, kernel, causal: bool, scale: float, pieces: Pieces,
+                 kv_shape: tuple[int, int, int]):
+        self.plan, self.group, self.kernel = plan, group, kernel
+        self.causal, self.scale, self.pieces = causal, scale, pieces
+        b, hkv, d = kv_shape
+        self.layout = PieceLayout(tuple((n_, 2, b, hkv, d) for n_ in pieces.lengths))
+        self.transport = make_transport(plan.transport, group, plan.send_peers, plan.recv_peers, self.layout)
+
+    def groups(self, st: RankStep) -> list[tuple[str, list[int]]]:
+        """(case, rings) groups to compute at a step t >= 1."""
+        if not self.causal:
+            return [(FULL, list(range(self.plan.num_rings)))]
+        return [(c, st.rings_with(c)) for c in (EARLIER, LATER) if st.rings_with(c)]
+
+    def group_kv(self, views: list[torch.Tensor], case: str, rings: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ([b, h_kv, s, d] views or copies) of a group of held pieces."""
+        if case == EARLIER:
+            parts = [views[i][: self.pieces.front[i]] for i in rings]
+        else:
+            parts = [views[i] for i in rings]
+        kv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return _bhsd(kv[:, 0]), _bhsd(kv[:, 1])
+
+    def q_rows(self, case: str) -> slice:
+        """Query rows (local positions) a group attends from."""
+        return slice(self.pieces.half, None) if case == LATER else slice(None)
+
+    def pack(self, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Write local K/V ([s, b, h_kv, d]) into a flat buffer in piece order."""
+        shaped = out.view(-1, 2, *k.shape[1:])
+        torch.index_select(torch.stack((k, v), dim=1), 0, self.pieces.perm, out=shaped)
+
+    def unpack(self, flat: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`pack`: flat piece buffer -> (K, V) in local order."""
+        shaped = flat.view(-1, 2, *like.shape[1:])
+        res = torch.empty_like(shaped)
+        res.index_copy_(0, self.pieces.perm, shaped)
+        return res[:, 0].to(like.dtype), res[:, 1].to(like.dtype)
+
+
+def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Returns out [s, b, h, d] (input dtype), merged lse [b, h, s] (fp32) and the kernels' contexts."""
+    plan = run.plan
+    qb = _bhsd(q)
+    b, h, s, d = qb.shape
+    acc = torch.zeros(b, h, s, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+    ctxs: list[Any] = []
+    chan = None
+    if plan.world_size > 1:
+        chan = Channel(run.transport, k.dtype, k.device, "forward KV")
+        run.pack(k, v, chan.current)
+    for st in plan.steps:
+        pending = chan.start(st.step) if chan is not None and st.sends else None
+        if st.step == 0:
+            blocks = [(slice(None), _bhsd(k), _bhsd(v), run.causal)]
+        else:
+            views = run.layout.views(chan.current)
+            blocks = [(run.q_rows(c), *run.group_kv(views, c, rings), False) for c, rings in run.groups(st)]
+        for rows, kk, vv, causal in blocks:
+            o, l_, c = run.kernel.forward(qb[:, :, rows], kk, vv, causal=causal, scale=run.scale)
+            merge_into(acc[:, :, rows], lse[:, :, rows], o, l_)
+            ctxs.append(c)
+        if pending is not None:
+            pending.wait()
+            chan.advance()
+    out = acc.permute(2, 0, 1, 3).to(q.dtype).contiguous()
+    return out, lse, ctxs
+
+
+def _backward(run: _Run, dout, q, k, v, out, lse, ctxs):
+    """Returns dq, dk, dv in the input layout and dtype."""
+    plan = run.plan
+    qb, dob, ob = _bhsd(q), _bhsd(dout), _bhsd(out)
+    dq = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
+    dk = dv = None
+    kv_chan = dkv_chan = pend_dkv = None
+    if plan.world_size > 1:
+        kv_chan = Channel(run.transport, k.dtype, k.device, "backward KV")
+        run.pack(k, v, kv_chan.current)
+        dkv_chan = Channel(run.transport, _dkv_dtype(k.dtype), k.device, "backward dKV")
+    ci = 0
+    for st in plan.steps:
+        pend_kv = kv_chan.start(st.step) if kv_chan is not None and st.sends else None
+        if st.step == 0:
+            dq0, dk0, dv0 = run.kernel.backward(dob, qb, _bhsd(k), _bhsd(v), ob, lse, ctxs[0],
+                                                causal=run.causal, scale=run.scale)
+            ci = 1
+            dq += dq0
+            if dkv_chan is None:
+                dk, dv = dk0.permute(2, 0, 1, 3), dv0.permute(2, 0, 1, 3)
+            else:
+                run.pack(dk0.permute(2, 0, 1, 3).to(dkv_chan.current.dtype),
+                         dv0.permute(2, 0, 1, 3).to(dkv_chan.current.dtype), dkv_chan.current)
+        else:
+            views = run.layout.views(kv_chan.current)
+            contribs = []
+            for case, rings in run.groups(st):
+                kk, vv = run.group_kv(views, case, rings)
+                rows = run.q_rows(case)
+                dqg, dkg, dvg = run.kernel.backward(dob[:, :, rows], qb[:, :, rows], kk, vv, ob[:, :, rows],
+                                                    lse[:, :, rows], ctxs[ci], causal=False, scale=run.scale)
+                ci += 1
+                dq[:, :, rows] += dqg
+                contribs.append((case, rings, dkg, dvg))
+            pend_dkv.wait()
+            dkv_chan.advance()
+            acc = run.layout.views(dkv_chan.current)
+            for case, rings, dkg, dvg in contribs:
+                off = 0
+                for i in rings:
+                    m = run.pieces.front[i] if case == EARLIER else run.pieces.lengths[i]
+                    acc[i][:m, 0] += dkg[:, :, off:off + m].permute(2, 0, 1, 3)
+                    acc[i][:m, 1] += dvg[:, :, off:off + m].permute(2, 0, 1, 3)
+                    off += m
+        if dkv_chan is not None:
+            pend_dkv = dkv_chan.start(st.step)  # the last start is the hop home
+        if pend_kv is not None:
+            pend_kv.wait()
+            kv_chan.advance()
+    if dkv_chan is not None:
+        pend_dkv.wait()
+        dkv_chan.advance()
+        dk, dv = run.unpack(dkv_chan.current, like=k)
+    return dq.permute(2, 0, 1, 3).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _TaspAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, run: _Run):  # type: ignore[override]
+        out, lse, kctx = _forward(run, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.run, ctx.kctx = run, kctx
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.run, dout.contiguous(), q, k, v, out, lse, ctx.kctx)
+        return dq, dk, dv, None
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise TaspConfigError(f"{name} must be a 4-D tensor [s_local, b, heads, head_dim] (Megatron sbhd), "
+                                  f"got {getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape:
+        raise TaspConfigError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise TaspConfigError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on local length, batch and "
+                              "head dim (self-attention over the same CP shard)")
+    if q.shape[0] == 0:
+        raise TaspConfigError("local sequence length is 0; every CP rank needs tokens")
+    if q.shape[2] % k.shape[2]:
+        raise TaspConfigError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise TaspConfigError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise TaspConfigError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+_CHECKED_LENGTHS: set[tuple] = set()
+
+
+def _check_equal_lengths(group, plan: RankPlan, length: int, device: torch.device) -> None:
+    """All CP ranks must hold the same number of tokens (Megatron's split); checked once per length."""
+    key = (plan.rings, plan.rank, length)
+    if key in _CHECKED_LENGTHS:
+        return
+    t = torch.tensor([length, -length], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = int(t[0]), -int(t[1])
+    if hi != lo:
+        raise TaspConfigError(f"CP ranks hold different local lengths ({lo}..{hi} tokens; this rank {length}); "
+                              "TASP needs Megatron's even split: the sequence length divisible by 2*CP (causal) "
+                              "or by CP (no mask)")
+    _CHECKED_LENGTHS.add(key)
+
+
+def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,
+                   causal: bool = True, softmax_scale: float | None = None, num_rings: int | str | None = None,
+                   topology: Topology | str | None = None, backend: str | None = None,
+                   transport: str | None = None) -> torch.Tensor:
+    """Exact context-parallel attention with TASP's multi-ring KV exchange.
+
+    Args:
+        q: ``[s_local, b, h, d]``; k, v: ``[s_local, b, h_kv, d]`` (Megatron's sbhd; zigzag shard if causal).
+        cp_group: the context-parallel process group (None or size 1: plain attention; None with an
+            initialised default group of size > 1 uses the default group).
+        causal: causal mask over the global sequence (zigzag layout) or none.
+        softmax_scale: defaults to 1/sqrt(d).
+        num_rings: rings to use (default: the topology's maximum; 1 = zigzag ring attention; 'auto').
+        topology: a Topology, a YAML path or a shipped preset name (default: all-to-all single node).
+        backend: block-kernel name (default: automatic, see ``megatron_tasp.kernels``).
+        transport: 'a2a' or 'p2p' (default: a2a on one node, p2p across nodes).
+
+    Returns:
+        ``[s_local, b, h, d]`` in q's dtype; differentiable in q, k and v.
+    """
+    _check_inputs(q, k, v)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    n = dist.get_world_size(cp_group) if (cp_group is not None or dist.is_initialized()) else 1
+    if n == 1:
+        return _TaspAttention.apply(q, k, v, _LocalRun(kernel, causal, scale))
+    hint = {"tokens_per_gpu": q.shape[0], "batch": q.shape[1], "heads_q": q.shape[2],
+            "heads_kv": k.shape[2], "head_dim": q.shape[3], "causal": causal, "dtype_bytes": q.element_size()}
+    plan = rank_plan(cp_group, num_rings, topology, transport, hint)
+    _check_equal_lengths(cp_group, plan, q.shape[0], q.device)
+    pieces = make_pieces(q.shape[0], plan.num_rings, causal, q.device)
+    run = _Run(plan, cp_group, kernel, causal, scale, pieces, (k.shape[1], k.shape[2], k.shape[3]))
+    return _TaspAttention.apply(q, k, v, run)
+
+
+class _LocalRun:
+    """CP size 1: one kernel, no exchange."""
+
+    def __init__(self, kernel, causal: bool, scale: float):
+        self.plan = RankPlan(0, 1, 1, ((0,),), (RankStep(0, (), (), ()),), (), (), "none")
+        self.kernel, self.causal, self.scale = kernel, causal, scale

@@ -1,0 +1,212 @@
+"""Exchange layer: move the pieces of one step between CP ranks (torch.distributed).
+
+Knows nothing about attention: it moves k flat-packed pieces, piece i to ``send_peers[i]`` and from
+``recv_peers[i]``. Strategies are pluggable (a registry, not an if/elif):
+
+- ``p2p``: one batch of k isend/irecv pairs (works for every ring set, multi-node included);
+- ``a2a``: one ``all_to_all_single`` per step (each peer gets at most one piece per step, which holds
+  for every set of orthogonal rings).
+
+Ordering and buffers. Each channel (KV forward, KV backward, dKV backward) owns two flat buffers used
+alternately (double buffering). Exchanges are *issued from the compute stream*: NCCL makes its own
+stream wait for everything already queued on the issuing stream, so a receive into the buffer that the
+previous step's kernels read is ordered after those kernels, and ``wait()`` makes the compute stream
+(never the host) wait for the transfer. No host synchronisation happens inside the step loop on GPU.
+On gloo (CPU) ``wait`` blocks with a timeout and names the CP group and step when a peer never answers.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class ExchangeTimeout(RuntimeError):
+    """A peer did not answer within the timeout."""
+
+
+def default_timeout_s() -> float:
+    """Seconds a CPU (gloo) exchange waits before raising; ``MEGATRON_TASP_TIMEOUT_S`` overrides."""
+    return float(os.environ.get("MEGATRON_TASP_TIMEOUT_S", "300"))
+
+
+@dataclass(frozen=True)
+class PieceLayout:
+    """Shapes of the k pieces packed one after another in a flat buffer."""
+
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Elements per piece."""
+        out = []
+        for s in self.shapes:
+            n = 1
+            for d in s:
+                n *= d
+            out.append(n)
+        return out
+
+    @property
+    def offsets(self) -> list[int]:
+        """Start of each piece in the flat buffer."""
+        offs, acc = [], 0
+        for n in self.sizes:
+            offs.append(acc)
+            acc += n
+        return offs
+
+    @property
+    def numel(self) -> int:
+        """Elements of the whole flat buffer."""
+        return sum(self.sizes)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Piece views of ``flat`` (contiguous, shaped)."""
+        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
+
+
+class Pending:
+    """An exchange in flight; ``wait()`` returns the received flat buffer."""
+
+    def __init__(self, works: list, recv: torch.Tensor, label: str, finish=None):
+        self._works = works
+        self._recv = recv
+        self._label = label
+        self._finish = finish
+
+    def wait(self) -> torch.Tensor:
+        """Order the current stream after the transfer (GPU) or block until it is done (CPU)."""
+        timeout = None if self._recv.is_cuda else datetime.timedelta(seconds=default_timeout_s())
+        for w in self._works:
+            try:
+                if timeout is None:
+                    w.wait()
+                else:
+                    w.wait(timeout)
+            except RuntimeError as exc:
+                raise ExchangeTimeout(f"TASP exchange failed or timed out at {self._label}: {exc}") from exc
+        if self._finish is not None:
+            self._finish()
+        return self._recv
+
+
+class Transport(abc.ABC):
+    """Moves piece i to ``send_peers[i]`` and receives piece i from ``recv_peers[i]`` (group ranks)."""
+
+    name = "base"
+
+    def __init__(self, group: dist.ProcessGroup | None, send_peers: Sequence[int], recv_peers: Sequence[int],
+                 layout: PieceLayout):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.send_peers = list(send_peers)
+        self.recv_peers = list(recv_peers)
+        self.layout = layout
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
+        self.group_ranks = ranks
+
+    @abc.abstractmethod
+    def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
+        """Post the sends of ``send`` (flat) and the receives into ``recv`` (flat)."""
+
+
+class P2PTransport(Transport):
+    """One batch of k isend/irecv pairs per step."""
+
+    name = "p2p"
+
+    def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
+        ops = []
+        for piece, peer in zip(self.layout.views(send), self.send_peers):
+            ops.append(dist.P2POp(dist.isend, piece, self.group_ranks[peer], self.group))
+        for piece, peer in zip(self.layout.views(recv), self.recv_peers):
+            ops.append(dist.P2POp(dist.irecv, piece, self.group_ranks[peer], self.group))
+        return Pending(dist.batch_isend_irecv(ops), recv, label)
+
+
+class A2ATransport(Transport):
+    """One ``all_to_all_single`` per step; pieces are staged in peer order when the ring order differs."""
+
+    name = "a2a"
+
+    def __init__(self, group, send_peers, recv_peers, layout):
+        super().__init__(group, send_peers, recv_peers, layout)
+        if len(set(send_peers)) != len(send_peers) or len(set(recv_peers)) != len(recv_peers):
+            raise ValueError("a2a transport needs at most one piece per peer per step; use transport='p2p'")
+        sizes = layout.sizes
+        self.in_splits = [0] * self.world
+        self.out_splits = [0] * self.world
+        for i, p in enumerate(send_peers):
+            self.in_splits[p] = sizes[i]
+        for i, p in enumerate(recv_peers):
+            self.out_splits[p] = sizes[i]
+        self.send_order = sorted(range(len(send_peers)), key=lambda i: send_peers[i])
+        self.recv_order = sorted(range(len(recv_peers)), key=lambda i: recv_peers[i])
+        ident = list(range(len(send_peers)))
+        self.stage_send = self.send_order != ident
+        self.stage_recv = self.recv_order != ident
+
+    def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
+        if self.stage_send:
+            pieces = self.layout.views(send)
+            send = torch.cat([pieces[i].reshape(-1) for i in self.send_order])
+        out = torch.empty_like(recv) if self.stage_recv else recv
+        work = dist.all_to_all_single(out, send, self.out_splits, self.in_splits, group=self.group, async_op=True)
+        finish = None
+        if self.stage_recv:
+            def finish() -> None:
+                offs, acc = {}, 0
+                for i in self.recv_order:
+                    offs[i] = acc
+                    acc += self.layout.sizes[i]
+                for i, view in enumerate(self.layout.views(recv)):
+                    view.reshape(-1).copy_(out[offs[i]:offs[i] + self.layout.sizes[i]])
+        return Pending([work], recv, label, finish)
+
+
+TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (P2PTransport, A2ATransport)}
+
+
+def make_transport(name: str, group, send_peers, recv_peers, layout: PieceLayout) -> Transport:
+    """Build a transport by name (``a2a`` or ``p2p``)."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown TASP transport {name!r}; choose one of {', '.join(sorted(TRANSPORTS))}")
+    return TRANSPORTS[name](group, send_peers, recv_peers, layout)
+
+
+class Channel:
+    """A double-buffered stream of flat piece buffers moving along the rings."""
+
+    def __init__(self, transport: Transport, dtype: torch.dtype, device: torch.device, what: str):
+        self.transport = transport
+        n = transport.layout.numel
+        self.buffers = [torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device)]
+        self.what = what
+        self.cur = 0
+
+    @property
+    def current(self) -> torch.Tensor:
+        """The buffer holding this step's pieces."""
+        return self.buffers[self.cur]
+
+    def views(self) -> list[torch.Tensor]:
+        """Piece views of the current buffer."""
+        return self.transport.layout.views(self.current)
+
+    def start(self, step: int) -> Pending:
+        """Send the current buffer and receive into the other one; ``advance()`` after ``wait()``."""
+        label = (f"{self.what} step {step} (CP group ranks {self.transport.group_ranks}, "
+                 f"rank {self.transport.rank})")
+        return self.transport.start(self.buffers[self.cur], self.buffers[1 - self.cur], label)
+
+    def advance(self) -> None:
+        """Make the buffer just received the current one."""
+        self.cur = 1 - self.cur

@@ -1,0 +1,157 @@
+"""Version-robust calls: aten ops bound by schema argument names, Python functions by signature.
+
+The private SDPA ops and the flash-attn / Transformer Engine entry points have changed argument lists and
+names across releases. Instead of hard-coding one positional order, the callers here give values by
+(canonical) name, and the target's schema or signature, read at run time, decides what is passed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["call_aten", "call_python", "has_aten_op", "named_returns", "op_schema_text"]
+
+# Alternative spellings seen across torch versions -> the canonical names used by callers.
+_ALIASES: dict[str, str] = {
+    "grad_out_": "grad_out",
+    "log_sumexp": "logsumexp",
+    "softmax_logsumexp": "logsumexp",
+    "rng_state": "philox_seed",  # flash forward returns (rng_state, unused) ...
+    "unused": "philox_offset",  # ... which its backward takes as (philox_seed, philox_offset)
+    "bias": "attn_bias",
+}
+
+
+def _canonical(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def _is_optional(arg: Any) -> bool:
+    try:
+        return arg.type.kind() == "OptionalType"
+    except Exception:  # pragma: no cover - very old/odd schema objects
+        return str(arg.type).endswith("?") or str(arg.type).startswith("Optional")
+
+
+def op_schema_text(op: Any) -> str:
+    """The schema of an aten OpOverload as text (for error messages)."""
+    try:
+        return str(op._schema)
+    except Exception:  # pragma: no cover
+        return repr(op)
+
+
+def call_aten(op: Any, values: Mapping[str, Any], *, ignorable: Iterable[str] = ()) -> Any:
+    """Call an aten ``OpOverload`` with keyword arguments chosen by its schema.
+
+    Every schema argument is filled from ``values`` (by canonical name); missing ones with a default are left
+    out, missing optional tensors get None. A required argument with no value, or a value the schema does not
+    take (unless named in ``ignorable``), raises RuntimeError showing the schema.
+    """
+    schema = op._schema
+    kwargs: dict[str, Any] = {}
+    used: set[str] = set()
+    for arg in schema.arguments:
+        key = _canonical(arg.name)
+        if key in values:
+            kwargs[arg.name] = values[key]
+            used.add(key)
+        elif arg.has_default_value():
+            continue
+        elif _is_optional(arg):
+            kwargs[arg.name] = None
+        else:
+            raise RuntimeError(
+                f"cannot call {schema.name}: no value for its required argument {arg.name!r}. "
+                f"Schema of this torch build: {schema}"
+            )
+    extra = set(values) - used - set(ignorable)
+    if extra:
+        raise RuntimeError(
+            f"cannot call {schema.name}: this torch build's schema has no argument(s) {sorted(extra)}. Schema: {schema}"
+        )
+    return op(**kwargs)
+
+
+def named_returns(op: Any, result: Sequence[Any], fallback: Sequence[str]) -> dict[str, Any]:
+    """Map an op's tuple result to canonical return names (schema names, else ``fallback``)."""
+    result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    try:
+        names = [_canonical(r.name) for r in op._schema.returns]
+    except Exception:  # pragma: no cover
+        names = []
+    if len(names) != len(result) or not all(names):
+        names = list(fallback)
+    if len(names) < len(result):
+        names = names + [f"_ret{i}" for i in range(len(names), len(result))]
+    return dict(zip(names, result))
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """Signature of fn; looks through torch.library.custom_op wrappers, whose own signature is (*a, **kw)."""
+    candidates = [fn, getattr(fn, "_init_fn", None), getattr(fn, "__wrapped__", None)]
+    for cand in candidates:
+        if cand is None:
+            continue
+        try:
+            sig = inspect.signature(cand)
+        except (TypeError, ValueError):
+            continue
+        kinds = {p.kind for p in sig.parameters.values()}
+        if kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+            continue
+        return sig
+    raise RuntimeError(f"cannot read the signature of {fn!r}")
+
+
+def call_python(
+    fn: Callable[..., Any],
+    values: Mapping[str, Any],
+    *,
+    none_ok: Iterable[str] = (),
+    what: str = "",
+) -> Any:
+    """Call ``fn`` passing, by name, every parameter of its signature that ``values`` provides.
+
+    Parameters without a default that ``values`` lacks get None when listed in ``none_ok``; otherwise a
+    RuntimeError names the unsupported signature. Values the signature does not take are ignored, so callers
+    may offer several spellings (``window_size`` and ``window_size_left``/``_right``).
+    """
+    sig = _signature(fn)
+    none_ok = set(none_ok)
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for p in sig.parameters.values():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.name in values:
+            val = values[p.name]
+        elif p.default is not inspect.Parameter.empty:
+            if p.kind != inspect.Parameter.POSITIONAL_ONLY:
+                continue
+            val = p.default
+        elif p.name in none_ok:
+            val = None
+        else:
+            raise RuntimeError(
+                f"{what or getattr(fn, '__name__', fn)}: unsupported signature {sig}: "
+                f"no value for required parameter {p.name!r}"
+            )
+        if p.kind == inspect.Parameter.POSITIONAL_ONLY:
+            args.append(val)
+        else:
+            kwargs[p.name] = val
+    return fn(*args, **kwargs)
+
+
+def has_aten_op(name: str) -> bool:
+    """True when ``torch.ops.aten.<name>`` exists in this torch build."""
+    try:
+        getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True

@@ -1,0 +1,280 @@
+"""``TaspDotProductAttention``: TASP context parallelism behind Megatron-Core's core-attention contract.
+
+Megatron builds core attention as ``submodules.core_attention(config=..., layer_number=...,
+attn_mask_type=..., attention_type=..., cp_comm_type=..., softmax_scale=..., pg_collection=...)`` (MLA
+also passes ``k_channels``/``v_channels``) and calls ``forward(query, key, value, attention_mask,
+attn_mask_type=..., attention_bias=..., packed_seq_params=...)`` with sbhd tensors: query
+``[s/cp, b, np, hn]``, key/value ``[s/cp, b, ng, hn]`` (GQA not expanded), RoPE applied, local tokens in
+Megatron's zigzag layout ``[chunk r | chunk 2cp-1-r]``. It returns ``[s/cp, b, np*hn]``.
+
+Per-layer ``cp_comm_type`` lists: Megatron hands each layer its own entry. Entries "tasp" (and None, i.e.
+CP == 1 or no type configured) build this module; any other entry ("p2p", "a2a", "all_gather",
+"a2a+p2p") builds Megatron's ``TEDotProductAttention`` instead (constructing this class then returns
+the TE module), so one spec serves mixed layouts. Without Transformer Engine that raises a clear error.
+
+Options come from constructor keywords (``tasp_num_rings`` ...; e.g. ``ModuleSpec.params``), else from
+attributes of the config (``config.tasp_num_rings``, ``tasp_topology``, ``tasp_transport``,
+``tasp_kernel``), else defaults (the attention layer picks the ring count and kernel).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from megatron_tasp.megatron.cpu_compat import prepare_megatron_import
+
+prepare_megatron_import()
+
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+
+TASP_COMM_TYPE = "tasp"
+_SUPPORTED_MASKS = ("causal", "no_mask", "causal_bottom_right")
+# Keywords some Megatron versions pass that carry no meaning for TASP (ignored when given).
+_IGNORED_KWARGS = frozenset({"num_splits", "pp_layer_offset", "name", "model_comm_pgs"})
+_OPTION_KEYS = ("tasp_num_rings", "tasp_topology", "tasp_transport", "tasp_kernel")
+
+
+def normalize_comm_type(value: str | None) -> str | None:
+    """Lower-case and strip a cp_comm_type entry; map the "allgather" misspelling to "all_gather"."""
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    if v == "allgather":
+        warnings.warn("cp_comm_type 'allgather' is spelled 'all_gather' in Transformer Engine; using 'all_gather'",
+                      stacklevel=3)
+        v = "all_gather"
+    return v
+
+
+def is_tasp_comm_type(value: str | None) -> bool:
+    """True for the entries this module serves itself: None (no CP type) and "tasp"."""
+    return value is None or str(value).strip().lower() == TASP_COMM_TYPE
+
+
+def _te_dot_product_attention(cp_comm_type: str, layer_number: Any) -> type:
+    """Return Megatron's TEDotProductAttention class, or raise a clear error naming the fix."""
+    fix = (f"layer {layer_number} has cp_comm_type '{cp_comm_type}', which is served by Transformer Engine "
+           "(megatron.core.extensions.transformer_engine.TEDotProductAttention), but Transformer Engine is not "
+           "installed. Install transformer-engine, or set this layer's cp_comm_type entry to 'tasp'.")
+    try:
+        from megatron.core.extensions import transformer_engine as te_ext
+    except Exception as exc:  # noqa: BLE001 - any import failure means TE is unusable here
+        raise ImportError(fix) from exc
+    if not getattr(te_ext, "HAVE_TE", False) or not isinstance(getattr(te_ext, "TEDotProductAttention", None), type):
+        raise ImportError(fix)
+    return te_ext.TEDotProductAttention
+
+
+def _mask_name(mask: Any) -> str:
+    return mask.name if isinstance(mask, AttnMaskType) else str(mask)
+
+
+def _check_mask_type(mask: Any, where: str) -> str:
+    name = _mask_name(mask)
+    if name not in _SUPPORTED_MASKS:
+        raise NotImplementedError(
+            f"TaspDotProductAttention supports attention mask types causal and no_mask; got {name} ({where}). "
+            "Padding and arbitrary masks are not implemented: use Transformer Engine's attention for this model.")
+    return name
+
+
+def _cp_group_from(pg_collection: Any) -> Any:
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if group is not None:
+        return group
+    from megatron.core import parallel_state
+
+    try:
+        return parallel_state.get_context_parallel_group(check_initialized=False)
+    except TypeError:  # older signature
+        return parallel_state.get_context_parallel_group()
+
+
+def _resolve_tasp_attention() -> Any:
+    """The TASP attention function, looked up at call time (so tests can substitute the module)."""
+    return importlib.import_module("megatron_tasp.attention").tasp_attention
+
+
+class TaspDotProductAttention(MegatronModule):
+    """Core attention computing TASP (multi-ring) context-parallel attention over ``pg_collection.cp``."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Build TE's core attention instead when this layer's cp_comm_type is not "tasp"."""
+        cp_comm_type = kwargs.get("cp_comm_type")
+        if is_tasp_comm_type(cp_comm_type):
+            return super().__new__(cls)
+        comm = normalize_comm_type(cp_comm_type)
+        te_cls = _te_dot_product_attention(comm, kwargs.get("layer_number"))
+        accepted = inspect.signature(te_cls.__init__).parameters
+        te_kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        te_kwargs["cp_comm_type"] = comm
+        return te_cls(*args, **te_kwargs)
+
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config=config)
+        options = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
+        unknown = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None}
+        if unknown:
+            raise TypeError(f"TaspDotProductAttention got unsupported arguments: {sorted(unknown)}")
+
+        self.config = config
+        self.layer_number = max(1, int(layer_number))
+        self.attention_type = attention_type
+        self.attn_mask_type = attn_mask_type
+        self.cp_comm_type = normalize_comm_type(cp_comm_type)
+        _check_mask_type(attn_mask_type, f"layer {self.layer_number}")
+
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout and float(dropout) > 0.0:
+            raise ValueError(
+                f"TaspDotProductAttention does not implement attention dropout (got p={dropout}); set "
+                "attention_dropout=0.0 (Megatron-LM: --attention-dropout 0.0).")
+        if getattr(config, "softmax_type", "vanilla") not in (None, "vanilla"):
+            raise NotImplementedError(f"TaspDotProductAttention supports softmax_type='vanilla' only, "
+                                      f"got {config.softmax_type!r}")
+        if self._uses_window(config, layer_number):
+            raise NotImplementedError("TaspDotProductAttention does not implement sliding-window attention "
+                                      f"(config.window_size={config.window_size}).")
+
+        self.hidden_size_per_attention_head = int(k_channels or config.kv_channels)
+        self.hidden_size_per_attention_head_v = int(v_channels or self.hidden_size_per_attention_head)
+        # Megatron's apply_query_key_layer_scaling divides QK^T by layer_number and multiplies it back inside
+        # an fp32 softmax: a numerical trick with no effect on the result. TASP computes the softmax in fp32
+        # (log-sum-exp), so the effective scale is simply softmax_scale or 1/sqrt(head dim).
+        scale = softmax_scale if softmax_scale is not None else getattr(config, "softmax_scale", None)
+        self.softmax_scale = float(scale) if scale is not None else 1.0 / math.sqrt(self.hidden_size_per_attention_head)
+
+        self.pg_collection = pg_collection
+        self.cp_group = _cp_group_from(pg_collection)
+        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        want_cp = int(getattr(config, "context_parallel_size", 1) or 1)
+        if want_cp > 1 and self.cp_size != want_cp:
+            raise RuntimeError(
+                f"config.context_parallel_size={want_cp} but the context-parallel group has {self.cp_size} ranks "
+                "(initialize parallel_state or pass pg_collection with a 'cp' group)")
+        if self.cp_size > 1 and attention_type != "self":
+            raise NotImplementedError("TaspDotProductAttention supports self-attention only under context parallelism")
+
+        def option(key: str) -> Any:
+            return options[key] if key in options else getattr(config, key, None)
+
+        self.num_rings = option("tasp_num_rings")
+        self.transport = option("tasp_transport")
+        if self.transport == "auto":
+            self.transport = None
+        self.kernel = option("tasp_kernel")
+        self.topology = self._load_topology(option("tasp_topology"))
+        # Attributes other Megatron code looks for on a core attention (QK-clip bookkeeping).
+        self.current_max_attn_logits = None
+
+    @staticmethod
+    def _uses_window(config: Any, layer_number: int) -> bool:
+        if getattr(config, "window_size", None) is None:
+            return False
+        try:
+            from megatron.core.transformer.utils import is_layer_window_attention
+        except ImportError:
+            return True
+        return bool(is_layer_window_attention(config.window_size, getattr(config, "window_attn_skip_freq", None),
+                                              layer_number))
+
+    def _load_topology(self, topology: Any) -> Any:
+        """Load a topology path once and check it against the CP size (Topology objects are checked too)."""
+        if topology is None:
+            return None
+        if isinstance(topology, str | bytes) or hasattr(topology, "__fspath__"):
+            from megatron_tasp.topology import load_topology
+
+            topology = load_topology(topology)
+        check = getattr(topology, "check_world_size", None)
+        if check is not None and self.cp_size > 1:
+            check(self.cp_size)
+        return topology
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written with TE core attention carry an `_extra_state` entry; it holds nothing TASP uses.
+        state_dict.pop(f"{prefix}_extra_state", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Attention over the CP group; returns ``[s/cp, b, np * hn_v]``.
+
+        ``attention_mask`` is ignored, as Transformer Engine does for causal/no_mask: the mask type decides.
+        """
+        extra = {k: v for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS}
+        if extra:
+            raise TypeError(f"TaspDotProductAttention.forward got unsupported arguments: {sorted(extra)}")
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "TaspDotProductAttention does not support packed sequences (packed_seq_params / THD format) yet; "
+                "train with unpacked sbhd batches or use Transformer Engine's attention.")
+        if attention_bias is not None:
+            raise NotImplementedError("TaspDotProductAttention does not support attention_bias")
+        mask = _check_mask_type(attn_mask_type if attn_mask_type is not None else self.attn_mask_type,
+                                f"forward of layer {self.layer_number}")
+        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+            raise ValueError(f"expected sbhd tensors [s, b, heads, dim]; got query {tuple(query.shape)}, "
+                             f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+        if mask == "causal_bottom_right" and query.shape[0] != key.shape[0]:
+            raise NotImplementedError("causal_bottom_right with different query and key lengths is not supported")
+
+        dq, dv = query.shape[-1], value.shape[-1]
+        d = max(dq, dv)
+        if dq < d:  # zero head-dim padding leaves q.k unchanged (the scale is explicit)
+            query = torch.nn.functional.pad(query, (0, d - dq))
+            key = torch.nn.functional.pad(key, (0, d - dq))
+        if dv < d:  # zero value columns give zero output columns, dropped below
+            value = torch.nn.functional.pad(value, (0, d - dv))
+
+        group = self.cp_group if self.cp_size > 1 else None
+        out = _resolve_tasp_attention()(
+            query, key, value, group,
+            causal=mask != "no_mask",
+            softmax_scale=self.softmax_scale,
+            num_rings=self.num_rings,
+            topology=self.topology,
+            backend=self.kernel,
+            transport=self.transport,
+        )
+        if dv < d:
+            out = out[..., :dv]
+        s, b = out.shape[0], out.shape[1]
+        return out.reshape(s, b, -1)
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_number}, cp={self.cp_size}, mask={_mask_name(self.attn_mask_type)}, "
+                f"scale={self.softmax_scale:.4g}, num_rings={self.num_rings}, transport={self.transport}, "
+                f"kernel={self.kernel}")
+
+
+__all__ = ["TASP_COMM_TYPE", "TaspDotProductAttention", "is_tasp_comm_type", "normalize_comm_type"]

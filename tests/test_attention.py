@@ -1,0 +1,199 @@
+"""TASP attention vs float64 full attention on forked gloo ranks (CPU): forward and backward.
+
+Tolerances: fp32 results must match the float64 reference within 1e-5 relative (max-abs error over
+max-abs value). bf16 cannot be compared to float64 at a fixed tight bound; instead TASP's bf16 error
+must stay within 2x the error of the SAME kernel run on the full sequence on one device plus
+sqrt(n) * 2^-8: the bf16 kernels round each block's partial result (out, dq, dk, dv) to bf16 before
+TASP sums the n blocks in fp32, and each rounding contributes up to half a bf16 ulp (2^-8 relative).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_tasp import tasp_attention
+from megatron_tasp.topology import max_rings
+from megatron_tasp.testing.dist import run_workers
+from tests.attn_reference import contiguous_index, reference_attention, rel_err, zigzag_index
+
+
+def _make(seed, seq, b, h, hkv, d, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(seq, b, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
+    return [x.to(dtype) for x in (q, k, v, do)]
+
+
+def _case_worker(rank, n, cases):
+    """Run every case on this rank; return per case the local out/dq/dk/dv (float64)."""
+    import torch.distributed as dist
+
+    results = []
+    for c in cases:
+        q, k, v, do = _make(c["seed"], c["seq"], c["b"], c["h"], c["hkv"], c["d"], c["dtype"])
+        idx = (zigzag_index if c["causal"] else contiguous_index)(c["seq"], n, rank)
+        ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
+        out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=c["causal"], num_rings=c["k"],
+                             transport=c.get("transport"))
+        out.backward(do[idx])
+        results.append([t.detach().double() for t in (out, ql.grad, kl.grad, vl.grad)])
+    return results
+
+
+def _reference(c):
+    q, k, v, do = _make(c["seed"], c["seq"], c["b"], c["h"], c["hkv"], c["d"], c["dtype"])
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    out = reference_attention(q, k, v, c["causal"])
+    out.backward(do.double())
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _single_device(c):
+    q, k, v, do = _make(c["seed"], c["seq"], c["b"], c["h"], c["hkv"], c["d"], c["dtype"])
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out = tasp_attention(q, k, v, None, causal=c["causal"])
+    out.backward(do)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _cases(n, dtype=torch.float32):
+    top = max_rings(n)
+    ks = sorted({1, top, max(1, top // 2)})
+    cases = []
+    for i, (k, causal) in enumerate((k, c) for k in ks for c in (True, False)):
+        gqa = i % 2 == 1
+        blk = 2 * top + 1 if i % 3 == 0 else 3 * top  # uneven piece split on some cases
+        seq = 2 * n * blk if causal else n * (2 * blk + 1)  # non-causal: odd local length
+        cases.append(dict(seed=100 * n + i, seq=seq, b=2,
+                          h=4, hkv=2 if gqa else 4, d=16, dtype=dtype, causal=causal, k=k,
+                          transport=("p2p" if i % 2 else "a2a")))
+    return cases
+
+
+def _check(n, cases, per_rank, tol_fn):
+    names = ("out", "dq", "dk", "dv")
+    for ci, c in enumerate(cases):
+        ref = _reference(c)
+        base = _single_device(c) if c["dtype"] != torch.float32 else None
+        for rank in range(n):
+            idx = (zigzag_index if c["causal"] else contiguous_index)(c["seq"], n, rank)
+            for j, name in enumerate(names):
+                err = rel_err(per_rank[rank][ci][j], ref[j][idx])
+                tol = tol_fn(rel_err(base[j][idx], ref[j][idx]) if base is not None else None)
+                assert err <= tol, (f"n={n} rank={rank} {name}: rel err {err:.2e} > {tol:.2e} for case "
+                                    f"{ {k: v for k, v in c.items() if k != 'dtype'} }")
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7, 8])
+def test_fp32_matches_float64_reference(n):
+    cases = _cases(n)
+    per_rank = run_workers(_case_worker, n, cases)
+    _check(n, cases, per_rank, lambda _: 1e-5)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_bf16_within_single_device_error(n):
+    cases = _cases(n, torch.bfloat16)[:4]
+    per_rank = run_workers(_case_worker, n, cases)
+    _check(n, cases, per_rank, lambda base: 2 * base + n ** 0.5 * 2.0 ** -8)
+
+
+def _timeout_worker(rank, n):
+    import torch.distributed as dist
+
+    import time
+
+    q = torch.randn(8, 1, 2, 8)
+    tasp_attention(q, q, q, dist.group.WORLD, causal=True)  # both ranks take part once
+    if rank == 1:
+        time.sleep(6)  # then stays silent past rank 0's 2 s timeout
+        return "silent"
+    try:
+        tasp_attention(q, q, q, dist.group.WORLD, causal=True)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_silent_peer_times_out_with_step_and_group(monkeypatch):
+    monkeypatch.setenv("MEGATRON_TASP_TIMEOUT_S", "2")
+    res = run_workers(_timeout_worker, 2, timeout_s=60)
+    assert "step 0" in res[0] and "CP group ranks [0, 1]" in res[0], res[0]
+
+
+def _errors_worker(rank, n):
+    import torch.distributed as dist
+
+    from megatron_tasp.attention import TaspConfigError
+
+    msgs = []
+    g = dist.group.WORLD
+    bad = [
+        (torch.randn(7, 1, 4, 8), torch.randn(7, 1, 2, 8), {}),  # odd local length, causal
+        (torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8), {"num_rings": 2}),  # too short for 2 rings
+        (torch.randn(8, 1, 3, 8), torch.randn(8, 1, 2, 8), {}),  # heads not a multiple
+        (torch.randn(8, 1, 4, 8), torch.randn(8, 1, 2, 4), {}),  # head dim mismatch
+        (torch.randn(8, 1, 4, 8), torch.randn(8, 1, 2, 8), {"num_rings": 9}),  # more rings than exist
+        (torch.randn(8, 1, 4, 8), torch.randn(8, 1, 2, 8), {"topology": "h100-sxm-8"}),  # size mismatch
+        (torch.randn(8, 1, 4, 8), torch.randn(8, 1, 2, 8), {"transport": "carrier-pigeon"}),
+    ]
+    for q, kv, kw in bad:
+        try:
+            tasp_attention(q, kv, kv.clone(), g, **kw)
+            msgs.append(None)
+        except (TaspConfigError, ValueError) as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_bad_inputs_fail_closed():
+    msgs = run_workers(_errors_worker, 4)[0]
+    assert all(m is not None for m in msgs), msgs
+    assert "even local length" in msgs[0]
+    assert "too short for 2 rings" in msgs[1]
+    assert "multiple of KV heads" in msgs[2]
+    assert "head dim" in msgs[3]
+    assert "at most" in msgs[4]
+    assert "h100-sxm-8" in msgs[5] and "4 ranks" in msgs[5]
+    assert "transport" in msgs[6]
+
+
+def test_cp1_is_plain_attention():
+    c = dict(seed=1, seq=24, b=1, h=4, hkv=2, d=8, dtype=torch.float32, causal=True, k=None)
+    got = _single_device(c)
+    ref = _reference(c)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("u,g", [(2, 2), (2, 4), (3, 2)])
+def test_multinode_rings_emulated(u, g, monkeypatch):
+    """u nodes x g ranks on CPU: path-chained rings from a multi-node topology, placement from fake hosts."""
+    monkeypatch.setenv("MEGATRON_TASP_FAKE_HOSTS", ",".join(f"node{r // g}" for r in range(u * g)))
+    n = u * g
+    from megatron_tasp.topology import topology_from_dict
+
+    topo = topology_from_dict({"name": f"test-{u}x{g}", "nodes": u, "gpus_per_node": g,
+                               "inter_node": {"nic_GBps": 50}})
+    cases = [dict(seed=7, seq=2 * n * 2 * g, b=1, h=4, hkv=2, d=8, dtype=torch.float32, causal=True,
+                  k=g, topology=topo),
+             dict(seed=8, seq=n * 3 * g, b=1, h=2, hkv=2, d=8, dtype=torch.float32, causal=False,
+                  k=g // 2 or 1, topology=topo)]
+    per_rank = run_workers(_topo_worker, n, cases)
+    _check(n, cases, per_rank, lambda _: 1e-5)
+
+
+def _topo_worker(rank, n, cases):
+    import torch.distributed as dist
+
+    results = []
+    for c in cases:
+        q, k, v, do = _make(c["seed"], c["seq"], c["b"], c["h"], c["hkv"], c["d"], c["dtype"])
+        idx = (zigzag_index if c["causal"] else contiguous_index)(c["seq"], n, rank)
+        ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
+        out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=c["causal"], num_rings=c["k"],
+                             topology=c["topology"])
+        out.backward(do[idx])
+        results.append([t.detach().double() for t in (out, ql.grad, kl.grad, vl.grad)])
+    return results
+

@@ -1,0 +1,157 @@
+"""tasp_layer_spec and the ready spec functions: swapping TASP core attention into Megatron specs."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from tests.megatron_helpers import require_megatron, tiny_config
+
+require_megatron()
+pytestmark = pytest.mark.megatron
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+
+from megatron_tasp.megatron import spec as S  # noqa: E402
+from megatron_tasp.megatron.core_attention import TaspDotProductAttention  # noqa: E402
+
+
+def _core(spec):
+    return spec.submodules.self_attention.submodules.core_attention
+
+
+def test_layer_spec_swapped_and_original_untouched():
+    base = get_gpt_layer_local_spec()
+    before = _core(base)
+    new = S.tasp_layer_spec(base)
+    assert _core(new) is TaspDotProductAttention
+    assert _core(base) is before and before is not TaspDotProductAttention
+    assert new.submodules.self_attention is not base.submodules.self_attention  # structure copied
+    assert new.submodules.self_attention.module is base.submodules.self_attention.module  # classes shared
+    assert S.count_tasp_layers(new) == 1 and S.count_tasp_layers(base) == 0
+    assert _core(S.tasp_layer_spec(new)) is TaspDotProductAttention  # idempotent
+
+
+def test_te_like_spec_is_swapped():
+    class TEDotProductAttention(torch.nn.Module):
+        pass
+
+    base = get_gpt_layer_local_spec()
+    base.submodules.self_attention.submodules.core_attention = TEDotProductAttention
+    assert _core(S.tasp_layer_spec(base)) is TaspDotProductAttention
+
+
+def test_mla_spec_is_swapped():
+    new = S.tasp_layer_spec(get_gpt_layer_local_spec(multi_latent_attention=True))
+    assert type(new.submodules.self_attention.submodules).__name__ == "MLASelfAttentionSubmodules"
+    assert _core(new) is TaspDotProductAttention
+
+
+def test_block_spec_every_layer():
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    block = TransformerBlockSubmodules(layer_specs=[get_gpt_layer_local_spec() for _ in range(3)])
+    new = S.tasp_layer_spec(block)
+    assert [(_core(ls) is TaspDotProductAttention) for ls in new.layer_specs] == [True] * 3
+    assert all(_core(ls) is not TaspDotProductAttention for ls in block.layer_specs)
+
+
+def test_decoder_block_spec_function():
+    cfg = tiny_config(1, num_layers=3)
+    new = S.gpt_tasp_decoder_block_spec(cfg, pp_rank=0)
+    assert len(new.layer_specs) == 3 and S.count_tasp_layers(new) == 3
+
+
+def test_hybrid_stack_spec():
+    try:
+        from megatron_tasp.megatron.hybrid_spec import tasp_hybrid_stack_spec
+    except ImportError as exc:  # 0.16's mamba stack spec needs mamba_ssm/triton
+        pytest.skip(f"hybrid stack spec not importable here: {exc}")
+    sub = tasp_hybrid_stack_spec.submodules
+    assert _core(sub.attention_layer) is TaspDotProductAttention
+    if hasattr(sub, "dsa_layer"):  # DSA's composite sparse core attention is kept
+        assert _core(sub.dsa_layer) is not TaspDotProductAttention
+
+
+def test_composite_and_cross_attention_are_kept():
+    base = get_gpt_layer_local_spec()
+    composite = ModuleSpec(module=torch.nn.Identity, submodules=object())
+    base.submodules.self_attention.submodules.core_attention = composite
+    with pytest.raises(S.SpecError, match="no self-attention core_attention"):
+        S.tasp_layer_spec(base)
+    assert S.tasp_layer_spec(base, strict=False).submodules.self_attention.submodules.core_attention is not None
+
+    cross = get_gpt_layer_local_spec()
+    cross.submodules.cross_attention = get_gpt_layer_local_spec().submodules.self_attention
+    new = S.tasp_layer_spec(cross)
+    assert _core(new) is TaspDotProductAttention
+    assert new.submodules.cross_attention.submodules.core_attention is not TaspDotProductAttention
+
+
+def test_no_slot_raises():
+    with pytest.raises(S.SpecError):
+        S.tasp_layer_spec(ModuleSpec(module=torch.nn.Linear))
+    assert S.tasp_layer_spec(ModuleSpec(module=torch.nn.Linear), strict=False).module is torch.nn.Linear
+
+
+def test_options_become_module_spec_params():
+    new = S.tasp_layer_spec(get_gpt_layer_local_spec(), num_rings=2, transport="p2p")
+    ca = _core(new)
+    assert isinstance(ca, ModuleSpec) and ca.module is TaspDotProductAttention
+    assert ca.params == {"tasp_num_rings": 2, "tasp_transport": "p2p"}
+    assert S.count_tasp_layers(new) == 1
+
+
+def test_partial_built_self_attention():
+    import functools
+
+    base = get_gpt_layer_local_spec()
+    sa = base.submodules.self_attention
+    base.submodules.self_attention = functools.partial(sa.module, submodules=sa.submodules)
+    new = S.tasp_layer_spec(base)
+    assert new.submodules.self_attention.keywords["submodules"].core_attention is TaspDotProductAttention
+    assert sa.submodules.core_attention is not TaspDotProductAttention
+    assert S.count_tasp_layers(new) == 1
+
+
+def test_bare_self_attention_spec():
+    sa = get_gpt_layer_local_spec().submodules.self_attention
+    assert S.tasp_layer_spec(sa).submodules.core_attention is TaspDotProductAttention
+
+
+@pytest.mark.parametrize("fn", ["gpt_tasp_spec", "gpt_tasp_local_spec", "gpt_tasp_te_spec",
+                                "gpt_tasp_decoder_block_spec"])
+def test_spec_functions_take_config_and_vp_stage(fn):
+    params = inspect.signature(getattr(S, fn)).parameters
+    assert list(params)[:2] == ["config", "vp_stage"]
+
+
+def test_gpt_tasp_spec_picks_local_without_te():
+    cfg = tiny_config(1, qk_layernorm=True)
+    new = S.gpt_tasp_spec(cfg, vp_stage=None)
+    assert _core(new) is TaspDotProductAttention
+    assert new.submodules.self_attention.submodules.q_layernorm is not None
+    local = S.gpt_tasp_local_spec(cfg)
+    assert _core(local) is TaspDotProductAttention
+
+
+def test_gpt_tasp_te_spec_without_te():
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    if getattr(te_ext, "HAVE_TE", False):
+        pytest.skip("Transformer Engine installed")
+    with pytest.raises(ImportError, match="Transformer Engine"):
+        S.gpt_tasp_te_spec(tiny_config(1))
+
+
+def test_package_exports():
+    import megatron_tasp
+    import megatron_tasp.megatron as M
+
+    assert M.tasp_layer_spec is S.tasp_layer_spec
+    assert M.TaspDotProductAttention is TaspDotProductAttention
+    assert megatron_tasp.TaspDotProductAttention is TaspDotProductAttention
+    assert callable(M.add_tasp_args) and callable(M.validate_tasp_args) and callable(M.enable_cpu_megatron)
