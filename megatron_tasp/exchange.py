@@ -172,11 +172,25 @@ class A2ATransport(Transport):
         return Pending([work], recv, label, finish)
 
 
-TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (P2PTransport, A2ATransport)}
+class NoCommTransport(Transport):
+    """Benchmarking only: no communication; the received buffer is a local copy of the sent one.
+
+    Runs exactly the kernels, merges and copies of a real schedule, so its time is the compute-only
+    bound (what perfect overlap would give). Results are numerically wrong for n > 1 on purpose.
+    """
+
+    name = "none"
+
+    def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
+        recv.copy_(send)
+        return Pending([], recv, label)
+
+
+TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (P2PTransport, A2ATransport, NoCommTransport)}
 
 
 def make_transport(name: str, group, send_peers, recv_peers, layout: PieceLayout) -> Transport:
-    """Build a transport by name (``a2a`` or ``p2p``)."""
+    """Build a transport by name (``a2a`` or ``p2p``; ``none`` for compute-only benchmarks)."""
     if name not in TRANSPORTS:
         raise ValueError(f"unknown TASP transport {name!r}; choose one of {', '.join(sorted(TRANSPORTS))}")
     return TRANSPORTS[name](group, send_peers, recv_peers, layout)

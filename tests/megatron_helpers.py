@@ -390,3 +390,38 @@ def launcher_probe(fake_root: str, extra: list[str]) -> dict[str, Any]:
             "positional": [getattr(f, "__name__", str(f)) for f in pg.CAPTURED["args"]],
             "kwargs": sorted(pg.CAPTURED["kwargs"]), "kinds": _build_core_attention_kinds(model_cfg),
             "transport": getattr(model_cfg.transformer, "tasp_transport", None)}
+
+
+def spec_flag_probe(spec_fn: str) -> dict[str, Any]:
+    """Unpatched Megatron-LM: ``--cp-comm-type tasp --spec megatron_tasp.megatron.spec <fn>``; build the model."""
+    import os
+
+    margs = _prepare_training_import(None)
+    os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    sys.argv = ["pretrain_gpt.py", *BASE_LM_ARGV, "--cp-comm-type", "tasp", "--attention-dropout", "0.0",
+                "--spec", "megatron_tasp.megatron.spec", spec_fn]
+    a = margs.parse_args()
+    margs.validate_args(a, {})
+    a.padded_vocab_size = 256
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    return {"kinds": _build_core_attention_kinds(gpt_config_from_args(a))}
+
+
+def run_probe(expr: str, timeout: float = 180.0) -> dict[str, Any]:
+    """Run ``tests.megatron_helpers.<expr>`` in a fresh interpreter (cwd: repo root); return its JSON result."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = f"import json, tests.megatron_helpers as H; print('PROBE-RESULT ' + json.dumps(H.{expr}))"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PROBE-RESULT "):
+            return json.loads(line[len("PROBE-RESULT "):])
+    raise AssertionError(f"probe failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

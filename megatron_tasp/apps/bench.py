@@ -1,0 +1,415 @@
+"""``megatron-tasp bench``: time TASP against ring, compute-only, single-GPU and PyTorch CP.
+
+Launch one process per GPU (``torchrun --nproc-per-node N -m megatron_tasp.cli bench ...``). On CPU,
+``--device cpu --world-size N`` forks gloo ranks itself (a smoke test of the harness, not a benchmark).
+
+Each configuration is verified before it is timed: TASP's output shard is compared with single-device
+attention over the whole sequence. Times are CUDA-event medians of ``--iters`` repetitions after
+``--warmup``, max over ranks. TFLOP/s counts the true mask area: forward 4*b*h*S^2*d (half of it when
+causal), forward+backward 3.5x forward, divided by the CP size for per-GPU rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+IMPLS = ("tasp", "compute_only", "single_gpu", "torch_cp_allgather", "torch_cp_alltoall")
+
+
+def attention_flops(seq: int, batch: int, heads: int, head_dim: int, causal: bool, passes: str) -> float:
+    """FLOPs of attention over the whole sequence (true mask area)."""
+    f = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+    return f * (3.5 if passes == "fwd_bwd" else 1.0)
+
+
+def _parse_list(text: str, typ: Callable[[str], Any]) -> list[Any]:
+    return [typ(x) for x in text.split(",") if x.strip()]
+
+
+def _parse_tokens(text: str) -> list[int]:
+    out = []
+    for x in text.split(","):
+        x = x.strip().lower()
+        out.append(int(float(x[:-1]) * 1024) if x.endswith("k") else int(x))
+    return out
+
+
+def _parse_heads(text: str) -> list[tuple[int, int]]:
+    out = []
+    for x in text.split(","):
+        q, _, kv = x.partition("/")
+        out.append((int(q), int(kv or q)))
+    return out
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _max_over_ranks(x: float, device, group=None) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def environment(device) -> dict[str, Any]:
+    """Versions and card for the records."""
+    import torch
+
+    env = {"torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        env["cudnn"] = str(torch.backends.cudnn.version())
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = "cpu"
+    return env
+
+
+def _shard_index(seq: int, n: int, rank: int, causal: bool, device):
+    import torch
+
+    if causal:
+        blk = seq // (2 * n)
+        return torch.cat([torch.arange(rank * blk, (rank + 1) * blk, device=device),
+                          torch.arange((2 * n - 1 - rank) * blk, (2 * n - rank) * blk, device=device)])
+    per = seq // n
+    return torch.arange(rank * per, (rank + 1) * per, device=device)
+
+
+def _rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dict, shape: dict,
+                mesh=None) -> list[dict]:
+    """All implementations and passes for one shape; returns records (identical on every rank)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from megatron_tasp.attention import tasp_attention
+    from megatron_tasp.topology import max_rings
+
+    tokens, hq, hkv, causal = shape["tokens"], shape["hq"], shape["hkv"], shape["causal"]
+    b, d, n = cfg.batch, cfg.head_dim, world
+    seq = tokens * n
+    dtype = getattr(torch, cfg.dtype)
+    gen = torch.Generator(device=device).manual_seed(1234 + tokens + 7 * hkv + int(causal))
+    q, k, v, do = (torch.randn(seq, b, h, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv, hq))
+    idx = _shard_index(seq, n, rank, causal, device)
+    ql, kl, vl, dol = (x.index_select(0, idx).requires_grad_(x is not do) for x in (q, k, v, do))
+    base = {"cp": n, "tokens_per_gpu": tokens, "heads_q": hq, "heads_kv": hkv, "head_dim": d, "batch": b,
+            "causal": causal, "dtype": cfg.dtype, **env}
+    records: list[dict] = []
+
+    # reference: single-device attention over the whole sequence
+    qb, kb, vb = (x.permute(1, 2, 0, 3) for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, enable_gqa=hq != hkv)
+    ref_local = ref.permute(2, 0, 1, 3).index_select(0, idx)
+
+    ring_counts = cfg.num_rings or sorted({1, max_rings(n)}) if n > 1 else [1]
+    variants = [("tasp", k_, t) for k_ in ring_counts for t in cfg.transports] if n > 1 else []
+    if "compute_only" in cfg.impls and n > 1:
+        variants.append(("compute_only", max(ring_counts), "none"))
+    for impl, k_, transport in variants:
+        if impl == "tasp" and "tasp" not in cfg.impls:
+            continue
+
+        def fwd(k_=k_, transport=transport):
+            return tasp_attention(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
+                                  backend=cfg.kernel)
+        try:
+            out = fwd()
+            err = _rel_err(out, ref_local) if impl == "tasp" else None
+            for passes in cfg.passes:
+                fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dol, (ql, kl, vl))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms = _max_over_ranks(time_fn(fn, device, cfg.warmup, cfg.iters), device)
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                fl = attention_flops(seq, b, hq, d, causal, passes) / n
+                records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "pass": passes,
+                                "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err,
+                                "peak_mem_mb": peak})
+        except Exception as exc:  # noqa: BLE001 - record and keep going
+            records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "error": repr(exc)})
+
+    if "single_gpu" in cfg.impls:
+        qs, ks, vs = (x.detach().clone().requires_grad_() for x in (qb, kb, vb))
+        dos = do.permute(1, 2, 0, 3)
+
+        def sfwd():
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=hq != hkv)
+        for passes in cfg.passes:
+            fn = sfwd if passes == "fwd" else _fwd_bwd(sfwd, dos, (qs, ks, vs))
+            ms = _max_over_ranks(time_fn(fn, device, cfg.warmup, cfg.iters), device)
+            fl = attention_flops(seq, b, hq, d, causal, passes)
+            records.append({**base, "cp": 1, "impl": "single_gpu", "num_rings": 0, "pass": passes,
+                            "tokens_per_gpu": seq, "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9,
+                            "note": f"whole sequence ({seq} tokens) on one GPU: the same total work as the CP run"})
+        del qs, ks, vs
+
+    for method in ("allgather", "alltoall"):
+        impl = f"torch_cp_{method}"
+        if impl not in cfg.impls or mesh is None or n < 2:
+            continue
+        try:
+            records.extend(_torch_cp(method, mesh, q, k, v, do, causal, cfg, device, base, n, seq, ref))
+        except Exception as exc:  # noqa: BLE001
+            records.append({**base, "impl": impl, "num_rings": 0, "error": repr(exc)[:500]})
+    dist.barrier(group=cfg.group)
+    return records
+
+
+def _fwd_bwd(fwd, dout, leaves):
+    def fn():
+        for t in leaves:
+            t.grad = None
+        fwd().backward(dout)
+    return fn
+
+
+def _torch_cp(method, mesh, q, k, v, do, causal, cfg, device, base, n, seq, ref) -> list[dict]:
+    """PyTorch's native context parallel (ring attention with all-gather or all-to-all rotation)."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+    hq, hkv = q.shape[2], k.shape[2]
+    g = hq // hkv
+    # PyTorch CP takes [b, h, S, d]; GQA is expanded before it, as its users (torchtitan) do.
+    qg, kg, vg, dog = (x.permute(1, 2, 0, 3).contiguous() for x in (q, k, v, do))
+    if g > 1:
+        kg, vg = (x.repeat_interleave(g, dim=1) for x in (kg, vg))
+    ref_g = ref.contiguous()
+    set_rotate_method(method)
+    records = []
+    bufs = [qg, kg, vg, dog, ref_g]
+    with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * 5, no_restore_buffers=set(bufs)):
+        for t in (qg, kg, vg):
+            t.requires_grad_()
+
+        def fwd():
+            return F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+        err = _rel_err(fwd(), ref_g)
+        for passes in cfg.passes:
+            fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dog, (qg, kg, vg))
+            ms = _max_over_ranks(time_fn(fn, device, cfg.warmup, cfg.iters), device)
+            fl = attention_flops(seq, cfg.batch, hq, q.shape[3], causal, passes) / n
+            records.append({**base, "impl": f"torch_cp_{method}", "num_rings": 1, "pass": passes, "time_ms": ms,
+                            "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err,
+                            "note": "GQA K/V expanded to query heads before CP" if g > 1 else ""})
+    return records
+
+
+def transport_sweep(cfg: argparse.Namespace, rank: int, world: int, device, env: dict) -> list[dict]:
+    """Bidirectional exchange bandwidth: one message per peer, k messages to one peer, all_to_all_single."""
+    import torch
+    import torch.distributed as dist
+
+    records = []
+    peers = [p for p in range(world) if p != rank]
+    for size in cfg.msg_sizes:
+        numel = size // 2
+        modes = [("p2p_one_peer", 1), ("a2a_single", 1)]
+        modes += [("p2p_same_peer_split", k_) for k_ in (2, 4, 7)]
+        if world > 2:
+            modes += [("p2p_k_peers", len(peers)), ("a2a_k_peers", len(peers))]
+        for mode, parts in modes:
+            send = torch.randn(numel, device=device, dtype=torch.bfloat16)
+            recv = torch.empty_like(send)
+            nxt, prv = (rank + 1) % world, (rank - 1) % world
+
+            def run(mode=mode, parts=parts, send=send, recv=recv, nxt=nxt, prv=prv, numel=numel):
+                if mode == "a2a_single":
+                    splits = [0] * world
+                    splits[nxt] = numel
+                    rsplits = [0] * world
+                    rsplits[prv] = numel
+                    dist.all_to_all_single(recv, send, rsplits, splits)
+                    return
+                if mode == "a2a_k_peers":
+                    sp = [0 if p == rank else numel // len(peers) for p in range(world)]
+                    dist.all_to_all_single(recv[:sum(sp)], send[:sum(sp)], sp, sp)
+                    return
+                ops = []
+                if mode == "p2p_k_peers":
+                    chunk = numel // len(peers)
+                    for j, p in enumerate(peers):
+                        ops.append(dist.P2POp(dist.isend, send[j * chunk:(j + 1) * chunk], p))
+                        ops.append(dist.P2POp(dist.irecv, recv[j * chunk:(j + 1) * chunk], p))
+                else:
+                    chunk = numel // parts
+                    for j in range(parts):
+                        ops.append(dist.P2POp(dist.isend, send[j * chunk:(j + 1) * chunk], nxt))
+                        ops.append(dist.P2POp(dist.irecv, recv[j * chunk:(j + 1) * chunk], prv))
+                for w in dist.batch_isend_irecv(ops):
+                    w.wait()
+            ms = _max_over_ranks(time_fn(run, device, cfg.warmup, cfg.iters), device)
+            records.append({"kind": "transport", "impl": mode, "messages": parts, "bytes": size, "cp": world,
+                            "time_ms": ms, "GBps_per_direction": size / ms / 1e6, **env})
+    return records
+
+
+def run_bench(cfg: argparse.Namespace, rank: int, world: int) -> list[dict]:
+    """Run every requested shape (and the transport sweep) on this rank; return the records."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+    cfg.group = dist.group.WORLD
+    env = environment(device)
+    mesh = None
+    if device.type == "cuda" and any(i.startswith("torch_cp") for i in cfg.impls):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda", (world,))
+    shapes = [{"tokens": t, "hq": hq, "hkv": hkv, "causal": c}
+              for t in cfg.tokens for hq, hkv in cfg.heads for c in cfg.causal]
+    records: list[dict] = []
+    bar = _progress(len(shapes), rank, "shapes")
+    for shape in shapes:
+        records.extend(bench_shape(cfg, rank, world, device, env, shape, mesh))
+        bar.update(1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    if cfg.transport_sweep:
+        records.extend(transport_sweep(cfg, rank, world, device, env))
+    return records
+
+
+class _NoBar:
+    def update(self, _n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, rank: int, desc: str):
+    if rank != 0:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="shape")
+
+
+def _cpu_worker(rank: int, world: int, cfg: argparse.Namespace) -> list[dict]:
+    return run_bench(cfg, rank, world)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Entry of ``megatron-tasp bench``."""
+    args.tokens = _parse_tokens(args.tokens)
+    args.heads = _parse_heads(args.heads)
+    args.causal = {"both": [True, False], "causal": [True], "none": [False]}[args.mask]
+    args.passes = _parse_list(args.passes, str)
+    args.impls = _parse_list(args.impls, str)
+    args.transports = _parse_list(args.transports, str)
+    args.num_rings = _parse_list(args.num_rings, int) if args.num_rings else None
+    args.msg_sizes = [int(float(x) * 2**20) for x in args.msg_sizes_mb.split(",")]
+    bad = [i for i in args.impls if i not in IMPLS]
+    if bad:
+        raise ValueError(f"unknown --impls {bad}; choose from {', '.join(IMPLS)}")
+    if args.device == "cpu":
+        from megatron_tasp.testing.dist import run_workers
+
+        args.group = None
+        records = run_workers(_cpu_worker, args.world_size, args, timeout_s=1800)[0]
+    else:
+        import torch
+        import torch.distributed as dist
+
+        if "RANK" not in os.environ:
+            raise ValueError("launch GPU benchmarks with torchrun, e.g. "
+                             "torchrun --nproc-per-node 2 -m megatron_tasp.cli bench ...")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+        records = run_bench(args, dist.get_rank(), dist.get_world_size())
+        if dist.get_rank() != 0:
+            dist.destroy_process_group()
+            return 0
+        dist.destroy_process_group()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(records, indent=1))
+        print(f"wrote {len(records)} records to {args.out}")
+    for r in records:
+        if "error" in r:
+            print(f"ERROR {r['impl']} tokens={r.get('tokens_per_gpu')}: {r['error'][:200]}")
+        elif r.get("kind") == "transport":
+            print(f"{r['impl']:<22} {r['bytes'] / 2**20:8.2f} MiB  {r['GBps_per_direction']:8.1f} GB/s")
+        else:
+            err = f" err={r['max_rel_err']:.1e}" if r.get("max_rel_err") is not None else ""
+            print(f"{r['impl']:<20} k={r['num_rings']} {r.get('transport', ''):<5} tok={r['tokens_per_gpu']:>6} "
+                  f"h={r['heads_q']}/{r['heads_kv']} causal={int(r['causal'])} {r['pass']:<7} "
+                  f"{r['time_ms']:9.3f} ms {r['tflops_per_gpu']:7.1f} TFLOP/s{err}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` sub-command."""
+    p = sub.add_parser("bench", help="benchmark TASP vs ring, compute-only, single GPU and PyTorch CP",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="1k,2k,4k,8k,16k,32k,64k", help="tokens per GPU (comma list; 'k' = 1024)")
+    p.add_argument("--heads", default="32/32,32/8", help="query/KV heads (comma list)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--mask", choices=("both", "causal", "none"), default="both")
+    p.add_argument("--passes", default="fwd,fwd_bwd", help="fwd and/or fwd_bwd")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    p.add_argument("--num-rings", default="", help="ring counts for TASP (default: 1 and the maximum)")
+    p.add_argument("--transports", default="a2a,p2p", help="TASP transports to time")
+    p.add_argument("--kernel", default=None, help="block kernel (default: auto)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--transport-sweep", action="store_true", help="also run the transport microbenchmark")
+    p.add_argument("--msg-sizes-mb", default="0.25,1,2,4,8,16,32,64,128,256")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--world-size", type=int, default=2, help="ranks to fork with --device cpu")
+    p.add_argument("--out", help="write the records as JSON here")
+    p.set_defaults(func=cmd_bench)
