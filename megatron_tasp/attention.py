@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tasp.exchange import Channel, PieceLayout, make_transport
-from megatron_tasp.kernels import get_kernel, merge_into
+from megatron_tasp.kernels import get_kernel, merge_finite_
 from megatron_tasp.schedule import EARLIER, LATER, RankStep, compile_schedule, split_sizes
 from megatron_tasp.topology import Topology, generic_topology, load_topology
 from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
@@ -142,8 +142,20 @@ class Pieces:
         return [f + b for f, b in zip(self.front, self.back)]
 
 
+_PIECES: dict[tuple, Pieces] = {}
+_RUNS: dict[tuple, _Run] = {}
+_KERNELS: dict[tuple, Any] = {}
+
+
 def make_pieces(length: int, k: int, causal: bool, device: torch.device) -> Pieces:
-    """Split ``length`` local tokens into k pieces; raises TaspConfigError when too short."""
+    """Split ``length`` local tokens into k pieces (cached); raises TaspConfigError when too short."""
+    key = (length, k, causal, str(device))
+    if key not in _PIECES:
+        _PIECES[key] = _make_pieces(length, k, causal, device)
+    return _PIECES[key]
+
+
+def _make_pieces(length: int, k: int, causal: bool, device: torch.device) -> Pieces:
     if causal:
         if length % 2:
             raise TaspConfigError(
@@ -231,25 +243,27 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Returns out [s, b, h, d] (input dtype), merged lse [b, h, s] (fp32) and the kernels' contexts."""
     plan = run.plan
     qb = _bhsd(q)
-    b, h, s, d = qb.shape
-    acc = torch.zeros(b, h, s, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
     ctxs: list[Any] = []
     chan = None
     if plan.world_size > 1:
         chan = Channel(run.transport, k.dtype, k.device, "forward KV")
         run.pack(k, v, chan.current)
+    acc = lse = None
     for st in plan.steps:
         pending = chan.start(st.step) if chan is not None and st.sends else None
-        if st.step == 0:
-            blocks = [(slice(None), _bhsd(k), _bhsd(v), run.causal)]
+        if st.step == 0:  # one kernel on the local shard; every query sees itself, so lse becomes finite
+            out0, lse0, c = run.kernel.forward(qb, _bhsd(k), _bhsd(v), causal=run.causal, scale=run.scale)
+            acc = out0.to(torch.float32, copy=True)
+            lse = lse0.to(torch.float32, copy=True).contiguous()
+            ctxs.append(c)
         else:
             views = run.layout.views(chan.current)
-            blocks = [(run.q_rows(c), *run.group_kv(views, c, rings), False) for c, rings in run.groups(st)]
-        for rows, kk, vv, causal in blocks:
-            o, l_, c = run.kernel.forward(qb[:, :, rows], kk, vv, causal=causal, scale=run.scale)
-            merge_into(acc[:, :, rows], lse[:, :, rows], o, l_)
-            ctxs.append(c)
+            for case, rings in run.groups(st):
+                kk, vv = run.group_kv(views, case, rings)
+                rows = run.q_rows(case)
+                o, l_, c = run.kernel.forward(qb[:, :, rows], kk, vv, causal=False, scale=run.scale)
+                merge_finite_(acc[:, :, rows], lse[:, :, rows], o, l_)
+                ctxs.append(c)
         if pending is not None:
             pending.wait()
             chan.advance()
@@ -375,8 +389,7 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
 
     Args:
         q: ``[s_local, b, h, d]``; k, v: ``[s_local, b, h_kv, d]`` (Megatron's sbhd; zigzag shard if causal).
-        cp_group: the context-parallel process group (None or size 1: plain attention; None with an
-            initialised default group of size > 1 uses the default group).
+        cp_group: the context-parallel process group (None or a group of size 1: plain attention).
         causal: causal mask over the global sequence (zigzag layout) or none.
         softmax_scale: defaults to 1/sqrt(d).
         num_rings: rings to use (default: the topology's maximum; 1 = zigzag ring attention; 'auto').
@@ -389,16 +402,22 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     """
     _check_inputs(q, k, v)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
-    n = dist.get_world_size(cp_group) if (cp_group is not None or dist.is_initialized()) else 1
+    kkey = (backend, os.environ.get("MEGATRON_TASP_KERNEL"), str(q.device), q.dtype, q.shape[-1])
+    kernel = _KERNELS.get(kkey)
+    if kernel is None:
+        kernel = _KERNELS[kkey] = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    n = dist.get_world_size(cp_group) if cp_group is not None else 1
     if n == 1:
         return _TaspAttention.apply(q, k, v, _LocalRun(kernel, causal, scale))
     hint = {"tokens_per_gpu": q.shape[0], "batch": q.shape[1], "heads_q": q.shape[2],
             "heads_kv": k.shape[2], "head_dim": q.shape[3], "causal": causal, "dtype_bytes": q.element_size()}
     plan = rank_plan(cp_group, num_rings, topology, transport, hint)
     _check_equal_lengths(cp_group, plan, q.shape[0], q.device)
-    pieces = make_pieces(q.shape[0], plan.num_rings, causal, q.device)
-    run = _Run(plan, cp_group, kernel, causal, scale, pieces, (k.shape[1], k.shape[2], k.shape[3]))
+    rkey = (plan, id(cp_group), id(kernel), causal, scale, q.shape[0], tuple(k.shape[1:]), str(q.device))
+    run = _RUNS.get(rkey)
+    if run is None:
+        pieces = make_pieces(q.shape[0], plan.num_rings, causal, q.device)
+        run = _RUNS[rkey] = _Run(plan, cp_group, kernel, causal, scale, pieces, (k.shape[1], k.shape[2], k.shape[3]))
     return _TaspAttention.apply(q, k, v, run)
 
 

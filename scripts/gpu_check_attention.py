@@ -64,6 +64,7 @@ def main() -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     results = []
     names = ("out", "dq", "dk", "dv")
+    seed = 0
     for dtype in (torch.bfloat16, torch.float16):
         kernels = [k for k in ("cudnn", "flash", "efficient", "math") if k in available_kernels(dev, dtype, 128)]
         for kernel in kernels:
@@ -71,7 +72,8 @@ def main() -> None:
                 for hq, hkv in ((16, 16), (16, 4)):
                     for rings in sorted({1, max_rings(n)}):
                         seq = n * args.seq_per_rank + (0 if causal else 0)
-                        g = torch.Generator(device=dev).manual_seed(hash((kernel, causal, hkv)) % 2**31)
+                        seed += 1  # identical on every rank (hash() is salted per process)
+                        g = torch.Generator(device=dev).manual_seed(seed)
                         q, k, v, do = (torch.randn(seq, 2, h, 128, device=dev, dtype=dtype, generator=g)
                                        for h in (hq, hkv, hkv, hq))
                         ref = grads(lambda a, b_, c, causal=causal: reference(a, b_, c, causal),
@@ -111,8 +113,10 @@ def main() -> None:
     try:
         torch.cuda.set_sync_debug_mode("error")
         tasp_attention(q, kv, kv, dist.group.WORLD).sum().backward()
-    except RuntimeError as exc:
-        sync_ok = f"host sync detected: {exc}"
+    except RuntimeError:
+        import traceback
+
+        sync_ok = f"host sync detected: {traceback.format_exc()}"
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

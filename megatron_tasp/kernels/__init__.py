@@ -31,7 +31,7 @@ from . import math_ref as _math_ref  # noqa: F401  (registers "math")
 from . import sdpa as _sdpa  # noqa: F401  (registers "cudnn", "flash", "efficient")
 from . import te as _te  # noqa: F401  (registers "te")
 from .base import KERNEL_REGISTRY, BlockAttention, register_kernel
-from .merge import merge_into, new_accumulators
+from .merge import merge_finite_, merge_into, new_accumulators
 
 __all__ = [
     "ENV_VAR",
@@ -41,6 +41,7 @@ __all__ = [
     "available_kernels",
     "get_kernel",
     "kernel_names",
+    "merge_finite_",
     "merge_into",
     "new_accumulators",
     "register_kernel",
