@@ -110,7 +110,9 @@ def rank_plan(group: dist.ProcessGroup | None, num_rings: int | str | None = Non
     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(n))
     topo = _resolve_topology(topology, n)
     k = _resolve_num_rings(num_rings, topo, shape_hint)
-    tname = transport or os.environ.get("MEGATRON_TASP_TRANSPORT") or ("p2p" if topo.multinode else "a2a")
+    if transport in (None, "auto"):
+        transport = os.environ.get("MEGATRON_TASP_TRANSPORT") or None
+    tname = transport or ("p2p" if topo.multinode else "a2a")
     key = (ranks, rank, k, topo, tname)
     plan = _PLANS.get(key)
     if plan is not None:

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=cmd_verify)
 
-    for mod in ("megatron_tasp.apps.bench", "megatron_tasp.apps.simulate", "megatron_tasp.apps.finetune"):
+    for mod in ("megatron_tasp.apps.bench", "megatron_tasp.apps.report", "megatron_tasp.apps.simulate",
+                "megatron_tasp.apps.finetune"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ImportError:

@@ -206,3 +206,25 @@ def test_deepcopy_and_repr():
     attn = _make()
     assert isinstance(copy.deepcopy(attn), TaspDotProductAttention)
     assert "cp=1" in repr(attn)
+
+
+def test_cp1_inside_a_larger_world_stays_local():
+    """DP 2 x CP 1: each rank attends over its own tokens only (with or without a CP group)."""
+    from megatron_tasp.testing.dist import run_workers
+
+    def worker(rank, world):
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(context_parallel_size=1)
+        try:
+            q, k, v = _qkv(seed=rank)
+            ref = _plain(q, k, v, True, 0.25).reshape(12, 2, -1)
+            with_group = _make(pg_collection=PG(cp=parallel_state.get_context_parallel_group()))
+            without = _make(pg_collection=None)
+            without.cp_group = None  # as when no CP group can be found
+            return [float((m(q, k, v, None) - ref).abs().max()) for m in (with_group, without)]
+        finally:
+            parallel_state.destroy_model_parallel()
+
+    for errs in run_workers(worker, 2):
+        assert max(errs) < 1e-5, errs

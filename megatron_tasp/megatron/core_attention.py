@@ -97,6 +97,21 @@ def _cp_group_from(pg_collection: Any) -> Any:
         return parallel_state.get_context_parallel_group()
 
 
+_SELF_GROUP: Any = None
+
+
+def _single_rank_group() -> Any:
+    """A process group holding only this rank (tasp_attention reads cp_group=None as the default group)."""
+    global _SELF_GROUP
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if _SELF_GROUP is None:
+        _SELF_GROUP = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    return _SELF_GROUP
+
+
 def _resolve_tasp_attention() -> Any:
     """The TASP attention function, looked up at call time (so tests can substitute the module)."""
     return importlib.import_module("megatron_tasp.attention").tasp_attention
@@ -256,7 +271,8 @@ class TaspDotProductAttention(MegatronModule):
         if dv < d:  # zero value columns give zero output columns, dropped below
             value = torch.nn.functional.pad(value, (0, d - dv))
 
-        group = self.cp_group if self.cp_size > 1 else None
+        # At CP 1 pass a 1-rank group (never None: with None, tasp_attention would use the default group).
+        group = self.cp_group if self.cp_group is not None else _single_rank_group()
         out = _resolve_tasp_attention()(
             query, key, value, group,
             causal=mask != "no_mask",

@@ -47,9 +47,15 @@ def _is_replaceable_core_attention(value: Any) -> bool:
     return not str(name).startswith("DSA")
 
 
+def _is_config(obj: Any) -> bool:
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return isinstance(obj, ModelParallelConfig)
+
+
 def _copy_tree(obj: Any) -> Any:
-    """Copy the spec structure (ModuleSpecs, dataclasses, lists, dicts); share classes and functions."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    """Copy the spec structure (ModuleSpecs, dataclasses, lists, dicts); share classes, functions, configs."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and not _is_config(obj):
         new = copy.copy(obj)
         for f in dataclasses.fields(obj):
             try:
