@@ -274,60 +274,71 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def _backward(run: _Run, dout, q, k, v, out, lse, ctxs):
-    """Returns dq, dk, dv in the input layout and dtype."""
+    """Returns dq, dk, dv in the input layout and dtype.
+
+    The own block's dK/dV stays home (fp32). The accumulator of every remote piece starts at the first
+    rank that computes on it (step 1), travels along the piece's ring in ``MEGATRON_TASP_DKV_DTYPE``
+    (fp32 by default) and makes its last hop home in the input dtype, halving the one transfer that no
+    compute can hide; home adds its own fp32 contribution before the final rounding.
+    """
     plan = run.plan
+    n = plan.world_size
     qb, dob, ob = _bhsd(q), _bhsd(dout), _bhsd(out)
-    dq = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
-    dk = dv = None
-    kv_chan = dkv_chan = pend_dkv = None
-    if plan.world_size > 1:
+    if n > 1:  # issue the first KV transfer before the own-block kernel so that they overlap
         kv_chan = Channel(run.transport, k.dtype, k.device, "backward KV")
         run.pack(k, v, kv_chan.current)
-        dkv_chan = Channel(run.transport, _dkv_dtype(k.dtype), k.device, "backward dKV")
-    ci = 0
-    for st in plan.steps:
-        pend_kv = kv_chan.start(st.step) if kv_chan is not None and st.sends else None
-        if st.step == 0:
-            dq0, dk0, dv0 = run.kernel.backward(dob, qb, _bhsd(k), _bhsd(v), ob, lse, ctxs[0],
-                                                causal=run.causal, scale=run.scale)
-            ci = 1
-            dq += dq0
-            if dkv_chan is None:
-                dk, dv = dk0.permute(2, 0, 1, 3), dv0.permute(2, 0, 1, 3)
-            else:
-                run.pack(dk0.permute(2, 0, 1, 3).to(dkv_chan.current.dtype),
-                         dv0.permute(2, 0, 1, 3).to(dkv_chan.current.dtype), dkv_chan.current)
+        pend_kv = kv_chan.start(0)
+    dq0, dk0, dv0 = run.kernel.backward(dob, qb, _bhsd(k), _bhsd(v), ob, lse, ctxs[0],
+                                        causal=run.causal, scale=run.scale)
+    if n == 1:
+        return dq0.permute(2, 0, 1, 3).to(q.dtype), dk0.permute(2, 0, 1, 3).to(k.dtype), \
+            dv0.permute(2, 0, 1, 3).to(v.dtype)
+    dq = dq0.to(torch.float32, copy=True)
+    home = Channel(run.transport, k.dtype, k.device, "backward dKV (hop home)")
+    mid = Channel(run.transport, _dkv_dtype(k.dtype), k.device, "backward dKV") if n > 2 else None
+    pend_kv.wait()
+    kv_chan.advance()
+    pend_dkv = None
+    ci = 1
+    for st in plan.steps[1:]:
+        pend_kv = kv_chan.start(st.step) if st.sends else None
+        views = run.layout.views(kv_chan.current)
+        contribs = []
+        for case, rings in run.groups(st):
+            kk, vv = run.group_kv(views, case, rings)
+            rows = run.q_rows(case)
+            dqg, dkg, dvg = run.kernel.backward(dob[:, :, rows], qb[:, :, rows], kk, vv, ob[:, :, rows],
+                                                lse[:, :, rows], ctxs[ci], causal=False, scale=run.scale)
+            ci += 1
+            dq[:, :, rows] += dqg
+            contribs.append((case, rings, dkg, dvg))
+        last = st.step == n - 1
+        chan = home if last else mid
+        if st.step == 1:
+            chan.current.zero_()
         else:
-            views = run.layout.views(kv_chan.current)
-            contribs = []
-            for case, rings in run.groups(st):
-                kk, vv = run.group_kv(views, case, rings)
-                rows = run.q_rows(case)
-                dqg, dkg, dvg = run.kernel.backward(dob[:, :, rows], qb[:, :, rows], kk, vv, ob[:, :, rows],
-                                                    lse[:, :, rows], ctxs[ci], causal=False, scale=run.scale)
-                ci += 1
-                dq[:, :, rows] += dqg
-                contribs.append((case, rings, dkg, dvg))
             pend_dkv.wait()
-            dkv_chan.advance()
-            acc = run.layout.views(dkv_chan.current)
-            for case, rings, dkg, dvg in contribs:
-                off = 0
-                for i in rings:
-                    m = run.pieces.front[i] if case == EARLIER else run.pieces.lengths[i]
-                    acc[i][:m, 0] += dkg[:, :, off:off + m].permute(2, 0, 1, 3)
-                    acc[i][:m, 1] += dvg[:, :, off:off + m].permute(2, 0, 1, 3)
-                    off += m
-        if dkv_chan is not None:
-            pend_dkv = dkv_chan.start(st.step)  # the last start is the hop home
+            mid.advance()
+            if last:  # the accumulator leaves the fp32 channel for its hop home
+                home.current.copy_(mid.current)
+        acc = run.layout.views(chan.current)
+        for case, rings, dkg, dvg in contribs:
+            off = 0
+            for i in rings:
+                m = run.pieces.front[i] if case == EARLIER else run.pieces.lengths[i]
+                acc[i][:m, 0] += dkg[:, :, off:off + m].permute(2, 0, 1, 3)
+                acc[i][:m, 1] += dvg[:, :, off:off + m].permute(2, 0, 1, 3)
+                off += m
+        pend_dkv = chan.start(st.step)
         if pend_kv is not None:
             pend_kv.wait()
             kv_chan.advance()
-    if dkv_chan is not None:
-        pend_dkv.wait()
-        dkv_chan.advance()
-        dk, dv = run.unpack(dkv_chan.current, like=k)
-    return dq.permute(2, 0, 1, 3).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    pend_dkv.wait()
+    home.advance()
+    rk, rv = run.unpack(home.current, like=k)
+    dk = (dk0.permute(2, 0, 1, 3).float() + rk.float()).to(k.dtype)
+    dv = (dv0.permute(2, 0, 1, 3).float() + rv.float()).to(v.dtype)
+    return dq.permute(2, 0, 1, 3).to(q.dtype), dk, dv
 
 
 class _TaspAttention(torch.autograd.Function):
