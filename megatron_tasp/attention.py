@@ -70,13 +70,14 @@ def _resolve_topology(topology: Topology | str | os.PathLike | None, n: int) -> 
     return topology
 
 
-def _resolve_num_rings(num_rings: int | str | None, topology: Topology, shape_hint: dict | None) -> int:
+def _resolve_num_rings(num_rings: int | str | None, topology: Topology, shape_hint: dict | None,
+                       group: dist.ProcessGroup | None = None) -> int:
     if num_rings is None:
         return topology.max_rings()
     if num_rings == "auto":
         from megatron_tasp.tuning import choose_num_rings
 
-        return choose_num_rings(topology, shape_hint or {})
+        return choose_num_rings(topology, shape_hint or {}, group=group)
     if isinstance(num_rings, str) and num_rings.isdigit():
         num_rings = int(num_rings)
     if not isinstance(num_rings, int) or isinstance(num_rings, bool) or num_rings < 1:
@@ -109,7 +110,7 @@ def rank_plan(group: dist.ProcessGroup | None, num_rings: int | str | None = Non
     rank = dist.get_rank(group)
     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(n))
     topo = _resolve_topology(topology, n)
-    k = _resolve_num_rings(num_rings, topo, shape_hint)
+    k = _resolve_num_rings(num_rings, topo, shape_hint, group)
     if transport in (None, "auto"):
         transport = os.environ.get("MEGATRON_TASP_TRANSPORT") or None
     tname = transport or ("p2p" if topo.multinode else "a2a")

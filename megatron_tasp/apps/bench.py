@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: Which backward the records ran: remote dKV accumulators start at step 1 and hop home in the input dtype.
+DKV_SCHEME = "remote-acc-home-input-dtype"
 IMPLS = ("tasp", "compute_only", "single_gpu", "torch_cp_allgather", "torch_cp_alltoall")
 
 
@@ -167,7 +169,7 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
     idx = _shard_index(seq, n, rank, causal, device)
     ql, kl, vl, dol = (x.index_select(0, idx).requires_grad_(x is not do) for x in (q, k, v, do))
     base = {"cp": n, "tokens_per_gpu": tokens, "heads_q": hq, "heads_kv": hkv, "head_dim": d, "batch": b,
-            "causal": causal, "dtype": cfg.dtype, **env}
+            "causal": causal, "dtype": cfg.dtype, "dkv_scheme": DKV_SCHEME, **env}
     records: list[dict] = []
 
     # reference: single-device attention over the whole sequence

@@ -10,7 +10,8 @@ Constructions:
   used in both directions, giving n-1 rings (the maximum).
 - even n: the patterned near-1-factorisation of K_n on Z_(n-1) + {inf}; consecutive factor pairs form
   (n-2)/2 Hamiltonian cycles, used in both directions -> n-2 rings (the maximum for n = 4 and 6). The
-  full n-1 for even n >= 8 comes from :mod:`megatron_tasp.topology.even_rings`.
+  full n-1 for even n >= 8 (Tillson) comes from a verified search, shipped as a table for n <= 64:
+  :mod:`megatron_tasp.topology.ring_table`.
 - n = 2: the single ring 0 -> 1 -> 0 uses both arcs.
 
 Ranks are relabelled so that ring 0 is always ``[0, 1, ..., n-1]`` (Megatron's ring order) and, in the
@@ -23,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from megatron_tasp.topology.even_rings import even_full_rings
 
 Ring = list[int]
 
@@ -111,7 +111,9 @@ def _family(n: int, full: bool) -> tuple[tuple[int, ...], ...]:
     if n == 2:
         rings = [[0, 1]]
     elif full and n % 2 == 0 and n >= 8:
-        rings = _relabel(even_full_rings(n))
+        from megatron_tasp.topology.ring_table import full_rings_even
+
+        rings = _relabel(full_rings_even(n))
     else:
         undirected = _walecki_odd(n) if n % 2 else _factor_pairs_even(n)
         rings = []
