@@ -194,16 +194,35 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
             for passes in cfg.passes:
                 fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dol, (ql, kl, vl))
                 if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
                 ms = _max_over_ranks(time_fn(fn, device, cfg.warmup, cfg.iters), device)
-                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                # memory the call itself needs on top of its inputs (activations, buffers, gradients)
+                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
                 fl = attention_flops(seq, b, hq, d, causal, passes) / n
                 records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "pass": passes,
                                 "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err,
-                                "peak_mem_mb": peak})
+                                "extra_mem_mb": peak})
         except Exception as exc:  # noqa: BLE001 - record and keep going
             records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "error": repr(exc)})
 
+    if "single_gpu" in cfg.impls and device.type == "cuda":  # memory baseline: one-device attention, local shard
+        ql2, kl2, vl2 = (x.detach().permute(1, 2, 0, 3).clone().requires_grad_() for x in (ql, kl, vl))
+        dol2 = dol.permute(1, 2, 0, 3)
+        for passes in cfg.passes:
+            fn = (lambda: F.scaled_dot_product_attention(ql2, kl2, vl2, is_causal=causal, enable_gqa=hq != hkv)) \
+                if passes == "fwd" else _fwd_bwd(lambda: F.scaled_dot_product_attention(
+                    ql2, kl2, vl2, is_causal=causal, enable_gqa=hq != hkv), dol2, (ql2, kl2, vl2))
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fn()
+            torch.cuda.synchronize(device)
+            records.append({**base, "impl": "local_attention_memory", "num_rings": 0, "pass": passes,
+                            "extra_mem_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
+                            "note": "plain attention on this rank's shard: the memory baseline, not timed"})
+        del ql2, kl2, vl2
     if "single_gpu" in cfg.impls:
         qs, ks, vs = (x.detach().clone().requires_grad_() for x in (qb, kb, vb))
         dos = do.permute(1, 2, 0, 3)
@@ -234,10 +253,9 @@ def _fwd_bwd(fwd, dout, leaves):
 def _torch_cp(method, mesh, q, k, v, do, causal, cfg, device, base, n, seq, ref) -> list[dict]:
     """PyTorch's native context parallel (ring attention with all-gather or all-to-all rotation)."""
     import torch.nn.functional as F
+    from torch.distributed.tensor.experimental import _attention as cp_attention
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import set_rotate_method
-
-    from torch.distributed.tensor.experimental import _attention as cp_attention
 
     hq, hkv = q.shape[2], k.shape[2]
     g = hq // hkv
@@ -421,6 +439,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for r in records:
         if "error" in r:
             print(f"ERROR {r['impl']} tokens={r.get('tokens_per_gpu')}: {r['error'][:200]}")
+        elif "time_ms" not in r:
+            print(f"{r['impl']:<20} tok={r['tokens_per_gpu']:>6} {r['pass']:<7} extra memory {r['extra_mem_mb']:.0f} MiB")
         elif r.get("kind") == "transport":
             print(f"{r['impl']:<22} {r['bytes'] / 2**20:8.2f} MiB  {r['GBps_per_direction']:8.1f} GB/s")
         else:
