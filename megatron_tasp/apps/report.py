@@ -135,11 +135,11 @@ def plot(records: list[dict], path: str) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 0.975))
     meta = next(iter(_attention(records)), {})
     fig.suptitle(f"{meta.get('device', '')} | torch {meta.get('torch', '')} | {meta.get('date', '')}", y=0.995,
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
