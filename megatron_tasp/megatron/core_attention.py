@@ -97,19 +97,6 @@ def _cp_group_from(pg_collection: Any) -> Any:
         return parallel_state.get_context_parallel_group()
 
 
-_SELF_GROUP: Any = None
-
-
-def _single_rank_group() -> Any:
-    """A process group holding only this rank (tasp_attention reads cp_group=None as the default group)."""
-    global _SELF_GROUP
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    if _SELF_GROUP is None:
-        _SELF_GROUP = dist.new_group([dist.get_rank()], use_local_synchronization=True)
-    return _SELF_GROUP
 
 
 def _resolve_tasp_attention() -> Any:
@@ -271,10 +258,9 @@ class TaspDotProductAttention(MegatronModule):
         if dv < d:  # zero value columns give zero output columns, dropped below
             value = torch.nn.functional.pad(value, (0, d - dv))
 
-        # At CP 1 pass a 1-rank group (never None: with None, tasp_attention would use the default group).
-        group = self.cp_group if self.cp_group is not None else _single_rank_group()
+        # cp_group None (CP 1 without a group) is plain attention in tasp_attention.
         out = _resolve_tasp_attention()(
-            query, key, value, group,
+            query, key, value, self.cp_group,
             causal=mask != "no_mask",
             softmax_scale=self.softmax_scale,
             num_rings=self.num_rings,
