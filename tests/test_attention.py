@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megatron_tasp import tasp_attention
-from megatron_tasp.topology import max_rings
 from megatron_tasp.testing.dist import run_workers
+from megatron_tasp.topology import max_rings
 from tests.attn_reference import contiguous_index, reference_attention, rel_err, zigzag_index
 
 
@@ -99,9 +99,9 @@ def test_bf16_within_single_device_error(n):
 
 
 def _timeout_worker(rank, n):
-    import torch.distributed as dist
-
     import time
+
+    import torch.distributed as dist
 
     q = torch.randn(8, 1, 2, 8)
     tasp_attention(q, q, q, dist.group.WORLD, causal=True)  # both ranks take part once

@@ -440,7 +440,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if "error" in r:
             print(f"ERROR {r['impl']} tokens={r.get('tokens_per_gpu')}: {r['error'][:200]}")
         elif "time_ms" not in r:
-            print(f"{r['impl']:<20} tok={r['tokens_per_gpu']:>6} {r['pass']:<7} extra memory {r['extra_mem_mb']:.0f} MiB")
+            print(f"{r['impl']:<20} tok={r['tokens_per_gpu']:>6} {r['pass']:<7} "
+                  f"extra memory {r['extra_mem_mb']:.0f} MiB")
         elif r.get("kind") == "transport":
             print(f"{r['impl']:<22} {r['bytes'] / 2**20:8.2f} MiB  {r['GBps_per_direction']:8.1f} GB/s")
         else:

@@ -75,7 +75,7 @@ def markdown_table(records: list[dict], passes: tuple[str, ...] = ("fwd", "fwd_b
             continue
         row = table[k]
 
-        def cell(name: str) -> str:
+        def cell(name: str, row: dict = row) -> str:
             r = row.get(name)
             return f"{r['tflops_per_gpu']:.0f}" if r else "-"
         t = row.get("tasp")

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-
 Ring = list[int]
 
 
