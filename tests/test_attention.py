@@ -34,7 +34,7 @@ def _case_worker(rank, n, cases):
         idx = (zigzag_index if c["causal"] else contiguous_index)(c["seq"], n, rank)
         ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
         out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=c["causal"], num_rings=c["k"],
-                             transport=c.get("transport"))
+                             transport=c.get("transport"), topology=c.get("topology"))
         out.backward(do[idx])
         results.append([t.detach().double() for t in (out, ql.grad, kl.grad, vl.grad)])
     return results
@@ -179,21 +179,5 @@ def test_multinode_rings_emulated(u, g, monkeypatch):
                   k=g, topology=topo),
              dict(seed=8, seq=n * 3 * g, b=1, h=2, hkv=2, d=8, dtype=torch.float32, causal=False,
                   k=g // 2 or 1, topology=topo)]
-    per_rank = run_workers(_topo_worker, n, cases)
+    per_rank = run_workers(_case_worker, n, cases)
     _check(n, cases, per_rank, lambda _: 1e-5)
-
-
-def _topo_worker(rank, n, cases):
-    import torch.distributed as dist
-
-    results = []
-    for c in cases:
-        q, k, v, do = _make(c["seed"], c["seq"], c["b"], c["h"], c["hkv"], c["d"], c["dtype"])
-        idx = (zigzag_index if c["causal"] else contiguous_index)(c["seq"], n, rank)
-        ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
-        out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=c["causal"], num_rings=c["k"],
-                             topology=c["topology"])
-        out.backward(do[idx])
-        results.append([t.detach().double() for t in (out, ql.grad, kl.grad, vl.grad)])
-    return results
-
