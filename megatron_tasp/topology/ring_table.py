@@ -1,10 +1,11 @@
-"""Full decompositions of K_n* for even n: a shipped table (verified at load) plus the search fallback.
+"""Full decompositions of K_n* for even n: a shipped table (verified at load).
 
 ``even_rings_table.json`` is produced by ``scripts/gen_even_rings.py`` with
 :func:`megatron_tasp.topology.ring_search.search_full_decomposition` and records the attempt
 (temperature, seed) that produced each entry. Every entry is verified before it is returned, so a
-damaged table fails loudly instead of yielding overlapping rings. Sizes outside the table are searched
-at run time (deterministic seeds, bounded time) and raise a clear error if no decomposition is found.
+damaged table fails loudly instead of yielding overlapping rings. Sizes outside the table get n-2 rings
+(see :func:`megatron_tasp.topology.rings.max_rings`); the search takes minutes for n > 60, so it never
+runs implicitly.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def table_sizes() -> list[int]:
     return sorted(int(n) for n in _table())
 
 
-def full_rings_even(n: int, max_seconds: float = 60.0) -> list[list[int]]:
+def full_rings_even(n: int) -> list[list[int]]:
     """n-1 orthogonal directed Hamiltonian rings of K_n* for even n >= 8 (verified)."""
     from megatron_tasp.topology.rings import RingError, verify_rings
 
@@ -36,15 +37,8 @@ def full_rings_even(n: int, max_seconds: float = 60.0) -> list[list[int]]:
         raise RingError(f"full even decomposition needs an even n >= 8, got {n}")
     rings = _table().get(str(n))
     if rings is None:
-        from megatron_tasp.topology.ring_search import search_full_decomposition
-
-        for seed in range(4):
-            rings = search_full_decomposition(n, seed=seed, max_seconds=max_seconds / 4)
-            if rings is not None:
-                break
-        if rings is None:
-            raise RingError(f"no full decomposition of K_{n}* found within {max_seconds:.0f} s (sizes shipped: "
-                            f"{table_sizes()[0]}..{table_sizes()[-1]}); use num_rings <= {n - 2}")
+        raise RingError(f"no full decomposition of K_{n}* is shipped (sizes: {table_sizes()}); add it with "
+                        f"scripts/gen_even_rings.py --max-n {n}, or use num_rings <= {n - 2}")
     verify_rings(n, rings)
     if len(rings) != n - 1:
         raise RingError(f"ring table entry for n={n} has {len(rings)} rings, expected {n - 1}")

@@ -32,16 +32,21 @@ class RingError(ValueError):
 
 
 def max_rings(n: int) -> int:
-    """The largest number of orthogonal directed Hamiltonian rings of K_n*."""
+    """The largest number of orthogonal directed Hamiltonian rings this package builds for K_n*.
+
+    n - 1 (the theoretical maximum) for odd n and for even n in the shipped search table (8..66 and
+    any size added with scripts/gen_even_rings.py); 2 for n = 4 and 4 for n = 6 (no complete
+    decomposition exists); n - 2 for larger even n not in the table.
+    """
     if n < 2:
         raise RingError(f"world size must be >= 2 for rings, got {n}")
     if n == 2:
         return 1
-    if n == 4:
-        return 2
-    if n == 6:
-        return 4
-    return n - 1
+    if n % 2 == 1:
+        return n - 1
+    from megatron_tasp.topology.ring_table import table_sizes
+
+    return n - 1 if n in table_sizes() else n - 2
 
 
 def verify_rings(n: int, rings: Sequence[Sequence[int]]) -> None:
@@ -137,8 +142,10 @@ def hamiltonian_rings(n: int, num_rings: int | None = None) -> list[Ring]:
     if not isinstance(k, int) or k < 1:
         raise RingError(f"num_rings must be a positive integer, got {num_rings!r}")
     if k > top:
-        why = " (K_4* and K_6* have no complete decomposition)" if n in (4, 6) else ""
-        raise RingError(f"at most {top} orthogonal rings exist for world size {n}{why}; "
+        why = " (K_4* and K_6* have no complete decomposition)" if n in (4, 6) else (
+            " (no full decomposition shipped for this even size: add it with scripts/gen_even_rings.py)"
+            if n % 2 == 0 and top == n - 2 else "")
+        raise RingError(f"at most {top} orthogonal rings are available for world size {n}{why}; "
                         f"use --num-rings {top} or fewer")
     if k == 1:
         return [list(range(n))]
