@@ -7,14 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
+VENV="$VENV" PYTHON="$PY" bash scripts/install.sh
+# shellcheck lints the Slurm/torchrun scripts in the tests (best effort: those tests skip without it)
+if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "shellcheck not installed"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q torch==2.13.0 numpy 'packaging>=24.2'
-"$VENV/bin/python" -m pip install -q -e '.[test]'
-# megatron-core >= 0.17 declares Python >= 3.12 but works on 3.11 for megatron.core; its deps are above.
-"$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 
 "$VENV/bin/ruff" check megatron_tasp tests scripts
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
