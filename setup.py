@@ -20,10 +20,10 @@ setup(
     install_requires=["pyyaml>=5.4"],
     extras_require={
         "torch": ["torch>=2.4", "numpy"],
-        "megatron": ["megatron-core>=0.16", "torch>=2.4", "numpy", "packaging>=24.2"],
+        "megatron": ["megatron-core>=0.16", "torch>=2.4", "numpy", "packaging>=24.2", "psutil"],
         "plot": ["matplotlib>=3.5"],
         "progress": ["tqdm>=4.60"],
-        "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "matplotlib>=3.5", "tqdm>=4.60"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "matplotlib>=3.5", "tqdm>=4.60", "psutil"],
     },
     entry_points={"console_scripts": ["megatron-tasp=megatron_tasp.cli:main"]},
     license="Apache-2.0",

@@ -1,0 +1,109 @@
+"""Build Megatron-Core's GPTModel with TASP core attention from a recipe (call after parallel_state init)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_tasp.apps.finetune_lib.recipe import Recipe
+
+
+def transformer_config(recipe: Recipe, device: torch.device) -> Any:
+    """The Megatron ``TransformerConfig`` of a recipe (dropout 0: TASP has no attention dropout)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    bf16 = t.precision == "bf16"
+    swiglu = m.activation == "swiglu"
+    kwargs: dict[str, Any] = dict(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=recipe.query_groups, ffn_hidden_size=m.ffn_hidden_size, kv_channels=recipe.kv_channels,
+        normalization=m.normalization, layernorm_epsilon=m.norm_epsilon, gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu, add_bias_linear=m.add_bias_linear,
+        attention_dropout=0.0, hidden_dropout=0.0, init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tp, context_parallel_size=p.cp,
+        cp_comm_type="tasp" if p.cp > 1 else None,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=device.type == "cpu",
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+    )
+    if t.recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif t.recompute == "selective":
+        kwargs["recompute_granularity"] = "selective"
+        names = {f.name for f in dataclasses.fields(TransformerConfig)}
+        if "recompute_modules" in names:
+            kwargs["recompute_modules"] = ["core_attn"]
+    config = TransformerConfig(**kwargs)
+    config.tasp_num_rings = _rings_option(recipe.num_rings)
+    config.tasp_topology = p.topology
+    config.tasp_transport = None if p.transport == "auto" else p.transport
+    config.tasp_kernel = p.kernel
+    return config
+
+
+def _rings_option(value: int | str | None) -> int | str | None:
+    """``auto`` asks TASP's tuner when it exists; otherwise it means the most rings (None)."""
+    if value != "auto":
+        return value
+    import importlib.util
+
+    return "auto" if importlib.util.find_spec("megatron_tasp.tuning") is not None else None
+
+
+def layer_spec(recipe: Recipe, config: Any) -> Any:
+    """Megatron's local or Transformer Engine GPT layer spec with TASP core attention."""
+    from megatron_tasp.megatron.spec import gpt_tasp_local_spec, gpt_tasp_te_spec
+
+    return gpt_tasp_te_spec(config) if recipe.model.spec == "te" else gpt_tasp_local_spec(config)
+
+
+def build_model(recipe: Recipe, vocab_size: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(wrapped, core)``: GPTModel (``core``) on ``device``; ``wrapped`` adds Float16Module for bf16."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    m, d = recipe.model, recipe.data
+    config = transformer_config(recipe, device)
+    rotary_base: float | int = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
+    core = GPTModel(
+        config=config, transformer_layer_spec=layer_spec(recipe, config), vocab_size=vocab_size,
+        max_sequence_length=m.max_position_embeddings or d.seq_length,
+        position_embedding_type=m.position_embedding, rotary_percent=m.rotary_percent, rotary_base=rotary_base,
+        share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=True,
+    )
+    core = core.to(device)
+    wrapped: torch.nn.Module = Float16Module(config, core) if recipe.train.precision == "bf16" else core
+    return wrapped, core
+
+
+def count_parameters(core: torch.nn.Module) -> int:
+    """Trainable parameters (shared weights counted once)."""
+    return sum(p.numel() for p in core.parameters() if p.requires_grad)
+
+
+def estimate_parameters(recipe: Recipe, vocab_size: int) -> int:
+    """Parameter count from the recipe alone (no torch model), for ``--check``."""
+    m = recipe.model
+    h, kv, heads, groups = m.hidden_size, recipe.kv_channels, m.num_attention_heads, recipe.query_groups
+    bias = 1 if m.add_bias_linear else 0
+    qkv = h * (heads + 2 * groups) * kv + bias * (heads + 2 * groups) * kv
+    proj = heads * kv * h + bias * h
+    fc1 = h * m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
+    fc1 += bias * m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
+    fc2 = m.ffn_hidden_size * h + bias * h
+    norms = 2 * h * (1 if m.normalization == "RMSNorm" else 2)
+    per_layer = qkv + proj + fc1 + fc2 + norms
+    emb = vocab_size * h * (1 if m.tie_embeddings else 2)
+    pos = (m.max_position_embeddings or recipe.data.seq_length) * h if m.position_embedding == "learned_absolute" \
+        else 0
+    final = h * (1 if m.normalization == "RMSNorm" else 2)
+    return m.num_layers * per_layer + emb + pos + final
+
+
+__all__ = ["build_model", "count_parameters", "estimate_parameters", "layer_spec", "transformer_config"]
