@@ -15,8 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_tasp", "megatron_tasp.*"]) + ["megatron_tasp.configs"],
     package_dir={"megatron_tasp.configs": "configs"},
-    package_data={"megatron_tasp.configs": ["topologies/*.yaml", "recipes/*.yaml"],
-                  "megatron_tasp.topology": ["even_rings_table.json"]},
+    package_data={"megatron_tasp.configs": ["topologies/*.yaml", "recipes/*.yaml"]},
     install_requires=["pyyaml>=5.4"],
     extras_require={
         "torch": ["torch>=2.4", "numpy"],

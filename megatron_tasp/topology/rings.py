@@ -10,8 +10,8 @@ Constructions:
   used in both directions, giving n-1 rings (the maximum).
 - even n: the patterned near-1-factorisation of K_n on Z_(n-1) + {inf}; consecutive factor pairs form
   (n-2)/2 Hamiltonian cycles, used in both directions -> n-2 rings (the maximum for n = 4 and 6). The
-  full n-1 for even n >= 8 (Tillson) comes from a verified search, shipped as a table for n <= 64:
-  :mod:`megatron_tasp.topology.ring_table`.
+  full n-1 for even n >= 8 (Tillson's theorem) adds a vertex to the odd decomposition of K_(n-1)* along a
+  rainbow Hamiltonian path: :mod:`megatron_tasp.topology.even_rings`.
 - n = 2: the single ring 0 -> 1 -> 0 uses both arcs.
 
 Ranks are relabelled so that ring 0 is always ``[0, 1, ..., n-1]`` (Megatron's ring order) and, in the
@@ -32,21 +32,16 @@ class RingError(ValueError):
 
 
 def max_rings(n: int) -> int:
-    """The largest number of orthogonal directed Hamiltonian rings this package builds for K_n*.
-
-    n - 1 (the theoretical maximum) for odd n and for even n in the shipped search table (8..66 and
-    any size added with scripts/gen_even_rings.py); 2 for n = 4 and 4 for n = 6 (no complete
-    decomposition exists); n - 2 for larger even n not in the table.
-    """
+    """The largest number of orthogonal directed Hamiltonian rings of K_n* (Tillson: n-1 except 4, 6)."""
     if n < 2:
         raise RingError(f"world size must be >= 2 for rings, got {n}")
     if n == 2:
         return 1
-    if n % 2 == 1:
-        return n - 1
-    from megatron_tasp.topology.ring_table import table_sizes
-
-    return n - 1 if n in table_sizes() else n - 2
+    if n == 4:
+        return 2
+    if n == 6:
+        return 4
+    return n - 1
 
 
 def verify_rings(n: int, rings: Sequence[Sequence[int]]) -> None:
@@ -115,9 +110,9 @@ def _family(n: int, full: bool) -> tuple[tuple[int, ...], ...]:
     if n == 2:
         rings = [[0, 1]]
     elif full and n % 2 == 0 and n >= 8:
-        from megatron_tasp.topology.ring_table import full_rings_even
+        from megatron_tasp.topology.even_rings import even_full_rings
 
-        rings = _relabel(full_rings_even(n))
+        rings = _relabel(even_full_rings(n))
     else:
         undirected = _walecki_odd(n) if n % 2 else _factor_pairs_even(n)
         rings = []
@@ -142,10 +137,8 @@ def hamiltonian_rings(n: int, num_rings: int | None = None) -> list[Ring]:
     if not isinstance(k, int) or k < 1:
         raise RingError(f"num_rings must be a positive integer, got {num_rings!r}")
     if k > top:
-        why = " (K_4* and K_6* have no complete decomposition)" if n in (4, 6) else (
-            " (no full decomposition shipped for this even size: add it with scripts/gen_even_rings.py)"
-            if n % 2 == 0 and top == n - 2 else "")
-        raise RingError(f"at most {top} orthogonal rings are available for world size {n}{why}; "
+        why = " (K_4* and K_6* have no complete decomposition)" if n in (4, 6) else ""
+        raise RingError(f"at most {top} orthogonal rings exist for world size {n}{why}; "
                         f"use --num-rings {top} or fewer")
     if k == 1:
         return [list(range(n))]
