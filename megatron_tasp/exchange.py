@@ -22,6 +22,7 @@ import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ class PieceLayout:
 
     shapes: tuple[tuple[int, ...], ...]
 
-    @property
+    @cached_property
     def sizes(self) -> list[int]:
         """Elements per piece."""
         out = []
@@ -53,7 +54,7 @@ class PieceLayout:
             out.append(n)
         return out
 
-    @property
+    @cached_property
     def offsets(self) -> list[int]:
         """Start of each piece in the flat buffer."""
         offs, acc = [], 0
@@ -62,7 +63,7 @@ class PieceLayout:
             acc += n
         return offs
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Elements of the whole flat buffer."""
         return sum(self.sizes)
@@ -150,6 +151,11 @@ class A2ATransport(Transport):
             self.out_splits[p] = sizes[i]
         self.send_order = sorted(range(len(send_peers)), key=lambda i: send_peers[i])
         self.recv_order = sorted(range(len(recv_peers)), key=lambda i: recv_peers[i])
+        self.recv_offsets: dict[int, int] = {}  # where ring i's piece lands in the peer-ordered output
+        acc = 0
+        for i in self.recv_order:
+            self.recv_offsets[i] = acc
+            acc += sizes[i]
         ident = list(range(len(send_peers)))
         self.stage_send = self.send_order != ident
         self.stage_recv = self.recv_order != ident
@@ -163,12 +169,8 @@ class A2ATransport(Transport):
         finish = None
         if self.stage_recv:
             def finish() -> None:
-                offs, acc = {}, 0
-                for i in self.recv_order:
-                    offs[i] = acc
-                    acc += self.layout.sizes[i]
-                for i, view in enumerate(self.layout.views(recv)):
-                    view.reshape(-1).copy_(out[offs[i]:offs[i] + self.layout.sizes[i]])
+                for i, (view, size) in enumerate(zip(self.layout.views(recv), self.layout.sizes)):
+                    view.reshape(-1).copy_(out[self.recv_offsets[i]:self.recv_offsets[i] + size])
         return Pending([work], recv, label, finish)
 
 

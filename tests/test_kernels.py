@@ -86,7 +86,7 @@ def reference(q, k, v, dout, *, causal, scale):
     ke, ve = k64.repeat_interleave(g, 1), v64.repeat_interleave(g, 1)
     s = q64 @ ke.transpose(-1, -2) * scale
     if causal:
-        mask = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool).triu(1)
+        mask = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
     out = torch.softmax(s, -1) @ ve

@@ -22,6 +22,7 @@ from megatron_tasp.kernels import (
     merge_into,
     new_accumulators,
 )
+from tests.test_kernels import reference  # the float64 oracle; it runs on the inputs' device
 
 pytestmark = [
     pytest.mark.gpu,
@@ -100,20 +101,6 @@ def make_qkv(b, h, h_kv, sq, sk, d, dtype, seed=0):
     dout = torch.randn(b, h, sq, d, generator=g).to(device="cuda", dtype=dtype)
     return q, k, v, dout
 
-
-def reference(q, k, v, dout, *, causal, scale):
-    """float64 out, lse, dq, dk, dv on the GPU (K/V expanded, autograd)."""
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    g = q.shape[1] // k.shape[1]
-    ke, ve = k64.repeat_interleave(g, 1), v64.repeat_interleave(g, 1)
-    s = q64 @ ke.transpose(-1, -2) * scale
-    if causal:
-        mask = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(mask, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1) @ ve
-    out.backward(dout.double())
-    return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
 
 
 # ------------------------------------------------------------------------------------------------------------
