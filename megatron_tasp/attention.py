@@ -132,17 +132,23 @@ def rank_plan(group: dist.ProcessGroup | None, num_rings: int | str | None = Non
 
 @dataclass(frozen=True)
 class Pieces:
-    """How the local sequence splits into k pieces (front slice + back slice each)."""
+    """How the local sequence splits into k pieces (front slice + back slice each), each piece cut
+    into ``chunks`` sub-pieces; sub-piece j of every piece forms lane j (one message per step)."""
 
-    front: tuple[int, ...]
-    back: tuple[int, ...]
+    front: tuple[tuple[int, ...], ...]  # [lane][ring]: rows of the front slice
+    back: tuple[tuple[int, ...], ...]  # [lane][ring]: rows of the back slice
     half: int  # length of the front query block (causal) or the whole length (non-causal)
-    perm: torch.Tensor  # local position of every packed row, piece after piece
+    perm: torch.Tensor  # local position of every packed row: lane after lane, piece after piece
+    identity: bool  # perm is 0..length-1 (one ring, one chunk): packing is a plain copy
 
     @property
-    def lengths(self) -> list[int]:
-        """Rows of each piece."""
-        return [f + b for f, b in zip(self.front, self.back)]
+    def chunks(self) -> int:
+        """Lanes (sub-pieces per piece)."""
+        return len(self.front)
+
+    def lengths(self, lane: int) -> list[int]:
+        """Rows of each sub-piece of a lane."""
+        return [f + b for f, b in zip(self.front[lane], self.back[lane])]
 
 
 _PIECES: dict[tuple, Pieces] = {}
@@ -150,15 +156,16 @@ _RUNS: dict[tuple, _Run] = {}
 _KERNELS: dict[tuple, Any] = {}
 
 
-def make_pieces(length: int, k: int, causal: bool, device: torch.device) -> Pieces:
-    """Split ``length`` local tokens into k pieces (cached); raises TaspConfigError when too short."""
-    key = (length, k, causal, str(device))
+def make_pieces(length: int, k: int, causal: bool, device: torch.device, chunks: int = 1) -> Pieces:
+    """Split ``length`` local tokens into k pieces of ``chunks`` sub-pieces (cached); raises
+    TaspConfigError when the shard is too short."""
+    key = (length, k, causal, str(device), chunks)
     if key not in _PIECES:
-        _PIECES[key] = _make_pieces(length, k, causal, device)
+        _PIECES[key] = _make_pieces(length, k, causal, device, chunks)
     return _PIECES[key]
 
 
-def _make_pieces(length: int, k: int, causal: bool, device: torch.device) -> Pieces:
+def _make_pieces(length: int, k: int, causal: bool, device: torch.device, chunks: int) -> Pieces:
     if causal:
         if length % 2:
             raise TaspConfigError(
@@ -168,26 +175,43 @@ def _make_pieces(length: int, k: int, causal: bool, device: torch.device) -> Pie
         if half < k:
             raise TaspConfigError(f"local length {length} is too short for {k} rings: each of the two zigzag "
                                   f"blocks ({half} tokens) must give every ring >= 1 token; use num_rings <= {half}")
+        if half < k * chunks:
+            raise TaspConfigError(f"local length {length} is too short for {k} rings x {chunks} chunks: each zigzag "
+                                  f"block ({half} tokens) must give every sub-piece >= 1 token; use chunks <= "
+                                  f"{half // k}")
         front, back = split_sizes(half, k), split_sizes(half, k)
     else:
         half = length
         if length < k:
             raise TaspConfigError(f"local length {length} is too short for {k} rings; use num_rings <= {length}")
+        if length < k * chunks:
+            raise TaspConfigError(f"local length {length} is too short for {k} rings x {chunks} chunks; use "
+                                  f"chunks <= {length // k}")
         front, back = split_sizes(length, k), [0] * k
+    fsub = [split_sizes(f, chunks) for f in front]  # [ring][lane]
+    bsub = [split_sizes(b_, chunks) for b_ in back]
+    fstart = [sum(front[:i]) for i in range(k)]
+    bstart = [half + sum(back[:i]) for i in range(k)]
     idx: list[int] = []
-    f0 = b0 = 0
-    for f, b in zip(front, back):
-        idx.extend(range(f0, f0 + f))
-        idx.extend(range(half + b0, half + b0 + b))
-        f0 += f
-        b0 += b
+    for j in range(chunks):
+        for i in range(k):
+            f0, b0 = fstart[i] + sum(fsub[i][:j]), bstart[i] + sum(bsub[i][:j])
+            idx.extend(range(f0, f0 + fsub[i][j]))
+            idx.extend(range(b0, b0 + bsub[i][j]))
     perm = torch.tensor(idx, dtype=torch.long, device=device)
-    return Pieces(tuple(front), tuple(back), half, perm)
+    return Pieces(front=tuple(tuple(fsub[i][j] for i in range(k)) for j in range(chunks)),
+                  back=tuple(tuple(bsub[i][j] for i in range(k)) for j in range(chunks)),
+                  half=half, perm=perm, identity=idx == list(range(length)))
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
     """[s, b, h, d] view -> [b, h, s, d] view."""
     return x.permute(1, 2, 0, 3)
+
+
+def _sbhd(x: torch.Tensor) -> torch.Tensor:
+    """[b, h, s, d] view -> [s, b, h, d] view."""
+    return x.permute(2, 0, 1, 3)
 
 
 def _dkv_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -206,9 +230,18 @@ class _Run:
                  kv_shape: tuple[int, int, int]):
         self.plan, self.group, self.kernel = plan, group, kernel
         self.causal, self.scale, self.pieces = causal, scale, pieces
+        self.chunks = pieces.chunks
         b, hkv, d = kv_shape
-        self.layout = PieceLayout(tuple((n_, 2, b, hkv, d) for n_ in pieces.lengths))
-        self.transport = make_transport(plan.transport, group, plan.send_peers, plan.recv_peers, self.layout)
+        self.transports = []
+        for j in range(self.chunks):
+            layout = PieceLayout(tuple((n_, 2, b, hkv, d) for n_ in pieces.lengths(j)))
+            self.transports.append(make_transport(plan.transport, group, plan.send_peers, plan.recv_peers, layout))
+        # one merge per row (CP=2, one chunk): the fp32 accumulators can be skipped exactly, see _backward
+        self.single_contribution = plan.world_size == 2 and self.chunks == 1
+
+    def channel(self, dtype: torch.dtype, device: torch.device, what: str, buffers=None) -> Channel:
+        """A double-buffered channel over this run's lanes."""
+        return Channel(self.transports, dtype, device, what, buffers)
 
     def groups(self, st: RankStep) -> list[tuple[str, list[int]]]:
         """(case, rings) groups to compute at a step t >= 1."""
@@ -216,12 +249,15 @@ class _Run:
             return [(FULL, list(range(self.plan.num_rings)))]
         return [(c, st.rings_with(c)) for c in (EARLIER, LATER) if st.rings_with(c)]
 
-    def group_kv(self, views: list[torch.Tensor], case: str, rings: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ([b, h_kv, s, d] views or copies) of a group of held pieces."""
-        if case == EARLIER:
-            parts = [views[i][: self.pieces.front[i]] for i in rings]
-        else:
-            parts = [views[i] for i in rings]
+    def rows_of(self, lane: int, case: str, ring: int) -> int:
+        """Rows of ring's sub-piece in ``lane`` that a group of ``case`` attends to."""
+        return self.pieces.front[lane][ring] if case == EARLIER else \
+            self.pieces.front[lane][ring] + self.pieces.back[lane][ring]
+
+    def group_kv(self, views: list[torch.Tensor], lane: int, case: str,
+                 rings: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ([b, h_kv, s, d] views or copies) of a group of held sub-pieces of one lane."""
+        parts = [views[i][: self.rows_of(lane, case, i)] for i in rings]
         kv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return _bhsd(kv[:, 0]), _bhsd(kv[:, 1])
 
@@ -232,114 +268,148 @@ class _Run:
     def pack(self, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
         """Write local K/V ([s, b, h_kv, d]) into a flat buffer in piece order."""
         shaped = out.view(-1, 2, *k.shape[1:])
-        torch.index_select(torch.stack((k, v), dim=1), 0, self.pieces.perm, out=shaped)
+        if self.pieces.identity:
+            shaped[:, 0].copy_(k)
+            shaped[:, 1].copy_(v)
+        else:
+            torch.index_select(torch.stack((k, v), dim=1), 0, self.pieces.perm, out=shaped)
 
     def unpack(self, flat: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`pack`: flat piece buffer -> (K, V) in local order."""
+        """Inverse of :meth:`pack`: flat piece buffer -> (K, V) views in local order."""
         shaped = flat.view(-1, 2, *like.shape[1:])
-        res = torch.empty_like(shaped)
-        res.index_copy_(0, self.pieces.perm, shaped)
-        return res[:, 0].to(like.dtype), res[:, 1].to(like.dtype)
+        if not self.pieces.identity:
+            res = torch.empty_like(shaped)
+            res.index_copy_(0, self.pieces.perm, shaped)
+            shaped = res
+        return shaped[:, 0], shaped[:, 1]
+
+
+def _wait_all(pending: list | None) -> None:
+    for p in pending or ():
+        p.wait()
 
 
 def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Returns out [s, b, h, d] (input dtype), merged lse [b, h, s] (fp32) and the kernels' contexts."""
+    """Returns out [s, b, h, d] (input dtype), merged lse [b, h, s] (fp32) and the kernels' contexts.
+
+    Each step's exchange is posted lane by lane before the step's kernels; the kernels of lane j wait
+    only for lane j's message, so with several chunks compute starts before the whole piece arrived.
+    """
     plan = run.plan
     qb = _bhsd(q)
     ctxs: list[Any] = []
     chan = None
     if plan.world_size > 1:
-        chan = Channel(run.transport, k.dtype, k.device, "forward KV")
+        chan = run.channel(k.dtype, k.device, "forward KV")
         run.pack(k, v, chan.current)
     acc = lse = None
+    recvd: list | None = None  # messages landing in chan.current, one per lane
     for st in plan.steps:
-        pending = chan.start(st.step) if chan is not None and st.sends else None
+        nxt = None
+        if chan is not None and st.sends:
+            _wait_all(recvd)  # forward only what has arrived
+            nxt = chan.start(st.step)
         if st.step == 0:  # one kernel on the local shard; every query sees itself, so lse becomes finite
             out0, lse0, c = run.kernel.forward(qb, _bhsd(k), _bhsd(v), causal=run.causal, scale=run.scale)
             acc = out0.to(torch.float32, copy=True)
             lse = lse0.to(torch.float32, copy=True).contiguous()
             ctxs.append(c)
         else:
-            views = run.layout.views(chan.current)
-            for case, rings in run.groups(st):
-                kk, vv = run.group_kv(views, case, rings)
-                rows = run.q_rows(case)
-                o, l_, c = run.kernel.forward(qb[:, :, rows], kk, vv, causal=False, scale=run.scale)
-                merge_finite_(acc[:, :, rows], lse[:, :, rows], o, l_)
-                ctxs.append(c)
-        if pending is not None:
-            pending.wait()
+            for j in range(run.chunks):
+                recvd[j].wait()
+                views = chan.views(j)
+                for case, rings in run.groups(st):
+                    kk, vv = run.group_kv(views, j, case, rings)
+                    rows = run.q_rows(case)
+                    o, l_, c = run.kernel.forward(qb[:, :, rows], kk, vv, causal=False, scale=run.scale)
+                    merge_finite_(acc[:, :, rows], lse[:, :, rows], o, l_)
+                    ctxs.append(c)
+        if nxt is not None:
             chan.advance()
-    out = acc.permute(2, 0, 1, 3).to(q.dtype).contiguous()
+            recvd = nxt
+    out = _sbhd(acc).to(q.dtype).contiguous()
     return out, lse, ctxs
 
 
 def _backward(run: _Run, dout, q, k, v, out, lse, ctxs):
     """Returns dq, dk, dv in the input layout and dtype.
 
-    The own block's dK/dV stays home (fp32). The accumulator of every remote piece starts at the first
+    The own block's dK/dV stays home. The accumulator of every remote sub-piece starts at the first
     rank that computes on it (step 1), travels along the piece's ring in ``MEGATRON_TASP_DKV_DTYPE``
-    (fp32 by default) and makes its last hop home in the input dtype, halving the one transfer that no
-    compute can hide; home adds its own fp32 contribution before the final rounding.
+    (fp32 by default) and makes its last hop home in the input dtype, lane by lane right after that
+    lane's kernels, so only the last lane's hop is left without compute to hide it. The hop home reuses
+    the two KV buffers (free by then); home adds its own contribution with one rounding.
     """
     plan = run.plan
     n = plan.world_size
     qb, dob, ob = _bhsd(q), _bhsd(dout), _bhsd(out)
     if n > 1:  # issue the first KV transfer before the own-block kernel so that they overlap
-        kv_chan = Channel(run.transport, k.dtype, k.device, "backward KV")
+        kv_chan = run.channel(k.dtype, k.device, "backward KV")
         run.pack(k, v, kv_chan.current)
-        pend_kv = kv_chan.start(0)
+        recvd = kv_chan.start(0)
     dq0, dk0, dv0 = run.kernel.backward(dob, qb, _bhsd(k), _bhsd(v), ob, lse, ctxs[0],
                                         causal=run.causal, scale=run.scale)
     if n == 1:
-        return dq0.permute(2, 0, 1, 3).to(q.dtype), dk0.permute(2, 0, 1, 3).to(k.dtype), \
-            dv0.permute(2, 0, 1, 3).to(v.dtype)
-    dq = dq0.to(torch.float32, copy=True)
-    home = Channel(run.transport, k.dtype, k.device, "backward dKV (hop home)")
-    mid = Channel(run.transport, _dkv_dtype(k.dtype), k.device, "backward dKV") if n > 2 else None
-    pend_kv.wait()
+        return _sbhd(dq0).to(q.dtype), _sbhd(dk0).to(k.dtype), _sbhd(dv0).to(v.dtype)
+    # dq: one contribution per row at CP=2 with one chunk, so adding into the kernel's own dq rounds
+    # exactly once, as the fp32 accumulator would; otherwise accumulate in fp32
+    dq = dq0 if run.single_contribution and dq0.dtype == q.dtype else dq0.to(torch.float32, copy=True)
     kv_chan.advance()
-    pend_dkv = None
+    mid = run.channel(_dkv_dtype(k.dtype), k.device, "backward dKV") if n > 2 else None
+    home = None
+    dkv_recvd: list | None = None
     ci = 1
     for st in plan.steps[1:]:
-        pend_kv = kv_chan.start(st.step) if st.sends else None
-        views = run.layout.views(kv_chan.current)
-        contribs = []
-        for case, rings in run.groups(st):
-            kk, vv = run.group_kv(views, case, rings)
-            rows = run.q_rows(case)
-            dqg, dkg, dvg = run.kernel.backward(dob[:, :, rows], qb[:, :, rows], kk, vv, ob[:, :, rows],
-                                                lse[:, :, rows], ctxs[ci], causal=False, scale=run.scale)
-            ci += 1
-            dq[:, :, rows] += dqg
-            contribs.append((case, rings, dkg, dvg))
         last = st.step == n - 1
+        nxt = None
+        if st.sends:
+            _wait_all(recvd)
+            nxt = kv_chan.start(st.step)
+        elif home is None:  # last step: the KV buffer not read any more carries the hop home
+            home = run.channel(k.dtype, k.device, "backward dKV (hop home)",
+                               buffers=[kv_chan.other, kv_chan.current])
         chan = home if last else mid
-        if st.step == 1:
-            chan.current.zero_()
-        else:
-            pend_dkv.wait()
+        sent = []
+        for j in range(run.chunks):
+            recvd[j].wait()
+            views = kv_chan.views(j)
+            contribs = []
+            for case, rings in run.groups(st):
+                kk, vv = run.group_kv(views, j, case, rings)
+                rows = run.q_rows(case)
+                dqg, dkg, dvg = run.kernel.backward(dob[:, :, rows], qb[:, :, rows], kk, vv, ob[:, :, rows],
+                                                    lse[:, :, rows], ctxs[ci], causal=False, scale=run.scale)
+                ci += 1
+                dq[:, :, rows] += dqg
+                contribs.append((case, rings, dkg, dvg))
+            lane = chan.lane(chan.current, j)
+            if st.step == 1:
+                lane.zero_()
+            else:
+                dkv_recvd[j].wait()
+                if last:  # the accumulator leaves the fp32 channel for its hop home
+                    lane.copy_(mid.lane(mid.current, j))
+            acc = chan.views(j)
+            for case, rings, dkg, dvg in contribs:
+                off = 0
+                for i in rings:
+                    m = run.rows_of(j, case, i)
+                    acc[i][:m, 0] += _sbhd(dkg[:, :, off:off + m])
+                    acc[i][:m, 1] += _sbhd(dvg[:, :, off:off + m])
+                    off += m
+            sent.append(chan.start_lane(st.step, j))
+        if not last:
             mid.advance()
-            if last:  # the accumulator leaves the fp32 channel for its hop home
-                home.current.copy_(mid.current)
-        acc = run.layout.views(chan.current)
-        for case, rings, dkg, dvg in contribs:
-            off = 0
-            for i in rings:
-                m = run.pieces.front[i] if case == EARLIER else run.pieces.lengths[i]
-                acc[i][:m, 0] += dkg[:, :, off:off + m].permute(2, 0, 1, 3)
-                acc[i][:m, 1] += dvg[:, :, off:off + m].permute(2, 0, 1, 3)
-                off += m
-        pend_dkv = chan.start(st.step)
-        if pend_kv is not None:
-            pend_kv.wait()
+            dkv_recvd = sent
+        if nxt is not None:
             kv_chan.advance()
-    pend_dkv.wait()
+            recvd = nxt
+    _wait_all(sent)
     home.advance()
     rk, rv = run.unpack(home.current, like=k)
-    dk = (dk0.permute(2, 0, 1, 3).float() + rk.float()).to(k.dtype)
-    dv = (dv0.permute(2, 0, 1, 3).float() + rv.float()).to(v.dtype)
-    return dq.permute(2, 0, 1, 3).to(q.dtype), dk, dv
+    dk = torch.add(_sbhd(dk0), rk)  # one rounding of the exact sum (elementwise math runs in fp32)
+    dv = torch.add(_sbhd(dv0), rv)
+    return _sbhd(dq).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _TaspAttention(torch.autograd.Function):
@@ -398,7 +468,7 @@ def _check_equal_lengths(group, plan: RankPlan, length: int, device: torch.devic
 def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,
                    causal: bool = True, softmax_scale: float | None = None, num_rings: int | str | None = None,
                    topology: Topology | str | None = None, backend: str | None = None,
-                   transport: str | None = None) -> torch.Tensor:
+                   transport: str | None = None, chunks: int | str | None = None) -> torch.Tensor:
     """Exact context-parallel attention with TASP's multi-ring KV exchange.
 
     Args:
@@ -410,6 +480,10 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
         topology: a Topology, a YAML path or a shipped preset name (default: all-to-all single node).
         backend: block-kernel name (default: automatic, see ``megatron_tasp.kernels``).
         transport: 'a2a' or 'p2p' (default: a2a on one node, p2p across nodes).
+        chunks: messages per piece and step (default ``MEGATRON_TASP_CHUNKS`` or 1; 'auto' asks the cost
+            model). With c > 1 every piece travels as c sub-pieces and each sub-piece's kernels start as
+            soon as it lands, hiding transfers longer than one block's compute and all but 1/c of the
+            backward's last dK/dV hop; each step launches c times as many kernels.
 
     Returns:
         ``[s_local, b, h, d]`` in q's dtype; differentiable in q, k and v.
@@ -423,16 +497,46 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     n = dist.get_world_size(cp_group) if cp_group is not None else 1
     if n == 1:
         return _TaspAttention.apply(q, k, v, _LocalRun(kernel, causal, scale))
+    env = (os.environ.get("MEGATRON_TASP_TRANSPORT"), os.environ.get("MEGATRON_TASP_CHUNKS"))
+    fkey = (id(cp_group), num_rings, topology if isinstance(topology, (str, type(None))) else id(topology),
+            transport, chunks, env, id(kernel), causal, scale, tuple(q.shape), tuple(k.shape), str(q.device))
+    run = _FAST.get(fkey)
+    if run is None:
+        run = _FAST[fkey] = _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transport,
+                                      chunks)
+    return _TaspAttention.apply(q, k, v, run)
+
+
+_FAST: dict[tuple, _Run] = {}
+
+
+def _resolve_chunks(chunks: int | str | None, plan: RankPlan, hint: dict, topology) -> int:
+    if chunks is None:
+        chunks = os.environ.get("MEGATRON_TASP_CHUNKS") or 1
+    if chunks == "auto":
+        from megatron_tasp.tuning import choose_chunks
+
+        return choose_chunks(_resolve_topology(topology, plan.world_size), hint, plan.num_rings, plan.transport)
+    if isinstance(chunks, str) and chunks.isdigit():
+        chunks = int(chunks)
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise TaspConfigError(f"chunks must be a positive integer or 'auto' (MEGATRON_TASP_CHUNKS too), got {chunks!r}")
+    return chunks
+
+
+def _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transport, chunks) -> _Run:
+    """Plan, pieces and transports for one call signature (cached by the caller)."""
     hint = {"tokens_per_gpu": q.shape[0], "batch": q.shape[1], "heads_q": q.shape[2],
             "heads_kv": k.shape[2], "head_dim": q.shape[3], "causal": causal, "dtype_bytes": q.element_size()}
     plan = rank_plan(cp_group, num_rings, topology, transport, hint)
     _check_equal_lengths(cp_group, plan, q.shape[0], q.device)
-    rkey = (plan, id(cp_group), id(kernel), causal, scale, q.shape[0], tuple(k.shape[1:]), str(q.device))
+    c = _resolve_chunks(chunks, plan, hint, topology)
+    rkey = (plan, id(cp_group), id(kernel), causal, scale, q.shape[0], tuple(k.shape[1:]), str(q.device), c)
     run = _RUNS.get(rkey)
     if run is None:
-        pieces = make_pieces(q.shape[0], plan.num_rings, causal, q.device)
+        pieces = make_pieces(q.shape[0], plan.num_rings, causal, q.device, c)
         run = _RUNS[rkey] = _Run(plan, cp_group, kernel, causal, scale, pieces, (k.shape[1], k.shape[2], k.shape[3]))
-    return _TaspAttention.apply(q, k, v, run)
+    return run
 
 
 class _LocalRun:

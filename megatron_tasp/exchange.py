@@ -81,9 +81,12 @@ class Pending:
         self._recv = recv
         self._label = label
         self._finish = finish
+        self._done = False
 
     def wait(self) -> torch.Tensor:
         """Order the current stream after the transfer (GPU) or block until it is done (CPU)."""
+        if self._done:
+            return self._recv
         timeout = None if self._recv.is_cuda else datetime.timedelta(seconds=default_timeout_s())
         for w in self._works:
             try:
@@ -95,6 +98,7 @@ class Pending:
                 raise ExchangeTimeout(f"TASP exchange failed or timed out at {self._label}: {exc}") from exc
         if self._finish is not None:
             self._finish()
+        self._done = True
         return self._recv
 
 
@@ -199,30 +203,70 @@ def make_transport(name: str, group, send_peers, recv_peers, layout: PieceLayout
 
 
 class Channel:
-    """A double-buffered stream of flat piece buffers moving along the rings."""
+    """A double-buffered stream of flat buffers moving along the rings, split into lanes.
 
-    def __init__(self, transport: Transport, dtype: torch.dtype, device: torch.device, what: str):
-        self.transport = transport
-        n = transport.layout.numel
-        self.buffers = [torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device)]
+    Lane j holds sub-piece j of every ring's piece, laid out one lane after another in the flat
+    buffer; each lane has its own transport (its own message sizes) and is sent as a separate
+    message, so a consumer can start on lane 0 while later lanes are still in flight.
+    ``buffers`` lets a channel borrow two existing flat buffers of the right size and dtype.
+    """
+
+    def __init__(self, transports: Transport | Sequence[Transport], dtype: torch.dtype, device: torch.device,
+                 what: str, buffers: Sequence[torch.Tensor] | None = None):
+        self.transports = [transports] if isinstance(transports, Transport) else list(transports)
+        self.lane_offsets, acc = [], 0
+        for t in self.transports:
+            self.lane_offsets.append(acc)
+            acc += t.layout.numel
+        self.numel = acc
+        if buffers is None:
+            buffers = [torch.empty(acc, dtype=dtype, device=device), torch.empty(acc, dtype=dtype, device=device)]
+        if len(buffers) != 2 or any(b.numel() != acc or b.dtype != dtype for b in buffers):
+            raise ValueError(f"a channel needs two flat {dtype} buffers of {acc} elements")
+        self.buffers = list(buffers)
         self.what = what
         self.cur = 0
+
+    @property
+    def transport(self) -> Transport:
+        """The first lane's transport (group, rank and peers are the same for every lane)."""
+        return self.transports[0]
+
+    @property
+    def lanes(self) -> int:
+        """Number of lanes (messages per step)."""
+        return len(self.transports)
 
     @property
     def current(self) -> torch.Tensor:
         """The buffer holding this step's pieces."""
         return self.buffers[self.cur]
 
-    def views(self) -> list[torch.Tensor]:
-        """Piece views of the current buffer."""
-        return self.transport.layout.views(self.current)
+    @property
+    def other(self) -> torch.Tensor:
+        """The buffer the next step receives into."""
+        return self.buffers[1 - self.cur]
 
-    def start(self, step: int) -> Pending:
-        """Send the current buffer and receive into the other one; ``advance()`` after ``wait()``."""
-        label = (f"{self.what} step {step} (CP group ranks {self.transport.group_ranks}, "
-                 f"rank {self.transport.rank})")
-        return self.transport.start(self.buffers[self.cur], self.buffers[1 - self.cur], label)
+    def lane(self, flat: torch.Tensor, j: int) -> torch.Tensor:
+        """Lane j's slice of a flat buffer of this channel."""
+        return flat[self.lane_offsets[j]:self.lane_offsets[j] + self.transports[j].layout.numel]
+
+    def views(self, j: int = 0, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Piece views of lane j of ``flat`` (default: the current buffer)."""
+        flat = self.current if flat is None else flat
+        return self.transports[j].layout.views(self.lane(flat, j))
+
+    def start_lane(self, step: int, j: int) -> Pending:
+        """Send lane j of the current buffer and receive lane j of the other one."""
+        t = self.transports[j]
+        lane = f" lane {j}" if self.lanes > 1 else ""
+        label = f"{self.what} step {step}{lane} (CP group ranks {t.group_ranks}, rank {t.rank})"
+        return t.start(self.lane(self.current, j), self.lane(self.other, j), label)
+
+    def start(self, step: int) -> list[Pending]:
+        """Start every lane (one message per lane, in lane order); ``advance()`` once all are posted."""
+        return [self.start_lane(step, j) for j in range(self.lanes)]
 
     def advance(self) -> None:
-        """Make the buffer just received the current one."""
+        """Make the buffer being received into the current one."""
         self.cur = 1 - self.cur

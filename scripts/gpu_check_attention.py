@@ -57,6 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--seq-per-rank", type=int, default=2048)
+    ap.add_argument("--chunks", default="1", help="comma list of TASP chunk counts to check")
+    ap.add_argument("--kernels", default="cudnn,flash,efficient,math")
+    ap.add_argument("--dtypes", default="bfloat16,float16")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
@@ -65,12 +68,13 @@ def main() -> None:
     results = []
     names = ("out", "dq", "dk", "dv")
     seed = 0
-    for dtype in (torch.bfloat16, torch.float16):
-        kernels = [k for k in ("cudnn", "flash", "efficient", "math") if k in available_kernels(dev, dtype, 128)]
+    chunk_list = [int(c) for c in args.chunks.split(",")]
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        kernels = [k for k in args.kernels.split(",") if k in available_kernels(dev, dtype, 128)]
         for kernel in kernels:
             for causal in (True, False):
                 for hq, hkv in ((16, 16), (16, 4)):
-                    for rings in sorted({1, max_rings(n)}):
+                    for rings, chunks in ((r, c) for r in sorted({1, max_rings(n)}) for c in chunk_list):
                         seq = n * args.seq_per_rank + (0 if causal else 0)
                         seed += 1  # identical on every rank (hash() is salted per process)
                         g = torch.Generator(device=dev).manual_seed(seed)
@@ -83,11 +87,12 @@ def main() -> None:
                                        q, k, v, do)
                         idx = shard(seq, n, rank, causal, dev)
                         rec = {"kernel": kernel, "dtype": str(dtype), "causal": causal, "heads": f"{hq}/{hkv}",
-                               "num_rings": rings, "cp": n, "tokens_per_gpu": len(idx)}
+                               "num_rings": rings, "chunks": chunks, "cp": n, "tokens_per_gpu": len(idx)}
                         for mode in ("fp32", "input"):
                             os.environ["MEGATRON_TASP_DKV_DTYPE"] = mode
-                            got = grads(lambda a, b_, c, causal=causal, rings=rings, kernel=kernel: tasp_attention(
-                                a, b_, c, dist.group.WORLD, causal=causal, num_rings=rings, backend=kernel),
+                            got = grads(lambda a, b_, c, causal=causal, rings=rings, kernel=kernel, chunks=chunks:
+                                        tasp_attention(a, b_, c, dist.group.WORLD, causal=causal, num_rings=rings,
+                                                       backend=kernel, chunks=chunks),
                                         q[idx], k[idx], v[idx], do[idx])
                             for j, nm in enumerate(names):
                                 if mode == "input" and nm in ("out", "dq"):
@@ -107,12 +112,13 @@ def main() -> None:
     # no host synchronisation inside a warmed-up forward+backward
     q = torch.randn(4096, 1, 16, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
     kv = torch.randn(4096, 1, 4, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    tasp_attention(q, kv, kv, dist.group.WORLD).sum().backward()
+    top = max(chunk_list)
+    tasp_attention(q, kv, kv, dist.group.WORLD, chunks=top).sum().backward()
     torch.cuda.synchronize()
     sync_ok = True
     try:
         torch.cuda.set_sync_debug_mode("error")
-        tasp_attention(q, kv, kv, dist.group.WORLD).sum().backward()
+        tasp_attention(q, kv, kv, dist.group.WORLD, chunks=top).sum().backward()
     except RuntimeError:
         import traceback
 

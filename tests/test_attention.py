@@ -34,7 +34,7 @@ def _case_worker(rank, n, cases):
         idx = (zigzag_index if c["causal"] else contiguous_index)(c["seq"], n, rank)
         ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
         out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=c["causal"], num_rings=c["k"],
-                             transport=c.get("transport"), topology=c.get("topology"))
+                             transport=c.get("transport"), topology=c.get("topology"), chunks=c.get("chunks"))
         out.backward(do[idx])
         results.append([t.detach().double() for t in (out, ql.grad, kl.grad, vl.grad)])
     return results
@@ -96,6 +96,53 @@ def test_bf16_within_single_device_error(n):
     cases = _cases(n, torch.bfloat16)[:4]
     per_rank = run_workers(_case_worker, n, cases)
     _check(n, cases, per_rank, lambda base: 2 * base + n ** 0.5 * 2.0 ** -8)
+
+
+def _chunk_cases(n, dtype=torch.float32):
+    """Pieces cut into 2 or 3 lanes of uneven sizes, every ring count class, both masks and transports."""
+    top = max_rings(n)
+    cases = []
+    for i, (k, causal, c) in enumerate((k, m, c) for k in sorted({1, top}) for m in (True, False) for c in (2, 3)):
+        blk = c * k + 1 + i % 2  # sub-pieces of unequal length, the shortest 1 row
+        seq = 2 * n * blk if causal else n * blk
+        cases.append(dict(seed=500 + 10 * n + i, seq=seq, b=1, h=4, hkv=1 if i % 2 else 4, d=8, dtype=dtype,
+                          causal=causal, k=k, chunks=c, transport=("a2a" if i % 3 else "p2p")))
+    return cases
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_chunked_lanes_match_float64_reference(n):
+    cases = _chunk_cases(n)
+    per_rank = run_workers(_case_worker, n, cases)
+    _check(n, cases, per_rank, lambda _: 1e-5)
+
+
+def test_chunked_bf16_within_single_device_error():
+    cases = _chunk_cases(3, torch.bfloat16)[:2]
+    per_rank = run_workers(_case_worker, 3, cases)
+    _check(3, cases, per_rank, lambda base: 2 * base + 3 ** 0.5 * 2.0 ** -8)
+
+
+def _chunk_error_worker(rank, n):
+    import torch.distributed as dist
+
+    from megatron_tasp.attention import TaspConfigError
+
+    q = torch.randn(8, 1, 2, 8)
+    msgs = []
+    for kw in ({"chunks": 5}, {"chunks": 0}, {"chunks": "many"}):
+        try:
+            tasp_attention(q, q, q, dist.group.WORLD, causal=True, **kw)
+            msgs.append(None)
+        except TaspConfigError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_bad_chunks_fail_closed():
+    msgs = run_workers(_chunk_error_worker, 2)[0]
+    assert "too short for 1 rings x 5 chunks" in msgs[0] and "chunks <= 4" in msgs[0], msgs
+    assert all(m and "chunks" in m for m in msgs[1:]), msgs
 
 
 def _timeout_worker(rank, n):

@@ -178,16 +178,17 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
     ref_local = ref.permute(2, 0, 1, 3).index_select(0, idx)
 
     ring_counts = cfg.num_rings or sorted({1, max_rings(n)}) if n > 1 else [1]
-    variants = [("tasp", k_, t) for k_ in ring_counts for t in cfg.transports] if n > 1 else []
-    if "compute_only" in cfg.impls and n > 1:
-        variants.append(("compute_only", max(ring_counts), "none"))
-    for impl, k_, transport in variants:
+    variants = [("tasp", k_, t, c) for k_ in ring_counts for t in cfg.transports for c in cfg.chunks] \
+        if n > 1 else []
+    if "compute_only" in cfg.impls and n > 1:  # the bound; per chunk count, to show what lanes cost
+        variants.extend(("compute_only", max(ring_counts), "none", c) for c in cfg.chunks)
+    for impl, k_, transport, chunks in variants:
         if impl == "tasp" and "tasp" not in cfg.impls:
             continue
 
-        def fwd(k_=k_, transport=transport):
+        def fwd(k_=k_, transport=transport, chunks=chunks):
             return tasp_attention(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
-                                  backend=cfg.kernel)
+                                  backend=cfg.kernel, chunks=chunks)
         try:
             out = fwd()
             err = _rel_err(out, ref_local) if impl == "tasp" else None
@@ -201,11 +202,12 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
                 # memory the call itself needs on top of its inputs (activations, buffers, gradients)
                 peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
                 fl = attention_flops(seq, b, hq, d, causal, passes) / n
-                records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "pass": passes,
-                                "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err,
+                records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "chunks": chunks,
+                                "pass": passes, "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err,
                                 "extra_mem_mb": peak})
         except Exception as exc:  # noqa: BLE001 - record and keep going
-            records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "error": repr(exc)})
+            records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "chunks": chunks,
+                            "error": repr(exc)})
 
     if "single_gpu" in cfg.impls and device.type == "cuda":  # memory baseline: one-device attention, local shard
         ql2, kl2, vl2 = (x.detach().permute(1, 2, 0, 3).clone().requires_grad_() for x in (ql, kl, vl))
@@ -410,6 +412,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.impls = _parse_list(args.impls, str)
     args.transports = _parse_list(args.transports, str)
     args.num_rings = _parse_list(args.num_rings, int) if args.num_rings else None
+    args.chunks = [c if c == "auto" else int(c) for c in _parse_list(args.chunks, str)]
     args.msg_sizes = [int(float(x) * 2**20) for x in args.msg_sizes_mb.split(",")]
     bad = [i for i in args.impls if i not in IMPLS]
     if bad:
@@ -446,7 +449,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{r['impl']:<22} {r['bytes'] / 2**20:8.2f} MiB  {r['GBps_per_direction']:8.1f} GB/s")
         else:
             err = f" err={r['max_rel_err']:.1e}" if r.get("max_rel_err") is not None else ""
-            print(f"{r['impl']:<20} k={r['num_rings']} {r.get('transport', ''):<5} tok={r['tokens_per_gpu']:>6} "
+            print(f"{r['impl']:<20} k={r['num_rings']} {r.get('transport', ''):<5} c={r.get('chunks', '-')} "
+                  f"tok={r['tokens_per_gpu']:>6} "
                   f"h={r['heads_q']}/{r['heads_kv']} causal={int(r['causal'])} {r['pass']:<7} "
                   f"{r['time_ms']:9.3f} ms {r['tflops_per_gpu']:7.1f} TFLOP/s{err}")
     return 0
@@ -465,6 +469,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--num-rings", default="", help="ring counts for TASP (default: 1 and the maximum)")
     p.add_argument("--transports", default="a2a,p2p", help="TASP transports to time")
+    p.add_argument("--chunks", default="1", help="TASP messages per piece and step to time (comma list; 'auto')")
     p.add_argument("--kernel", default=None, help="block kernel (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--warmup", type=int, default=3)
