@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tasp.exchange import Channel, PieceLayout, make_transport
-from megatron_tasp.kernels import get_kernel, merge_finite_
+from megatron_tasp.kernels import get_kernel
+from megatron_tasp.kernels.fused_merge import merge_to
 from megatron_tasp.schedule import EARLIER, LATER, RankStep, compile_schedule, split_sizes
 from megatron_tasp.topology import Topology, generic_topology, load_topology
 from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
@@ -236,8 +237,12 @@ class _Run:
         for j in range(self.chunks):
             layout = PieceLayout(tuple((n_, 2, b, hkv, d) for n_ in pieces.lengths(j)))
             self.transports.append(make_transport(plan.transport, group, plan.send_peers, plan.recv_peers, layout))
-        # one merge per row (CP=2, one chunk): the fp32 accumulators can be skipped exactly, see _backward
+        # one merge per row (CP=2, one chunk): the fp32 accumulators can be skipped exactly (one rounding)
         self.single_contribution = plan.world_size == 2 and self.chunks == 1
+        self.unmerged_rows: slice | None = None  # rows of the output no remote block touches (CP=2)
+        if self.single_contribution and causal:
+            if not any(c in (EARLIER, FULL) for st in plan.steps[1:] for c, _ in self.groups(st)):
+                self.unmerged_rows = slice(None, pieces.half)
 
     def channel(self, dtype: torch.dtype, device: torch.device, what: str, buffers=None) -> Channel:
         """A double-buffered channel over this run's lanes."""
@@ -302,7 +307,7 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     if plan.world_size > 1:
         chan = run.channel(k.dtype, k.device, "forward KV")
         run.pack(k, v, chan.current)
-    acc = lse = None
+    acc = lse = src = None
     recvd: list | None = None  # messages landing in chan.current, one per lane
     for st in plan.steps:
         nxt = None
@@ -311,9 +316,18 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
             nxt = chan.start(st.step)
         if st.step == 0:  # one kernel on the local shard; every query sees itself, so lse becomes finite
             out0, lse0, c = run.kernel.forward(qb, _bhsd(k), _bhsd(v), causal=run.causal, scale=run.scale)
-            acc = out0.to(torch.float32, copy=True)
-            lse = lse0.to(torch.float32, copy=True).contiguous()
+            lse = lse0 if lse0.dtype == torch.float32 and lse0.is_contiguous() else \
+                lse0.to(torch.float32).contiguous()
             ctxs.append(c)
+            if plan.world_size == 1:
+                continue
+            if run.single_contribution:  # every row merges at most once: merge straight into the output
+                out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                acc, src = _bhsd(out), out0
+                if run.unmerged_rows is not None:
+                    acc[:, :, run.unmerged_rows].copy_(out0[:, :, run.unmerged_rows])
+            else:
+                acc = src = out0.to(torch.float32, copy=True)
         else:
             for j in range(run.chunks):
                 recvd[j].wait()
@@ -322,12 +336,15 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
                     kk, vv = run.group_kv(views, j, case, rings)
                     rows = run.q_rows(case)
                     o, l_, c = run.kernel.forward(qb[:, :, rows], kk, vv, causal=False, scale=run.scale)
-                    merge_finite_(acc[:, :, rows], lse[:, :, rows], o, l_)
+                    merge_to(src[:, :, rows], lse[:, :, rows], o, l_, acc[:, :, rows], lse[:, :, rows])
                     ctxs.append(c)
         if nxt is not None:
             chan.advance()
             recvd = nxt
-    out = _sbhd(acc).to(q.dtype).contiguous()
+    if plan.world_size == 1:
+        out = _sbhd(out0).to(q.dtype).contiguous()
+    elif not run.single_contribution:
+        out = _sbhd(acc).to(q.dtype).contiguous()
     return out, lse, ctxs
 
 
@@ -382,20 +399,25 @@ def _backward(run: _Run, dout, q, k, v, out, lse, ctxs):
                 ci += 1
                 dq[:, :, rows] += dqg
                 contribs.append((case, rings, dkg, dvg))
-            lane = chan.lane(chan.current, j)
-            if st.step == 1:
-                lane.zero_()
-            else:
+            first = st.step == 1  # every held sub-piece is in exactly one group: its first value is a copy
+            if not first:
                 dkv_recvd[j].wait()
                 if last:  # the accumulator leaves the fp32 channel for its hop home
-                    lane.copy_(mid.lane(mid.current, j))
+                    chan.lane(chan.current, j).copy_(mid.lane(mid.current, j))
             acc = chan.views(j)
             for case, rings, dkg, dvg in contribs:
                 off = 0
                 for i in rings:
                     m = run.rows_of(j, case, i)
-                    acc[i][:m, 0] += _sbhd(dkg[:, :, off:off + m])
-                    acc[i][:m, 1] += _sbhd(dvg[:, :, off:off + m])
+                    dk_i, dv_i = _sbhd(dkg[:, :, off:off + m]), _sbhd(dvg[:, :, off:off + m])
+                    if first:
+                        acc[i][:m, 0].copy_(dk_i)
+                        acc[i][:m, 1].copy_(dv_i)
+                        if m < acc[i].shape[0]:
+                            acc[i][m:].zero_()
+                    else:
+                        acc[i][:m, 0] += dk_i
+                        acc[i][:m, 1] += dv_i
                     off += m
             sent.append(chan.start_lane(st.step, j))
         if not last:
@@ -545,3 +567,4 @@ class _LocalRun:
     def __init__(self, kernel, causal: bool, scale: float):
         self.plan = RankPlan(0, 1, 1, ((0,),), (RankStep(0, (), (), ()),), (), (), "none")
         self.kernel, self.causal, self.scale = kernel, causal, scale
+        self.chunks, self.single_contribution, self.unmerged_rows = 1, False, None

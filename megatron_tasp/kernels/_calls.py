@@ -45,45 +45,64 @@ def op_schema_text(op: Any) -> str:
         return repr(op)
 
 
-def call_aten(op: Any, values: Mapping[str, Any], *, ignorable: Iterable[str] = ()) -> Any:
-    """Call an aten ``OpOverload`` with keyword arguments chosen by its schema.
+_BINDINGS: dict[tuple, tuple[tuple[str, str | None], ...]] = {}
+_RETURN_NAMES: dict[Any, list[str]] = {}
 
-    Every schema argument is filled from ``values`` (by canonical name); missing ones with a default are left
-    out, missing optional tensors get None. A required argument with no value, or a value the schema does not
-    take (unless named in ``ignorable``), raises RuntimeError showing the schema.
-    """
+
+def _binding(op: Any, keys: frozenset[str], ignorable: frozenset[str]) -> tuple[tuple[str, str | None], ...]:
+    """(schema argument name, canonical value key or None for "pass None") for this op and value keys."""
     schema = op._schema
-    kwargs: dict[str, Any] = {}
+    plan: list[tuple[str, str | None]] = []
     used: set[str] = set()
     for arg in schema.arguments:
         key = _canonical(arg.name)
-        if key in values:
-            kwargs[arg.name] = values[key]
+        if key in keys:
+            plan.append((arg.name, key))
             used.add(key)
         elif arg.has_default_value():
             continue
         elif _is_optional(arg):
-            kwargs[arg.name] = None
+            plan.append((arg.name, None))
         else:
             raise RuntimeError(
                 f"cannot call {schema.name}: no value for its required argument {arg.name!r}. "
                 f"Schema of this torch build: {schema}"
             )
-    extra = set(values) - used - set(ignorable)
+    extra = set(keys) - used - set(ignorable)
     if extra:
         raise RuntimeError(
             f"cannot call {schema.name}: this torch build's schema has no argument(s) {sorted(extra)}. Schema: {schema}"
         )
-    return op(**kwargs)
+    return tuple(plan)
+
+
+def call_aten(op: Any, values: Mapping[str, Any], *, ignorable: Iterable[str] = ()) -> Any:
+    """Call an aten ``OpOverload`` with keyword arguments chosen by its schema.
+
+    Every schema argument is filled from ``values`` (by canonical name); missing ones with a default are left
+    out, missing optional tensors get None. A required argument with no value, or a value the schema does not
+    take (unless named in ``ignorable``), raises RuntimeError showing the schema. The binding is worked out
+    once per (op, value names) and cached: per call only a dict is built.
+    """
+    keys = frozenset(values)
+    ign = ignorable if isinstance(ignorable, frozenset) else frozenset(ignorable)
+    bkey = (op, keys, ign)
+    plan = _BINDINGS.get(bkey)
+    if plan is None:
+        plan = _BINDINGS[bkey] = _binding(op, keys, ign)
+    return op(**{name: (values[key] if key is not None else None) for name, key in plan})
 
 
 def named_returns(op: Any, result: Sequence[Any], fallback: Sequence[str]) -> dict[str, Any]:
     """Map an op's tuple result to canonical return names (schema names, else ``fallback``)."""
     result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
-    try:
-        names = [_canonical(r.name) for r in op._schema.returns]
-    except Exception:  # pragma: no cover
-        names = []
+    names = _RETURN_NAMES.get(op)
+    if names is None:
+        try:
+            names = [_canonical(r.name) for r in op._schema.returns]
+        except Exception:  # pragma: no cover
+            names = []
+        _RETURN_NAMES[op] = names
     if len(names) != len(result) or not all(names):
         names = list(fallback)
     if len(names) < len(result):

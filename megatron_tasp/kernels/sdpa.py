@@ -84,6 +84,10 @@ def _format_lse(lse: Tensor, layout: tuple[tuple[int, ...], tuple[int, ...]]) ->
     sq = lse.shape[-1]
     if len(shape) == 3 and shape == tuple(lse.shape):
         return _into_layout(lse, layout, torch.float32)
+    if len(shape) == 4 and shape[-1] == 1 and lse.dtype == torch.float32:  # (b,h,s,1): a view when strides agree
+        view = lse.unsqueeze(-1)
+        if tuple(view.shape) == shape and all(a == b or n == 1 for a, b, n in zip(view.stride(), stride, shape)):
+            return view
     buf = torch.empty_strided(shape, stride, dtype=torch.float32, device=lse.device)
     view = buf.squeeze(-1) if len(shape) == 4 else buf
     if view.shape[-1] != sq:

@@ -238,3 +238,30 @@ def test_empty_block_raises_on_cuda(backend):
         kern.forward(q, k[:, :, :0], v[:, :, :0], causal=False, scale=0.125)
     with pytest.raises(ValueError, match="sq == sk"):
         kern.forward(q, k[:, :, :32], v[:, :, :32], causal=True, scale=0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_fused_merge_triton_matches_torch_path(dtype, d):
+    """The Triton merge (one kernel) against the torch path on strided row-slices, in place and not."""
+    from megatron_tasp.kernels.fused_merge import _torch_merge, fused_merge_available, merge_to
+
+    if not fused_merge_available("cuda"):
+        pytest.skip("Triton is not usable here")
+    g = torch.Generator(device="cuda").manual_seed(d)
+    mem_a = torch.randn(300, 2, 4, d, device="cuda", generator=g).to(dtype)  # [s, b, h, d]
+    b = torch.randn(2, 4, 150, d, device="cuda", generator=g).to(torch.bfloat16)
+    la = torch.randn(2, 4, 300, device="cuda", generator=g) * 3
+    lb = torch.randn(2, 4, 150, device="cuda", generator=g) * 3
+    lb[:, :, :7] = float("-inf")
+    a = mem_a.permute(1, 2, 0, 3)[:, :, 150:]
+    ref_o, ref_l = torch.empty_like(a), torch.empty_like(la[:, :, 150:])
+    _torch_merge(a, la[:, :, 150:], b, lb, ref_o, ref_l)
+    out = torch.empty(2, 4, 150, d, device="cuda", dtype=torch.bfloat16)
+    lo = torch.empty(2, 4, 150, device="cuda")
+    merge_to(a, la[:, :, 150:], b, lb, out, lo)
+    assert (out.float() - ref_o.to(torch.bfloat16).float()).abs().max() <= 2 ** -7 * ref_o.abs().max()
+    assert (lo - ref_l).abs().max() <= 1e-5
+    merge_to(a, la[:, :, 150:], b, lb, a, la[:, :, 150:])  # in place
+    assert (a.float() - ref_o.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 2 ** -7) * ref_o.abs().max()
+    assert (la[:, :, 150:] - ref_l).abs().max() <= 1e-5

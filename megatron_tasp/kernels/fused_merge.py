@@ -1,0 +1,111 @@
+"""One-kernel log-sum-exp merge on CUDA (Triton), with the same semantics in plain torch elsewhere.
+
+``merge_to(a_out, a_lse, b_out, b_lse, dst_out, dst_lse)`` writes the merge of two partial results,
+``a`` with finite lse everywhere (TASP's accumulator after step 0) and ``b`` any block result::
+
+    w = sigmoid(b_lse - a_lse)            # weight of b; 0 where b_lse = -inf
+    dst_out = a_out + w * (b_out - a_out)  # computed in fp32, stored in dst_out's dtype (one rounding)
+    dst_lse = a_lse + softplus(b_lse - a_lse)
+
+``dst`` may be ``a`` itself (in-place accumulation) or another tensor, e.g. the final bf16 output when a
+row is merged only once, which saves the fp32 accumulator and two copies. Shapes: out ``[b, h, s, d]``
+and lse ``[b, h, s]``, any strides with a unit stride on ``d``. The torch path (CPU, or no Triton) runs
+about six element-wise kernels; the Triton path one, which matters because small shapes are bound by
+the host's kernel-launch cost.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["fused_merge_available", "merge_to"]
+
+_TRITON = None  # the compiled kernel, False when Triton is unusable
+
+
+def _kernel():
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON
+    if os.environ.get("MEGATRON_TASP_FUSED_MERGE", "1") == "0":
+        _TRITON = False
+        return _TRITON
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001 - Triton missing or broken: torch path
+        _TRITON = False
+        return _TRITON
+
+    @triton.jit
+    def _merge(a, a_sb, a_sh, a_ss, la, la_sb, la_sh, la_ss,
+               b, b_sb, b_sh, b_ss, lb, lb_sb, lb_sh, lb_ss,
+               o, o_sb, o_sh, o_ss, lo, lo_sb, lo_sh, lo_ss,
+               S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        bb = tl.program_id(2).to(tl.int64)
+        rows = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, BLOCK_D)
+        rmask = rows < S
+        mask = rmask[:, None] & (cols[None, :] < D)
+        l_a = tl.load(la + bb * la_sb + h * la_sh + rows * la_ss, mask=rmask, other=0.0).to(tl.float32)
+        l_b = tl.load(lb + bb * lb_sb + h * lb_sh + rows * lb_ss, mask=rmask, other=0.0).to(tl.float32)
+        diff = l_b - l_a
+        w = 1.0 / (1.0 + tl.exp(-diff))
+        l_new = l_a + tl.maximum(diff, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(diff)))
+        x_a = tl.load(a + bb * a_sb + h * a_sh + rows[:, None] * a_ss + cols[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+        x_b = tl.load(b + bb * b_sb + h * b_sh + rows[:, None] * b_ss + cols[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+        res = x_a + w[:, None] * (x_b - x_a)
+        tl.store(o + bb * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :],
+                 res.to(o.dtype.element_ty), mask=mask)
+        tl.store(lo + bb * lo_sb + h * lo_sh + rows * lo_ss, l_new, mask=rmask)
+
+    _TRITON = (_merge, triton.next_power_of_2)
+    return _TRITON
+
+
+def fused_merge_available(device: torch.device | str) -> bool:
+    """True when :func:`merge_to` runs as one Triton kernel on ``device``."""
+    return torch.device(device).type == "cuda" and bool(_kernel())
+
+
+def _torch_merge(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor) -> None:
+    diff = b_lse.to(torch.float32) - a_lse.to(torch.float32)
+    w = torch.sigmoid(diff).unsqueeze(-1)
+    dst_out.copy_(torch.lerp(a_out.to(torch.float32), b_out.to(torch.float32), w))
+    dst_lse.copy_(a_lse.to(torch.float32) + torch.nn.functional.softplus(diff))
+
+
+def merge_to(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor) -> None:
+    """Merge partial result ``b`` into ``a`` (finite lse), writing ``dst`` (may alias ``a``); see the module doc."""
+    if not (a_out.shape == b_out.shape == dst_out.shape and a_lse.shape == b_lse.shape == dst_lse.shape
+            and tuple(a_out.shape[:3]) == tuple(a_lse.shape)):
+        raise ValueError(f"merge_to: shapes differ: a {tuple(a_out.shape)}/{tuple(a_lse.shape)}, b "
+                         f"{tuple(b_out.shape)}/{tuple(b_lse.shape)}, "
+                         f"dst {tuple(dst_out.shape)}/{tuple(dst_lse.shape)}")
+    kern = _kernel() if a_out.is_cuda else False
+    if not kern or any(t.stride(-1) != 1 for t in (a_out, b_out, dst_out)) or a_out.numel() == 0 \
+            or dst_lse.dtype != torch.float32:
+        with torch.no_grad():
+            _torch_merge(a_out, a_lse, b_out, b_lse, dst_out, dst_lse)
+        return
+    fn, next_pow2 = kern
+    bsz, h, s, d = a_out.shape
+    block_d = next_pow2(d)
+    block_s = max(1, min(64, 8192 // block_d))
+    grid = (triton_cdiv(s, block_s), h, bsz)
+    fn[grid](a_out, *a_out.stride()[:3], a_lse, *a_lse.stride(),
+             b_out, *b_out.stride()[:3], b_lse, *b_lse.stride(),
+             dst_out, *dst_out.stride()[:3], dst_lse, *dst_lse.stride(),
+             s, d, BLOCK_S=block_s, BLOCK_D=block_d)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    """Ceil division."""
+    return -(-a // b)
