@@ -115,6 +115,9 @@ def rank_plan(group: dist.ProcessGroup | None, num_rings: int | str | None = Non
     if transport in (None, "auto"):
         transport = os.environ.get("MEGATRON_TASP_TRANSPORT") or None
     tname = transport or ("p2p" if topo.multinode else "a2a")
+    if tname == "symm" and topo.nodes > 1:
+        raise TaspConfigError(f"transport 'symm' (copy engine over NVLink) needs one node; topology "
+                              f"'{topo.name}' has {topo.nodes}: use transport='p2p'")
     key = (ranks, rank, k, topo, tname)
     plan = _PLANS.get(key)
     if plan is not None:
@@ -244,9 +247,9 @@ class _Run:
             if not any(c in (EARLIER, FULL) for st in plan.steps[1:] for c, _ in self.groups(st)):
                 self.unmerged_rows = slice(None, pieces.half)
 
-    def channel(self, dtype: torch.dtype, device: torch.device, what: str, buffers=None) -> Channel:
+    def channel(self, dtype: torch.dtype, device: torch.device, what: str, buffers=None, role: str = "kv") -> Channel:
         """A double-buffered channel over this run's lanes."""
-        return Channel(self.transports, dtype, device, what, buffers)
+        return Channel(self.transports, dtype, device, what, buffers, role)
 
     def groups(self, st: RankStep) -> list[tuple[str, list[int]]]:
         """(case, rings) groups to compute at a step t >= 1."""
@@ -372,7 +375,7 @@ def _backward(run: _Run, dout, q, k, v, out, lse, ctxs):
     # exactly once, as the fp32 accumulator would; otherwise accumulate in fp32
     dq = dq0 if run.single_contribution and dq0.dtype == q.dtype else dq0.to(torch.float32, copy=True)
     kv_chan.advance()
-    mid = run.channel(_dkv_dtype(k.dtype), k.device, "backward dKV") if n > 2 else None
+    mid = run.channel(_dkv_dtype(k.dtype), k.device, "backward dKV", role="dkv") if n > 2 else None
     home = None
     dkv_recvd: list | None = None
     ci = 1

@@ -192,7 +192,126 @@ class NoCommTransport(Transport):
         return Pending([], recv, label)
 
 
-TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (P2PTransport, A2ATransport, NoCommTransport)}
+class _SymmPool:
+    """Persistent symmetric-memory buffers of one (group, device, dtype, role), grown on demand."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple[int, torch.Tensor, object]] = {}
+        self.by_ptr: dict[int, tuple[torch.Tensor, object]] = {}
+        self.retired: list[torch.Tensor] = []  # outgrown buffers stay allocated: peers may still address them
+
+    def buffers(self, group, device: torch.device, dtype: torch.dtype, numel: int, role: str) -> list[torch.Tensor]:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else None
+        key = (ranks, str(device), dtype, role)
+        entry = self.entries.get(key)
+        if entry is None or entry[0] < 2 * numel:
+            cap = max(2 * numel, 2 * entry[0] if entry else 0)
+            base = symm_mem.empty(cap, dtype=dtype, device=device)
+            pg = group if group is not None else dist.group.WORLD
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                try:
+                    symm_mem.enable_symm_mem_for_group(pg.group_name)
+                except Exception:  # noqa: BLE001 - newer torch: enabled by default
+                    pass
+            handle = symm_mem.rendezvous(base, pg)
+            if entry is not None:
+                self.retired.append(entry[1])
+            entry = self.entries[key] = (cap, base, handle)
+            self.by_ptr[base.untyped_storage().data_ptr()] = (base, handle)
+        base = entry[1]
+        return [base[:numel], base[numel:2 * numel]]
+
+    def locate(self, t: torch.Tensor) -> tuple[object, int]:
+        """(handle, element offset in the symmetric allocation) of a tensor carved from a pool buffer."""
+        found = self.by_ptr.get(t.untyped_storage().data_ptr())
+        if found is None:
+            raise ValueError("transport 'symm' can only move buffers it allocated (Channel over a symm transport)")
+        base, handle = found
+        return handle, (t.data_ptr() - base.data_ptr()) // t.element_size()
+
+
+_SYMM_POOL = _SymmPool()
+_COMM_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
+
+
+def _comm_stream(device: torch.device, i: int):
+    key = (str(device), i)
+    s = _COMM_STREAMS.get(key)
+    if s is None:
+        s = _COMM_STREAMS[key] = torch.cuda.Stream(device=device)
+    return s
+
+
+class _SymmPending(Pending):
+    def __init__(self, events: list, recv: torch.Tensor, label: str):
+        super().__init__([], recv, label)
+        self._events = events
+
+    def wait(self) -> torch.Tensor:
+        stream = torch.cuda.current_stream(self._recv.device)
+        for ev in self._events:
+            stream.wait_event(ev)
+        return self._recv
+
+
+class SymmTransport(Transport):
+    """Copy-engine transport on one NVLink node: every piece is pushed straight into the receiving GPU's
+    buffer with a peer-to-peer memcpy (no NCCL kernel, no SM used for the transfer).
+
+    Buffers live in PyTorch symmetric memory (one persistent pool per group, dtype and role). Per piece
+    and step, on a dedicated stream per ring: tell the ring predecessor that our receive slot is free
+    (signal READY, after the kernels that read it), wait for the successor's READY, copy, signal DATA to
+    the successor, wait for the predecessor's DATA. The compute stream then waits on an event, never the
+    host. A peer that never signals makes the wait kernel trap after ``MEGATRON_TASP_TIMEOUT_S``.
+    """
+
+    name = "symm"
+    READY, DATA = 0, 1
+
+    def __init__(self, group, send_peers, recv_peers, layout):
+        super().__init__(group, send_peers, recv_peers, layout)
+        if len(set(send_peers)) != len(send_peers) or len(set(recv_peers)) != len(recv_peers):
+            raise ValueError("symm transport needs at most one piece per peer per step")
+        self.timeout_ms = int(default_timeout_s() * 1000)
+        self._views: dict[tuple, torch.Tensor] = {}
+
+    def alloc(self, numel: int, dtype: torch.dtype, device: torch.device, role: str) -> list[torch.Tensor]:
+        """Two flat buffers from the symmetric pool (persistent; reused by every call of this shape)."""
+        if device.type != "cuda":
+            raise ValueError("transport 'symm' needs CUDA devices on one NVLink node; use 'a2a' or 'p2p'")
+        return _SYMM_POOL.buffers(self.group, device, dtype, numel, role)
+
+    def _peer_view(self, handle, peer: int, offset: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (id(handle), peer, offset, size, dtype)
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = handle.get_buffer(peer, (size,), dtype, offset)
+        return v
+
+    def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
+        handle, off = _SYMM_POOL.locate(recv)
+        compute = torch.cuda.current_stream(recv.device)
+        events = []
+        for i, (dst, src) in enumerate(zip(self.send_peers, self.recv_peers)):
+            o, n = self.layout.offsets[i], self.layout.sizes[i]
+            stream = _comm_stream(recv.device, i)
+            stream.wait_stream(compute)  # the kernels that read our receive slot, and the data to send
+            with torch.cuda.stream(stream):
+                handle.put_signal(src, self.READY, self.timeout_ms)
+                handle.wait_signal(dst, self.READY, self.timeout_ms)
+                self._peer_view(handle, dst, off + o, n, recv.dtype).copy_(send[o:o + n], non_blocking=True)
+                handle.put_signal(dst, self.DATA, self.timeout_ms)
+                handle.wait_signal(src, self.DATA, self.timeout_ms)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            events.append(ev)
+        return _SymmPending(events, recv, label)
+
+
+TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (P2PTransport, A2ATransport, NoCommTransport,
+                                                              SymmTransport)}
 
 
 def make_transport(name: str, group, send_peers, recv_peers, layout: PieceLayout) -> Transport:
@@ -212,7 +331,7 @@ class Channel:
     """
 
     def __init__(self, transports: Transport | Sequence[Transport], dtype: torch.dtype, device: torch.device,
-                 what: str, buffers: Sequence[torch.Tensor] | None = None):
+                 what: str, buffers: Sequence[torch.Tensor] | None = None, role: str = "kv"):
         self.transports = [transports] if isinstance(transports, Transport) else list(transports)
         self.lane_offsets, acc = [], 0
         for t in self.transports:
@@ -220,7 +339,9 @@ class Channel:
             acc += t.layout.numel
         self.numel = acc
         if buffers is None:
-            buffers = [torch.empty(acc, dtype=dtype, device=device), torch.empty(acc, dtype=dtype, device=device)]
+            alloc = getattr(self.transports[0], "alloc", None)
+            buffers = alloc(acc, dtype, device, role) if alloc is not None else \
+                [torch.empty(acc, dtype=dtype, device=device), torch.empty(acc, dtype=dtype, device=device)]
         if len(buffers) != 2 or any(b.numel() != acc or b.dtype != dtype for b in buffers):
             raise ValueError(f"a channel needs two flat {dtype} buffers of {acc} elements")
         self.buffers = list(buffers)

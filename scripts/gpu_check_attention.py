@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="1", help="comma list of TASP chunk counts to check")
     ap.add_argument("--kernels", default="cudnn,flash,efficient,math")
     ap.add_argument("--dtypes", default="bfloat16,float16")
+    ap.add_argument("--transports", default="a2a", help="comma list of TASP transports to check")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
@@ -74,7 +75,8 @@ def main() -> None:
         for kernel in kernels:
             for causal in (True, False):
                 for hq, hkv in ((16, 16), (16, 4)):
-                    for rings, chunks in ((r, c) for r in sorted({1, max_rings(n)}) for c in chunk_list):
+                    for rings, chunks, tr in ((r, c, t) for r in sorted({1, max_rings(n)}) for c in chunk_list
+                                              for t in args.transports.split(",")):
                         seq = n * args.seq_per_rank + (0 if causal else 0)
                         seed += 1  # identical on every rank (hash() is salted per process)
                         g = torch.Generator(device=dev).manual_seed(seed)
@@ -87,12 +89,14 @@ def main() -> None:
                                        q, k, v, do)
                         idx = shard(seq, n, rank, causal, dev)
                         rec = {"kernel": kernel, "dtype": str(dtype), "causal": causal, "heads": f"{hq}/{hkv}",
-                               "num_rings": rings, "chunks": chunks, "cp": n, "tokens_per_gpu": len(idx)}
+                               "num_rings": rings, "chunks": chunks, "transport": tr, "cp": n,
+                               "tokens_per_gpu": len(idx)}
                         for mode in ("fp32", "input"):
                             os.environ["MEGATRON_TASP_DKV_DTYPE"] = mode
-                            got = grads(lambda a, b_, c, causal=causal, rings=rings, kernel=kernel, chunks=chunks:
-                                        tasp_attention(a, b_, c, dist.group.WORLD, causal=causal, num_rings=rings,
-                                                       backend=kernel, chunks=chunks),
+                            got = grads(lambda a, b_, c, causal=causal, rings=rings, kernel=kernel, chunks=chunks,
+                                        tr=tr: tasp_attention(a, b_, c, dist.group.WORLD, causal=causal,
+                                                              num_rings=rings, backend=kernel, chunks=chunks,
+                                                              transport=tr),
                                         q[idx], k[idx], v[idx], do[idx])
                             for j, nm in enumerate(names):
                                 if mode == "input" and nm in ("out", "dq"):
@@ -112,13 +116,13 @@ def main() -> None:
     # no host synchronisation inside a warmed-up forward+backward
     q = torch.randn(4096, 1, 16, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
     kv = torch.randn(4096, 1, 4, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    top = max(chunk_list)
-    tasp_attention(q, kv, kv, dist.group.WORLD, chunks=top).sum().backward()
+    top, tr = max(chunk_list), args.transports.split(",")[-1]
+    tasp_attention(q, kv, kv, dist.group.WORLD, chunks=top, transport=tr).sum().backward()
     torch.cuda.synchronize()
     sync_ok = True
     try:
         torch.cuda.set_sync_debug_mode("error")
-        tasp_attention(q, kv, kv, dist.group.WORLD, chunks=top).sum().backward()
+        tasp_attention(q, kv, kv, dist.group.WORLD, chunks=top, transport=tr).sum().backward()
     except RuntimeError:
         import traceback
 
