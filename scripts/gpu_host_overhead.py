@@ -96,6 +96,8 @@ def measure(tokens: int, rank: int, n: int, g, dev) -> tuple[dict, object]:
         "tasp_fwd": tasp(False),
         "tasp_fwd_bwd": tasp(True),
         "tasp_fwd_bwd_chunks2": tasp(True, chunks=2),
+        "tasp_fwd_symm": tasp(False, "symm"),
+        "tasp_fwd_bwd_symm": tasp(True, "symm"),
         "compute_only_fwd": tasp(False, "none"),
         "compute_only_fwd_bwd": tasp(True, "none"),
     }
