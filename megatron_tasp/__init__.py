@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "tasp_attention": "megatron_tasp.attention",
+    "tasp_run_summary": "megatron_tasp.attention",
     "TaspDotProductAttention": "megatron_tasp.megatron.core_attention",
     "Schedule": "megatron_tasp.schedule",
     "compile_schedule": "megatron_tasp.schedule",

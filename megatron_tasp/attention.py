@@ -513,6 +513,11 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     Returns:
         ``[s_local, b, h, d]`` in q's dtype; differentiable in q, k and v.
     """
+    run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks)
+    return _TaspAttention.apply(q, k, v, run)
+
+
+def _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks):
     _check_inputs(q, k, v)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     kkey = (backend, os.environ.get("MEGATRON_TASP_KERNEL"), str(q.device), q.dtype, q.shape[-1])
@@ -521,7 +526,7 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
         kernel = _KERNELS[kkey] = get_kernel(backend, q.device, q.dtype, q.shape[-1])
     n = dist.get_world_size(cp_group) if cp_group is not None else 1
     if n == 1:
-        return _TaspAttention.apply(q, k, v, _LocalRun(kernel, causal, scale))
+        return _LocalRun(kernel, causal, scale)
     env = (os.environ.get("MEGATRON_TASP_TRANSPORT"), os.environ.get("MEGATRON_TASP_CHUNKS"))
     fkey = (id(cp_group), num_rings, topology if isinstance(topology, (str, type(None))) else id(topology),
             transport, chunks, env, id(kernel), causal, scale, tuple(q.shape), tuple(k.shape), str(q.device))
@@ -529,7 +534,20 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     if run is None:
         run = _FAST[fkey] = _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transport,
                                       chunks)
-    return _TaspAttention.apply(q, k, v, run)
+    return run
+
+
+def tasp_run_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,
+                     causal: bool = True, softmax_scale: float | None = None, num_rings: int | str | None = None,
+                     topology: Topology | str | None = None, backend: str | None = None,
+                     transport: str | None = None, chunks: int | str | None = None) -> dict[str, Any]:
+    """What :func:`tasp_attention` runs for these arguments ('auto' resolved): rings, transport, chunks, kernel.
+
+    Collective on the first call for a shape (like ``tasp_attention`` itself); cached afterwards.
+    """
+    run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks)
+    return {"cp": run.plan.world_size, "num_rings": run.plan.num_rings, "transport": run.plan.transport,
+            "chunks": run.chunks, "kernel": run.kernel.name}
 
 
 _FAST: dict[tuple, _Run] = {}

@@ -38,7 +38,13 @@ def test_flags_parse():
         ("tasp", 3, "p2p", "h100-sxm-8", "sdpa")
     assert _parser().parse_args(["--tasp-num-rings", "auto"]).tasp_num_rings == "auto"
     a = _parser().parse_args([])
-    assert a.context_parallel_backend is None and a.tasp_num_rings is None
+    assert a.context_parallel_backend is None and a.tasp_num_rings is None and a.tasp_chunks is None
+    a = _parser().parse_args(["--tasp-chunks", "2", "--tasp-transport", "symm"])
+    assert (a.tasp_chunks, a.tasp_transport) == (2, "symm")
+    assert _parser().parse_args(["--tasp-chunks", "auto"]).tasp_chunks == "auto"
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["--tasp-chunks", bad])
 
 
 def test_add_twice_is_harmless():
@@ -158,7 +164,7 @@ def test_plain_namespace_without_megatron_fields():
     validate_tasp_args(ns, device_capability=None)
     assert ns.cp_comm_type == ["tasp"] and ns.tasp_num_rings == 2
     assert tasp_options_from_args(ns) == {"tasp_num_rings": 2, "tasp_topology": None, "tasp_transport": None,
-                                          "tasp_kernel": None}
+                                          "tasp_kernel": None, "tasp_chunks": None}
     bad = SimpleNamespace(context_parallel_backend="ulysses")
     with pytest.raises(TaspArgumentError):
         validate_tasp_args(bad, device_capability=None)

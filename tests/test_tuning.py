@@ -194,3 +194,22 @@ def test_probe_times_candidates_on_the_group(auto):
     picks = {r[0] for r in res}
     assert len(picks) == 1 and picks <= {1, 2}  # every rank agrees (max over ranks)
     assert all(r[1] == r[0] for r in res)  # remembered for choose_num_rings
+
+
+def test_choose_chunks_one_on_the_measured_node_and_more_when_comm_dominates(monkeypatch):
+    from dataclasses import replace
+
+    from megatron_tasp import tuning
+    from megatron_tasp.costmodel import default_calibration
+    from megatron_tasp.topology import generic_topology
+
+    topo = generic_topology(2)
+    hint = {"tokens_per_gpu": 8192, "heads_q": 32, "heads_kv": 32, "head_dim": 128, "causal": True}
+    assert tuning.choose_chunks(topo, hint, 1) == 1  # as measured on 2x H100: lanes never paid
+    slow = replace(default_calibration(), link_efficiency=0.02, host_fwd_ms=0.01, host_bwd_ms=0.01,
+                   host_prefix_ms=0.0)
+    monkeypatch.setattr(tuning, "calibration", lambda: slow)
+    tuning._CHUNKS.clear()
+    assert tuning.choose_chunks(topo, hint, 1) in (2, 4)  # a 50x slower link: most of the last hop is exposed
+    assert tuning.choose_chunks(topo, {**hint, "tokens_per_gpu": 2}, 1) == 1  # too short to split
+    tuning._CHUNKS.clear()

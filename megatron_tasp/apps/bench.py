@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import time
@@ -59,13 +60,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
+def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int, min_total_ms: float = 0.0,
+            agree: Callable[[float], float] | None = None) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU).
+
+    With ``min_total_ms`` the repetitions grow (up to 20x ``iters``) until they cover that much time, so
+    sub-millisecond shapes get enough samples; ``agree`` (e.g. max over ranks) makes every rank run the
+    same count, which collectives inside ``fn`` require.
+    """
     import torch
 
     for _ in range(warmup):
         fn()
     _sync(device)
+    if min_total_ms > 0:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        one = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        want = float(min(20 * iters, max(iters, math.ceil(min_total_ms / one))))
+        iters = int(agree(want) if agree is not None else want)
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -80,6 +94,13 @@ def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _timed(cfg, fn, device) -> float:
+    """``time_fn`` with the run's settings, agreed and maximised over ranks."""
+    ms = time_fn(fn, device, cfg.warmup, cfg.iters, getattr(cfg, "min_total_ms", 0.0),
+                 agree=lambda x: _max_over_ranks(x, device, cfg.group))
+    return _max_over_ranks(ms, device, cfg.group)
 
 
 def _max_over_ranks(x: float, device, group=None) -> float:
@@ -157,7 +178,7 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from megatron_tasp.attention import tasp_attention
+    from megatron_tasp.attention import tasp_attention, tasp_run_summary
     from megatron_tasp.topology import max_rings
 
     tokens, hq, hkv, causal = shape["tokens"], shape["hq"], shape["hkv"], shape["causal"]
@@ -192,19 +213,22 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
         try:
             out = fwd()
             err = _rel_err(out, ref_local) if impl == "tasp" else None
+            resolved = tasp_run_summary(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
+                                        backend=cfg.kernel, chunks=chunks)
             for passes in cfg.passes:
                 fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dol, (ql, kl, vl))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     before = torch.cuda.memory_allocated(device)
-                ms = _max_over_ranks(time_fn(fn, device, cfg.warmup, cfg.iters), device)
+                ms = _timed(cfg, fn, device)
                 # memory the call itself needs on top of its inputs (activations, buffers, gradients)
                 peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
                 fl = attention_flops(seq, b, hq, d, causal, passes) / n
-                records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "chunks": chunks,
-                                "pass": passes, "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err,
-                                "extra_mem_mb": peak})
+                records.append({**base, "impl": impl, "num_rings": resolved["num_rings"], "transport": transport,
+                                "chunks": resolved["chunks"], "kernel": resolved["kernel"],
+                                "requested": {"num_rings": k_, "chunks": chunks}, "pass": passes, "time_ms": ms,
+                                "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err, "extra_mem_mb": peak})
         except Exception as exc:  # noqa: BLE001 - record and keep going
             records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "chunks": chunks,
                             "error": repr(exc)})
@@ -233,7 +257,7 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
             return F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=hq != hkv)
         for passes in cfg.passes:
             fn = sfwd if passes == "fwd" else _fwd_bwd(sfwd, dos, (qs, ks, vs))
-            ms = _max_over_ranks(time_fn(fn, device, cfg.warmup, cfg.iters), device)
+            ms = _timed(cfg, fn, device)
             fl = attention_flops(seq, b, hq, d, causal, passes)
             records.append({**base, "cp": 1, "impl": "single_gpu", "num_rings": 0, "pass": passes,
                             "tokens_per_gpu": seq, "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9,
@@ -281,7 +305,7 @@ def _torch_cp(method, mesh, q, k, v, do, causal, cfg, device, base, n, seq, ref)
         err = _rel_err(fwd(), ref_g)
         for passes in cfg.passes:
             fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dog, (qg, kg, vg))
-            ms = _max_over_ranks(time_fn(fn, device, cfg.warmup, cfg.iters), device)
+            ms = _timed(cfg, fn, device)
             fl = attention_flops(seq, cfg.batch, hq, q.shape[3], causal, passes) / n
             records.append({**base, "impl": f"torch_cp_{method}", "num_rings": 1, "pass": passes, "time_ms": ms,
                             "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err,
@@ -474,6 +498,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--min-total-ms", type=float, default=0.0,
+                   help="grow the repetitions of fast shapes until they cover this much time (max 20x --iters)")
     p.add_argument("--transport-sweep", action="store_true", help="also run the transport microbenchmark")
     p.add_argument("--msg-sizes-mb", default="0.25,1,2,4,8,16,32,64,128,256")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")

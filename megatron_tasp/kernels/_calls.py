@@ -76,13 +76,16 @@ def _binding(op: Any, keys: frozenset[str], ignorable: frozenset[str]) -> tuple[
     return tuple(plan)
 
 
-def call_aten(op: Any, values: Mapping[str, Any], *, ignorable: Iterable[str] = ()) -> Any:
+def call_aten(op: Any, values: Mapping[str, Any], *, ignorable: Iterable[str] = (),
+              fast: Callable[..., Any] | None = None) -> Any:
     """Call an aten ``OpOverload`` with keyword arguments chosen by its schema.
 
     Every schema argument is filled from ``values`` (by canonical name); missing ones with a default are left
     out, missing optional tensors get None. A required argument with no value, or a value the schema does not
     take (unless named in ``ignorable``), raises RuntimeError showing the schema. The binding is worked out
-    once per (op, value names) and cached: per call only a dict is built.
+    once per (op, value names) and cached: per call only a dict is built. ``fast`` is the same op's native
+    Python binding (e.g. ``torch._scaled_dot_product_cudnn_attention``) when one exists: it takes the same
+    keywords and parses them in C++, cheaper than the generic ``torch.ops`` path.
     """
     keys = frozenset(values)
     ign = ignorable if isinstance(ignorable, frozenset) else frozenset(ignorable)
@@ -90,7 +93,7 @@ def call_aten(op: Any, values: Mapping[str, Any], *, ignorable: Iterable[str] = 
     plan = _BINDINGS.get(bkey)
     if plan is None:
         plan = _BINDINGS[bkey] = _binding(op, keys, ign)
-    return op(**{name: (values[key] if key is not None else None) for name, key in plan})
+    return (fast or op)(**{name: (values[key] if key is not None else None) for name, key in plan})
 
 
 def named_returns(op: Any, result: Sequence[Any], fallback: Sequence[str]) -> dict[str, Any]:

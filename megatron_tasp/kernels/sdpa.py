@@ -152,7 +152,8 @@ class _SdpaBackend(BlockAttention):
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
         op = getattr(torch.ops.aten, self.fwd_op).default
         qc, ke, ve = self._qkv(q, k, v)
-        res = call_aten(op, self._fwd_values(qc, ke, ve, causal, scale), ignorable=self._fwd_ignorable)
+        res = call_aten(op, self._fwd_values(qc, ke, ve, causal, scale), ignorable=self._fwd_ignorable,
+                        fast=getattr(torch, self.fwd_op, None))
         r = named_returns(op, res, self.fwd_fallback)
         out, raw_lse = r["output"], r["logsumexp"]
         b, h, sq, _ = q.shape

@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 BACKENDS = ("ring", "p2p", "a2a", "all_gather", "a2a+p2p", "tasp")
-TRANSPORTS = ("a2a", "p2p", "auto")
+TRANSPORTS = ("a2a", "p2p", "symm", "auto")
 _BACKEND_TO_COMM = {"ring": "p2p"}
 
 
@@ -49,6 +49,20 @@ def _backend_type(value: str) -> str:
     if v not in BACKENDS:
         raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(BACKENDS)})")
     return v
+
+
+def parse_chunks(value: Any) -> int | str | None:
+    """``None`` -> None (default 1), "auto" -> "auto", an integer (string) >= 1 -> int."""
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--tasp-chunks must be a positive integer or 'auto', got {value!r}") \
+            from None
+    if n < 1 or isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"--tasp-chunks must be a positive integer or 'auto', got {value!r}")
+    return n
 
 
 def parse_num_rings(value: Any) -> int | str | None:
@@ -88,8 +102,11 @@ def add_tasp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Number of TASP rings per step (default/auto: the most the topology offers; "
                             "1 = zigzag ring attention).")
     group.add_argument("--tasp-transport", type=str, choices=TRANSPORTS, default=None,
-                       help="How TASP moves KV pieces: a2a (all_to_all_single), p2p (batched isend/irecv) "
-                            "or auto.")
+                       help="How TASP moves KV pieces: a2a (all_to_all_single), p2p (batched isend/irecv), "
+                            "symm (copy-engine pushes into symmetric memory; one NVLink node) or auto.")
+    group.add_argument("--tasp-chunks", type=parse_chunks, default=None, metavar="{N,auto}",
+                       help="Messages per KV piece and step (default 1): with N > 1 each piece's kernels start "
+                            "as soon as its first chunk lands, at the cost of N times the kernel launches.")
     group.add_argument("--tasp-kernel", type=str, default=None,
                        help="Attention kernel backend used by TASP (default: chosen at run time).")
     return parser
@@ -190,6 +207,10 @@ def validate_tasp_args(args: Any, *, device_capability: tuple[int, int] | None |
     except argparse.ArgumentTypeError as exc:
         raise TaspArgumentError(str(exc)) from None
     args.tasp_num_rings = num_rings
+    try:
+        args.tasp_chunks = parse_chunks(getattr(args, "tasp_chunks", None))
+    except argparse.ArgumentTypeError as exc:
+        raise TaspArgumentError(str(exc)) from None
     transport = getattr(args, "tasp_transport", None)
     if transport is not None and transport not in TRANSPORTS:
         raise TaspArgumentError(f"--tasp-transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -231,8 +252,9 @@ def tasp_options_from_args(args: Any) -> dict[str, Any]:
         "tasp_topology": getattr(args, "tasp_topology", None),
         "tasp_transport": None if transport == "auto" else transport,
         "tasp_kernel": getattr(args, "tasp_kernel", None),
+        "tasp_chunks": getattr(args, "tasp_chunks", None),
     }
 
 
-__all__ = ["BACKENDS", "TRANSPORTS", "TaspArgumentError", "add_tasp_args", "parse_num_rings",
+__all__ = ["BACKENDS", "TRANSPORTS", "TaspArgumentError", "add_tasp_args", "parse_chunks", "parse_num_rings",
            "tasp_options_from_args", "validate_tasp_args"]

@@ -36,7 +36,7 @@ def spec_options(args: Any = None) -> dict[str, Any]:
         return {}
     opts = tasp_options_from_args(args)
     return {"num_rings": opts["tasp_num_rings"], "topology": opts["tasp_topology"],
-            "transport": opts["tasp_transport"], "kernel": opts["tasp_kernel"]}
+            "transport": opts["tasp_transport"], "kernel": opts["tasp_kernel"], "chunks": opts["tasp_chunks"]}
 
 
 def _has_layers(spec: Any) -> bool:
