@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cp", type=int, default=2, help="context-parallel size (world must be a multiple)")
     p.add_argument("--num-rings", default=None, help="TASP rings (int or 'auto'; default: the most available)")
-    p.add_argument("--transport", default=None, choices=["a2a", "p2p", "auto"])
+    p.add_argument("--transport", default=None, choices=["a2a", "p2p", "symm", "auto"])
     p.add_argument("--kernel", default=None, help="TASP kernel backend (default: chosen at run time)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1536)
