@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -50,12 +51,18 @@ ASSUMPTIONS = [
 
 
 def default_bench() -> str:
-    """The newest ``docs/benchmarks/*-cp2.json`` (by name, i.e. by date), from the CWD or the repository."""
+    """The newest CP=2 benchmark, ``docs/benchmarks/<date>-*-cp2[-vN].json`` (latest date, then highest N),
+    from the CWD or the repository."""
+    pat = re.compile(r"^(\d{4}-\d{2}-\d{2}).*-cp2(?:-v(\d+))?\.json$")
     for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        files = sorted((root / "docs" / "benchmarks").glob("*-cp2.json"))
-        if files:
-            return str(files[-1])
-    raise FileNotFoundError("no docs/benchmarks/*-cp2.json found; pass --bench FILE")
+        found = []
+        for f in (root / "docs" / "benchmarks").glob("*-cp2*.json"):
+            m = pat.match(f.name)
+            if m:
+                found.append((m.group(1), int(m.group(2) or 1), f))
+        if found:
+            return str(max(found)[2])
+    raise FileNotFoundError("no docs/benchmarks/*-cp2[-vN].json found; pass --bench FILE")
 
 
 def _speedup_grid(lo: int, hi: int, per_octave: int = 4) -> list[int]:
@@ -406,7 +413,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="calibrate the cost model on a benchmark and predict other topologies",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", action="append", metavar="FILE.json",
-                   help="benchmark records to calibrate on (repeatable; default: newest docs/benchmarks/*-cp2.json)")
+                   help="benchmark records to calibrate on (repeatable; default: the newest "
+                        "docs/benchmarks/*-cp2[-vN].json)")
     p.add_argument("--topology", "-t", action="append", metavar="NAME|FILE",
                    help=f"topology to predict (repeatable; default: {', '.join(DEFAULT_TOPOLOGIES)})")
     p.add_argument("--tokens", help="tokens per GPU to predict (comma list; default 1K..64K)")
