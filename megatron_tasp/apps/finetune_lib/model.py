@@ -44,6 +44,7 @@ def transformer_config(recipe: Recipe, device: torch.device) -> Any:
     config.tasp_topology = p.topology
     config.tasp_transport = None if p.transport == "auto" else p.transport
     config.tasp_kernel = p.kernel
+    config.tasp_chunks = p.chunks
     return config
 
 

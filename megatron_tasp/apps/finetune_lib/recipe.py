@@ -108,8 +108,11 @@ class ParallelSection:
                                      kind="int_or_auto", min=1, nullable=True)
     topology: str | None = _f(None, "topology preset (configs/topologies) or YAML file describing the CP group; its "
                               "GPU count must equal cp (null = one all-to-all node)", kind="str", nullable=True)
-    transport: str = _f("auto", "how KV pieces move: auto, a2a (all_to_all_single) or p2p (batched isend/irecv)",
-                        kind="str", choices=("auto", "a2a", "p2p"))
+    transport: str = _f("auto", "how KV pieces move: auto, a2a (all_to_all_single), p2p (batched isend/irecv) or "
+                        "symm (copy-engine pushes into symmetric memory; one NVLink node)", kind="str",
+                        choices=("auto", "a2a", "p2p", "symm"))
+    chunks: int | str = _f(1, "messages per KV piece and step (kernels start as each lands; more launches); "
+                           "'auto' asks the cost model", kind="int_or_auto", min=1)
     kernel: str | None = _f(None, "TASP block-attention kernel (null = chosen at run time)", kind="str", nullable=True)
     device: str = _f("auto", "auto (cuda when available), cuda or cpu", kind="str", choices=("auto", "cuda", "cpu"))
 
