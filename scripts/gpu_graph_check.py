@@ -13,25 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import traceback
 
 import torch
 import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
-
-
-def cuda_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from megatron_tasp.apps.bench import time_fn
 
 
 def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters: int) -> dict:
@@ -64,8 +52,8 @@ def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters:
     torch.cuda.synchronize()
     same = all(torch.equal(a, b) for a, b in zip(static, eager))
     maxdiff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(static, eager))
-    t_eager = cuda_ms(step, iters)
-    t_graph = cuda_ms(graph.replay, iters)
+    t_eager = time_fn(step, dev, 0, iters)
+    t_graph = time_fn(graph.replay, dev, 0, iters)
     t = torch.tensor([t_eager, t_graph, float(not same)], device=dev, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     del graph
