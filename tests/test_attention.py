@@ -9,6 +9,8 @@ TASP sums the n blocks in fp32, and each rounding contributes up to half a bf16 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -228,3 +230,38 @@ def test_multinode_rings_emulated(u, g, monkeypatch):
                   k=g // 2 or 1, topology=topo)]
     per_rank = run_workers(_case_worker, n, cases)
     _check(n, cases, per_rank, lambda _: 1e-5)
+
+
+def _options_worker(rank, n):
+    import torch.distributed as dist
+
+    from megatron_tasp.attention import TaspConfigError, tasp_run_summary
+    from megatron_tasp.topology import topology_from_dict
+
+    q = torch.randn(8, 1, 4, 8)
+    kv = torch.randn(8, 1, 2, 8)
+    g = dist.group.WORLD
+    out = {"auto": tasp_run_summary(q, kv, kv, g, num_rings="auto", chunks="auto"),
+           "env": None, "errors": []}
+    os.environ["MEGATRON_TASP_CHUNKS"] = "2"
+    try:
+        out["env"] = tasp_run_summary(q, kv, kv, g)
+    finally:
+        del os.environ["MEGATRON_TASP_CHUNKS"]
+    two_nodes = topology_from_dict({"name": "t-2x2", "nodes": 2, "gpus_per_node": 2, "inter_node": {"nic_GBps": 50}})
+    for kw in ({"transport": "symm"}, {"transport": "symm", "topology": two_nodes}):
+        try:
+            tasp_attention(q, kv, kv, g, **kw)
+            out["errors"].append(None)
+        except (TaspConfigError, ValueError) as exc:
+            out["errors"].append(str(exc))
+    return out
+
+
+def test_run_summary_auto_env_and_symm_fails_closed_on_cpu():
+    res = run_workers(_options_worker, 4)[0]
+    assert res["auto"] == {"cp": 4, "num_rings": res["auto"]["num_rings"], "transport": "a2a", "chunks": 1,
+                           "kernel": res["auto"]["kernel"]}
+    assert res["env"]["chunks"] == 2 and res["env"]["num_rings"] == max_rings(4)
+    assert "needs CUDA" in res["errors"][0] and "use 'a2a' or 'p2p'" in res["errors"][0]
+    assert "needs one node" in res["errors"][1] and "p2p" in res["errors"][1]

@@ -79,8 +79,10 @@ def test_bench_cpu_smoke(tmp_path):
     out = tmp_path / "b.json"
     res = cli("bench", "--device", "cpu", "--world-size", "3", "--tokens", "24", "--heads", "4/2", "--head-dim",
               "8", "--mask", "causal", "--passes", "fwd_bwd", "--impls", "tasp,compute_only", "--dtype", "float32",
-              "--iters", "1", "--warmup", "0", "--out", str(out))
+              "--iters", "1", "--warmup", "0", "--chunks", "1,2,auto", "--min-total-ms", "5", "--out", str(out))
     assert res.returncode == 0, res.stderr
     recs = json.loads(out.read_text())
     tasp = [r for r in recs if r["impl"] == "tasp"]
     assert {r["num_rings"] for r in tasp} == {1, 2} and all(r["max_rel_err"] < 1e-5 for r in tasp)
+    assert {r["chunks"] for r in tasp} == {1, 2}  # 'auto' is recorded as what it resolved to
+    assert {r["requested"]["chunks"] for r in tasp} == {1, 2, "auto"}
