@@ -64,11 +64,12 @@ def markdown_table(records: list[dict], passes: tuple[str, ...] = ("fwd", "fwd_b
     meta = next(iter(_attention(records)), {})
     lines = [f"TFLOP/s per GPU ({meta.get('device', '?')}, torch {meta.get('torch', '?')}, NCCL "
              f"{meta.get('nccl', '?')}, {meta.get('dtype', 'bf16')}, head dim {meta.get('head_dim', '?')}, batch "
-             f"{meta.get('batch', '?')}, measured {meta.get('date', '?')}). `vs PyTorch CP` = TASP time / best "
+             f"{meta.get('batch', '?')}, measured {meta.get('date', '?')}). TASP: its fastest measured "
+             "configuration (`TASP via`: transport, rings, chunks). `vs PyTorch CP` = TASP time / best "
              "PyTorch CP time (< 1 is faster); `vs bound` = TASP time / compute-only time.", "",
-             "| CP | tokens/GPU | heads q/kv | mask | pass | TASP | compute-only | PyTorch CP all-gather | "
+             "| CP | tokens/GPU | heads q/kv | mask | pass | TASP | TASP via | compute-only | PyTorch CP all-gather | "
              "PyTorch CP all-to-all | single GPU | vs PyTorch CP | vs bound |",
-             "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for k in sorted(table, key=lambda k: (k[0], k[5], not k[4], k[3], k[1])):
         cp, tok, hq, hkv, c, p = k
         if p not in passes or c not in causal:
@@ -84,8 +85,14 @@ def markdown_table(records: list[dict], passes: tuple[str, ...] = ("fwd", "fwd_b
         vs_torch = f"{t['time_ms'] / torch_best:.2f}" if t and torch_best else "-"
         bound = row.get("compute_only")
         vs_bound = f"{t['time_ms'] / bound['time_ms']:.2f}" if t and bound else "-"
-        lines.append(f"| {cp} | {tok} | {hq}/{hkv} | {'causal' if c else 'none'} | {p} | " +
-                     " | ".join(cell(n) for n in COLUMNS) + f" | {vs_torch} | {vs_bound} |")
+        via = "-"
+        if t:
+            via = f"{t.get('transport', '?')}, k={t.get('num_rings', '?')}"
+            if int(t.get("chunks") or 1) > 1:
+                via += f", {t['chunks']} chunks"
+        cells = [cell(n) for n in COLUMNS]
+        lines.append(f"| {cp} | {tok} | {hq}/{hkv} | {'causal' if c else 'none'} | {p} | {cells[0]} | {via} | " +
+                     " | ".join(cells[1:]) + f" | {vs_torch} | {vs_bound} |")
     return "\n".join(lines)
 
 
