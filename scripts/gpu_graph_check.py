@@ -45,8 +45,10 @@ def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters:
     torch.cuda.synchronize()
     dist.barrier()
     graph = torch.cuda.CUDAGraph()
-    # thread_local: NCCL's watchdog thread queries events while we capture; that must not void the capture
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    # thread_local: NCCL's watchdog thread queries events while we capture; that must not void the capture.
+    # Capture on the warm-up stream: with NCCL >= 2.28 a new stream can mean new NCCL buffer registrations
+    # inside the capture.
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         static = step()
     graph.replay()
     torch.cuda.synchronize()
@@ -70,8 +72,8 @@ def main() -> None:
     ap.add_argument("--out", default="graph.json")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
     dev = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", device_id=dev)  # eager communicator: nothing is created during a capture
     g = dist.group.WORLD
     rows = []
     for tokens in (int(x) for x in args.tokens.split(",")):
