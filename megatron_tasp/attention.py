@@ -16,6 +16,12 @@ Backward re-runs the KV rotation. Each block's backward uses the merged output a
 accumulates locally (fp32) and the dK/dV accumulator of every piece follows its piece one hop behind
 along the same ring (fp32 by default, ``MEGATRON_TASP_DKV_DTYPE=input`` sends it in the input dtype),
 one extra hop bringing it home after the last step.
+
+Lanes (``chunks=c``): every piece is cut into c sub-pieces; sub-piece j of all pieces forms lane j, sent
+as its own message, and a lane's kernels wait only for that lane. At CP=2 with one chunk every output
+row and dQ row receives exactly one remote contribution, so both are combined straight in the input
+dtype (one rounding of the exact fp32 combination, the same result as an fp32 accumulator) and the
+merge writes the final output. Transports: ``exchange.py`` (a2a, p2p, symm).
 """
 
 from __future__ import annotations
