@@ -20,7 +20,7 @@ one extra hop bringing it home after the last step.
 Lanes (``chunks=c``): every piece is cut into c sub-pieces; sub-piece j of all pieces forms lane j, sent
 as its own message, and a lane's kernels wait only for that lane. At CP=2 with one chunk every output
 row and dQ row receives exactly one remote contribution, so both are combined straight in the input
-dtype (one rounding of the exact fp32 combination, the same result as an fp32 accumulator) and the
+dtype (computed in fp32 and rounded once, as an fp32 accumulator would be) and the
 merge writes the final output. Transports: ``exchange.py`` (a2a, p2p, symm).
 """
 
