@@ -594,4 +594,4 @@ class _LocalRun:
     def __init__(self, kernel, causal: bool, scale: float):
         self.plan = RankPlan(0, 1, 1, ((0,),), (RankStep(0, (), (), ()),), (), (), "none")
         self.kernel, self.causal, self.scale = kernel, causal, scale
-        self.chunks, self.single_contribution, self.unmerged_rows = 1, False, None
+        self.chunks = 1

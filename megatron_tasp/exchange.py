@@ -372,10 +372,9 @@ class Channel:
         """Lane j's slice of a flat buffer of this channel."""
         return flat[self.lane_offsets[j]:self.lane_offsets[j] + self.transports[j].layout.numel]
 
-    def views(self, j: int = 0, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Piece views of lane j of ``flat`` (default: the current buffer)."""
-        flat = self.current if flat is None else flat
-        return self.transports[j].layout.views(self.lane(flat, j))
+    def views(self, j: int = 0) -> list[torch.Tensor]:
+        """Piece views of lane j of the current buffer."""
+        return self.transports[j].layout.views(self.lane(self.current, j))
 
     def start_lane(self, step: int, j: int) -> Pending:
         """Send lane j of the current buffer and receive lane j of the other one."""

@@ -77,7 +77,7 @@ def main() -> None:
                 for hq, hkv in ((16, 16), (16, 4)):
                     for rings, chunks, tr in ((r, c, t) for r in sorted({1, max_rings(n)}) for c in chunk_list
                                               for t in args.transports.split(",")):
-                        seq = n * args.seq_per_rank + (0 if causal else 0)
+                        seq = n * args.seq_per_rank
                         seed += 1  # identical on every rank (hash() is salted per process)
                         g = torch.Generator(device=dev).manual_seed(seed)
                         q, k, v, do = (torch.randn(seq, 2, h, 128, device=dev, dtype=dtype, generator=g)

@@ -48,3 +48,16 @@ def test_merge_to_rejects_mismatched_shapes():
     a, la, b, lb = _parts(2, torch.float32)
     with pytest.raises(ValueError, match="shapes differ"):
         merge_to(a, la, b[:, :, 1:], lb[:, :, 1:], a, la)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_finite_is_merge_to_in_place(dtype):
+    from megatron_tasp.kernels import merge_finite_
+
+    a, la, b, lb = _parts(3, dtype)
+    la = la.to(dtype)
+    ref_out, ref_lse = a.clone(), la.clone()
+    merge_into(ref_out, ref_lse, b, lb)
+    merge_finite_(a, la, b, lb)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert (a - ref_out).abs().max() <= tol * ref_out.abs().max() and (la - ref_lse).abs().max() <= 1e3 * tol

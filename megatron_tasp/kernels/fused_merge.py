@@ -11,7 +11,7 @@
 row is merged only once, which saves the fp32 accumulator and two copies. Shapes: out ``[b, h, s, d]``
 and lse ``[b, h, s]``, any strides with a unit stride on ``d``. The torch path (CPU, or no Triton) runs
 about six element-wise kernels; the Triton path one, which matters because small shapes are bound by
-the host's kernel-launch cost.
+the host's kernel-launch cost. ``MEGATRON_TASP_FUSED_MERGE=0`` forces the torch path.
 """
 
 from __future__ import annotations
@@ -76,10 +76,13 @@ def fused_merge_available(device: torch.device | str) -> bool:
 
 
 def _torch_merge(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor) -> None:
-    diff = b_lse.to(torch.float32) - a_lse.to(torch.float32)
-    w = torch.sigmoid(diff).unsqueeze(-1)
-    dst_out.copy_(torch.lerp(a_out.to(torch.float32), b_out.to(torch.float32), w))
-    dst_lse.copy_(a_lse.to(torch.float32) + torch.nn.functional.softplus(diff))
+    """The same merge in plain torch, computed in at least fp32 (fp64 for fp64 destinations)."""
+    lt = torch.promote_types(dst_lse.dtype, torch.float32)
+    ot = torch.promote_types(dst_out.dtype, torch.float32)
+    diff = b_lse.to(lt) - a_lse.to(lt)
+    w = torch.sigmoid(diff).unsqueeze(-1).to(ot)
+    dst_out.copy_(torch.lerp(a_out.to(ot), b_out.to(ot), w))
+    dst_lse.copy_(a_lse.to(lt) + torch.nn.functional.softplus(diff))
 
 
 def merge_to(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .fused_merge import merge_to
+
 __all__ = ["merge_into", "new_accumulators"]
 
 
@@ -72,14 +74,12 @@ def merge_into(out_acc: Tensor, lse_acc: Tensor, out_blk: Tensor, lse_blk: Tenso
 
 
 def merge_finite_(out_acc: Tensor, lse_acc: Tensor, out_blk: Tensor, lse_blk: Tensor) -> None:
-    """Fast in-place merge for accumulators whose lse is already finite everywhere (6 kernels, no where()).
+    """In-place merge for accumulators whose lse is already finite everywhere (no ``where()``).
 
-    Uses ``w = sigmoid(lse_blk - lse_acc)``: ``out_acc += w * (out_blk - out_acc)`` and
-    ``lse_acc += softplus(lse_blk - lse_acc)``. A block row with ``lse_blk = -inf`` gets weight 0.
-    TASP initialises the accumulators from the step-0 block (every query sees its own token), so the
-    finite precondition always holds there; use :func:`merge_into` when it may not.
+    ``out_acc += sigmoid(lse_blk - lse_acc) * (out_blk - out_acc)``, ``lse_acc += softplus(lse_blk - lse_acc)``;
+    a block row with ``lse_blk = -inf`` gets weight 0. This is :func:`fused_merge.merge_to` with the
+    accumulators as destination (one Triton kernel on CUDA). TASP initialises the accumulators from the
+    step-0 block (every query sees its own token), so the precondition holds there; use :func:`merge_into`
+    when it may not.
     """
-    with torch.no_grad():
-        diff = lse_blk.to(lse_acc.dtype) - lse_acc
-        out_acc.lerp_(out_blk.to(out_acc.dtype), torch.sigmoid(diff).unsqueeze(-1).to(out_acc.dtype))
-        lse_acc.add_(torch.nn.functional.softplus(diff))
+    merge_to(out_acc, lse_acc, out_blk, lse_blk, out_acc, lse_acc)
