@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_tasp.exchange import Channel, PieceLayout, make_transport
+from megatron_tasp.exchange import Channel, PieceLayout, detached, make_transport, mark
 from megatron_tasp.kernels import get_kernel
 from megatron_tasp.kernels.fused_merge import merge_to
 from megatron_tasp.schedule import EARLIER, LATER, RankStep, compile_schedule, split_sizes
@@ -237,10 +237,11 @@ class _Run:
     """Per-call state shared by forward and backward."""
 
     def __init__(self, plan: RankPlan, group, kernel, causal: bool, scale: float, pieces: Pieces,
-                 kv_shape: tuple[int, int, int]):
+                 kv_shape: tuple[int, int, int], keep_kv: bool = False):
         self.plan, self.group, self.kernel = plan, group, kernel
         self.causal, self.scale, self.pieces = causal, scale, pieces
         self.chunks = pieces.chunks
+        self.keep_kv = keep_kv and plan.world_size > 1
         b, hkv, d = kv_shape
         self.transports = []
         for j in range(self.chunks):
@@ -253,9 +254,10 @@ class _Run:
             if not any(c in (EARLIER, FULL) for st in plan.steps[1:] for c, _ in self.groups(st)):
                 self.unmerged_rows = slice(None, pieces.half)
 
-    def channel(self, dtype: torch.dtype, device: torch.device, what: str, buffers=None, role: str = "kv") -> Channel:
-        """A double-buffered channel over this run's lanes."""
-        return Channel(self.transports, dtype, device, what, buffers, role)
+    def channel(self, dtype: torch.dtype, device: torch.device, what: str, buffers=None, role: str = "kv",
+                depth: int = 2) -> Channel:
+        """A channel over this run's lanes cycling through ``depth`` buffers (double-buffered by default)."""
+        return Channel(self.transports, dtype, device, what, buffers, role, depth)
 
     def groups(self, st: RankStep) -> list[tuple[str, list[int]]]:
         """(case, rings) groups to compute at a step t >= 1."""
@@ -304,87 +306,177 @@ def _wait_all(pending: list | None) -> None:
 
 
 def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Returns out [s, b, h, d] (input dtype), merged lse [b, h, s] (fp32) and the kernels' contexts.
+    """Returns out [s, b, h, d] (input dtype), merged lse [b, h, s] (fp32), the kernels' contexts and the
+    kept KV buffers (``kept[t]`` holds the pieces of step t when ``run.keep_kv``, else None).
 
-    Each step's exchange is posted lane by lane before the step's kernels; the kernels of lane j wait
-    only for lane j's message, so with several chunks compute starts before the whole piece arrived.
+    The local kernel is queued first; the first exchange (packing included) is issued after it on a side
+    stream that waits only for the call's inputs, so the host posts it while the GPU computes. Later
+    exchanges are posted lane by lane before each step's kernels; the kernels of lane j wait only for
+    lane j's message, so with several chunks compute starts before the whole piece arrived.
     """
     plan = run.plan
+    n = plan.world_size
     qb = _bhsd(q)
-    ctxs: list[Any] = []
-    chan = None
-    if plan.world_size > 1:
-        chan = run.channel(k.dtype, k.device, "forward KV")
+    kernel = run.kernel
+    inputs_ready = mark(q.device) if n > 1 else None
+    out0, lse0, c = kernel.forward_unchecked(qb, _bhsd(k), _bhsd(v), causal=run.causal, scale=run.scale)
+    # every query sees itself in the local block, so the lse is finite from here on
+    lse = lse0 if lse0.dtype == torch.float32 and lse0.is_contiguous() else lse0.to(torch.float32).contiguous()
+    ctxs: list[Any] = [c]
+    if n == 1:
+        return _sbhd(out0).to(q.dtype).contiguous(), lse, ctxs, None
+    chan = run.channel(k.dtype, k.device, "forward KV", depth=n if run.keep_kv else 2)
+    with detached(q.device, inputs_ready):
         run.pack(k, v, chan.current)
-    acc = lse = src = None
-    recvd: list | None = None  # messages landing in chan.current, one per lane
-    for st in plan.steps:
+        recvd = chan.start(0)  # messages landing in chan.other, one per lane
+    chan.advance()
+    if run.single_contribution:  # every row merges at most once: merge straight into the output
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        acc, src = _bhsd(out), out0
+        if run.unmerged_rows is not None:
+            acc[:, :, run.unmerged_rows].copy_(out0[:, :, run.unmerged_rows])
+    else:
+        acc = src = out0.to(torch.float32, copy=True)
+    for st in plan.steps[1:]:
         nxt = None
-        if chan is not None and st.sends:
+        if st.sends:
             _wait_all(recvd)  # forward only what has arrived
             nxt = chan.start(st.step)
-        if st.step == 0:  # one kernel on the local shard; every query sees itself, so lse becomes finite
-            out0, lse0, c = run.kernel.forward(qb, _bhsd(k), _bhsd(v), causal=run.causal, scale=run.scale)
-            lse = lse0 if lse0.dtype == torch.float32 and lse0.is_contiguous() else \
-                lse0.to(torch.float32).contiguous()
-            ctxs.append(c)
-            if plan.world_size == 1:
-                continue
-            if run.single_contribution:  # every row merges at most once: merge straight into the output
-                out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-                acc, src = _bhsd(out), out0
-                if run.unmerged_rows is not None:
-                    acc[:, :, run.unmerged_rows].copy_(out0[:, :, run.unmerged_rows])
-            else:
-                acc = src = out0.to(torch.float32, copy=True)
-        else:
-            for j in range(run.chunks):
-                recvd[j].wait()
-                views = chan.views(j)
-                for case, rings in run.groups(st):
-                    kk, vv = run.group_kv(views, j, case, rings)
-                    rows = run.q_rows(case)
-                    o, l_, c = run.kernel.forward(qb[:, :, rows], kk, vv, causal=False, scale=run.scale)
-                    merge_to(src[:, :, rows], lse[:, :, rows], o, l_, acc[:, :, rows], lse[:, :, rows])
-                    ctxs.append(c)
+        for j in range(run.chunks):
+            recvd[j].wait()
+            views = chan.views(j)
+            for case, rings in run.groups(st):
+                kk, vv = run.group_kv(views, j, case, rings)
+                rows = run.q_rows(case)
+                o, l_, c = kernel.forward_unchecked(qb[:, :, rows], kk, vv, causal=False, scale=run.scale)
+                merge_to(src[:, :, rows], lse[:, :, rows], o, l_, acc[:, :, rows], lse[:, :, rows])
+                ctxs.append(c)
         if nxt is not None:
             chan.advance()
             recvd = nxt
-    if plan.world_size == 1:
-        out = _sbhd(out0).to(q.dtype).contiguous()
-    elif not run.single_contribution:
+    kept = None
+    if run.keep_kv:  # buffer t holds step t's pieces (buffer 0, the own packed copy, is dropped)
+        kept = [None, *chan.buffers[1:]]
+    if not run.single_contribution:
         out = _sbhd(acc).to(q.dtype).contiguous()
-    return out, lse, ctxs
+    return out, lse, ctxs, kept
 
 
-def _backward(run: _Run, dout, q, k, v, out, lse, ctxs):
+class _Grads:
+    """Backward accumulators of one call: dQ (rows of every remote block) and the traveling dK/dV."""
+
+    def __init__(self, run: _Run, q: torch.Tensor, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 ctxs: list):
+        self.run, self.ctxs, self.lse = run, ctxs, lse
+        self.qb, self.dob, self.ob = _bhsd(q), _bhsd(dout), _bhsd(out)
+        self.ci = 1  # the remote blocks' contexts follow the local one, in forward order
+        self.dq: torch.Tensor | None = None  # set by the caller before remote blocks add into it
+        self.pending_dq: list[tuple[slice, torch.Tensor]] = []  # CP=2: added into the local dq at the end
+
+    def remote_lane(self, st: RankStep, j: int, views: list[torch.Tensor], chan: Channel, mid: Channel | None,
+                    incoming: list | None, last: bool) -> Any:
+        """Backward of lane j's blocks at step ``st`` (views: the held KV sub-pieces): dQ rows are added,
+        the lane's dK/dV accumulator (incoming from the ring predecessor unless this is step 1) gets this
+        rank's contribution and is posted on ``chan``; returns that Pending."""
+        run = self.run
+        contribs = []
+        for case, rings in run.groups(st):
+            kk, vv = run.group_kv(views, j, case, rings)
+            rows = run.q_rows(case)
+            dqg, dkg, dvg = run.kernel.backward_unchecked(
+                self.dob[:, :, rows], self.qb[:, :, rows], kk, vv, self.ob[:, :, rows], self.lse[:, :, rows],
+                self.ctxs[self.ci], causal=False, scale=run.scale)
+            self.ci += 1
+            if self.dq is None:
+                self.pending_dq.append((rows, dqg))
+            else:
+                self.dq[:, :, rows] += dqg
+            contribs.append((case, rings, dkg, dvg))
+        first = st.step == 1  # every held sub-piece is in exactly one group: its first value is a copy
+        if not first:
+            incoming[j].wait()
+            if last:  # the accumulator leaves the fp32 channel for its hop home
+                chan.lane(chan.current, j).copy_(mid.lane(mid.current, j))
+        acc = chan.views(j)
+        for case, rings, dkg, dvg in contribs:
+            off = 0
+            for i in rings:
+                m = run.rows_of(j, case, i)
+                dk_i, dv_i = _sbhd(dkg[:, :, off:off + m]), _sbhd(dvg[:, :, off:off + m])
+                if first:
+                    acc[i][:m, 0].copy_(dk_i)
+                    acc[i][:m, 1].copy_(dv_i)
+                    if m < acc[i].shape[0]:
+                        acc[i][m:].zero_()
+                else:
+                    acc[i][:m, 0] += dk_i
+                    acc[i][:m, 1] += dv_i
+                off += m
+        return chan.start_lane(st.step, j)
+
+    def local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward of the local (step 0) block."""
+        run = self.run
+        return run.kernel.backward_unchecked(self.dob, self.qb, _bhsd(k), _bhsd(v), self.ob, self.lse,
+                                             self.ctxs[0], causal=run.causal, scale=run.scale)
+
+    def finish_dq(self, dq0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """dQ in q's layout: the local block's dq plus every remote contribution, one rounding at CP=2."""
+        if self.dq is None:  # CP=2, one chunk: one remote contribution per row, added into the kernel's dq
+            dq = dq0 if dq0.dtype == q.dtype else dq0.to(torch.float32, copy=True)
+            for rows, dqg in self.pending_dq:
+                dq[:, :, rows] += dqg
+        else:
+            dq = self.dq
+            dq += dq0
+        return _sbhd(dq).to(q.dtype)
+
+
+def _home_sum(run: _Run, home: Channel, sent: list, k, v, dk0, dv0):
+    """Wait for the dK/dV of the own pieces (the hop home) and add the local block's dK/dV."""
+    _wait_all(sent)
+    home.advance()
+    rk, rv = run.unpack(home.current, like=k)
+    dk = torch.add(_sbhd(dk0), rk)  # one rounding of the exact sum (elementwise math runs in fp32)
+    dv = torch.add(_sbhd(dv0), rv)
+    return dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward(run: _Run, dout, q, k, v, out, lse, ctxs, kept):
     """Returns dq, dk, dv in the input layout and dtype.
 
     The own block's dK/dV stays home. The accumulator of every remote sub-piece starts at the first
     rank that computes on it (step 1), travels along the piece's ring in ``MEGATRON_TASP_DKV_DTYPE``
     (fp32 by default) and makes its last hop home in the input dtype, lane by lane right after that
-    lane's kernels, so only the last lane's hop is left without compute to hide it. The hop home reuses
-    the two KV buffers (free by then); home adds its own contribution with one rounding.
+    lane's kernels. Without kept KV the backward re-runs the KV rotation (the first transfer overlapping
+    the local block, issued after it like the forward's) and only the last lane's hop home is left without
+    compute to hide it; the hop home reuses the two KV buffers. With kept KV (``keep_kv``) there is no KV
+    traffic at all and the local block runs last, hiding the hop home. Home adds its own contribution with
+    one rounding.
     """
     plan = run.plan
     n = plan.world_size
-    qb, dob, ob = _bhsd(q), _bhsd(dout), _bhsd(out)
-    if n > 1:  # issue the first KV transfer before the own-block kernel so that they overlap
-        kv_chan = run.channel(k.dtype, k.device, "backward KV")
-        run.pack(k, v, kv_chan.current)
-        recvd = kv_chan.start(0)
-    dq0, dk0, dv0 = run.kernel.backward(dob, qb, _bhsd(k), _bhsd(v), ob, lse, ctxs[0],
-                                        causal=run.causal, scale=run.scale)
+    g = _Grads(run, q, dout, out, lse, ctxs)
     if n == 1:
+        dq0, dk0, dv0 = g.local(k, v)
         return _sbhd(dq0).to(q.dtype), _sbhd(dk0).to(k.dtype), _sbhd(dv0).to(v.dtype)
     # dq: one contribution per row at CP=2 with one chunk, so adding into the kernel's own dq rounds
     # exactly once, as the fp32 accumulator would; otherwise accumulate in fp32
-    dq = dq0 if run.single_contribution and dq0.dtype == q.dtype else dq0.to(torch.float32, copy=True)
-    kv_chan.advance()
     mid = run.channel(_dkv_dtype(k.dtype), k.device, "backward dKV", role="dkv") if n > 2 else None
+    if kept is not None:
+        return _backward_kept(run, g, q, k, v, kept, mid)
+    inputs_ready = mark(q.device)
+    dq0, dk0, dv0 = g.local(k, v)
+    kv_chan = run.channel(k.dtype, k.device, "backward KV")
+    with detached(q.device, inputs_ready):
+        run.pack(k, v, kv_chan.current)
+        recvd = kv_chan.start(0)
+    kv_chan.advance()
+    if not run.single_contribution:
+        g.dq = dq0.to(torch.float32, copy=True)
     home = None
     dkv_recvd: list | None = None
-    ci = 1
+    sent: list = []
     for st in plan.steps[1:]:
         last = st.step == n - 1
         nxt = None
@@ -398,63 +490,55 @@ def _backward(run: _Run, dout, q, k, v, out, lse, ctxs):
         sent = []
         for j in range(run.chunks):
             recvd[j].wait()
-            views = kv_chan.views(j)
-            contribs = []
-            for case, rings in run.groups(st):
-                kk, vv = run.group_kv(views, j, case, rings)
-                rows = run.q_rows(case)
-                dqg, dkg, dvg = run.kernel.backward(dob[:, :, rows], qb[:, :, rows], kk, vv, ob[:, :, rows],
-                                                    lse[:, :, rows], ctxs[ci], causal=False, scale=run.scale)
-                ci += 1
-                dq[:, :, rows] += dqg
-                contribs.append((case, rings, dkg, dvg))
-            first = st.step == 1  # every held sub-piece is in exactly one group: its first value is a copy
-            if not first:
-                dkv_recvd[j].wait()
-                if last:  # the accumulator leaves the fp32 channel for its hop home
-                    chan.lane(chan.current, j).copy_(mid.lane(mid.current, j))
-            acc = chan.views(j)
-            for case, rings, dkg, dvg in contribs:
-                off = 0
-                for i in rings:
-                    m = run.rows_of(j, case, i)
-                    dk_i, dv_i = _sbhd(dkg[:, :, off:off + m]), _sbhd(dvg[:, :, off:off + m])
-                    if first:
-                        acc[i][:m, 0].copy_(dk_i)
-                        acc[i][:m, 1].copy_(dv_i)
-                        if m < acc[i].shape[0]:
-                            acc[i][m:].zero_()
-                    else:
-                        acc[i][:m, 0] += dk_i
-                        acc[i][:m, 1] += dv_i
-                    off += m
-            sent.append(chan.start_lane(st.step, j))
+            sent.append(g.remote_lane(st, j, kv_chan.views(j), chan, mid, dkv_recvd, last))
         if not last:
             mid.advance()
             dkv_recvd = sent
         if nxt is not None:
             kv_chan.advance()
             recvd = nxt
-    _wait_all(sent)
-    home.advance()
-    rk, rv = run.unpack(home.current, like=k)
-    dk = torch.add(_sbhd(dk0), rk)  # one rounding of the exact sum (elementwise math runs in fp32)
-    dv = torch.add(_sbhd(dv0), rv)
-    return _sbhd(dq).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dq = g.finish_dq(dq0, q) if run.single_contribution else _sbhd(g.dq).to(q.dtype)
+    return (dq, *_home_sum(run, home, sent, k, v, dk0, dv0))
+
+
+def _backward_kept(run: _Run, g: _Grads, q, k, v, kept: list, mid: Channel | None):
+    """Backward on the KV pieces kept by the forward: remote steps first (each dK/dV hop hidden by the
+    next step's kernels), the local block last (hiding the hop home)."""
+    n = run.plan.world_size
+    if not run.single_contribution:
+        g.dq = torch.zeros(_bhsd(q).shape, dtype=torch.float32, device=q.device)
+    home = run.channel(k.dtype, k.device, "backward dKV (hop home)",
+                       buffers=[kept[n - 1], torch.empty_like(kept[n - 1])])
+    kv_view = home  # any channel of this run slices kept buffers into lanes and pieces
+    dkv_recvd: list | None = None
+    sent: list = []
+    for st in run.plan.steps[1:]:
+        last = st.step == n - 1
+        chan = home if last else mid
+        sent = [g.remote_lane(st, j, kv_view.views(j, kept[st.step]), chan, mid, dkv_recvd, last)
+                for j in range(run.chunks)]
+        if not last:
+            mid.advance()
+            dkv_recvd = sent
+    dq0, dk0, dv0 = g.local(k, v)
+    dq = g.finish_dq(dq0, q)
+    return (dq, *_home_sum(run, home, sent, k, v, dk0, dv0))
 
 
 class _TaspAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, run: _Run):  # type: ignore[override]
-        out, lse, kctx = _forward(run, q, k, v)
+        out, lse, kctx, kept = _forward(run, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.run, ctx.kctx = run, kctx
+        ctx.run, ctx.kctx, ctx.kept = run, kctx, kept
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.run, dout.contiguous(), q, k, v, out, lse, ctx.kctx)
+        kept, ctx.kept = ctx.kept, None  # a second backward through the same graph is not supported anyway
+        with torch.no_grad():
+            dq, dk, dv = _backward(ctx.run, dout.contiguous(), q, k, v, out, lse, ctx.kctx, kept)
         return dq, dk, dv, None
 
 
@@ -499,7 +583,8 @@ def _check_equal_lengths(group, plan: RankPlan, length: int, device: torch.devic
 def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,
                    causal: bool = True, softmax_scale: float | None = None, num_rings: int | str | None = None,
                    topology: Topology | str | None = None, backend: str | None = None,
-                   transport: str | None = None, chunks: int | str | None = None) -> torch.Tensor:
+                   transport: str | None = None, chunks: int | str | None = None,
+                   keep_kv: bool | str | None = None) -> torch.Tensor:
     """Exact context-parallel attention with TASP's multi-ring KV exchange.
 
     Args:
@@ -515,15 +600,23 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
             model). With c > 1 every piece travels as c sub-pieces and each sub-piece's kernels start as
             soon as it lands, hiding transfers longer than one block's compute and all but 1/c of the
             backward's last dK/dV hop; each step launches c times as many kernels.
+        keep_kv: keep the KV pieces received in the forward for the backward (True), or exchange them
+            again there (False). Keeping costs (n - 1) x the local K/V memory per call until its backward
+            and saves the backward's whole KV rotation (a third of the traffic and of the launches), and
+            lets the local block hide the last dK/dV hop. Default ``MEGATRON_TASP_KEEP_KV`` or 'auto':
+            keep when that memory is at most ``MEGATRON_TASP_KEEP_KV_MIB`` (64) MiB and the transport
+            allocates per call (not 'symm', whose two persistent buffers are reused by every call).
 
     Returns:
         ``[s_local, b, h, d]`` in q's dtype; differentiable in q, k and v.
     """
-    run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks)
+    run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks,
+                       keep_kv)
     return _TaspAttention.apply(q, k, v, run)
 
 
-def _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks):
+def _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks,
+                 keep_kv=None):
     _check_inputs(q, k, v)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     kkey = (backend, os.environ.get("MEGATRON_TASP_KERNEL"), str(q.device), q.dtype, q.shape[-1])
@@ -533,27 +626,32 @@ def _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, 
     n = dist.get_world_size(cp_group) if cp_group is not None else 1
     if n == 1:
         return _LocalRun(kernel, causal, scale)
-    env = (os.environ.get("MEGATRON_TASP_TRANSPORT"), os.environ.get("MEGATRON_TASP_CHUNKS"))
+    env = (os.environ.get("MEGATRON_TASP_TRANSPORT"), os.environ.get("MEGATRON_TASP_CHUNKS"),
+           os.environ.get("MEGATRON_TASP_KEEP_KV"), os.environ.get("MEGATRON_TASP_KEEP_KV_MIB"))
     fkey = (id(cp_group), num_rings, topology if isinstance(topology, (str, type(None))) else id(topology),
-            transport, chunks, env, id(kernel), causal, scale, tuple(q.shape), tuple(k.shape), str(q.device))
+            transport, chunks, keep_kv, env, id(kernel), causal, scale, tuple(q.shape), tuple(k.shape),
+            str(q.device), q.dtype)
     run = _FAST.get(fkey)
     if run is None:
         run = _FAST[fkey] = _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transport,
-                                      chunks)
+                                      chunks, keep_kv)
     return run
 
 
 def tasp_run_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,
                      causal: bool = True, softmax_scale: float | None = None, num_rings: int | str | None = None,
                      topology: Topology | str | None = None, backend: str | None = None,
-                     transport: str | None = None, chunks: int | str | None = None) -> dict[str, Any]:
-    """What :func:`tasp_attention` runs for these arguments ('auto' resolved): rings, transport, chunks, kernel.
+                     transport: str | None = None, chunks: int | str | None = None,
+                     keep_kv: bool | str | None = None) -> dict[str, Any]:
+    """What :func:`tasp_attention` runs for these arguments ('auto' resolved): rings, transport, chunks,
+    kept KV, kernel.
 
     Collective on the first call for a shape (like ``tasp_attention`` itself); cached afterwards.
     """
-    run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks)
+    run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks,
+                       keep_kv)
     return {"cp": run.plan.world_size, "num_rings": run.plan.num_rings, "transport": run.plan.transport,
-            "chunks": run.chunks, "kernel": run.kernel.name}
+            "chunks": run.chunks, "keep_kv": run.keep_kv, "kernel": run.kernel.name}
 
 
 _FAST: dict[tuple, _Run] = {}
@@ -573,18 +671,51 @@ def _resolve_chunks(chunks: int | str | None, plan: RankPlan, hint: dict, topolo
     return chunks
 
 
-def _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transport, chunks) -> _Run:
+KEEP_KV_AUTO_MIB = 64.0
+
+
+def _resolve_keep_kv(keep_kv: bool | str | None, plan: RankPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
+    if keep_kv is None:
+        keep_kv = os.environ.get("MEGATRON_TASP_KEEP_KV") or "auto"
+    if isinstance(keep_kv, str):
+        word = keep_kv.strip().lower()
+        table = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                 "off": False, "auto": "auto"}
+        if word not in table:
+            raise TaspConfigError(f"keep_kv must be True, False or 'auto' (MEGATRON_TASP_KEEP_KV too), got {keep_kv!r}")
+        keep_kv = table[word]
+    if not isinstance(keep_kv, bool) and keep_kv != "auto":
+        raise TaspConfigError(f"keep_kv must be True, False or 'auto', got {keep_kv!r}")
+    if keep_kv is True and plan.transport == "symm":
+        raise TaspConfigError("keep_kv=True needs per-call KV buffers, but transport 'symm' moves pieces through two "
+                              "persistent symmetric-memory buffers shared by every call: use keep_kv=False (or "
+                              "'auto') with 'symm', or transport='a2a'")
+    if keep_kv == "auto":
+        try:
+            cap = float(os.environ.get("MEGATRON_TASP_KEEP_KV_MIB", KEEP_KV_AUTO_MIB))
+        except ValueError as exc:
+            raise TaspConfigError(f"MEGATRON_TASP_KEEP_KV_MIB must be a number of MiB, got "
+                                  f"{os.environ.get('MEGATRON_TASP_KEEP_KV_MIB')!r}") from exc
+        kept = (plan.world_size - 1) * 2 * k.numel() * k.element_size()
+        return plan.transport != "symm" and kept <= cap * 2**20
+    return keep_kv
+
+
+def _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transport, chunks,
+              keep_kv=None) -> _Run:
     """Plan, pieces and transports for one call signature (cached by the caller)."""
     hint = {"tokens_per_gpu": q.shape[0], "batch": q.shape[1], "heads_q": q.shape[2],
             "heads_kv": k.shape[2], "head_dim": q.shape[3], "causal": causal, "dtype_bytes": q.element_size()}
     plan = rank_plan(cp_group, num_rings, topology, transport, hint)
     _check_equal_lengths(cp_group, plan, q.shape[0], q.device)
     c = _resolve_chunks(chunks, plan, hint, topology)
-    rkey = (plan, id(cp_group), id(kernel), causal, scale, q.shape[0], tuple(k.shape[1:]), str(q.device), c)
+    keep = _resolve_keep_kv(keep_kv, plan, q, k)
+    rkey = (plan, id(cp_group), id(kernel), causal, scale, q.shape[0], tuple(k.shape[1:]), str(q.device), c, keep)
     run = _RUNS.get(rkey)
     if run is None:
         pieces = make_pieces(q.shape[0], plan.num_rings, causal, q.device, c)
-        run = _RUNS[rkey] = _Run(plan, cp_group, kernel, causal, scale, pieces, (k.shape[1], k.shape[2], k.shape[3]))
+        run = _RUNS[rkey] = _Run(plan, cp_group, kernel, causal, scale, pieces, (k.shape[1], k.shape[2], k.shape[3]),
+                                 keep)
     return run
 
 
@@ -594,4 +725,5 @@ class _LocalRun:
     def __init__(self, kernel, causal: bool, scale: float):
         self.plan = RankPlan(0, 1, 1, ((0,),), (RankStep(0, (), (), ()),), (), (), "none")
         self.kernel, self.causal, self.scale = kernel, causal, scale
+        self.keep_kv = False
         self.chunks = 1

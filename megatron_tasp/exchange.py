@@ -8,19 +8,25 @@ Knows nothing about attention: it moves k flat-packed pieces, piece i to ``send_
   for every set of orthogonal rings).
 
 Ordering and buffers. Each channel (KV forward, KV backward, dKV backward) owns two flat buffers used
-alternately (double buffering). Exchanges are *issued from the compute stream*: NCCL makes its own
-stream wait for everything already queued on the issuing stream, so a receive into the buffer that the
-previous step's kernels read is ordered after those kernels, and ``wait()`` makes the compute stream
-(never the host) wait for the transfer. No host synchronisation happens inside the step loop on GPU.
-On gloo (CPU) ``wait`` blocks with a timeout and names the CP group and step when a peer never answers.
+alternately (double buffering), or one per step when the forward keeps every received piece for the
+backward. Exchanges are *issued from the compute stream*: NCCL makes its own stream wait for everything
+already queued on the issuing stream, so a receive into the buffer that the previous step's kernels read
+is ordered after those kernels, and ``wait()`` makes the compute stream (never the host) wait for the
+transfer. The one exception is the first exchange of a call, which reads only the call's inputs and
+receives into a buffer no earlier kernel of the call reads: :func:`detached` issues it on a side stream
+ordered after a mark recorded at the call's start, so that the host can queue the first (local) kernel
+before spending its time on packing and posting the transfer. No host synchronisation happens inside
+the step loop on GPU. On gloo (CPU) ``wait`` blocks with a timeout and names the CP group and step when
+a peer never answers.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -163,19 +169,45 @@ class A2ATransport(Transport):
         ident = list(range(len(send_peers)))
         self.stage_send = self.send_order != ident
         self.stage_recv = self.recv_order != ident
+        self._direct: dict[str, object] = {}  # device type -> backend (skips the dispatcher, ~25 us a call)
+
+    def _post(self, out: torch.Tensor, send: torch.Tensor):
+        be = self._direct.get(out.device.type, False)
+        if be is False:
+            be = self._direct[out.device.type] = _backend_of(self.group, out.device)
+        if be is None:
+            return dist.all_to_all_single(out, send, self.out_splits, self.in_splits, group=self.group,
+                                          async_op=True)
+        opts = dist.AllToAllOptions()
+        opts.asyncOp = True
+        return be.alltoall_base(out, send, self.out_splits, self.in_splits, opts)
 
     def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
         if self.stage_send:
             pieces = self.layout.views(send)
             send = torch.cat([pieces[i].reshape(-1) for i in self.send_order])
         out = torch.empty_like(recv) if self.stage_recv else recv
-        work = dist.all_to_all_single(out, send, self.out_splits, self.in_splits, group=self.group, async_op=True)
+        work = self._post(out, send)
         finish = None
         if self.stage_recv:
             def finish() -> None:
                 for i, (view, size) in enumerate(zip(self.layout.views(recv), self.layout.sizes)):
                     view.reshape(-1).copy_(out[self.recv_offsets[i]:self.recv_offsets[i] + size])
         return Pending([work], recv, label, finish)
+
+
+def _backend_of(group, device: torch.device):
+    """The process group's backend object for ``device`` (its ``alltoall_base`` is called directly), or
+    None when this torch build does not expose it (then the public ``all_to_all_single`` is used).
+    ``MEGATRON_TASP_DIRECT_COLLECTIVES=0`` always uses the public API."""
+    if os.environ.get("MEGATRON_TASP_DIRECT_COLLECTIVES", "1") == "0":
+        return None
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        be = pg._get_backend(device)
+    except Exception:  # noqa: BLE001 - private API: absent or renamed in other torch builds
+        return None
+    return be if callable(getattr(be, "alltoall_base", None)) and hasattr(dist, "AllToAllOptions") else None
 
 
 class NoCommTransport(Transport):
@@ -189,7 +221,11 @@ class NoCommTransport(Transport):
 
     def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
         recv.copy_(send)
-        return Pending([], recv, label)
+        if not recv.is_cuda:
+            return Pending([], recv, label)
+        ev = torch.cuda.Event()  # the copy may run on a side stream (see ``detached``)
+        ev.record()
+        return _EventPending([ev], recv, label)
 
 
 class _SymmPool:
@@ -244,7 +280,7 @@ def _comm_stream(device: torch.device, i: int):
     return s
 
 
-class _SymmPending(Pending):
+class _EventPending(Pending):
     def __init__(self, events: list, recv: torch.Tensor, label: str):
         super().__init__([], recv, label)
         self._events = events
@@ -307,7 +343,7 @@ class SymmTransport(Transport):
                 ev = torch.cuda.Event()
                 ev.record(stream)
             events.append(ev)
-        return _SymmPending(events, recv, label)
+        return _EventPending(events, recv, label)
 
 
 TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (P2PTransport, A2ATransport, NoCommTransport,
@@ -327,11 +363,13 @@ class Channel:
     Lane j holds sub-piece j of every ring's piece, laid out one lane after another in the flat
     buffer; each lane has its own transport (its own message sizes) and is sent as a separate
     message, so a consumer can start on lane 0 while later lanes are still in flight.
-    ``buffers`` lets a channel borrow two existing flat buffers of the right size and dtype.
+    ``buffers`` lets a channel borrow existing flat buffers of the right size and dtype. With
+    ``depth`` m > 2 the channel cycles through m buffers, so the pieces of m - 1 consecutive steps
+    stay intact (the forward keeps every received piece this way for the backward).
     """
 
     def __init__(self, transports: Transport | Sequence[Transport], dtype: torch.dtype, device: torch.device,
-                 what: str, buffers: Sequence[torch.Tensor] | None = None, role: str = "kv"):
+                 what: str, buffers: Sequence[torch.Tensor] | None = None, role: str = "kv", depth: int = 2):
         self.transports = [transports] if isinstance(transports, Transport) else list(transports)
         self.lane_offsets, acc = [], 0
         for t in self.transports:
@@ -340,10 +378,15 @@ class Channel:
         self.numel = acc
         if buffers is None:
             alloc = getattr(self.transports[0], "alloc", None)
-            buffers = alloc(acc, dtype, device, role) if alloc is not None else \
-                [torch.empty(acc, dtype=dtype, device=device), torch.empty(acc, dtype=dtype, device=device)]
-        if len(buffers) != 2 or any(b.numel() != acc or b.dtype != dtype for b in buffers):
-            raise ValueError(f"a channel needs two flat {dtype} buffers of {acc} elements")
+            if alloc is not None:
+                if depth != 2:
+                    raise ValueError(f"transport {self.transports[0].name!r} has two persistent buffers per "
+                                     f"role; a channel of depth {depth} needs per-call buffers")
+                buffers = alloc(acc, dtype, device, role)
+            else:
+                buffers = [torch.empty(acc, dtype=dtype, device=device) for _ in range(depth)]
+        if len(buffers) < 2 or any(b.numel() != acc or b.dtype != dtype for b in buffers):
+            raise ValueError(f"a channel needs two or more flat {dtype} buffers of {acc} elements")
         self.buffers = list(buffers)
         self.what = what
         self.cur = 0
@@ -366,15 +409,15 @@ class Channel:
     @property
     def other(self) -> torch.Tensor:
         """The buffer the next step receives into."""
-        return self.buffers[1 - self.cur]
+        return self.buffers[(self.cur + 1) % len(self.buffers)]
 
     def lane(self, flat: torch.Tensor, j: int) -> torch.Tensor:
         """Lane j's slice of a flat buffer of this channel."""
         return flat[self.lane_offsets[j]:self.lane_offsets[j] + self.transports[j].layout.numel]
 
-    def views(self, j: int = 0) -> list[torch.Tensor]:
-        """Piece views of lane j of the current buffer."""
-        return self.transports[j].layout.views(self.lane(self.current, j))
+    def views(self, j: int = 0, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Piece views of lane j of the current buffer (or of ``flat``, a buffer of this channel's size)."""
+        return self.transports[j].layout.views(self.lane(self.current if flat is None else flat, j))
 
     def start_lane(self, step: int, j: int) -> Pending:
         """Send lane j of the current buffer and receive lane j of the other one."""
@@ -389,4 +432,33 @@ class Channel:
 
     def advance(self) -> None:
         """Make the buffer being received into the current one."""
-        self.cur = 1 - self.cur
+        self.cur = (self.cur + 1) % len(self.buffers)
+
+
+_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
+
+
+def mark(device: torch.device) -> torch.cuda.Event | None:
+    """An event on the current CUDA stream (None on CPU): what :func:`detached` work waits for."""
+    if device.type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record()
+    return ev
+
+
+@contextlib.contextmanager
+def detached(device: torch.device, after: torch.cuda.Event | None) -> Iterator[None]:
+    """Issue the enclosed work (packing, an exchange's first transfer) on a side stream that waits only
+    for ``after``, so that the host can queue compute on the current stream first and post the transfer
+    while that compute runs. Waiting on the returned ``Pending`` orders the current stream after the
+    transfer as usual. A no-op on CPU."""
+    if device.type != "cuda" or after is None:
+        yield
+        return
+    side = _SIDE_STREAMS.get(str(device))
+    if side is None:
+        side = _SIDE_STREAMS[str(device)] = torch.cuda.Stream(device=device)
+    side.wait_event(after)
+    with torch.cuda.stream(side):
+        yield

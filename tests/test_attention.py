@@ -36,7 +36,8 @@ def _case_worker(rank, n, cases):
         idx = (zigzag_index if c["causal"] else contiguous_index)(c["seq"], n, rank)
         ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
         out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=c["causal"], num_rings=c["k"],
-                             transport=c.get("transport"), topology=c.get("topology"), chunks=c.get("chunks"))
+                             transport=c.get("transport"), topology=c.get("topology"), chunks=c.get("chunks"),
+                             keep_kv=c.get("keep_kv"))
         out.backward(do[idx])
         results.append([t.detach().double() for t in (out, ql.grad, kl.grad, vl.grad)])
     return results
@@ -68,7 +69,7 @@ def _cases(n, dtype=torch.float32):
         seq = 2 * n * blk if causal else n * (2 * blk + 1)  # non-causal: odd local length
         cases.append(dict(seed=100 * n + i, seq=seq, b=2,
                           h=4, hkv=2 if gqa else 4, d=16, dtype=dtype, causal=causal, k=k,
-                          transport=("p2p" if i % 2 else "a2a")))
+                          transport=("p2p" if i % 2 else "a2a"), keep_kv=i % 4 in (0, 3)))
     return cases
 
 
@@ -108,7 +109,8 @@ def _chunk_cases(n, dtype=torch.float32):
         blk = c * k + 1 + i % 2  # sub-pieces of unequal length, the shortest 1 row
         seq = 2 * n * blk if causal else n * blk
         cases.append(dict(seed=500 + 10 * n + i, seq=seq, b=1, h=4, hkv=1 if i % 2 else 4, d=8, dtype=dtype,
-                          causal=causal, k=k, chunks=c, transport=("a2a" if i % 3 else "p2p")))
+                          causal=causal, k=k, chunks=c, transport=("a2a" if i % 3 else "p2p"),
+                          keep_kv=i % 2 == 0))
     return cases
 
 
@@ -123,6 +125,54 @@ def test_chunked_bf16_within_single_device_error():
     cases = _chunk_cases(3, torch.bfloat16)[:2]
     per_rank = run_workers(_case_worker, 3, cases)
     _check(3, cases, per_rank, lambda base: 2 * base + 3 ** 0.5 * 2.0 ** -8)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_and_exchanged_kv_backward_agree(n, dtype):
+    """The backward on KV kept from the forward (remote steps first, local block last) and the one that
+    re-exchanges KV: both within the stated bound, on both masks, MHA and GQA."""
+    cases = [dict(seed=900 + i, seq=(2 * n if causal else n) * 6, b=2, h=4, hkv=hkv, d=8, dtype=dtype,
+                  causal=causal, k=None, keep_kv=keep)
+             for i, (causal, hkv, keep) in enumerate((c, h, kp) for c in (True, False) for h in (4, 2)
+                                                    for kp in (True, False))]
+    per_rank = run_workers(_case_worker, n, cases)
+    if dtype == torch.float32:
+        _check(n, cases, per_rank, lambda _: 1e-5)
+    else:
+        _check(n, cases, per_rank, lambda base: 2 * base + n ** 0.5 * 2.0 ** -8)
+
+
+def _keep_kv_options_worker(rank, n):
+    import torch.distributed as dist
+
+    from megatron_tasp.attention import TaspConfigError, tasp_run_summary
+
+    q = torch.randn(8, 1, 4, 8)
+    kv = torch.randn(8, 1, 2, 8)
+    g = dist.group.WORLD
+    res = {"auto": tasp_run_summary(q, kv, kv, g)["keep_kv"], "off": tasp_run_summary(q, kv, kv, g,
+                                                                                       keep_kv=False)["keep_kv"]}
+    os.environ["MEGATRON_TASP_KEEP_KV_MIB"] = "0"
+    try:
+        res["auto_capped"] = tasp_run_summary(q, kv, kv, g)["keep_kv"]
+    finally:
+        del os.environ["MEGATRON_TASP_KEEP_KV_MIB"]
+    res["errors"] = []
+    for kw in ({"keep_kv": "sometimes"}, {"keep_kv": True, "transport": "symm"}):
+        try:
+            tasp_attention(q, kv, kv, g, **kw)
+            res["errors"].append(None)
+        except TaspConfigError as exc:
+            res["errors"].append(str(exc))
+    return res
+
+
+def test_keep_kv_resolution_and_fail_closed():
+    res = run_workers(_keep_kv_options_worker, 2)[0]
+    assert res["auto"] is True and res["off"] is False and res["auto_capped"] is False
+    assert "keep_kv must be True, False or 'auto'" in res["errors"][0]
+    assert "symm" in res["errors"][1] and "keep_kv=False" in res["errors"][1]
 
 
 def _chunk_error_worker(rank, n):
@@ -261,7 +311,7 @@ def _options_worker(rank, n):
 def test_run_summary_auto_env_and_symm_fails_closed_on_cpu():
     res = run_workers(_options_worker, 4)[0]
     assert res["auto"] == {"cp": 4, "num_rings": res["auto"]["num_rings"], "transport": "a2a", "chunks": 1,
-                           "kernel": res["auto"]["kernel"]}
+                           "keep_kv": True, "kernel": res["auto"]["kernel"]}
     assert res["env"]["chunks"] == 2 and res["env"]["num_rings"] == max_rings(4)
     assert "needs CUDA" in res["errors"][0] and "use 'a2a' or 'p2p'" in res["errors"][0]
     assert "needs one node" in res["errors"][1] and "p2p" in res["errors"][1]

@@ -89,6 +89,18 @@ class BlockAttention(abc.ABC):
         with torch.no_grad():
             return self._backward(dout, q, k, v, out, lse, ctx, causal=bool(causal), scale=scale)
 
+    def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                          scale: float) -> tuple[Tensor, Tensor, Any]:
+        """:meth:`forward` without input validation or a grad-mode switch, for callers that validated the
+        shapes once and run with grad disabled (the TASP engine: its blocks are never empty). Short blocks
+        are bound by host time, and the checks cost as much as the launch."""
+        return self._forward(q, k, v, causal=causal, scale=scale)
+
+    def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`backward` without validation (see :meth:`forward_unchecked`)."""
+        return self._backward(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
+
     # -- backend hooks ------------------------------------------------------------------------------------
     @abc.abstractmethod
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
