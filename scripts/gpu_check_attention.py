@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--kernels", default="cudnn,flash,efficient,math")
     ap.add_argument("--dtypes", default="bfloat16,float16")
     ap.add_argument("--transports", default="a2a", help="comma list of TASP transports to check")
+    ap.add_argument("--keep-kv", default="auto", help="comma list of keep_kv settings to check (auto, 1, 0)")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
@@ -70,13 +71,17 @@ def main() -> None:
     names = ("out", "dq", "dk", "dv")
     seed = 0
     chunk_list = [int(c) for c in args.chunks.split(",")]
+    keep_list = [{"1": True, "0": False}.get(x, x) for x in args.keep_kv.split(",")]
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         kernels = [k for k in args.kernels.split(",") if k in available_kernels(dev, dtype, 128)]
         for kernel in kernels:
             for causal in (True, False):
                 for hq, hkv in ((16, 16), (16, 4)):
-                    for rings, chunks, tr in ((r, c, t) for r in sorted({1, max_rings(n)}) for c in chunk_list
-                                              for t in args.transports.split(",")):
+                    for rings, chunks, tr, keep in ((r, c, t, kp) for r in sorted({1, max_rings(n)})
+                                                    for c in chunk_list for t in args.transports.split(",")
+                                                    for kp in keep_list):
+                        if tr == "symm" and keep is True:
+                            continue  # symm's persistent buffers cannot be kept (fails closed, tested on CPU)
                         seq = n * args.seq_per_rank
                         seed += 1  # identical on every rank (hash() is salted per process)
                         g = torch.Generator(device=dev).manual_seed(seed)
@@ -89,14 +94,14 @@ def main() -> None:
                                        q, k, v, do)
                         idx = shard(seq, n, rank, causal, dev)
                         rec = {"kernel": kernel, "dtype": str(dtype), "causal": causal, "heads": f"{hq}/{hkv}",
-                               "num_rings": rings, "chunks": chunks, "transport": tr, "cp": n,
+                               "num_rings": rings, "chunks": chunks, "transport": tr, "keep_kv": keep, "cp": n,
                                "tokens_per_gpu": len(idx)}
                         for mode in ("fp32", "input"):
                             os.environ["MEGATRON_TASP_DKV_DTYPE"] = mode
                             got = grads(lambda a, b_, c, causal=causal, rings=rings, kernel=kernel, chunks=chunks,
-                                        tr=tr: tasp_attention(a, b_, c, dist.group.WORLD, causal=causal,
-                                                              num_rings=rings, backend=kernel, chunks=chunks,
-                                                              transport=tr),
+                                        tr=tr, keep=keep: tasp_attention(a, b_, c, dist.group.WORLD, causal=causal,
+                                                                         num_rings=rings, backend=kernel,
+                                                                         chunks=chunks, transport=tr, keep_kv=keep),
                                         q[idx], k[idx], v[idx], do[idx])
                             for j, nm in enumerate(names):
                                 if mode == "input" and nm in ("out", "dq"):

@@ -31,7 +31,7 @@ from megatron_tasp.kernels import (
 )
 from megatron_tasp.kernels import flash_attn_pkg as fa_mod
 from megatron_tasp.kernels import te as te_mod
-from megatron_tasp.kernels._calls import call_aten, call_python, named_returns
+from megatron_tasp.kernels._calls import BoundOp, call_aten, call_python, named_returns
 from megatron_tasp.kernels.base import expand_kv, sum_kv_groups
 from megatron_tasp.kernels.cpu import CpuFlashAttention
 from megatron_tasp.kernels.math_ref import MathAttention
@@ -508,6 +508,61 @@ def test_call_aten_binds_by_name_and_reports_schema():
     with pytest.raises(RuntimeError, match="no argument"):
         call_aten(op, {"query": q, "key": q, "value": q, "bogus": 1})
     call_aten(op, {"query": q, "key": q, "value": q, "bogus": 1}, ignorable=("bogus",))
+
+
+def test_bound_op_matches_call_aten_positional_up_to_the_first_skip():
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    q = torch.randn(1, 2, 3, 4)
+    vals = {"query": q, "key": q, "value": q, "is_causal": True, "scale": 0.5}
+    bound = BoundOp(op, vals)
+    got, ref = bound(vals), call_aten(op, vals)
+    assert torch.equal(got[bound.index["output"]], ref[0]) and torch.equal(got[bound.index["logsumexp"]], ref[1])
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+    BoundOp(op, vals, fast=record)(vals)
+    # dropout_p is left to its default, so is_causal after it must be named; scale is keyword-only
+    assert len(seen["args"]) == 3 and set(seen["kwargs"]) == {"is_causal", "scale"}
+    with pytest.raises(RuntimeError, match="required argument 'value'"):
+        BoundOp(op, {"query": q, "key": q})
+
+
+def test_sdpa_plumbing_on_the_cpu_op():
+    """The CUDA SDPA backends' shared forward/backward plumbing (bound ops, lse layouts, GQA), run over
+    the CPU flash op so that it is checked without a GPU."""
+    from megatron_tasp.kernels.sdpa import _SdpaBackend
+
+    class CpuViaSdpa(_SdpaBackend):
+        name = "cpu-via-sdpa"
+        fwd_op = "_scaled_dot_product_flash_attention_for_cpu"
+        bwd_op = "_scaled_dot_product_flash_attention_for_cpu_backward"
+        native_gqa = True
+        fwd_fallback = ("output", "logsumexp")
+
+        @classmethod
+        def unavailable_reason(cls, device, dtype, head_dim):
+            return None
+
+        def _fwd_values(self, q, k, v, causal, scale):
+            return {"query": q, "key": k, "value": v, "dropout_p": 0.0, "is_causal": causal, "scale": scale}
+
+        def _bwd_values(self, ctx, causal, scale):
+            return {"dropout_p": 0.0, "is_causal": causal, "scale": scale}
+
+    kern, ref = CpuViaSdpa(), get_kernel("cpu", "cpu", torch.float32, 8)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 6, 8, generator=gen)
+    k, v = (torch.randn(2, 2, 6, 8, generator=gen) for _ in range(2))
+    do = torch.randn(2, 4, 6, 8, generator=gen)
+    for causal in (True, False):
+        o1, l1, c1 = kern.forward(q, k, v, causal=causal, scale=0.3)
+        o2, l2, c2 = ref.forward(q, k, v, causal=causal, scale=0.3)
+        assert torch.allclose(o1, o2) and torch.allclose(l1, l2) and l1.dtype == torch.float32
+        g1 = kern.backward_unchecked(do, q, k, v, o1, l1, c1, causal=causal, scale=0.3)
+        g2 = ref.backward(do, q, k, v, o2, l2, c2, causal=causal, scale=0.3)
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_call_python_binds_variants():

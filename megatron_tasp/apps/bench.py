@@ -60,6 +60,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _parse_keep(text: str) -> bool | str:
+    word = text.strip().lower()
+    table = {"auto": "auto", "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if word not in table:
+        raise ValueError(f"--keep-kv takes auto, 1 or 0 (comma list), got {text!r}")
+    return table[word]
+
+
 def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int, min_total_ms: float = 0.0,
             agree: Callable[[float], float] | None = None) -> float:
     """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU).
@@ -199,22 +207,23 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
     ref_local = ref.permute(2, 0, 1, 3).index_select(0, idx)
 
     ring_counts = cfg.num_rings or sorted({1, max_rings(n)}) if n > 1 else [1]
-    variants = [("tasp", k_, t, c) for k_ in ring_counts for t in cfg.transports for c in cfg.chunks] \
-        if n > 1 else []
-    if "compute_only" in cfg.impls and n > 1:  # the bound; per chunk count, to show what lanes cost
-        variants.extend(("compute_only", max(ring_counts), "none", c) for c in cfg.chunks)
-    for impl, k_, transport, chunks in variants:
+    keeps = getattr(cfg, "keep_kv", None) or ["auto"]
+    variants = [("tasp", k_, t, c, kp) for k_ in ring_counts for t in cfg.transports for c in cfg.chunks
+                for kp in keeps if not (t == "symm" and kp is True)] if n > 1 else []
+    if "compute_only" in cfg.impls and n > 1:  # the bound; per chunk count and KV mode, as TASP runs them
+        variants.extend(("compute_only", max(ring_counts), "none", c, kp) for c in cfg.chunks for kp in keeps)
+    for impl, k_, transport, chunks, keep in variants:
         if impl == "tasp" and "tasp" not in cfg.impls:
             continue
 
-        def fwd(k_=k_, transport=transport, chunks=chunks):
+        def fwd(k_=k_, transport=transport, chunks=chunks, keep=keep):
             return tasp_attention(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
-                                  backend=cfg.kernel, chunks=chunks)
+                                  backend=cfg.kernel, chunks=chunks, keep_kv=keep)
         try:
             out = fwd()
             err = _rel_err(out, ref_local) if impl == "tasp" else None
             resolved = tasp_run_summary(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
-                                        backend=cfg.kernel, chunks=chunks)
+                                        backend=cfg.kernel, chunks=chunks, keep_kv=keep)
             for passes in cfg.passes:
                 fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dol, (ql, kl, vl))
                 if device.type == "cuda":
@@ -226,12 +235,14 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
                 peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
                 fl = attention_flops(seq, b, hq, d, causal, passes) / n
                 records.append({**base, "impl": impl, "num_rings": resolved["num_rings"], "transport": transport,
-                                "chunks": resolved["chunks"], "kernel": resolved["kernel"],
-                                "requested": {"num_rings": k_, "chunks": chunks}, "pass": passes, "time_ms": ms,
+                                "chunks": resolved["chunks"], "keep_kv": resolved["keep_kv"],
+                                "kernel": resolved["kernel"],
+                                "requested": {"num_rings": k_, "chunks": chunks, "keep_kv": keep}, "pass": passes,
+                                "time_ms": ms,
                                 "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err, "extra_mem_mb": peak})
         except Exception as exc:  # noqa: BLE001 - record and keep going
             records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "chunks": chunks,
-                            "error": repr(exc)})
+                            "keep_kv": keep, "error": repr(exc)})
 
     if "single_gpu" in cfg.impls and device.type == "cuda":  # memory baseline: one-device attention, local shard
         ql2, kl2, vl2 = (x.detach().permute(1, 2, 0, 3).clone().requires_grad_() for x in (ql, kl, vl))
@@ -437,6 +448,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.transports = _parse_list(args.transports, str)
     args.num_rings = _parse_list(args.num_rings, int) if args.num_rings else None
     args.chunks = [c if c == "auto" else int(c) for c in _parse_list(args.chunks, str)]
+    args.keep_kv = [_parse_keep(x) for x in _parse_list(args.keep_kv, str)]
     args.msg_sizes = [int(float(x) * 2**20) for x in args.msg_sizes_mb.split(",")]
     bad = [i for i in args.impls if i not in IMPLS]
     if bad:
@@ -494,6 +506,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-rings", default="", help="ring counts for TASP (default: 1 and the maximum)")
     p.add_argument("--transports", default="a2a,p2p", help="TASP transports to time")
     p.add_argument("--chunks", default="1", help="TASP messages per piece and step to time (comma list; 'auto')")
+    p.add_argument("--keep-kv", default="auto",
+                   help="TASP keep_kv settings to time (comma list of auto, 1, 0): keep the forward's KV for the "
+                        "backward or exchange it again")
     p.add_argument("--kernel", default=None, help="block kernel (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--warmup", type=int, default=3)

@@ -65,7 +65,8 @@ def markdown_table(records: list[dict], passes: tuple[str, ...] = ("fwd", "fwd_b
     lines = [f"TFLOP/s per GPU ({meta.get('device', '?')}, torch {meta.get('torch', '?')}, NCCL "
              f"{meta.get('nccl', '?')}, {meta.get('dtype', 'bf16')}, head dim {meta.get('head_dim', '?')}, batch "
              f"{meta.get('batch', '?')}, measured {meta.get('date', '?')}). TASP: its fastest measured "
-             "configuration (`TASP via`: transport, rings, chunks). `vs PyTorch CP` = TASP time / best "
+             "configuration (`TASP via`: transport, rings, chunks, KV kept for the backward). "
+             "`vs PyTorch CP` = TASP time / best "
              "PyTorch CP time (< 1 is faster); `vs bound` = TASP time / compute-only time.", "",
              "| CP | tokens/GPU | heads q/kv | mask | pass | TASP | TASP via | compute-only | PyTorch CP all-gather | "
              "PyTorch CP all-to-all | single GPU | vs PyTorch CP | vs bound |",
@@ -90,6 +91,8 @@ def markdown_table(records: list[dict], passes: tuple[str, ...] = ("fwd", "fwd_b
             via = f"{t.get('transport', '?')}, k={t.get('num_rings', '?')}"
             if int(t.get("chunks") or 1) > 1:
                 via += f", {t['chunks']} chunks"
+            if t.get("keep_kv"):
+                via += ", kept KV"
         cells = [cell(n) for n in COLUMNS]
         lines.append(f"| {cp} | {tok} | {hq}/{hkv} | {'causal' if c else 'none'} | {p} | {cells[0]} | {via} | " +
                      " | ".join(cells[1:]) + f" | {vs_torch} | {vs_bound} |")

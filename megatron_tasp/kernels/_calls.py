@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["call_aten", "call_python", "has_aten_op", "named_returns", "op_schema_text"]
+__all__ = ["BoundOp", "call_aten", "call_python", "has_aten_op", "named_returns", "op_schema_text"]
 
 # Alternative spellings seen across torch versions -> the canonical names used by callers.
 _ALIASES: dict[str, str] = {
@@ -94,6 +94,44 @@ def call_aten(op: Any, values: Mapping[str, Any], *, ignorable: Iterable[str] = 
     if plan is None:
         plan = _BINDINGS[bkey] = _binding(op, keys, ign)
     return (fast or op)(**{name: (values[key] if key is not None else None) for name, key in plan})
+
+
+class BoundOp:
+    """An aten op bound once, by schema argument names, to a fixed set of value keys (the same rules as
+    :func:`call_aten`); each call then passes a mapping with those keys. Arguments go positionally up to
+    the first one the schema would have to skip, and the result's canonical return names are resolved once
+    (``index``). For hot paths where :func:`call_aten`'s per-call work shows up in the host time."""
+
+    def __init__(self, op: Any, keys: Iterable[str], *, ignorable: Iterable[str] = (),
+                 fast: Callable[..., Any] | None = None, fallback_returns: Sequence[str] = ()):
+        plan = dict(_binding(op, frozenset(keys), frozenset(ignorable)))
+        positional, keyword = [], []
+        in_order = True
+        for arg in op._schema.arguments:
+            if arg.name not in plan:  # left to its default: later arguments must be named
+                in_order = False
+                continue
+            if in_order and not getattr(arg, "kwarg_only", True):
+                positional.append(plan[arg.name])
+            else:
+                keyword.append((arg.name, plan[arg.name]))
+        self._positional = tuple(positional)
+        self._keyword = tuple(keyword)
+        self._target = fast or op
+        try:
+            names = [_canonical(r.name) for r in op._schema.returns]
+        except Exception:  # pragma: no cover
+            names = []
+        if not all(names) or len(set(names)) != len(names):
+            names = list(fallback_returns)
+        self.index = {name: i for i, name in enumerate(names)}
+
+    def __call__(self, values: Mapping[str, Any]) -> Any:
+        args = [values[key] if key is not None else None for key in self._positional]
+        if self._keyword:
+            return self._target(*args, **{name: (values[key] if key is not None else None)
+                                          for name, key in self._keyword})
+        return self._target(*args)
 
 
 def named_returns(op: Any, result: Sequence[Any], fallback: Sequence[str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._calls import call_aten, has_aten_op, named_returns
+from ._calls import BoundOp, has_aten_op
 from .base import BlockAttention, expand_kv, last_dim_contiguous, register_kernel, sum_kv_groups
 
 __all__ = ["CudnnAttention", "EfficientAttention", "FlashSdpaAttention", "SdpaCtx"]
@@ -149,16 +149,34 @@ class _SdpaBackend(BlockAttention):
             return q, k, v
         return q, expand_kv(k, groups), expand_kv(v, groups)
 
+    def _bound(self, which: str, values: dict[str, Any]) -> BoundOp:
+        """The forward or backward op bound to these value keys (once per backend instance)."""
+        bound = self.__dict__.get(f"_bound_{which}")
+        if bound is None:
+            name = self.fwd_op if which == "fwd" else self.bwd_op
+            op = getattr(torch.ops.aten, name).default
+            bound = BoundOp(op, values, ignorable=self._fwd_ignorable if which == "fwd" else self._bwd_ignorable,
+                            fast=getattr(torch, name, None) if which == "fwd" else None,
+                            fallback_returns=self.fwd_fallback if which == "fwd" else ())
+            if which == "fwd" and not {"output", "logsumexp"} <= set(bound.index):
+                raise RuntimeError(f"{name} on torch {torch.__version__} returns {sorted(bound.index)}; "
+                                   "expected output and logsumexp")
+            self.__dict__[f"_bound_{which}"] = bound
+        return bound
+
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
-        op = getattr(torch.ops.aten, self.fwd_op).default
         qc, ke, ve = self._qkv(q, k, v)
-        res = call_aten(op, self._fwd_values(qc, ke, ve, causal, scale), ignorable=self._fwd_ignorable,
-                        fast=getattr(torch, self.fwd_op, None))
-        r = named_returns(op, res, self.fwd_fallback)
-        out, raw_lse = r["output"], r["logsumexp"]
+        values = self._fwd_values(qc, ke, ve, causal, scale)
+        bound = self._bound("fwd", values)
+        res = bound(values)
+        idx = bound.index
+        out, raw_lse = res[idx["output"]], res[idx["logsumexp"]]
         b, h, sq, _ = q.shape
-        lse = _normalise_lse(raw_lse, b, h, sq, self.fwd_op)
-        aux = {key: r[key] for key in _AUX_KEYS if key in r}
+        if raw_lse.dtype == torch.float32 and raw_lse.shape == (b, h, sq, 1) and raw_lse.is_contiguous():
+            lse = raw_lse.view(b, h, sq)  # cuDNN's layout: no copy
+        else:
+            lse = _normalise_lse(raw_lse, b, h, sq, self.fwd_op)
+        aux = {key: res[idx[key]] for key in _AUX_KEYS if key in idx and idx[key] < len(res)}
         ctx = SdpaCtx(aux=aux, out_layout=_layout(out), lse_layout=_layout(raw_lse))
         return out, lse, ctx
 
@@ -177,7 +195,6 @@ class _SdpaBackend(BlockAttention):
     ) -> tuple[Tensor, Tensor, Tensor]:
         if not isinstance(ctx, SdpaCtx):
             raise ValueError(f"{self.name}: ctx must be the SdpaCtx from this backend's forward, got {type(ctx)}")
-        op = getattr(torch.ops.aten, self.bwd_op).default
         qc, ke, ve = self._qkv(q, k, v)
         values = self._bwd_values(ctx, causal, scale)
         values.update(
@@ -186,9 +203,9 @@ class _SdpaBackend(BlockAttention):
             key=ke,
             value=ve,
             out=_into_layout(out, ctx.out_layout, q.dtype),
-            logsumexp=_format_lse(lse.to(torch.float32), ctx.lse_layout),
+            logsumexp=_format_lse(lse if lse.dtype == torch.float32 else lse.to(torch.float32), ctx.lse_layout),
         )
-        res = call_aten(op, values, ignorable=self._bwd_ignorable)
+        res = self._bound("bwd", values)(values)
         dq, dk, dv = res[0], res[1], res[2]
         h_kv = k.shape[1]
         return dq, sum_kv_groups(dk, h_kv, k.dtype), sum_kv_groups(dv, h_kv, v.dtype)
