@@ -247,6 +247,9 @@ class _Run:
         for j in range(self.chunks):
             layout = PieceLayout(tuple((n_, 2, b, hkv, d) for n_ in pieces.lengths(j)))
             self.transports.append(make_transport(plan.transport, group, plan.send_peers, plan.recv_peers, layout))
+        # the first exchange may go on a side stream (see exchange.detached) only if posting it allocates
+        # nothing that another stream could reuse while the transfer still reads it
+        self.detach_first = not any(t.allocates_on_start for t in self.transports)
         # one merge per row (CP=2, one chunk): the fp32 accumulators can be skipped exactly (one rounding)
         self.single_contribution = plan.world_size == 2 and self.chunks == 1
         self.unmerged_rows: slice | None = None  # rows of the output no remote block touches (CP=2)
@@ -318,14 +321,15 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     n = plan.world_size
     qb = _bhsd(q)
     kernel = run.kernel
-    inputs_ready = mark(q.device) if n > 1 else None
+    chan = run.channel(k.dtype, k.device, "forward KV", depth=n if run.keep_kv else 2) if n > 1 else None
+    # allocated before the mark: memory freed by kernels queued after it must not reach the side stream
+    inputs_ready = mark(q.device) if n > 1 and run.detach_first else None
     out0, lse0, c = kernel.forward_unchecked(qb, _bhsd(k), _bhsd(v), causal=run.causal, scale=run.scale)
     # every query sees itself in the local block, so the lse is finite from here on
     lse = lse0 if lse0.dtype == torch.float32 and lse0.is_contiguous() else lse0.to(torch.float32).contiguous()
     ctxs: list[Any] = [c]
     if n == 1:
         return _sbhd(out0).to(q.dtype).contiguous(), lse, ctxs, None
-    chan = run.channel(k.dtype, k.device, "forward KV", depth=n if run.keep_kv else 2)
     with detached(q.device, inputs_ready):
         run.pack(k, v, chan.current)
         recvd = chan.start(0)  # messages landing in chan.other, one per lane
@@ -465,9 +469,9 @@ def _backward(run: _Run, dout, q, k, v, out, lse, ctxs, kept):
     mid = run.channel(_dkv_dtype(k.dtype), k.device, "backward dKV", role="dkv") if n > 2 else None
     if kept is not None:
         return _backward_kept(run, g, q, k, v, kept, mid)
-    inputs_ready = mark(q.device)
+    kv_chan = run.channel(k.dtype, k.device, "backward KV")  # before the mark, as in the forward
+    inputs_ready = mark(q.device) if run.detach_first else None
     dq0, dk0, dv0 = g.local(k, v)
-    kv_chan = run.channel(k.dtype, k.device, "backward KV")
     with detached(q.device, inputs_ready):
         run.pack(k, v, kv_chan.current)
         recvd = kv_chan.start(0)

@@ -112,6 +112,8 @@ class Transport(abc.ABC):
     """Moves piece i to ``send_peers[i]`` and receives piece i from ``recv_peers[i]`` (group ranks)."""
 
     name = "base"
+    #: posting allocates staging tensors (then the post must stay on the compute stream, see ``detached``)
+    allocates_on_start = False
 
     def __init__(self, group: dist.ProcessGroup | None, send_peers: Sequence[int], recv_peers: Sequence[int],
                  layout: PieceLayout):
@@ -169,6 +171,7 @@ class A2ATransport(Transport):
         ident = list(range(len(send_peers)))
         self.stage_send = self.send_order != ident
         self.stage_recv = self.recv_order != ident
+        self.allocates_on_start = self.stage_send or self.stage_recv
         self._direct: dict[str, object] = {}  # device type -> backend (skips the dispatcher, ~25 us a call)
 
     def _post(self, out: torch.Tensor, send: torch.Tensor):
@@ -452,7 +455,12 @@ def detached(device: torch.device, after: torch.cuda.Event | None) -> Iterator[N
     """Issue the enclosed work (packing, an exchange's first transfer) on a side stream that waits only
     for ``after``, so that the host can queue compute on the current stream first and post the transfer
     while that compute runs. Waiting on the returned ``Pending`` orders the current stream after the
-    transfer as usual. A no-op on CPU."""
+    transfer as usual. A no-op on CPU or when ``after`` is None.
+
+    Memory rule (the caching allocator is stream-ordered): every tensor the enclosed work writes or
+    sends must be allocated BEFORE ``after`` was recorded, or on the side stream and used only there;
+    a block allocated on the current stream after the mark may still be in use by the kernels queued
+    since (a kernel's freed workspace, say), which the side stream does not wait for."""
     if device.type != "cuda" or after is None:
         yield
         return
