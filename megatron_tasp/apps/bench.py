@@ -104,6 +104,49 @@ def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int, min_total_ms
     return statistics.median(times)
 
 
+def time_round_robin(fns: list[Callable[[], Any]], device, iters: int, rounds: int = 1, min_total_ms: float = 0.0,
+                     agree: Callable[[float], float] | None = None,
+                     reduce: Callable[[float], float] | None = None) -> list[float]:
+    """Median milliseconds of each of ``fns`` (warmed up by the caller), timed in ``rounds`` rounds that take
+    turns (round 1 of every fn, then round 2, ...), so that slow drifts of the machine (clocks, other
+    tenants of the host) fall on every variant alike instead of on whichever ran during them. Each sample
+    is one call between CUDA events with a synchronisation after it (perf_counter on CPU), ``reduce``d
+    (e.g. max over ranks) per sample. ``min_total_ms`` grows the repetitions as in :func:`time_fn`."""
+    import torch
+
+    counts = []
+    for fn in fns:
+        n_it = iters
+        if min_total_ms > 0:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            one = max((time.perf_counter() - t0) * 1e3, 1e-3)
+            want = float(min(20 * iters, max(iters, math.ceil(min_total_ms / one))))
+            n_it = int(agree(want) if agree is not None else want)
+        counts.append(n_it)
+    rounds = max(1, rounds)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            per = counts[i] // rounds + (1 if r < counts[i] % rounds else 0)
+            for _ in range(per):
+                if device.type == "cuda":
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    fn()
+                    b.record()
+                    b.synchronize()
+                    ms = a.elapsed_time(b)
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    ms = (time.perf_counter() - t0) * 1e3
+                samples[i].append(reduce(ms) if reduce is not None else ms)
+    return [statistics.median(s) for s in samples]
+
+
 def _timed(cfg, fn, device) -> float:
     """``time_fn`` with the run's settings, agreed and maximised over ranks."""
     ms = time_fn(fn, device, cfg.warmup, cfg.iters, getattr(cfg, "min_total_ms", 0.0),
@@ -212,6 +255,7 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
                 for kp in keeps if not (t == "symm" and kp is True)] if n > 1 else []
     if "compute_only" in cfg.impls and n > 1:  # the bound; per chunk count and KV mode, as TASP runs them
         variants.extend(("compute_only", max(ring_counts), "none", c, kp) for c in cfg.chunks for kp in keeps)
+    jobs: list[tuple[dict, Callable[[], Any]]] = []  # timed together, round-robin (see time_round_robin)
     for impl, k_, transport, chunks, keep in variants:
         if impl == "tasp" and "tasp" not in cfg.impls:
             continue
@@ -222,27 +266,37 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
         try:
             out = fwd()
             err = _rel_err(out, ref_local) if impl == "tasp" else None
+            del out
             resolved = tasp_run_summary(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
                                         backend=cfg.kernel, chunks=chunks, keep_kv=keep)
             for passes in cfg.passes:
                 fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dol, (ql, kl, vl))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device)
-                ms = _timed(cfg, fn, device)
-                # memory the call itself needs on top of its inputs (activations, buffers, gradients)
-                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
-                fl = attention_flops(seq, b, hq, d, causal, passes) / n
-                records.append({**base, "impl": impl, "num_rings": resolved["num_rings"], "transport": transport,
-                                "chunks": resolved["chunks"], "keep_kv": resolved["keep_kv"],
-                                "kernel": resolved["kernel"],
-                                "requested": {"num_rings": k_, "chunks": chunks, "keep_kv": keep}, "pass": passes,
-                                "time_ms": ms,
-                                "tflops_per_gpu": fl / ms / 1e9, "max_rel_err": err, "extra_mem_mb": peak})
+                peak = None
+                for _ in range(max(1, cfg.warmup)):
+                    if device.type == "cuda":  # memory the call needs on top of its inputs (buffers, grads)
+                        torch.cuda.synchronize(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                        before = torch.cuda.memory_allocated(device)
+                    fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                jobs.append(({**base, "impl": impl, "num_rings": resolved["num_rings"], "transport": transport,
+                              "chunks": resolved["chunks"], "keep_kv": resolved["keep_kv"],
+                              "kernel": resolved["kernel"],
+                              "requested": {"num_rings": k_, "chunks": chunks, "keep_kv": keep}, "pass": passes,
+                              "max_rel_err": err, "extra_mem_mb": peak}, fn))
         except Exception as exc:  # noqa: BLE001 - record and keep going
             records.append({**base, "impl": impl, "num_rings": k_, "transport": transport, "chunks": chunks,
                             "keep_kv": keep, "error": repr(exc)})
+    if jobs:
+        times = time_round_robin([fn for _, fn in jobs], device, cfg.iters, getattr(cfg, "rounds", 1),
+                                 getattr(cfg, "min_total_ms", 0.0),
+                                 agree=lambda x: _max_over_ranks(x, device, cfg.group),
+                                 reduce=lambda x: _max_over_ranks(x, device, cfg.group))
+        for (rec, _), ms in zip(jobs, times):
+            fl = attention_flops(seq, b, hq, d, causal, rec["pass"]) / n
+            records.append({**rec, "time_ms": ms, "tflops_per_gpu": fl / ms / 1e9})
 
     if "single_gpu" in cfg.impls and device.type == "cuda":  # memory baseline: one-device attention, local shard
         ql2, kl2, vl2 = (x.detach().permute(1, 2, 0, 3).clone().requires_grad_() for x in (ql, kl, vl))
@@ -485,8 +539,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{r['impl']:<22} {r['bytes'] / 2**20:8.2f} MiB  {r['GBps_per_direction']:8.1f} GB/s")
         else:
             err = f" err={r['max_rel_err']:.1e}" if r.get("max_rel_err") is not None else ""
+            kept = {True: "kept", False: "sent"}.get(r.get("keep_kv"), "-")
             print(f"{r['impl']:<20} k={r['num_rings']} {r.get('transport', ''):<5} c={r.get('chunks', '-')} "
-                  f"tok={r['tokens_per_gpu']:>6} "
+                  f"kv={kept:<4} tok={r['tokens_per_gpu']:>6} "
                   f"h={r['heads_q']}/{r['heads_kv']} causal={int(r['causal'])} {r['pass']:<7} "
                   f"{r['time_ms']:9.3f} ms {r['tflops_per_gpu']:7.1f} TFLOP/s{err}")
     return 0
@@ -515,6 +570,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--min-total-ms", type=float, default=0.0,
                    help="grow the repetitions of fast shapes until they cover this much time (max 20x --iters)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="TASP and compute-only variants of a shape are timed in this many interleaved rounds "
+                        "(each variant's repetitions split over them), so machine drift hits all alike")
     p.add_argument("--transport-sweep", action="store_true", help="also run the transport microbenchmark")
     p.add_argument("--msg-sizes-mb", default="0.25,1,2,4,8,16,32,64,128,256")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
