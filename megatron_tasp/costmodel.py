@@ -480,13 +480,24 @@ def _combine(compute: float, comm: float, gamma: float) -> float:
     return max(compute, comm) + gamma * min(compute, comm)
 
 
+KEEP_KV_AUTO_BYTES = 64 * 2**20  # attention.KEEP_KV_AUTO_MIB (this module imports no torch)
+
+
+def keeps_kv(n: int, shape: Shape, transport: str) -> bool:
+    """What ``keep_kv='auto'`` decides in ``tasp_attention``: keep the forward's KV pieces for the backward
+    when they take at most 64 MiB and the transport allocates per call."""
+    return transport != "symm" and (n - 1) * 2 * shape.tokens_per_gpu * shape.kv_row_bytes <= KEEP_KV_AUTO_BYTES
+
+
 def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None = None, *,
-            transport: str | None = None, scheme: str = "current") -> Prediction:
+            transport: str | None = None, scheme: str = "current", keep_kv: bool | None = None) -> Prediction:
     """Predict one TASP attention call with ``k`` rings on ``topology`` (all of its GPUs are the CP group).
 
     ``transport`` defaults to what ``tasp_attention`` uses (a2a on one node, p2p across nodes); ``none``
     models the compute-only benchmark (local copy instead of an exchange). ``scheme`` selects the backward
-    variant (see ``SCHEMES``).
+    variant (see ``SCHEMES``). ``keep_kv`` (default: the engine's 'auto' rule, :func:`keeps_kv`): the
+    backward runs on the forward's KV (no KV exchange or packing, remote steps first, the local block last
+    with the hop home hidden behind it).
     """
     calib = calib or default_calibration()
     if transport is None:
@@ -501,6 +512,7 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
         raise CostModelError(f"topology '{topology.name}' offers 1..{topology.max_rings()} rings, got {k!r}")
     st = _structure(topology, k, replace(shape, passes="fwd"), transport)
     n, es = st.n, shape.dtype_bytes
+    keep = (keeps_kv(n, shape, transport) if keep_kv is None else bool(keep_kv)) and scheme == "current"
     T, qrow, kvrow = shape.tokens_per_gpu, shape.q_row_bytes, shape.kv_row_bytes
     gb = calib.mem_GBps * 1e6  # bytes per ms
     gamma = calib.interference
@@ -542,7 +554,10 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
         home = 1.0 if scheme == "current" else mid  # the last hop
         x_mid, x_home = _comm_ms(st, calib, mid), _comm_ms(st, calib, home)
         if scheme == "current":
-            pre = pack + (0 if single else 3 * T * qrow)  # pack; dq = dq0.float() unless CP=2
+            if keep:  # no packing; dq starts as fp32 zeros unless CP=2 (added into the local block's dq)
+                pre = 0 if single else 2 * T * qrow
+            else:
+                pre = pack + (0 if single else 3 * T * qrow)  # pack; dq = dq0.float() unless CP=2
             # unpack (not needed for one ring); dk0 + remote home in one rounding; dq -> input dtype
             post = (0 if k == 1 else 4 * T * kvrow) + 6 * T * kvrow + (0 if single else 3 * T * qrow)
         else:
@@ -550,7 +565,8 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
             post = 4 * mid * T * kvrow + 2 * (mid + 1) * T * kvrow + 3 * T * qrow
         bgpu = pre / gb
         mem_total += pre / gb
-        for t in range(n):
+        order = [*range(1, n), 0] if keep else list(range(n))
+        for t in order:
             last = t == n - 1
             acc = es if (last and scheme == "current") else shape.dkv_bytes
             kern, mem = _step_compute(st.steps[t], shape, calib, True, acc, own=(t == 0), single=single,
@@ -560,7 +576,7 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
             if scheme == "current" and last and n > 2:
                 mem += 2 * T * kvrow * (mid + 1) / gb  # fp32 accumulator -> input-dtype hop home
             comm = 0.0
-            if t < n - 1:
+            if t < n - 1 and not keep:
                 comm += x_kv
                 mem += xfer_mem(1.0)
             if scheme == "current" and t >= 2:
@@ -569,19 +585,24 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
             if scheme == "legacy" and t >= 1:
                 comm += x_mid
                 mem += xfer_mem(mid)
+            if keep and t == 0:  # the local block runs last: the hop home overlaps it
+                comm += x_home
+                mem += xfer_mem(home)
             comp = kern + mem
             dur = _combine(comp, comm, gamma)
             steps.append(StepTime("bwd", t, comp, comm, dur))
             bgpu += dur
             kern_total, mem_total, comm_total = kern_total + kern, mem_total + mem, comm_total + comm
             exposed += dur - comp
-        # the last dK/dV hop home: nothing left to overlap with
-        bgpu += x_home + xfer_mem(home) + post / gb
-        comm_total += x_home
-        exposed += x_home
-        mem_total += xfer_mem(home) + post / gb
+        if not keep:  # the last dK/dV hop home: nothing left to overlap with
+            bgpu += x_home + xfer_mem(home)
+            comm_total += x_home
+            exposed += x_home
+            mem_total += xfer_mem(home)
+        bgpu += post / gb
+        mem_total += post / gb
         gpu += bgpu
-        n_bx = (n - 1) + (n - 1 if scheme == "current" else n)
+        n_bx = (0 if keep else n - 1) + (n - 1 if scheme == "current" else n)
         host += _host_ms(calib, "bwd", n, k) + n_bx * calib.host_exchange_ms(transport)
     total = max(host, calib.host_prefix_ms + gpu)
     return Prediction(topology=topology.name, world_size=n, num_rings=k, transport=transport, shape=shape,
@@ -786,7 +807,8 @@ def _pred_record(rec: dict[str, Any], calib: Calibration, topo_name: str) -> Pre
     topo = _calib_topology(topo_name, int(rec["cp"]))
     k = int(rec.get("num_rings") or 1)
     transport = "none" if rec["impl"] == "compute_only" else str(rec.get("transport") or "a2a")
-    return predict(topo, Shape.from_record(rec), k, calib, transport=transport, scheme=record_scheme(rec))
+    return predict(topo, Shape.from_record(rec), k, calib, transport=transport, scheme=record_scheme(rec),
+                   keep_kv=bool(rec.get("keep_kv", False)))
 
 
 def calibrate(records: Sequence[dict[str, Any]], topology: Topology | str | None = None) -> Calibration:

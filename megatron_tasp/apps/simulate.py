@@ -50,9 +50,17 @@ ASSUMPTIONS = [
 ]
 
 
+def _has_transport_sweep(path: Path) -> bool:
+    try:
+        return any(r.get("kind") == "transport" for r in json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def default_bench() -> str:
     """The newest CP=2 benchmark, ``docs/benchmarks/<date>-*-cp2[-vN].json`` (latest date, then highest N),
-    from the CWD or the repository."""
+    from the CWD or the repository, that holds a transport sweep (the link parameters are fitted on it;
+    the newest file of all when none does)."""
     pat = re.compile(r"^(\d{4}-\d{2}-\d{2}).*-cp2(?:-v(\d+))?\.json$")
     for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
         found = []
@@ -61,7 +69,8 @@ def default_bench() -> str:
             if m:
                 found.append((m.group(1), int(m.group(2) or 1), f))
         if found:
-            return str(max(found)[2])
+            found.sort(reverse=True)
+            return str(next((f for *_, f in found if _has_transport_sweep(f)), found[0][2]))
     raise FileNotFoundError("no docs/benchmarks/*-cp2[-vN].json found; pass --bench FILE")
 
 
