@@ -70,38 +70,15 @@ def _parse_keep(text: str) -> bool | str:
 
 def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int, min_total_ms: float = 0.0,
             agree: Callable[[float], float] | None = None) -> float:
-    """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU).
+    """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU) after ``warmup`` calls.
 
     With ``min_total_ms`` the repetitions grow (up to 20x ``iters``) until they cover that much time, so
     sub-millisecond shapes get enough samples; ``agree`` (e.g. max over ranks) makes every rank run the
     same count, which collectives inside ``fn`` require.
     """
-    import torch
-
     for _ in range(warmup):
         fn()
-    _sync(device)
-    if min_total_ms > 0:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        one = max((time.perf_counter() - t0) * 1e3, 1e-3)
-        want = float(min(20 * iters, max(iters, math.ceil(min_total_ms / one))))
-        iters = int(agree(want) if agree is not None else want)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_round_robin([fn], device, iters, 1, min_total_ms, agree=agree)[0]
 
 
 def time_round_robin(fns: list[Callable[[], Any]], device, iters: int, rounds: int = 1, min_total_ms: float = 0.0,
