@@ -305,9 +305,10 @@ def patched_training_probe(patched_root: str) -> dict[str, Any]:
     margs._validate_context_parallel_backend(a)
     out["cp_comm_allgather"] = a.cp_comm_type
     a = parse(["--context-parallel-backend", "tasp", "--attention-dropout", "0.0", "--tasp-num-rings", "auto",
-               "--tasp-transport", "p2p"])
+               "--tasp-transport", "p2p", "--tasp-chunks", "2", "--tasp-keep-kv", "0"])
     margs.validate_args(a, {})
     out["tasp"] = [a.cp_comm_type, a.tasp_enabled, a.tasp_num_rings, a.tasp_transport]
+    out["tasp_chunks_keep"] = [a.tasp_chunks, a.tasp_keep_kv]
     for name, extra in (("dropout", ["--context-parallel-backend", "tasp"]),
                         ("local", ["--context-parallel-backend", "tasp", "--attention-dropout", "0.0",
                                    "--attention-backend", "local", "--spec", "local"])):

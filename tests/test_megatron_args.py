@@ -45,6 +45,19 @@ def test_flags_parse():
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):
             _parser().parse_args(["--tasp-chunks", bad])
+    assert _parser().parse_args([]).tasp_keep_kv is None
+    assert [_parser().parse_args(["--tasp-keep-kv", v]).tasp_keep_kv for v in ("auto", "1", "off")] == \
+        ["auto", True, False]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--tasp-keep-kv", "sometimes"])
+
+
+def test_keep_kv_with_symm_fails_closed():
+    ns = SimpleNamespace(context_parallel_backend="tasp", tasp_transport="symm", tasp_keep_kv="1")
+    with pytest.raises(TaspArgumentError, match="--tasp-keep-kv auto or 0"):
+        validate_tasp_args(ns, device_capability=None)
+    ok = SimpleNamespace(context_parallel_backend="tasp", tasp_transport="symm", tasp_keep_kv="auto")
+    assert tasp_options_from_args(validate_tasp_args(ok, device_capability=None))["tasp_keep_kv"] == "auto"
 
 
 def test_add_twice_is_harmless():
@@ -164,7 +177,7 @@ def test_plain_namespace_without_megatron_fields():
     validate_tasp_args(ns, device_capability=None)
     assert ns.cp_comm_type == ["tasp"] and ns.tasp_num_rings == 2
     assert tasp_options_from_args(ns) == {"tasp_num_rings": 2, "tasp_topology": None, "tasp_transport": None,
-                                          "tasp_kernel": None, "tasp_chunks": None}
+                                          "tasp_kernel": None, "tasp_chunks": None, "tasp_keep_kv": None}
     bad = SimpleNamespace(context_parallel_backend="ulysses")
     with pytest.raises(TaspArgumentError):
         validate_tasp_args(bad, device_capability=None)

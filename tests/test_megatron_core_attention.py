@@ -181,17 +181,20 @@ def test_options_from_config_and_kwargs_reach_tasp_attention(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "megatron_tasp.attention", types.SimpleNamespace(tasp_attention=fake))
     cfg = tiny_config(1)
     cfg.tasp_num_rings, cfg.tasp_transport, cfg.tasp_kernel = 2, "auto", "math"
+    cfg.tasp_keep_kv = False
     topo = tmp_path / "t.yaml"
     topo.write_text("name: t\ngpus_per_node: 1\n")
     cfg.tasp_topology = str(topo)
     q, k, v = _qkv()
     _make(config=cfg)(q, k, v, None)
-    _make(config=cfg, tasp_num_rings="auto", tasp_transport="p2p", attn_mask_type=AttnMaskType.no_mask)(q, k, v, None)
+    _make(config=cfg, tasp_num_rings="auto", tasp_transport="p2p", tasp_keep_kv="auto",
+          attn_mask_type=AttnMaskType.no_mask)(q, k, v, None)
     (g0, kw0), (g1, kw1) = calls
     assert g0 is None and kw0["num_rings"] == 2 and kw0["transport"] is None and kw0["backend"] == "math"
     assert kw0["causal"] is True and kw0["softmax_scale"] == pytest.approx(0.25)
     assert kw0["topology"].world_size == 1
     assert kw1["num_rings"] == "auto" and kw1["transport"] == "p2p" and kw1["causal"] is False
+    assert kw0["keep_kv"] is False and kw1["keep_kv"] == "auto"
 
 
 def test_te_extra_state_is_dropped_on_load():

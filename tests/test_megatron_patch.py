@@ -70,6 +70,7 @@ def test_patched_flags_parse_validate_and_build(patched_root):
     out = H.run_probe(f"patched_training_probe({str(patched_root)!r})")
     assert out["allgather"] == ["all_gather"] and out["cp_comm_allgather"] == ["all_gather"]
     assert out["tasp"] == [["tasp"], True, "auto", "p2p"]
+    assert out["tasp_chunks_keep"] == [2, False]
     assert "attention-dropout 0.0" in out["dropout"]
     assert "attention-backend local" in out["local"]
     assert out["cp2_ring"] == ["p2p"] and out["cp2_tasp"] == ["tasp"] and out["cp2_a2a"] == ["a2a"]

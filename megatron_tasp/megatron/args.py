@@ -65,6 +65,18 @@ def parse_chunks(value: Any) -> int | str | None:
     return n
 
 
+def parse_keep_kv(value: Any) -> bool | str | None:
+    """``None`` -> None (the engine's default, 'auto'); auto/1/0 (and true/false/yes/no/on/off) -> 'auto'/bool."""
+    if value is None or isinstance(value, bool):
+        return value
+    table = {"auto": "auto", "1": True, "true": True, "yes": True, "on": True, "0": False, "false": False,
+             "no": False, "off": False}
+    word = str(value).strip().lower()
+    if word not in table:
+        raise argparse.ArgumentTypeError(f"--tasp-keep-kv must be auto, 1 or 0, got {value!r}")
+    return table[word]
+
+
 def parse_num_rings(value: Any) -> int | str | None:
     """``None``/"auto" -> "auto"-like value; an integer string -> int >= 1."""
     if value is None:
@@ -107,6 +119,11 @@ def add_tasp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--tasp-chunks", type=parse_chunks, default=None, metavar="{N,auto}",
                        help="Messages per KV piece and step (default 1): with N > 1 each piece's kernels start "
                             "as soon as its first chunk lands, at the cost of N times the kernel launches.")
+    group.add_argument("--tasp-keep-kv", type=parse_keep_kv, default=None, metavar="{auto,1,0}",
+                       help="Keep the KV pieces received in the forward for the backward (1: no KV exchange in "
+                            "the backward, every dK/dV hop hidden; costs (CP-1) x the local K/V per layer until "
+                            "its backward), exchange them again (0), or auto (default: keep up to 64 MiB per "
+                            "layer call, MEGATRON_TASP_KEEP_KV_MIB; never with symm).")
     group.add_argument("--tasp-kernel", type=str, default=None,
                        help="Attention kernel backend used by TASP (default: chosen at run time).")
     return parser
@@ -209,11 +226,16 @@ def validate_tasp_args(args: Any, *, device_capability: tuple[int, int] | None |
     args.tasp_num_rings = num_rings
     try:
         args.tasp_chunks = parse_chunks(getattr(args, "tasp_chunks", None))
+        args.tasp_keep_kv = parse_keep_kv(getattr(args, "tasp_keep_kv", None))
     except argparse.ArgumentTypeError as exc:
         raise TaspArgumentError(str(exc)) from None
     transport = getattr(args, "tasp_transport", None)
     if transport is not None and transport not in TRANSPORTS:
         raise TaspArgumentError(f"--tasp-transport must be one of {TRANSPORTS}, got {transport!r}")
+    if transport == "symm" and args.tasp_keep_kv is True:
+        raise TaspArgumentError("--tasp-keep-kv 1 needs per-call KV buffers, but --tasp-transport symm moves pieces "
+                                "through two persistent buffers shared by every layer: use --tasp-keep-kv auto or 0 "
+                                "with symm, or --tasp-transport a2a")
 
     topo_path = getattr(args, "tasp_topology", None)
     max_k = None
@@ -253,8 +275,10 @@ def tasp_options_from_args(args: Any) -> dict[str, Any]:
         "tasp_transport": None if transport == "auto" else transport,
         "tasp_kernel": getattr(args, "tasp_kernel", None),
         "tasp_chunks": getattr(args, "tasp_chunks", None),
+        "tasp_keep_kv": getattr(args, "tasp_keep_kv", None),
     }
 
 
-__all__ = ["BACKENDS", "TRANSPORTS", "TaspArgumentError", "add_tasp_args", "parse_chunks", "parse_num_rings",
+__all__ = ["BACKENDS", "TRANSPORTS", "TaspArgumentError", "add_tasp_args", "parse_chunks", "parse_keep_kv",
+           "parse_num_rings",
            "tasp_options_from_args", "validate_tasp_args"]

@@ -14,7 +14,8 @@ the TE module), so one spec serves mixed layouts. Without Transformer Engine tha
 
 Options come from constructor keywords (``tasp_num_rings`` ...; e.g. ``ModuleSpec.params``), else from
 attributes of the config (``config.tasp_num_rings``, ``tasp_topology``, ``tasp_transport``,
-``tasp_kernel``, ``tasp_chunks``), else defaults (the attention layer picks the ring count and kernel).
+``tasp_kernel``, ``tasp_chunks``, ``tasp_keep_kv``), else defaults (the attention layer picks the ring count
+and kernel).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ TASP_COMM_TYPE = "tasp"
 _SUPPORTED_MASKS = ("causal", "no_mask", "causal_bottom_right")
 # Keywords some Megatron versions pass that carry no meaning for TASP (ignored when given).
 _IGNORED_KWARGS = frozenset({"num_splits", "pp_layer_offset", "name", "model_comm_pgs"})
-_OPTION_KEYS = ("tasp_num_rings", "tasp_topology", "tasp_transport", "tasp_kernel", "tasp_chunks")
+_OPTION_KEYS = ("tasp_num_rings", "tasp_topology", "tasp_transport", "tasp_kernel", "tasp_chunks", "tasp_keep_kv")
 
 
 def normalize_comm_type(value: str | None) -> str | None:
@@ -186,6 +187,7 @@ class TaspDotProductAttention(MegatronModule):
             self.transport = None
         self.kernel = option("tasp_kernel")
         self.chunks = option("tasp_chunks")
+        self.keep_kv = option("tasp_keep_kv")
         self.topology = self._load_topology(option("tasp_topology"))
         # Attributes other Megatron code looks for on a core attention (QK-clip bookkeeping).
         self.current_max_attn_logits = None
@@ -269,6 +271,7 @@ class TaspDotProductAttention(MegatronModule):
             backend=self.kernel,
             transport=self.transport,
             chunks=self.chunks,
+            keep_kv=self.keep_kv,
         )
         if dv < d:
             out = out[..., :dv]
@@ -278,7 +281,7 @@ class TaspDotProductAttention(MegatronModule):
     def extra_repr(self) -> str:
         return (f"layer={self.layer_number}, cp={self.cp_size}, mask={_mask_name(self.attn_mask_type)}, "
                 f"scale={self.softmax_scale:.4g}, num_rings={self.num_rings}, transport={self.transport}, "
-                f"kernel={self.kernel}, chunks={self.chunks}")
+                f"kernel={self.kernel}, chunks={self.chunks}, keep_kv={self.keep_kv}")
 
 
 __all__ = ["TASP_COMM_TYPE", "TaspDotProductAttention", "is_tasp_comm_type", "normalize_comm_type"]

@@ -36,7 +36,8 @@ def spec_options(args: Any = None) -> dict[str, Any]:
         return {}
     opts = tasp_options_from_args(args)
     return {"num_rings": opts["tasp_num_rings"], "topology": opts["tasp_topology"],
-            "transport": opts["tasp_transport"], "kernel": opts["tasp_kernel"], "chunks": opts["tasp_chunks"]}
+            "transport": opts["tasp_transport"], "kernel": opts["tasp_kernel"], "chunks": opts["tasp_chunks"],
+            "keep_kv": opts["tasp_keep_kv"]}
 
 
 def _has_layers(spec: Any) -> bool:

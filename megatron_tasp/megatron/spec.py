@@ -109,10 +109,10 @@ def _swap(obj: Any, replacement: Any, field_name: str | None, seen: set[int]) ->
 
 def tasp_core_attention_spec(*, num_rings: int | str | None = None, topology: Any = None,
                              transport: str | None = None, kernel: str | None = None,
-                             chunks: int | str | None = None) -> Any:
+                             chunks: int | str | None = None, keep_kv: bool | str | None = None) -> Any:
     """The value to put in a ``core_attention`` slot: the class, or a ModuleSpec carrying options."""
     given = {"tasp_num_rings": num_rings, "tasp_topology": topology, "tasp_transport": transport,
-             "tasp_kernel": kernel, "tasp_chunks": chunks}
+             "tasp_kernel": kernel, "tasp_chunks": chunks, "tasp_keep_kv": keep_kv}
     params = {k: v for k, v in given.items() if v is not None}
     if not params:
         return TaspDotProductAttention
@@ -122,7 +122,8 @@ def tasp_core_attention_spec(*, num_rings: int | str | None = None, topology: An
 
 
 def tasp_layer_spec(spec: Any, *, strict: bool = True, num_rings: int | str | None = None, topology: Any = None,
-                    transport: str | None = None, kernel: str | None = None, chunks: int | str | None = None) -> Any:
+                    transport: str | None = None, kernel: str | None = None, chunks: int | str | None = None,
+                    keep_kv: bool | str | None = None) -> Any:
     """Return a copy of a Megatron layer/block/stack spec with TASP core attention in every attention layer.
 
     Options given here are baked into the spec (ModuleSpec params) and win over ``config.tasp_*``.
@@ -130,7 +131,7 @@ def tasp_layer_spec(spec: Any, *, strict: bool = True, num_rings: int | str | No
     """
     new = _copy_tree(spec)
     replacement = tasp_core_attention_spec(num_rings=num_rings, topology=topology, transport=transport,
-                                           kernel=kernel, chunks=chunks)
+                                           kernel=kernel, chunks=chunks, keep_kv=keep_kv)
     # A bare SelfAttention/MLA spec (not wrapped in a layer) counts as a self_attention slot too.
     root_field = "self_attention" if _is_module_spec(new) and hasattr(new.submodules, "core_attention") else None
     n = _swap(new, replacement, root_field, set())

@@ -45,6 +45,7 @@ def transformer_config(recipe: Recipe, device: torch.device) -> Any:
     config.tasp_transport = None if p.transport == "auto" else p.transport
     config.tasp_kernel = p.kernel
     config.tasp_chunks = p.chunks
+    config.tasp_keep_kv = p.keep_kv
     return config
 
 

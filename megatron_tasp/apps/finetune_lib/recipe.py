@@ -113,6 +113,9 @@ class ParallelSection:
                         choices=("auto", "a2a", "p2p", "symm"))
     chunks: int | str = _f(1, "messages per KV piece and step (kernels start as each lands; more launches); "
                            "'auto' asks the cost model", kind="int_or_auto", min=1)
+    keep_kv: bool | str = _f("auto", "keep the forward's KV pieces for the backward: auto (up to 64 MiB per layer "
+                             "call), true (no KV exchange in the backward; costs (cp-1) x the local K/V per layer) "
+                             "or false", kind="bool_or_auto")
     kernel: str | None = _f(None, "TASP block-attention kernel (null = chosen at run time)", kind="str", nullable=True)
     device: str = _f("auto", "auto (cuda when available), cuda or cpu", kind="str", choices=("auto", "cuda", "cpu"))
 
@@ -282,6 +285,7 @@ def _kind_text(meta: dict[str, Any]) -> str:
     kind = meta["kind"]
     text = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
             "floats": "a list of numbers", "int_or_auto": "an integer or 'auto'",
+            "bool_or_auto": "true, false or 'auto'",
             "paths": "a path/glob or a list of them"}[kind]
     if meta["choices"]:
         text = "one of " + ", ".join(map(str, meta["choices"]))
@@ -304,6 +308,12 @@ def _coerce(value: Any, meta: dict[str, Any], where: str) -> Any:
         if not isinstance(value, bool):
             raise bad
         return value
+    if kind == "bool_or_auto":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        raise bad
     if kind == "int_or_auto" and isinstance(value, str):
         if value.strip().lower() != "auto":
             raise bad
