@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cp", type=int, default=2, help="context-parallel size (world must be a multiple)")
     p.add_argument("--num-rings", default=None, help="TASP rings (int or 'auto'; default: the most available)")
     p.add_argument("--transport", default=None, choices=["a2a", "p2p", "symm", "auto"])
+    p.add_argument("--keep-kv", default="auto", choices=["auto", "1", "0"],
+                   help="keep the forward's KV pieces for the backward (default auto: up to 64 MiB per layer)")
     p.add_argument("--kernel", default=None, help="TASP kernel backend (default: chosen at run time)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1536)
@@ -140,6 +142,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.n
     )
     config.tasp_num_rings = args.num_rings if args.num_rings in (None, "auto") else int(args.num_rings)
     config.tasp_transport = None if args.transport in (None, "auto") else args.transport
+    config.tasp_keep_kv = {"1": True, "0": False}.get(args.keep_kv, "auto")
     config.tasp_kernel = args.kernel
     model = GPTModel(config=config, transformer_layer_spec=gpt_tasp_local_spec(config), vocab_size=256,
                      max_sequence_length=args.seq, position_embedding_type="rope",
