@@ -198,23 +198,23 @@ class Calibration:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
 
 
-# Fitted on docs/benchmarks/2026-11-25-h100x2-cp2-v3.json (2x H100 SXM NV18, torch 2.11, NCCL 2.28.9, cuDNN
+# Fitted on docs/benchmarks/2026-11-25-h100x2-cp2-v4.json (2x H100 SXM NV18, torch 2.11, NCCL 2.28.9, cuDNN
 # 9.19, bf16) by ``calibrate``; regenerate with ``megatron-tasp simulate --save-calibration``. A test checks
 # that these constants still match a fresh calibration on that file.
 DEFAULT_CALIBRATION_DICT: dict[str, Any] = {
-    "fwd": {"peak_tflops": 611.4, "half_gflop": 37.11},
-    "bwd": {"peak_tflops": 539.7, "half_gflop": 86.49},
+    "fwd": {"peak_tflops": 608.1, "half_gflop": 33.04},
+    "bwd": {"peak_tflops": 540.5, "half_gflop": 100.9},
     "mem_GBps": 3000.0,
-    "host_fwd_ms": 0.8756,
-    "host_bwd_ms": 1.452,
-    "host_prefix_ms": 0.04866,
-    "host_exchange_a2a_ms": 0.1325,
+    "host_fwd_ms": 0.8835,
+    "host_bwd_ms": 1.223,
+    "host_prefix_ms": 1.373e-09,
+    "host_exchange_a2a_ms": 0.04501,
     "host_exchange_p2p_ms": 0.3349,
-    "alpha_a2a_us": 28.58,
-    "alpha_p2p_us": 139.7,
-    "link_efficiency": 0.7055,
-    "msg_overhead_us": 68.71,
-    "interference": 0.1615,
+    "alpha_a2a_us": 32.97,
+    "alpha_p2p_us": 100.1,
+    "link_efficiency": 0.7727,
+    "msg_overhead_us": 42.99,
+    "interference": 0.2489,
     "nic_efficiency": 0.9,
     "host_step_frac_fwd": 0.48,
     "host_step_frac_bwd": 0.53,
@@ -222,7 +222,7 @@ DEFAULT_CALIBRATION_DICT: dict[str, Any] = {
     "host_piece_frac_bwd": 0.114,
     "calibration_topology": "h100-nv18-2",
     "machine": "NVIDIA H100 80GB HBM3",
-    "source": "2026-11-25-h100x2-cp2-v3.json",
+    "source": "2026-11-25-h100x2-cp2-v4.json",
 }
 
 
