@@ -10,12 +10,17 @@ Forward (k rings, n ranks). Local KV is packed into k pieces; piece i = (slice i
 slice i of the back block) and moves only along ring i. Step 0 runs one causal kernel on the local
 shard. At step t >= 1 a held piece from source s is either *earlier* (s < r: every query sees its
 front slice) or *later* (s > r: only the back query block sees it, all of it). Pieces of one case are
-concatenated so a step launches at most two kernels. Partial results merge by log-sum-exp in fp32.
+concatenated so a step launches at most two kernels. Partial results merge by log-sum-exp in fp32
+(fp64 for fp64 inputs; the same for every accumulator below). The local kernel is queued before the
+first exchange is posted (on a side stream, ``exchange.detached``), so the host posts it while the GPU
+computes.
 
-Backward re-runs the KV rotation. Each block's backward uses the merged output and lse; dQ
-accumulates locally (fp32) and the dK/dV accumulator of every piece follows its piece one hop behind
-along the same ring (fp32 by default, ``MEGATRON_TASP_DKV_DTYPE=input`` sends it in the input dtype),
-one extra hop bringing it home after the last step.
+Backward. Each block's backward uses the merged output and lse; dQ accumulates locally (fp32) and the
+dK/dV accumulator of every piece follows its piece one hop behind along the same ring (fp32 by default,
+``MEGATRON_TASP_DKV_DTYPE=input`` sends it in the input dtype), one extra hop bringing it home after the
+last step. With ``keep_kv`` the forward keeps the pieces it received and the backward uses them: no KV
+traffic, remote steps first and the local block last, so every hop, the one home included, overlaps a
+kernel. Without it the backward runs the KV rotation again.
 
 Lanes (``chunks=c``): every piece is cut into c sub-pieces; sub-piece j of all pieces forms lane j, sent
 as its own message, and a lane's kernels wait only for that lane. At CP=2 with one chunk every output
@@ -224,10 +229,15 @@ def _sbhd(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators (merged output and lse, dQ, travelling dK/dV): fp32, or the input's when wider (fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _dkv_dtype(dtype: torch.dtype) -> torch.dtype:
     mode = os.environ.get("MEGATRON_TASP_DKV_DTYPE", "fp32").lower()
     if mode in ("fp32", "float32"):
-        return torch.float32
+        return _acc_dtype(dtype)
     if mode == "input":
         return dtype
     raise TaspConfigError(f"MEGATRON_TASP_DKV_DTYPE must be 'fp32' or 'input', got {mode!r}")
@@ -326,7 +336,8 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     inputs_ready = mark(q.device) if n > 1 and run.detach_first else None
     out0, lse0, c = kernel.forward_unchecked(qb, _bhsd(k), _bhsd(v), causal=run.causal, scale=run.scale)
     # every query sees itself in the local block, so the lse is finite from here on
-    lse = lse0 if lse0.dtype == torch.float32 and lse0.is_contiguous() else lse0.to(torch.float32).contiguous()
+    acc_t = _acc_dtype(q.dtype)
+    lse = lse0 if lse0.dtype == acc_t and lse0.is_contiguous() else lse0.to(acc_t).contiguous()
     ctxs: list[Any] = [c]
     if n == 1:
         return _sbhd(out0).to(q.dtype).contiguous(), lse, ctxs, None
@@ -340,7 +351,7 @@ def _forward(run: _Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if run.unmerged_rows is not None:
             acc[:, :, run.unmerged_rows].copy_(out0[:, :, run.unmerged_rows])
     else:
-        acc = src = out0.to(torch.float32, copy=True)
+        acc = src = out0.to(acc_t, copy=True)
     for st in plan.steps[1:]:
         nxt = None
         if st.sends:
@@ -427,7 +438,7 @@ class _Grads:
     def finish_dq(self, dq0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """dQ in q's layout: the local block's dq plus every remote contribution, one rounding at CP=2."""
         if self.dq is None:  # CP=2, one chunk: one remote contribution per row, added into the kernel's dq
-            dq = dq0 if dq0.dtype == q.dtype else dq0.to(torch.float32, copy=True)
+            dq = dq0 if dq0.dtype == q.dtype else dq0.to(_acc_dtype(q.dtype), copy=True)
             for rows, dqg in self.pending_dq:
                 dq[:, :, rows] += dqg
         else:
@@ -477,7 +488,7 @@ def _backward(run: _Run, dout, q, k, v, out, lse, ctxs, kept):
         recvd = kv_chan.start(0)
     kv_chan.advance()
     if not run.single_contribution:
-        g.dq = dq0.to(torch.float32, copy=True)
+        g.dq = dq0.to(_acc_dtype(q.dtype), copy=True)
     home = None
     dkv_recvd: list | None = None
     sent: list = []
@@ -510,7 +521,7 @@ def _backward_kept(run: _Run, g: _Grads, q, k, v, kept: list, mid: Channel | Non
     next step's kernels), the local block last (hiding the hop home)."""
     n = run.plan.world_size
     if not run.single_contribution:
-        g.dq = torch.zeros(_bhsd(q).shape, dtype=torch.float32, device=q.device)
+        g.dq = torch.zeros(_bhsd(q).shape, dtype=_acc_dtype(q.dtype), device=q.device)
     home = run.channel(k.dtype, k.device, "backward dKV (hop home)",
                        buffers=[kept[n - 1], torch.empty_like(kept[n - 1])])
     kv_view = home  # any channel of this run slices kept buffers into lanes and pieces
@@ -540,7 +551,9 @@ class _TaspAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        kept, ctx.kept = ctx.kept, None  # a second backward through the same graph is not supported anyway
+        # the hop home overwrites a kept buffer, so a second backward through this graph (retain_graph)
+        # exchanges KV again instead of reading the kept pieces
+        kept, ctx.kept = ctx.kept, None
         with torch.no_grad():
             dq, dk, dv = _backward(ctx.run, dout.contiguous(), q, k, v, out, lse, ctx.kctx, kept)
         return dq, dk, dv, None
