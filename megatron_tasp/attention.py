@@ -43,6 +43,7 @@ import torch.distributed as dist
 from megatron_tasp.exchange import Channel, PieceLayout, detached, make_transport, mark
 from megatron_tasp.kernels import get_kernel
 from megatron_tasp.kernels.fused_merge import merge_to
+from megatron_tasp.options import keep_kv_auto, parse_keep_kv
 from megatron_tasp.schedule import EARLIER, LATER, RankStep, compile_schedule, split_sizes
 from megatron_tasp.topology import Topology, generic_topology, load_topology
 from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
@@ -688,34 +689,18 @@ def _resolve_chunks(chunks: int | str | None, plan: RankPlan, hint: dict, topolo
     return chunks
 
 
-KEEP_KV_AUTO_MIB = 64.0
-
-
-def _resolve_keep_kv(keep_kv: bool | str | None, plan: RankPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
-    if keep_kv is None:
-        keep_kv = os.environ.get("MEGATRON_TASP_KEEP_KV") or "auto"
-    if isinstance(keep_kv, str):
-        word = keep_kv.strip().lower()
-        table = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                 "off": False, "auto": "auto"}
-        if word not in table:
-            raise TaspConfigError(f"keep_kv must be True, False or 'auto' (MEGATRON_TASP_KEEP_KV too), got {keep_kv!r}")
-        keep_kv = table[word]
-    if not isinstance(keep_kv, bool) and keep_kv != "auto":
-        raise TaspConfigError(f"keep_kv must be True, False or 'auto', got {keep_kv!r}")
-    if keep_kv is True and plan.transport == "symm":
+def _resolve_keep_kv(keep_kv: bool | str | None, plan: RankPlan, k: torch.Tensor) -> bool:
+    try:
+        keep = parse_keep_kv(os.environ.get("MEGATRON_TASP_KEEP_KV") or "auto" if keep_kv is None else keep_kv)
+        if keep == "auto":
+            return keep_kv_auto(plan.world_size, 2 * k.numel() * k.element_size(), plan.transport)
+    except ValueError as exc:
+        raise TaspConfigError(f"{exc} (tasp_attention's keep_kv, MEGATRON_TASP_KEEP_KV)") from None
+    if keep and plan.transport == "symm":
         raise TaspConfigError("keep_kv=True needs per-call KV buffers, but transport 'symm' moves pieces through two "
                               "persistent symmetric-memory buffers shared by every call: use keep_kv=False (or "
                               "'auto') with 'symm', or transport='a2a'")
-    if keep_kv == "auto":
-        try:
-            cap = float(os.environ.get("MEGATRON_TASP_KEEP_KV_MIB", KEEP_KV_AUTO_MIB))
-        except ValueError as exc:
-            raise TaspConfigError(f"MEGATRON_TASP_KEEP_KV_MIB must be a number of MiB, got "
-                                  f"{os.environ.get('MEGATRON_TASP_KEEP_KV_MIB')!r}") from exc
-        kept = (plan.world_size - 1) * 2 * k.numel() * k.element_size()
-        return plan.transport != "symm" and kept <= cap * 2**20
-    return keep_kv
+    return keep
 
 
 def _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transport, chunks,
@@ -726,7 +711,7 @@ def _make_run(q, k, cp_group, kernel, causal, scale, num_rings, topology, transp
     plan = rank_plan(cp_group, num_rings, topology, transport, hint)
     _check_equal_lengths(cp_group, plan, q.shape[0], q.device)
     c = _resolve_chunks(chunks, plan, hint, topology)
-    keep = _resolve_keep_kv(keep_kv, plan, q, k)
+    keep = _resolve_keep_kv(keep_kv, plan, k)
     rkey = (plan, id(cp_group), id(kernel), causal, scale, q.shape[0], tuple(k.shape[1:]), str(q.device), c, keep)
     run = _RUNS.get(rkey)
     if run is None:

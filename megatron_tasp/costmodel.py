@@ -41,6 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from megatron_tasp.options import keep_kv_auto
 from megatron_tasp.schedule import Schedule, split_sizes
 from megatron_tasp.topology import Topology, generic_topology, load_topology
 
@@ -480,13 +481,9 @@ def _combine(compute: float, comm: float, gamma: float) -> float:
     return max(compute, comm) + gamma * min(compute, comm)
 
 
-KEEP_KV_AUTO_BYTES = 64 * 2**20  # attention.KEEP_KV_AUTO_MIB (this module imports no torch)
-
-
 def keeps_kv(n: int, shape: Shape, transport: str) -> bool:
-    """What ``keep_kv='auto'`` decides in ``tasp_attention``: keep the forward's KV pieces for the backward
-    when they take at most 64 MiB and the transport allocates per call."""
-    return transport != "symm" and (n - 1) * 2 * shape.tokens_per_gpu * shape.kv_row_bytes <= KEEP_KV_AUTO_BYTES
+    """What ``keep_kv='auto'`` decides in ``tasp_attention`` for this shape (``options.keep_kv_auto``)."""
+    return keep_kv_auto(n, 2 * shape.tokens_per_gpu * shape.kv_row_bytes, transport)
 
 
 def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None = None, *,
@@ -525,6 +522,16 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
             return 4 * T * kvrow * scale / gb
         return (4 * T * kvrow * scale * (int(st.stage_send) + int(st.stage_recv))) / gb
 
+    def account(phase: str, t: int, kern: float, mem: float, comm: float) -> float:
+        """One step: compute and transfer overlap (``_combine``); record it, add to the totals; its time."""
+        nonlocal kern_total, mem_total, comm_total, exposed
+        comp = kern + mem
+        dur = _combine(comp, comm, gamma)
+        steps.append(StepTime(phase, t, comp, comm, dur))
+        kern_total, mem_total, comm_total = kern_total + kern, mem_total + mem, comm_total + comm
+        exposed += dur - comp
+        return dur
+
     # ---- forward
     x_kv = _comm_ms(st, calib, 1.0)
     single = n == 2 and scheme == "current"  # one merge per row: no fp32 accumulators (attention.py)
@@ -536,12 +543,7 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
         kern, mem = _step_compute(st.steps[t], shape, calib, False, es, own=(t == 0), single=single)
         comm = x_kv if t < n - 1 else 0.0
         mem += xfer_mem(1.0) if t < n - 1 else 0.0
-        comp = kern + mem
-        dur = _combine(comp, comm, gamma)
-        steps.append(StepTime("fwd", t, comp, comm, dur))
-        gpu += dur
-        kern_total, mem_total, comm_total = kern_total + kern, mem_total + mem, comm_total + comm
-        exposed += dur - comp
+        gpu += account("fwd", t, kern, mem, comm)
     if not single:
         gpu += 3 * T * qrow / gb  # fp32 -> input dtype output
         mem_total += 3 * T * qrow / gb
@@ -588,12 +590,7 @@ def predict(topology: Topology, shape: Shape, k: int, calib: Calibration | None 
             if keep and t == 0:  # the local block runs last: the hop home overlaps it
                 comm += x_home
                 mem += xfer_mem(home)
-            comp = kern + mem
-            dur = _combine(comp, comm, gamma)
-            steps.append(StepTime("bwd", t, comp, comm, dur))
-            bgpu += dur
-            kern_total, mem_total, comm_total = kern_total + kern, mem_total + mem, comm_total + comm
-            exposed += dur - comp
+            bgpu += account("bwd", t, kern, mem, comm)
         if not keep:  # the last dK/dV hop home: nothing left to overlap with
             bgpu += x_home + xfer_mem(home)
             comm_total += x_home

@@ -181,9 +181,7 @@ class A2ATransport(Transport):
         if be is None:
             return dist.all_to_all_single(out, send, self.out_splits, self.in_splits, group=self.group,
                                           async_op=True)
-        opts = dist.AllToAllOptions()
-        opts.asyncOp = True
-        return be.alltoall_base(out, send, self.out_splits, self.in_splits, opts)
+        return be.alltoall_base(out, send, self.out_splits, self.in_splits, _ASYNC_A2A_OPTS)
 
     def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
         if self.stage_send:
@@ -197,6 +195,11 @@ class A2ATransport(Transport):
                 for i, (view, size) in enumerate(zip(self.layout.views(recv), self.layout.sizes)):
                     view.reshape(-1).copy_(out[self.recv_offsets[i]:self.recv_offsets[i] + size])
         return Pending([work], recv, label, finish)
+
+
+_ASYNC_A2A_OPTS = dist.AllToAllOptions() if hasattr(dist, "AllToAllOptions") else None  # read-only, shared
+if _ASYNC_A2A_OPTS is not None:
+    _ASYNC_A2A_OPTS.asyncOp = True
 
 
 def _backend_of(group, device: torch.device):

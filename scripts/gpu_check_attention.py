@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
 from megatron_tasp.kernels import available_kernels
+from megatron_tasp.options import parse_keep_kv
 from megatron_tasp.topology import max_rings
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     names = ("out", "dq", "dk", "dv")
     seed = 0
     chunk_list = [int(c) for c in args.chunks.split(",")]
-    keep_list = [{"1": True, "0": False}.get(x, x) for x in args.keep_kv.split(",")]
+    keep_list = [parse_keep_kv(x) for x in args.keep_kv.split(",")]
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         kernels = [k for k in args.kernels.split(",") if k in available_kernels(dev, dtype, 128)]
         for kernel in kernels:

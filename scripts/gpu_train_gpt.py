@@ -128,6 +128,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.n
     from megatron.core.transformer.module import Float16Module
 
     from megatron_tasp.megatron.spec import gpt_tasp_local_spec
+    from megatron_tasp.options import parse_keep_kv
 
     bf16 = args.dtype == "bf16"
     config = TransformerConfig(
@@ -142,7 +143,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.n
     )
     config.tasp_num_rings = args.num_rings if args.num_rings in (None, "auto") else int(args.num_rings)
     config.tasp_transport = None if args.transport in (None, "auto") else args.transport
-    config.tasp_keep_kv = {"1": True, "0": False}.get(args.keep_kv, "auto")
+    config.tasp_keep_kv = parse_keep_kv(args.keep_kv)
     config.tasp_kernel = args.kernel
     model = GPTModel(config=config, transformer_layer_spec=gpt_tasp_local_spec(config), vocab_size=256,
                      max_sequence_length=args.seq, position_embedding_type="rope",

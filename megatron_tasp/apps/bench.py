@@ -60,14 +60,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _parse_keep(text: str) -> bool | str:
-    word = text.strip().lower()
-    table = {"auto": "auto", "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-    if word not in table:
-        raise ValueError(f"--keep-kv takes auto, 1 or 0 (comma list), got {text!r}")
-    return table[word]
-
-
 def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int, min_total_ms: float = 0.0,
             agree: Callable[[float], float] | None = None) -> float:
     """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU) after ``warmup`` calls.
@@ -479,7 +471,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.transports = _parse_list(args.transports, str)
     args.num_rings = _parse_list(args.num_rings, int) if args.num_rings else None
     args.chunks = [c if c == "auto" else int(c) for c in _parse_list(args.chunks, str)]
-    args.keep_kv = [_parse_keep(x) for x in _parse_list(args.keep_kv, str)]
+    from megatron_tasp.options import parse_keep_kv
+
+    args.keep_kv = [parse_keep_kv(x) for x in _parse_list(args.keep_kv, str)]
     args.msg_sizes = [int(float(x) * 2**20) for x in args.msg_sizes_mb.split(",")]
     bad = [i for i in args.impls if i not in IMPLS]
     if bad:

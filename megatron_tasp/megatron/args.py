@@ -22,6 +22,8 @@ import os
 import sys
 from typing import Any
 
+from megatron_tasp.options import parse_keep_kv as _parse_keep_kv
+
 BACKENDS = ("ring", "p2p", "a2a", "all_gather", "a2a+p2p", "tasp")
 TRANSPORTS = ("a2a", "p2p", "symm", "auto")
 _BACKEND_TO_COMM = {"ring": "p2p"}
@@ -66,15 +68,13 @@ def parse_chunks(value: Any) -> int | str | None:
 
 
 def parse_keep_kv(value: Any) -> bool | str | None:
-    """``None`` -> None (the engine's default, 'auto'); auto/1/0 (and true/false/yes/no/on/off) -> 'auto'/bool."""
-    if value is None or isinstance(value, bool):
-        return value
-    table = {"auto": "auto", "1": True, "true": True, "yes": True, "on": True, "0": False, "false": False,
-             "no": False, "off": False}
-    word = str(value).strip().lower()
-    if word not in table:
-        raise argparse.ArgumentTypeError(f"--tasp-keep-kv must be auto, 1 or 0, got {value!r}")
-    return table[word]
+    """``None`` -> None (the engine's default, 'auto'); otherwise ``megatron_tasp.options.parse_keep_kv``."""
+    if value is None:
+        return None
+    try:
+        return _parse_keep_kv(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tasp-keep-kv must be auto, 1 or 0, got {value!r}") from None
 
 
 def parse_num_rings(value: Any) -> int | str | None:

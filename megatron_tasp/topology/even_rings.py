@@ -45,6 +45,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+from megatron_tasp.topology.rings import RingError, verify_rings
+
 __all__ = ["even_full_rings"]
 
 # Search budgets (nodes). The largest need seen for k <= 130 is ~35k (midpoint) and ~60 (whole problem,
@@ -203,15 +205,7 @@ def _verify(n: int, cycles: Sequence[Sequence[int]]) -> None:
     """Raise RuntimeError unless ``cycles`` are n-1 Hamiltonian cycles using every arc of K_n* once."""
     if len(cycles) != n - 1:
         raise RuntimeError(f"expected {n - 1} rings for n={n}, got {len(cycles)}")
-    everyone = list(range(n))
-    seen: set[tuple[int, int]] = set()
-    for idx, cyc in enumerate(cycles):
-        if len(cyc) != n or sorted(cyc) != everyone:
-            raise RuntimeError(f"ring {idx} is not a Hamiltonian cycle on 0..{n - 1}: {list(cyc)}")
-        for i, u in enumerate(cyc):
-            arc = (u, cyc[(i + 1) % n])
-            if arc in seen:
-                raise RuntimeError(f"arc {arc[0]}->{arc[1]} is used twice (second time by ring {idx})")
-            seen.add(arc)
-    if len(seen) != n * (n - 1):  # pragma: no cover - implied by the checks above
-        raise RuntimeError(f"rings cover {len(seen)} arcs, K_{n}* has {n * (n - 1)}")
+    try:  # n-1 arc-disjoint Hamiltonian cycles cover all n(n-1) arcs
+        verify_rings(n, cycles)
+    except RingError as exc:
+        raise RuntimeError(f"internal error building rings for n={n}: {exc}") from None
