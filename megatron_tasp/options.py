@@ -1,48 +1,297 @@
-"""Option values shared by the engine, the cost model, the Megatron flags and the CLI (pure Python).
+"""``TaspOptions``: every knob of TASP attention in one frozen object, and the one parser behind every entry
+point (``tasp_attention``, the Megatron flags, recipes, bench, scripts). Pure Python, no torch.
 
-``keep_kv``: keep the KV pieces received in the forward for the backward. One parser for every entry
-point (``tasp_attention(keep_kv=...)``, ``MEGATRON_TASP_KEEP_KV``, ``--tasp-keep-kv``, ``bench --keep-kv``)
-and one 'auto' rule for the engine and the cost model.
+Precedence, the same everywhere: built-in defaults < environment variables < what the caller gives
+(keyword arguments, ``--tasp-*`` flags, a recipe's ``parallel`` section). A ``TaspOptions`` object passed
+explicitly is taken as it is. The environment is read in this module only, once per process
+(:func:`env_options`; :func:`reload_env` re-reads it), never on the attention hot path.
+
+Environment variables (each overrides the default of one field):
+
+=================================  ==================  ================================================
+variable                           field               values
+=================================  ==================  ================================================
+``MEGATRON_TASP_NUM_RINGS``        ``num_rings``       N or ``auto``
+``MEGATRON_TASP_TOPOLOGY``         ``topology``        preset name or YAML path
+``MEGATRON_TASP_TRANSPORT``        ``transport``       ``a2a``, ``p2p``, ``symm`` or ``auto``
+``MEGATRON_TASP_KERNEL``           ``kernel``          a block-kernel name or ``auto``
+``MEGATRON_TASP_CHUNKS``           ``chunks``          N or ``auto``
+``MEGATRON_TASP_KEEP_KV``          ``keep_kv``         ``auto``, 1/0, true/false, on/off
+``MEGATRON_TASP_KEEP_KV_MIB``      ``keep_kv_cap_mib`` MiB 'auto' keeps per call (default 64)
+``MEGATRON_TASP_DKV_DTYPE``        ``dkv_dtype``       ``fp32`` (default) or ``input``
+``MEGATRON_TASP_TIMEOUT_S``        ``timeout_s``       seconds a CPU exchange waits (default 300)
+``MEGATRON_TASP_FUSED_MERGE``      ``fused_merge``     1 (default) or 0: the torch merge instead of Triton
+``MEGATRON_TASP_DIRECT_COLLECTIVES`` ``direct_collectives`` 1 (default) or 0: public all_to_all_single
+``MEGATRON_TASP_CALIBRATION``      ``calibration``     cost-model calibration JSON for the 'auto' choices
+``MEGATRON_TASP_AUTO_PROBE``       ``auto_probe``      1: time candidate ring counts once per shape
+``MEGATRON_TASP_HOSTS``            ``hosts``           comma-separated host of every CP rank (emulation)
+=================================  ==================  ================================================
+
+One name per concept: ``kernel`` is the block-attention kernel (cudnn, flash, ...); ``transport`` is how
+pieces move; "backend" is only Megatron's ``--context-parallel-backend`` (tasp or one of TE's rings).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-KEEP_KV_AUTO_MIB = 64.0  # default cap of what 'auto' keeps per call; MEGATRON_TASP_KEEP_KV_MIB overrides
+KEEP_KV_AUTO_MIB = 64.0  # default cap of what keep_kv='auto' keeps per call
+TRANSPORTS = ("a2a", "p2p", "symm")
+DKV_DTYPES = ("fp32", "input")
+ENV_PREFIX = "MEGATRON_TASP_"
 
-_KEEP_WORDS: dict[str, bool | str] = {"auto": "auto", "1": True, "true": True, "yes": True, "on": True,
-                                      "0": False, "false": False, "no": False, "off": False}
+_BOOL_WORDS: dict[str, bool] = {"1": True, "true": True, "yes": True, "on": True,
+                                "0": False, "false": False, "no": False, "off": False}
 
 
-def parse_keep_kv(value: Any) -> bool | str:
-    """True, False or 'auto' from a bool or a word (auto, 1/0, true/false, yes/no, on/off; any case);
-    raises ValueError otherwise."""
+class TaspOptionError(ValueError):
+    """An option value TASP cannot take; the message names the option and the accepted values."""
+
+
+def _positive_int_or_auto(name: str, value: Any, *, allow_none: bool) -> int | str | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise TaspOptionError(f"{name} must be a positive integer or 'auto', got None")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if allow_none and text in ("", "none", "max"):
+            return None
+        if not text.isdigit():
+            raise TaspOptionError(f"{name} must be a positive integer or 'auto', got {value!r}")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaspOptionError(f"{name} must be a positive integer or 'auto', got {value!r}")
+    return value
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """A bool from a bool or a word (1/0, true/false, yes/no, on/off; any case)."""
     if isinstance(value, bool):
         return value
-    word = _KEEP_WORDS.get(str(value).strip().lower()) if isinstance(value, str) else None
+    word = _BOOL_WORDS.get(str(value).strip().lower()) if isinstance(value, (str, int)) else None
     if word is None:
-        raise ValueError(f"keep_kv must be True, False or 'auto' (or 1/0, true/false, on/off), got {value!r}")
+        raise TaspOptionError(f"{name} must be true or false (1/0, on/off), got {value!r}")
     return word
 
 
-def keep_kv_cap_bytes() -> float:
-    """Bytes 'auto' keeps at most per call: ``MEGATRON_TASP_KEEP_KV_MIB`` (default 64) MiB."""
-    text = os.environ.get("MEGATRON_TASP_KEEP_KV_MIB")
-    if text is None:
-        return KEEP_KV_AUTO_MIB * 2**20
+def parse_keep_kv(value: Any) -> bool | str:
+    """True, False or 'auto' from a bool or a word (auto, 1/0, true/false, yes/no, on/off; any case)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     try:
-        return float(text) * 2**20
-    except ValueError:
-        raise ValueError(f"MEGATRON_TASP_KEEP_KV_MIB must be a number of MiB, got {text!r}") from None
+        return parse_bool("keep_kv", value)
+    except TaspOptionError:
+        raise TaspOptionError(f"keep_kv must be True, False or 'auto' (or 1/0, true/false, on/off), "
+                              f"got {value!r}") from None
 
 
-def keep_kv_auto(world_size: int, local_kv_bytes: int, transport: str) -> bool:
+def _positive_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TaspOptionError(f"{name} must be a positive number, got {value!r}") from None
+    if isinstance(value, bool) or not out > 0:
+        raise TaspOptionError(f"{name} must be a positive number, got {value!r}")
+    return out
+
+
+def _choice_or_auto(name: str, value: Any, choices: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text not in choices:
+        raise TaspOptionError(f"{name} must be one of {', '.join(choices)} or 'auto', got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class TaspOptions:
+    """How TASP attention runs. Every field has a default that serves a single node.
+
+    num_rings: rings per step (None: the most the topology offers; 1: zigzag ring attention; 'auto':
+        the cost model's choice).
+    topology: a ``Topology``, a shipped preset name or a YAML path (None: an all-to-all single node).
+    transport: 'a2a', 'p2p' or 'symm' (None: a2a on one node, p2p across nodes).
+    kernel: block-attention kernel name (None: chosen for the device; ``megatron_tasp.kernels``).
+    chunks: messages per piece and step (1; 'auto': the cost model's choice).
+    keep_kv: keep the forward's received KV pieces for the backward (True/False/'auto').
+    keep_kv_cap_mib: what 'auto' keeps per call at most.
+    dkv_dtype: the travelling dK/dV accumulator: 'fp32' or 'input' (the input dtype).
+    timeout_s: seconds a CPU (gloo) exchange waits for a peer before raising.
+    fused_merge: the one-kernel Triton merge on CUDA (False: the torch merge).
+    direct_collectives: post all-to-alls on the process group's backend object (False: public API).
+    calibration: cost-model calibration file for the 'auto' choices (None: the shipped constants).
+    auto_probe: with num_rings='auto', time the candidates once per shape on the real group.
+    hosts: the host of every CP rank in group order (None: gathered from the processes); set it to
+        emulate several nodes on one machine.
+    """
+
+    num_rings: int | str | None = None
+    topology: Any = None
+    transport: str | None = None
+    kernel: str | None = None
+    chunks: int | str = 1
+    keep_kv: bool | str = "auto"
+    keep_kv_cap_mib: float = KEEP_KV_AUTO_MIB
+    dkv_dtype: str = "fp32"
+    timeout_s: float = 300.0
+    fused_merge: bool = True
+    direct_collectives: bool = True
+    calibration: str | None = None
+    auto_probe: bool = False
+    hosts: tuple[str, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "num_rings", _positive_int_or_auto("num_rings", self.num_rings, allow_none=True))
+        set_(self, "chunks", _positive_int_or_auto("chunks", self.chunks, allow_none=False))
+        set_(self, "transport", _choice_or_auto("transport", self.transport, TRANSPORTS))
+        kernel = self.kernel
+        if kernel is not None:
+            if not isinstance(kernel, str):
+                raise TaspOptionError(f"kernel must be a kernel name or 'auto', got {kernel!r}")
+            kernel = kernel.strip().lower() or None
+            kernel = None if kernel == "auto" else kernel
+        set_(self, "kernel", kernel)
+        set_(self, "keep_kv", parse_keep_kv(self.keep_kv))
+        set_(self, "keep_kv_cap_mib", _positive_float("keep_kv_cap_mib", self.keep_kv_cap_mib))
+        dkv = str(self.dkv_dtype).strip().lower()
+        dkv = "fp32" if dkv == "float32" else dkv
+        if dkv not in DKV_DTYPES:
+            raise TaspOptionError(f"dkv_dtype must be 'fp32' or 'input', got {self.dkv_dtype!r}")
+        set_(self, "dkv_dtype", dkv)
+        set_(self, "timeout_s", _positive_float("timeout_s", self.timeout_s))
+        set_(self, "fused_merge", parse_bool("fused_merge", self.fused_merge))
+        set_(self, "direct_collectives", parse_bool("direct_collectives", self.direct_collectives))
+        set_(self, "auto_probe", parse_bool("auto_probe", self.auto_probe))
+        topo = self.topology
+        if isinstance(topo, os.PathLike):
+            topo = os.fspath(topo)
+        if isinstance(topo, str):
+            topo = topo.strip() or None
+        set_(self, "topology", topo)
+        cal = self.calibration
+        set_(self, "calibration", os.fspath(cal) if cal is not None and str(cal).strip() else None)
+        hosts = self.hosts
+        if hosts is not None:
+            if isinstance(hosts, str):
+                hosts = hosts.split(",")
+            hosts = tuple(str(h).strip() for h in hosts)
+            if not hosts or not all(hosts):
+                raise TaspOptionError(f"hosts must name the host of every CP rank, got {self.hosts!r}")
+        set_(self, "hosts", hosts)
+        if self.transport == "symm" and self.keep_kv is True:
+            raise TaspOptionError("keep_kv=True needs per-call KV buffers, but transport 'symm' moves pieces through "
+                                  "two persistent symmetric-memory buffers shared by every call: use keep_kv=False "
+                                  "(or 'auto') with 'symm', or transport='a2a'")
+
+    @property
+    def keep_kv_cap_bytes(self) -> float:
+        """What keep_kv='auto' keeps per call at most, in bytes."""
+        return self.keep_kv_cap_mib * 2**20
+
+    def replace(self, **changes: Any) -> TaspOptions:
+        """A copy with ``changes`` applied (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (a Topology object as its name), e.g. for benchmark records and logs."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if out["topology"] is not None and not isinstance(out["topology"], str):
+            out["topology"] = getattr(out["topology"], "name", str(out["topology"]))
+        if out["hosts"] is not None:
+            out["hosts"] = list(out["hosts"])
+        return out
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TaspOptions))
+ENV_VARS: dict[str, str] = {f"{ENV_PREFIX}{name.upper()}": name for name in FIELDS}
+
+_ENV_CACHE: dict[str, Any] | None = None
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    found = {}
+    for var, name in ENV_VARS.items():
+        text = environ.get(var)
+        if text is not None and text.strip() != "":
+            found[name] = text.strip()
+    try:
+        TaspOptions(**found)
+    except TaspOptionError as exc:
+        names = ", ".join(f"{ENV_PREFIX}{n.upper()}" for n in sorted(found))
+        raise TaspOptionError(f"{exc} (from the environment: {names})") from None
+    return found
+
+
+def env_options() -> dict[str, Any]:
+    """The fields set by ``MEGATRON_TASP_*`` environment variables (read once per process)."""
+    global _ENV_CACHE
+    if _ENV_CACHE is None:
+        _ENV_CACHE = _read_env(os.environ)
+    return dict(_ENV_CACHE)
+
+
+def reload_env() -> None:
+    """Forget the environment snapshot: the next :func:`env_options` reads ``os.environ`` again."""
+    global _ENV_CACHE
+    _ENV_CACHE = None
+
+
+def env_flag(name: str, default: str | None = None) -> str | None:
+    """A ``MEGATRON_TASP_<NAME>`` variable that is not a TASP option (e.g. the launcher's VERBOSE);
+    every read of the project's environment goes through this module."""
+    return os.environ.get(f"{ENV_PREFIX}{name.upper()}", default)
+
+
+def parse_options(given: Mapping[str, Any] | TaspOptions | None = None, *, use_env: bool = True,
+                  where: str = "") -> TaspOptions:
+    """Options from defaults < environment < ``given`` (a mapping of field names; None values mean 'not
+    given'; keys may carry a ``tasp_`` prefix). A TaspOptions is returned unchanged. ``where`` names the
+    source (a flag set, a recipe file) in errors."""
+    if isinstance(given, TaspOptions):
+        return given
+    values = env_options() if use_env else {}
+    for key, value in (given or {}).items():
+        name = key[5:] if key.startswith("tasp_") else key
+        if name not in FIELDS:
+            valid = ", ".join(FIELDS)
+            raise TaspOptionError(f"unknown TASP option {key!r}{f' in {where}' if where else ''}; valid: {valid}")
+        if value is not None:
+            values[name] = value
+    try:
+        return TaspOptions(**values)
+    except TaspOptionError as exc:
+        raise TaspOptionError(f"{exc}{f' ({where})' if where else ''}") from None
+
+
+def default_options() -> TaspOptions:
+    """Defaults with the environment's overrides (what ``tasp_attention`` uses when given no options)."""
+    return parse_options(None)
+
+
+def keep_kv_cap_bytes() -> float:
+    """What keep_kv='auto' keeps per call at most under the default options (environment included)."""
+    return default_options().keep_kv_cap_bytes
+
+
+def keep_kv_auto(world_size: int, local_kv_bytes: int, transport: str, cap_bytes: float | None = None) -> bool:
     """What keep_kv='auto' decides: keep the (n - 1) received pieces (each the size of the local K plus V)
-    when they fit under :func:`keep_kv_cap_bytes` and the transport allocates per call (not 'symm', whose
-    two persistent buffers are shared by every call)."""
-    return transport != "symm" and (world_size - 1) * local_kv_bytes <= keep_kv_cap_bytes()
+    when they fit under the cap and the transport allocates per call (not 'symm', whose two persistent
+    buffers are shared by every call)."""
+    cap = keep_kv_cap_bytes() if cap_bytes is None else cap_bytes
+    return transport != "symm" and (world_size - 1) * local_kv_bytes <= cap
 
 
-__all__ = ["KEEP_KV_AUTO_MIB", "keep_kv_auto", "keep_kv_cap_bytes", "parse_keep_kv"]
+__all__ = ["DKV_DTYPES", "ENV_VARS", "FIELDS", "KEEP_KV_AUTO_MIB", "TRANSPORTS", "TaspOptionError", "TaspOptions",
+           "default_options", "env_flag", "env_options", "keep_kv_auto", "keep_kv_cap_bytes",
+           "parse_bool", "parse_keep_kv", "parse_options", "reload_env"]
