@@ -43,7 +43,7 @@ import torch.distributed as dist
 from megatron_tasp.exchange import Channel, PieceLayout, detached, make_transport, mark
 from megatron_tasp.kernels import get_kernel
 from megatron_tasp.kernels.fused_merge import merge_to
-from megatron_tasp.options import keep_kv_auto, parse_keep_kv
+from megatron_tasp.options import TaspOptions, keep_kv_auto, parse_keep_kv
 from megatron_tasp.schedule import EARLIER, LATER, RankStep, compile_schedule, split_sizes
 from megatron_tasp.topology import Topology, generic_topology, load_topology
 from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
@@ -602,7 +602,7 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
                    causal: bool = True, softmax_scale: float | None = None, num_rings: int | str | None = None,
                    topology: Topology | str | None = None, backend: str | None = None,
                    transport: str | None = None, chunks: int | str | None = None,
-                   keep_kv: bool | str | None = None) -> torch.Tensor:
+                   keep_kv: bool | str | None = None, options: TaspOptions | None = None) -> torch.Tensor:
     """Exact context-parallel attention with TASP's multi-ring KV exchange.
 
     Args:
@@ -628,9 +628,19 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     Returns:
         ``[s_local, b, h, d]`` in q's dtype; differentiable in q, k and v.
     """
+    if options is not None:
+        num_rings, topology, backend, transport, chunks, keep_kv = _from_options(
+            options, num_rings, topology, backend, transport, chunks, keep_kv)
     run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks,
                        keep_kv)
     return _TaspAttention.apply(q, k, v, run)
+
+
+def _from_options(options: TaspOptions, num_rings, topology, backend, transport, chunks, keep_kv) -> tuple:
+    """Keyword arguments given explicitly win over the fields of ``options``."""
+    pick = lambda given, field: field if given is None else given  # noqa: E731
+    return (pick(num_rings, options.num_rings), pick(topology, options.topology), pick(backend, options.kernel),
+            pick(transport, options.transport), pick(chunks, options.chunks), pick(keep_kv, options.keep_kv))
 
 
 def _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks,
@@ -660,12 +670,15 @@ def tasp_run_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group
                      causal: bool = True, softmax_scale: float | None = None, num_rings: int | str | None = None,
                      topology: Topology | str | None = None, backend: str | None = None,
                      transport: str | None = None, chunks: int | str | None = None,
-                     keep_kv: bool | str | None = None) -> dict[str, Any]:
+                     keep_kv: bool | str | None = None, options: TaspOptions | None = None) -> dict[str, Any]:
     """What :func:`tasp_attention` runs for these arguments ('auto' resolved): rings, transport, chunks,
     kept KV, kernel.
 
     Collective on the first call for a shape (like ``tasp_attention`` itself); cached afterwards.
     """
+    if options is not None:
+        num_rings, topology, backend, transport, chunks, keep_kv = _from_options(
+            options, num_rings, topology, backend, transport, chunks, keep_kv)
     run = _resolve_run(q, k, v, cp_group, causal, softmax_scale, num_rings, topology, backend, transport, chunks,
                        keep_kv)
     return {"cp": run.plan.world_size, "num_rings": run.plan.num_rings, "transport": run.plan.transport,
