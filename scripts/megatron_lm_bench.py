@@ -1,0 +1,164 @@
+"""Megatron-LM end to end: CP=2 TASP against CP=1 / DP=2 (TASP kernels) on the same GPUs, same tokens per step.
+
+Runs Megatron-LM's own ``pretrain_gpt.py`` (through ``megatron_tasp.megatron.pretrain_gpt``, no patch needed,
+or a patched checkout with ``--entry patched``) once per (sequence length, layout), mock data, bf16, and
+records Megatron's own numbers (iteration time, TFLOP/s/GPU, loss) as JSON::
+
+    export MEGATRON_LM_PATH=/path/to/Megatron-LM          # pretrain_gpt.py, gpt_builders.py, model_provider.py
+    python scripts/megatron_lm_bench.py --seq 16384,32768 --out docs/benchmarks/DATE-h200x2-megatron-lm.json
+
+Both layouts process ``global_batch`` sequences of ``seq`` tokens per step on ``nproc`` GPUs, so the tokens per
+GPU per step are equal: CP=2 splits every sequence over the two GPUs, DP=2 gives each GPU whole sequences.
+Medians skip the first ``--warmup`` iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)")
+TFLOPS_RE = re.compile(r"throughput per GPU \(TFLOP/s/GPU\): ([\d.]+)")
+LOSS_RE = re.compile(r"lm loss: ([\d.E+-]+)")
+
+
+def model_args(a: argparse.Namespace, seq: int) -> list[str]:
+    """The GPT model and training flags shared by every layout."""
+    return [
+        "--num-layers", str(a.layers), "--hidden-size", str(a.hidden), "--ffn-hidden-size", str(4 * a.hidden),
+        "--num-attention-heads", str(a.heads), "--group-query-attention", "--num-query-groups", str(a.groups),
+        "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--position-embedding-type", "rope",
+        "--micro-batch-size", "1", "--global-batch-size", str(a.global_batch),
+        "--train-iters", str(a.iters), "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "constant",
+        "--bf16", "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--seed", "1234",
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(a.vocab),
+        "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+        "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+        "--log-interval", "1", "--log-throughput", "--eval-iters", "0", "--eval-interval", str(10 * a.iters),
+        "--split", "100,0,0", "--distributed-backend", "nccl",
+    ]
+
+
+def layout_args(cp: int) -> list[str]:
+    """Flags of one layout: CP=2 TASP, or CP=1 with TASP kernels (data parallel over the GPUs)."""
+    return ["--context-parallel-size", str(cp), "--context-parallel-backend", "tasp"]
+
+
+def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
+    """One Megatron-LM run; returns its record (or the failure with the log's tail)."""
+    entry = ["-m", "megatron_tasp.megatron.pretrain_gpt"] if a.entry == "launcher" else \
+        [str(Path(os.environ["MEGATRON_LM_PATH"]) / "pretrain_gpt.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
+           "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq), *layout_args(cp),
+           *a.extra]
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    log = log_dir / f"megatron-lm-seq{seq}-cp{cp}.log"
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=a.timeout)
+    text = log.read_text(errors="replace")
+    iters, tflops, losses = [], [], []
+    for line in text.splitlines():
+        m = ITER_RE.search(line)
+        if not m:
+            continue
+        it, ms = int(m.group(1)), float(m.group(2))
+        t = TFLOPS_RE.search(line)
+        lo = LOSS_RE.search(line)
+        losses.append(float(lo.group(1)) if lo else None)
+        if it > a.warmup:
+            iters.append(ms)
+            if t:
+                tflops.append(float(t.group(1)))
+    rec = {"impl": "megatron_lm", "entry": a.entry, "cp": cp, "dp": a.nproc // cp, "seq_length": seq,
+           "global_batch": a.global_batch, "layers": a.layers, "hidden": a.hidden, "heads": a.heads,
+           "query_groups": a.groups, "rc": rc, "wall_s": round(time.time() - t0, 1), "losses": losses,
+           "log": log.name}
+    if rc != 0 or not iters:
+        rec["error_tail"] = text[-3000:]
+        return rec
+    iter_ms = statistics.median(iters)
+    tokens_per_gpu = a.global_batch * seq / a.nproc
+    rec.update(iter_ms=round(iter_ms, 2), iter_ms_all=iters, tokens_per_gpu_per_step=tokens_per_gpu,
+               tokens_per_s_per_gpu=round(tokens_per_gpu / (iter_ms / 1e3), 1),
+               tflops_per_gpu=round(statistics.median(tflops), 1) if tflops else None)
+    return rec
+
+
+def versions() -> dict:
+    """Card and library versions of this machine."""
+    import torch
+
+    out = {"torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+           "cudnn": torch.backends.cudnn.version(), "device": torch.cuda.get_device_name(0),
+           "gpus": torch.cuda.device_count()}
+    try:
+        from importlib.metadata import version
+
+        out["megatron_core"] = version("megatron-core")
+    except Exception:  # noqa: BLE001 - an unpacked wheel may carry no metadata
+        import megatron.core
+
+        out["megatron_core"] = getattr(megatron.core, "__version__", "unknown")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", default="16384,32768", help="comma-separated sequence lengths (default 16384,32768)")
+    p.add_argument("--cps", default="1,2", help="CP sizes to run (default 1,2; CP=1 is data parallel)")
+    p.add_argument("--nproc", type=int, default=2, help="GPUs (default 2)")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--groups", type=int, default=4, help="query groups (KV heads)")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--global-batch", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5, help="iterations left out of the medians")
+    p.add_argument("--entry", choices=("launcher", "patched"), default="launcher",
+                   help="launcher: python -m megatron_tasp.megatron.pretrain_gpt; patched: a patched pretrain_gpt.py")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per run")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--log-dir", default=None, help="where the Megatron logs go (default: beside --out)")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more Megatron-LM flags for every run")
+    a = p.parse_args(argv)
+    a.extra = [x for x in a.extra if x != "--"]
+    if "MEGATRON_LM_PATH" not in os.environ:
+        p.error("set MEGATRON_LM_PATH to a directory with Megatron-LM's pretrain_gpt.py")
+    out = Path(a.out)
+    log_dir = Path(a.log_dir) if a.log_dir else out.parent
+    log_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for seq in (int(s) for s in a.seq.split(",")):
+        for cp in (int(c) for c in a.cps.split(",")):
+            rec = run_one(a, seq, cp, log_dir)
+            records.append(rec)
+            print(json.dumps({k: v for k, v in rec.items() if k not in ("iter_ms_all", "losses", "error_tail")}),
+                  flush=True)
+            if "error_tail" in rec:
+                print(rec["error_tail"][-1500:], flush=True)
+    result = {"date": datetime.date.today().isoformat(), "machine": versions(), "records": records}
+    by = {(r["seq_length"], r["cp"]): r for r in records if "iter_ms" in r}
+    ratios = {}
+    for seq in {r["seq_length"] for r in records}:
+        base, tasp = by.get((seq, 1)), by.get((seq, 2))
+        if base and tasp:
+            ratios[str(seq)] = round(tasp["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], 3)
+    result["cp2_over_cp1_tokens_per_s"] = ratios
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("CP=2 / CP=1 tokens/s per GPU:", ratios)
+    return 0 if all("iter_ms" in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
