@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import lru_cache
 
 from megatron_tasp.topology.rings import RingError, verify_rings
 
@@ -100,40 +100,33 @@ class Schedule:
         """All steps of ``rank``."""
         return [self.step(rank, t) for t in range(self.world_size)]
 
-    @cached_property
-    def one_piece_per_peer(self) -> bool:
-        """True when every rank sends exactly one piece to every other rank each step (all-to-all)."""
-        return self.num_rings == self.world_size - 1
-
     def verify(self) -> None:
-        """Prove the schedule is exact; raise ScheduleError otherwise.
+        """Prove the schedule is exact in O(n*k); raise ScheduleError otherwise.
 
-        Checks: every rank holds every (ring, source) piece exactly once over the n steps; what a rank
-        receives at step t is what its peer held at step t and holds it at step t+1; each step a rank
-        sends its k pieces to k distinct peers; every rank holds k pieces every step (equal work).
+        Properties proven for every rank r and step t: r holds every (ring, source) piece exactly once over
+        the n steps; it holds k pieces each step (equal work); what it receives at the end of step t is what
+        its ring predecessor held at step t, and it holds that piece at step t+1; each step it sends its k
+        pieces to k distinct peers, never to itself.
+
+        Why per (ring, rank) checks suffice: the piece of ring i that r holds at step t is the one from
+        ``ring_i[pos_i(r) - t]``, so over t = 0..n-1 r sees each source of ring i once exactly when ring i is
+        a permutation of the n ranks (checked); sends and receives do not depend on t, so checking
+        ``pred_i(succ_i(r)) = r`` and that a forwarded piece keeps its source one step later
+        (``pos_i(succ_i(r)) = pos_i(r) + 1``) once per (i, r) covers every step.
         """
         n, k = self.world_size, self.num_rings
-        plans = [self.plan(r) for r in range(n)]
-        recvs = [[set(st.recvs) for st in plans[r]] for r in range(n)]
-        expected = sorted((i, s) for i in range(k) for s in range(n))
+        for i, ring in enumerate(self.rings):
+            if len(ring) != n or len(self.pos[i]) != n or set(self.pos[i]) != set(range(n)):
+                raise ScheduleError(f"ring {i} is not a permutation of ranks 0..{n - 1}")
         for r in range(n):
-            seen = [(h.ring, h.source) for st in plans[r] for h in st.held]
-            if sorted(seen) != expected:
-                raise ScheduleError(f"rank {r} does not hold every piece exactly once")
-            for st in plans[r]:
-                if len(st.held) != k:
-                    raise ScheduleError(f"rank {r} step {st.step} holds {len(st.held)} pieces, expected {k}")
-                if st.step > 0 and any(h.case == OWN for h in st.held):
-                    raise ScheduleError(f"rank {r} holds its own piece again at step {st.step}")
-                peers = {t.peer for t in st.sends}
-                if len(peers) != len(st.sends) or r in peers:
-                    raise ScheduleError(f"rank {r} step {st.step} sends twice to one peer or to itself")
-                for tr in st.sends:
-                    if Transfer(r, tr.ring) not in recvs[tr.peer][st.step]:
-                        raise ScheduleError(f"rank {tr.peer} does not post the receive of ring {tr.ring} "
-                                            f"from rank {r} at step {st.step}")
-                    if plans[tr.peer][st.step + 1].held[tr.ring].source != st.held[tr.ring].source:
-                        raise ScheduleError(f"piece of ring {tr.ring} from rank {r} arrives with the wrong source")
+            succs = [self.succ(i, r) for i in range(k)]
+            if len(set(succs)) != k or (n > 1 and r in succs):
+                raise ScheduleError(f"rank {r} sends twice to one peer or to itself in one step")
+            for i, peer in enumerate(succs):
+                if self.pred(i, peer) != r:
+                    raise ScheduleError(f"rank {peer} does not post the receive of ring {i} from rank {r}")
+                if (self.pos[i][peer] - self.pos[i][r]) % n != 1 % n:
+                    raise ScheduleError(f"piece of ring {i} from rank {r} arrives with the wrong source")
 
     def table(self, rank: int) -> list[dict]:
         """Rows for display: step, held pieces with source and case, sends and receives."""
@@ -144,10 +137,17 @@ class Schedule:
 
 
 def compile_schedule(rings: Sequence[Sequence[int]], verify: bool = True) -> Schedule:
-    """Build (and by default verify) the schedule of ``rings``."""
+    """Build (and by default verify) the schedule of ``rings``; verified schedules are memoised per ring set
+    (a schedule is immutable), so every later call for the same rings costs a dictionary lookup."""
+    if not verify:
+        return Schedule(rings)
+    return _verified(tuple(tuple(r) for r in rings))
+
+
+@lru_cache(maxsize=64)
+def _verified(rings: tuple[tuple[int, ...], ...]) -> Schedule:
     sched = Schedule(rings)
-    if verify:
-        sched.verify()
+    sched.verify()
     return sched
 
 

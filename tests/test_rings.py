@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_tasp.schedule import EARLIER, LATER, OWN, ScheduleError, compile_schedule
+from megatron_tasp.schedule import EARLIER, LATER, OWN, ScheduleError, Transfer, compile_schedule
 from megatron_tasp.topology import (
+    MAX_WORLD_SIZE,
     RingError,
     hamiltonian_rings,
     inter_node_arcs,
@@ -82,17 +83,64 @@ def test_verify_catches_bad_rings():
         verify_rings(4, [[0, 1, 2, 2]])
 
 
+def _exhaustive_schedule_check(sched) -> None:
+    """Oracle: walk every rank's plan step by step (O(n^2 k)) and check what verify() proves in O(n k)."""
+    n, k = sched.world_size, sched.num_rings
+    plans = [sched.plan(r) for r in range(n)]
+    expected = sorted((i, s) for i in range(k) for s in range(n))
+    for r in range(n):
+        assert sorted((h.ring, h.source) for st_ in plans[r] for h in st_.held) == expected
+        for st_ in plans[r]:
+            assert len(st_.held) == k
+            assert st_.step == 0 or all(h.case != "own" for h in st_.held)
+            peers = [t.peer for t in st_.sends]
+            assert len(set(peers)) == len(peers) and r not in peers
+            for tr in st_.sends:
+                assert Transfer(r, tr.ring) in plans[tr.peer][st_.step].recvs
+                assert plans[tr.peer][st_.step + 1].held[tr.ring].source == st_.held[tr.ring].source
+
+
+@pytest.mark.parametrize("n", range(2, 11))
+def test_linear_verify_agrees_with_the_exhaustive_walk(n):
+    for k in range(1, max_rings(n) + 1):
+        sched = compile_schedule(hamiltonian_rings(n, k))
+        _exhaustive_schedule_check(sched)
+
+
 def test_schedule_verify_catches_tampering():
-    sched = compile_schedule(hamiltonian_rings(5, 2))
-    sched.rings[1] = list(sched.rings[1])
-    orig = sched.source
-
-    def broken(ring, rank, step):
-        return orig(ring, rank, step) if step != 2 else orig(ring, rank, 1)
-
-    sched.source = broken
+    sched = compile_schedule(hamiltonian_rings(5, 2), verify=False)
+    ring = list(sched.rings[1])
+    ring[1], ring[2] = ring[2], ring[1]  # still Hamiltonian, but now shares arcs with ring 0
+    sched.rings[1] = ring
+    sched.pos[1] = {v: j for j, v in enumerate(ring)}
     with pytest.raises(ScheduleError):
         sched.verify()
+    sched = compile_schedule(hamiltonian_rings(5, 2), verify=False)
+    sched.pos[1] = {v: (j + 1) % 5 if j < 2 else j for j, v in enumerate(sched.rings[1])}  # positions disagree
+    with pytest.raises(ScheduleError):
+        sched.verify()
+
+
+def test_first_plan_at_cp72_is_cheap():
+    """The gb200-nvl72 preset's full ring set, schedule and one rank's plan: well under the engine's budget."""
+    import time
+
+    from megatron_tasp.topology import load_topology
+
+    topo = load_topology("gb200-nvl72")
+    t0 = time.perf_counter()
+    sched = compile_schedule(topo.rings(topo.max_rings()))
+    sched.plan(71)
+    assert time.perf_counter() - t0 < 2.0  # measured ~0.05 s on 2 CPU cores; generous for slow CI machines
+
+
+def test_world_size_bound_is_one_line_error():
+    for k in (None, 1):
+        with pytest.raises(RingError, match=f"at most {MAX_WORLD_SIZE} ranks"):
+            hamiltonian_rings(MAX_WORLD_SIZE + 1, k)
+    with pytest.raises(RingError, match=f"at most {MAX_WORLD_SIZE} ranks"):
+        max_rings(10**5)
+    assert len(hamiltonian_rings(MAX_WORLD_SIZE)) == MAX_WORLD_SIZE - 1
 
 
 @settings(max_examples=40, deadline=None)

@@ -12,6 +12,7 @@ from megatron_tasp.topology.descriptor import (
 )
 from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
 from megatron_tasp.topology.rings import (
+    MAX_WORLD_SIZE,
     RingError,
     hamiltonian_rings,
     inter_node_arcs,
@@ -21,7 +22,7 @@ from megatron_tasp.topology.rings import (
 )
 
 __all__ = [
-    "InterNode", "IntraNode", "RingError", "Topology", "TopologyError", "generic_topology",
+    "MAX_WORLD_SIZE", "InterNode", "IntraNode", "RingError", "Topology", "TopologyError", "generic_topology",
     "hamiltonian_rings", "inter_node_arcs", "list_presets", "load_topology", "logical_to_cp_ranks",
     "max_rings", "multinode_rings", "rings_on_cp_ranks", "topology_from_dict", "verify_rings",
 ]

@@ -26,6 +26,11 @@ from functools import lru_cache
 
 Ring = list[int]
 
+# The largest CP group served: the full decomposition of K_256* takes ~0.3 s to build once and its schedule
+# ~65K pieces; larger groups are far past any real CP size (an NVL72 domain is 72) and the even-n search
+# grows quickly beyond it.
+MAX_WORLD_SIZE = 256
+
 
 class RingError(ValueError):
     """Raised for a ring request that cannot be served (the message names the fix)."""
@@ -35,6 +40,9 @@ def max_rings(n: int) -> int:
     """The largest number of orthogonal directed Hamiltonian rings of K_n* (Tillson: n-1 except 4, 6)."""
     if n < 2:
         raise RingError(f"world size must be >= 2 for rings, got {n}")
+    if n > MAX_WORLD_SIZE:
+        raise RingError(f"TASP serves CP groups of at most {MAX_WORLD_SIZE} ranks, got {n}: use a smaller "
+                        "--context-parallel-size (or combine CP with TP/DP)")
     if n == 2:
         return 1
     if n == 4:
@@ -130,7 +138,7 @@ def hamiltonian_rings(n: int, num_rings: int | None = None) -> list[Ring]:
     Ring 0 is always ``[0, 1, ..., n-1]``. For k below the maximum the rings come in
     (cycle, reverse cycle) pairs, so k = 2 is the bidirectional ring.
     """
-    if not isinstance(n, int) or n < 2:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise RingError(f"world size must be an integer >= 2, got {n!r}")
     top = max_rings(n)
     k = top if num_rings is None else num_rings
@@ -176,6 +184,8 @@ def multinode_rings(num_nodes: int, gpus_per_node: int, num_rings: int | None = 
     g(g-1) intra-node arcs once, and every GPU sends exactly one piece across nodes per step.
     """
     u, g = num_nodes, gpus_per_node
+    if u * g > MAX_WORLD_SIZE:
+        raise RingError(f"TASP serves CP groups of at most {MAX_WORLD_SIZE} ranks, got {u} nodes x {g} GPUs")
     if u < 2:
         raise RingError(f"multi-node rings need at least 2 nodes, got {u}")
     if g < 2 or g % 2:
