@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from megatron_tasp.schedule import compile_schedule
 from megatron_tasp.topology import (
+    MAX_WORLD_SIZE,
     RingError,
     Topology,
     TopologyError,
@@ -37,15 +38,20 @@ def _topology_for(args: argparse.Namespace) -> Topology:
         raise CliError("give --world-size N or --topology FILE")
     if args.world_size < 2:
         raise CliError(f"--world-size must be >= 2 (got {args.world_size}); CP size 1 needs no rings")
+    if args.world_size > MAX_WORLD_SIZE:
+        raise CliError(f"--world-size must be at most {MAX_WORLD_SIZE} (got {args.world_size})")
     return generic_topology(args.world_size)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print (and optionally draw) the rings and the per-step schedule."""
     topo = _topology_for(args)
+    n = topo.world_size
+    if args.rank is not None and not 0 <= args.rank < n:
+        raise CliError(f"--rank must be in 0..{n - 1} for world size {n}, got {args.rank}")
     rings = topo.rings(args.num_rings)
     sched = compile_schedule(rings)
-    k, n = len(rings), topo.world_size
+    k = len(rings)
     if args.draw:
         from megatron_tasp.apps.draw import draw_rings
 
@@ -69,8 +75,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             extra = f"   ({len(inter_node_arcs(r, topo.gpus_per_node))} inter-node hops)"
         print(f"  ring {i}: {' -> '.join(map(str, r))} -> {r[0]}{extra}")
     rank = args.rank or 0
-    if not 0 <= rank < n:
-        raise CliError(f"--rank must be in 0..{n - 1}")
     print(f"\nschedule of rank {rank} (piece = ring:source[case]; sends after computing):")
     print(f"{'step':>4}  {'held pieces':<40} {'send to (ring:peer)':<28} recv from (ring:peer)")
     for row in sched.table(rank):
@@ -92,8 +96,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except ImportError:  # progress bar is optional
         def tqdm(it, **_):
             return it
+    if not 2 <= args.max_n <= MAX_WORLD_SIZE:
+        raise CliError(f"--max-n must be in 2..{MAX_WORLD_SIZE}, got {args.max_n}")
     sizes = range(2, args.max_n + 1)
-    for n in tqdm(sizes, desc="verifying", unit="n", disable=args.quiet):
+    for n in tqdm(sizes, desc="verifying", unit="n", disable=args.quiet or not sys.stderr.isatty()):
         rings = hamiltonian_rings(n)
         if len(rings) != max_rings(n):
             raise CliError(f"n={n}: got {len(rings)} rings, expected {max_rings(n)}")
@@ -110,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show the orthogonal rings and per-step schedule for a CP size",
                           description="Show the verified orthogonal rings and the per-step schedule.")
-    plan.add_argument("--world-size", "-n", type=int, help="context-parallel size N (>= 2)")
+    plan.add_argument("--world-size", "-n", type=int, help=f"context-parallel size N (2..{MAX_WORLD_SIZE})")
     plan.add_argument("--num-rings", "-k", type=int, default=None, help="rings to use (default: the maximum)")
     plan.add_argument("--topology", "-t", help=f"topology YAML file or preset ({', '.join(list_presets())})")
     plan.add_argument("--rank", type=int, default=None, help="rank whose schedule to print (default 0)")
@@ -119,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     ver = sub.add_parser("verify", help="verify ring decompositions and schedules for every n up to a bound")
-    ver.add_argument("--max-n", type=int, default=64, help="largest world size to verify (default 64)")
+    ver.add_argument("--max-n", type=int, default=64,
+                     help=f"largest world size to verify (2..{MAX_WORLD_SIZE}, default 64)")
     ver.add_argument("--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=cmd_verify)
 

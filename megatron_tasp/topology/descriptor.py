@@ -201,8 +201,17 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
         if preset is None:
             raise TopologyError(f"topology file '{path}' not found; shipped presets: {', '.join(list_presets())}")
         p = preset
+    if p.is_dir():
+        raise TopologyError(f"topology '{path}' is a directory; give a YAML file or a preset "
+                            f"({', '.join(list_presets())})")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TopologyError(f"{p}: not UTF-8 text (byte {exc.start}); save the topology as UTF-8 YAML") from None
+    except OSError as exc:
+        raise TopologyError(f"{p}: cannot read the topology file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
