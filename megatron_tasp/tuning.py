@@ -192,7 +192,8 @@ def choose_chunks(topology: Topology, shape_hint: Mapping[str, Any], num_rings: 
     With c chunks a transfer that outlasts the block compute it overlaps, and the backward's last dK/dV
     hop, are exposed only for 1/c of their time (the first chunk's kernels start when it lands). The
     price is c times the kernel launches (host time per step) and ~4 % GPU time per extra lane. The
-    predicted saving is ``exposed_comm * (1 - 1/c)``; c > 1 is chosen only if it beats one chunk by
+    predicted saving is ``hideable * (1 - 1/c)`` (transfer beyond the compute it overlaps plus the exposed last
+    hop; the interference term stays); c > 1 is chosen only if it beats one chunk by
     ``margin``. On the measured 2x H100 node this returns 1 for every benchmarked shape, as measured.
     """
     opts = options or default_options()
@@ -216,8 +217,13 @@ def _chunks_choice(topology: Topology, hkey: tuple, num_rings: int, transport: s
                  (cal.host_bwd_ms * cal.host_step_frac_bwd if shape.passes == "fwd_bwd" else 0.0))
     lane_host *= topology.world_size - 1
 
+    # what chunks can hide: transfer time beyond the compute it overlaps, and the exposed last hop home (not
+    # the interference gamma * min(compute, comm): the transfer still runs beside the kernels)
+    beyond = sum(max(0.0, s.comm_ms - s.compute_ms) for s in p.steps)
+    hideable = beyond + (p.exposed_comm_ms - sum(s.exposed_ms for s in p.steps))
+
     def total(c: int) -> float:
-        gpu = p.gpu_ms - p.exposed_comm_ms * (1.0 - 1.0 / c) + (c - 1) * CHUNK_GPU_COST * p.compute_ms
+        gpu = p.gpu_ms - hideable * (1.0 - 1.0 / c) + (c - 1) * CHUNK_GPU_COST * p.compute_ms
         return max(p.host_ms + (c - 1) * lane_host, cal.host_prefix_ms + gpu)
     ok = [c for c in candidates if c == 1 or (per_block >= num_rings * c and total(1) > total(c) * (1.0 + margin))]
     return min(ok, key=lambda c: (total(c), c)) if ok else 1
