@@ -28,7 +28,7 @@ from megatron_tasp.apps.bench.torch_cp import bench_torch_cp, transport_sweep
 from megatron_tasp.costmodel.records import BenchRecord, write_records
 from megatron_tasp.options import parse_keep_kv, parse_options
 
-__all__ = ["IMPLS", "cmd_bench", "register", "run_bench", "time_fn", "time_round_robin"]
+__all__ = ["IMPLS", "cmd_bench", "register", "run_bench", "tasp_flags", "time_fn", "time_round_robin"]
 
 IMPLS = ("tasp", "compute_only", "kernel_bound", "single_gpu", "torch_cp_allgather", "torch_cp_alltoall")
 
