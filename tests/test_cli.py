@@ -78,11 +78,33 @@ def test_report_generates_table_and_plot(tmp_path):
 def test_bench_cpu_smoke(tmp_path):
     out = tmp_path / "b.json"
     res = cli("bench", "--device", "cpu", "--world-size", "3", "--tokens", "24", "--heads", "4/2", "--head-dim",
-              "8", "--mask", "causal", "--passes", "fwd_bwd", "--impls", "tasp,compute_only", "--dtype", "float32",
-              "--iters", "1", "--warmup", "0", "--chunks", "1,2,auto", "--min-total-ms", "5", "--out", str(out))
+              "8", "--mask", "causal", "--passes", "fwd_bwd", "--impls", "tasp,compute_only,kernel_bound", "--dtype",
+              "float32", "--iters", "1", "--warmup", "0", "--chunks", "1,2,auto", "--min-total-ms", "5", "--out",
+              str(out))
     assert res.returncode == 0, res.stderr
     recs = json.loads(out.read_text())
     tasp = [r for r in recs if r["impl"] == "tasp"]
     assert {r["num_rings"] for r in tasp} == {1, 2} and all(r["max_rel_err"] < 1e-5 for r in tasp)
     assert {r["chunks"] for r in tasp} == {1, 2}  # 'auto' is recorded as what it resolved to
     assert {r["requested"]["chunks"] for r in tasp} == {1, 2, "auto"}
+    assert all(r["format"] == 2 and r["dkv_dtype"] in ("fp32", "input") and r["keep_kv"] in (True, False)
+               for r in tasp)
+    bound = [r for r in recs if r["impl"] == "kernel_bound"]
+    assert len(bound) == 1 and bound[0]["time_ms"] > 0 and bound[0]["kernel"] == "cpu"
+    res = cli("report", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "| 3 | 24 | 4/2 | causal | fwd_bwd |" in res.stdout and "vs kernels" in res.stdout
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--num-rings", "0", "num_rings"), ("--transports", "pigeon", "transport"),
+    ("--chunks", "x", "chunks"), ("--keep-kv", "maybe", "keep_kv")])
+def test_bench_flags_are_validated_by_the_options_parser(flag, value, needle):
+    res = cli("bench", "--device", "cpu", flag, value)
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bench_help():
+    res = cli("bench", "--help")
+    assert res.returncode == 0 and "kernel_bound" in res.stdout

@@ -11,6 +11,7 @@ import torch
 
 from megatron_tasp import costmodel as cm
 from megatron_tasp import tasp_attention, tuning
+from megatron_tasp.options import TaspOptions, reload_env
 from megatron_tasp.testing.dist import run_workers
 from megatron_tasp.topology import generic_topology, list_presets, load_topology, topology_from_dict
 from tests.attn_reference import contiguous_index, reference_attention, rel_err, zigzag_index
@@ -26,9 +27,11 @@ def _clean(monkeypatch):
     for var in ("MEGATRON_TASP_CALIBRATION", "MEGATRON_TASP_AUTO_PROBE", "MEGATRON_TASP_TRANSPORT",
                 "MEGATRON_TASP_DKV_DTYPE"):
         monkeypatch.delenv(var, raising=False)
-    tuning._PROBED.clear()
+    reload_env()
+    tuning.clear_caches()
     yield
-    tuning._PROBED.clear()
+    tuning.clear_caches()
+    reload_env()
 
 
 @pytest.mark.parametrize("name", list_presets())
@@ -89,7 +92,7 @@ def test_cached_after_first_call(monkeypatch):
     assert not calls and per_call < 1e-3
 
 
-def test_calibration_from_env(tmp_path, monkeypatch):
+def test_calibration_from_options(tmp_path, monkeypatch):
     topo = load_topology("mi300x-8")
     hint = _hint(8192)
     assert tuning.choose_num_rings(topo, hint) > 1
@@ -97,12 +100,16 @@ def test_calibration_from_env(tmp_path, monkeypatch):
                                           "host_piece_frac_bwd": 5.0, "host_prefix_ms": 1e4})
     path = tmp_path / "cal.json"
     slow_host.save(path)
-    monkeypatch.setenv("MEGATRON_TASP_CALIBRATION", str(path))
-    assert tuning.calibration() == slow_host
-    assert tuning.choose_num_rings(topo, hint) == 1  # host cost per extra ring dominates now
-    monkeypatch.setenv("MEGATRON_TASP_CALIBRATION", str(tmp_path / "missing.json"))
+    opts = TaspOptions(calibration=path)
+    assert tuning.calibration(opts) == slow_host
+    assert tuning.choose_num_rings(topo, hint, options=opts) == 1  # host cost per extra ring dominates now
+    assert tuning.choose_num_rings(topo, hint) > 1  # the default options still use the shipped constants
+    missing = TaspOptions(calibration=tmp_path / "missing.json")
     with pytest.raises(cm.CostModelError, match="not found"):
-        tuning.calibration()
+        tuning.calibration(missing)
+    monkeypatch.setenv("MEGATRON_TASP_CALIBRATION", str(path))  # the environment reaches tuning via options only
+    reload_env()
+    assert tuning.calibration() == slow_host
 
 
 def test_choose_transport():
@@ -173,16 +180,13 @@ def test_auto_num_rings_matches_float64_reference(n):
 
 
 def _probe_worker(rank, n, auto):
-    import os
-
     import torch.distributed as dist
 
     hint = {"tokens_per_gpu": 12, "batch": 1, "heads_q": 2, "heads_kv": 2, "head_dim": 8, "causal": True,
             "dtype_bytes": 4}
     topo = generic_topology(n)
     if auto:
-        os.environ["MEGATRON_TASP_AUTO_PROBE"] = "1"
-        got = tuning.choose_num_rings(topo, hint, group=dist.group.WORLD)
+        got = tuning.choose_num_rings(topo, hint, group=dist.group.WORLD, options=TaspOptions(auto_probe=True))
     else:
         got = tuning.probe_num_rings(dist.group.WORLD, [1, 2], hint, iters=2)
     return got, tuning.choose_num_rings(topo, hint)
@@ -197,19 +201,41 @@ def test_probe_times_candidates_on_the_group(auto):
 
 
 def test_choose_chunks_one_on_the_measured_node_and_more_when_comm_dominates(monkeypatch):
-    from dataclasses import replace
-
-    from megatron_tasp import tuning
     from megatron_tasp.costmodel import default_calibration
-    from megatron_tasp.topology import generic_topology
 
     topo = generic_topology(2)
     hint = {"tokens_per_gpu": 8192, "heads_q": 32, "heads_kv": 32, "head_dim": 128, "causal": True}
     assert tuning.choose_chunks(topo, hint, 1) == 1  # as measured on 2x H100: lanes never paid
     slow = replace(default_calibration(), link_efficiency=0.02, host_fwd_ms=0.01, host_bwd_ms=0.01,
                    host_prefix_ms=0.0)
-    monkeypatch.setattr(tuning, "calibration", lambda: slow)
-    tuning._CHUNKS.clear()
+    monkeypatch.setattr(tuning, "calibration", lambda options=None: slow)
     assert tuning.choose_chunks(topo, hint, 1) in (2, 4)  # a 50x slower link: most of the last hop is exposed
     assert tuning.choose_chunks(topo, {**hint, "tokens_per_gpu": 2}, 1) == 1  # too short to split
-    tuning._CHUNKS.clear()
+
+
+def test_caches_are_bounded_and_keyed_by_value():
+    """Equal topologies and calibrations share cache entries (no id() in keys); every cache has a bound."""
+    hint = _hint(8192)
+    a, b = load_topology("mi300x-8"), load_topology("mi300x-8")
+    assert a is not b and a == b
+    tuning.choose_num_rings(a, hint)
+    before = tuning._model_choice.cache_info()
+    tuning.choose_num_rings(b, dict(hint), options=TaspOptions())
+    after = tuning._model_choice.cache_info()
+    assert after.hits == before.hits + 1 and after.currsize == before.currsize
+    for fn in (tuning._model_choice, tuning._transport_choice, tuning._chunks_choice, tuning._load_calibration):
+        assert fn.cache_info().maxsize is not None
+
+
+def test_choice_path_imports_no_torch_numpy_or_fitting():
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatron_tasp import tuning; from megatron_tasp.topology import load_topology; "
+            "tuning.choose_num_rings(load_topology('mi300x-8'), {'tokens_per_gpu': 8192}); "
+            "tuning.choose_chunks(load_topology('mi300x-8'), {'tokens_per_gpu': 8192}, 1); "
+            "bad = [m for m in ('torch', 'numpy', 'scipy', 'megatron_tasp.costmodel.fitting', "
+            "'megatron_tasp.attention', 'megatron_tasp.engine') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

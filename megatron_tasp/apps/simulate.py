@@ -16,24 +16,35 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from megatron_tasp.apps.simulate_tables import (
+    HEADS,
+    MD_END,
+    MD_START,
+    PAYS,
+    fmt_tokens,
+    markdown,
+    peak_text,
+    range_text,
+    short,
+    write_markdown,
+)
 from megatron_tasp.costmodel import (
     Calibration,
     CostModelError,
     Prediction,
+    RecordError,
     Shape,
-    calibrate,
-    error_report,
     load_records,
     predict,
     ring_counts,
 )
+from megatron_tasp.costmodel.fitting import calibrate, load_calibration
+from megatron_tasp.costmodel.report import error_report
+from megatron_tasp.options import default_options
 from megatron_tasp.topology import Topology, load_topology
 
 DEFAULT_TOPOLOGIES = ("h100-sxm-8", "mi300x-8", "h100-sxm-8x2", "h100-sxm-8x4")
 DEFAULT_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-HEADS = ((32, 32), (32, 8))
-PASSES_ORDER = ("fwd", "fwd_bwd")
-PAYS = 1.05  # TASP "pays" while its predicted speedup over 1 ring is at least this
 LABEL = "PREDICTED by the megatron-tasp cost model (not measured)"
 ASSUMPTIONS = [
     "Calibrated on a 2-GPU machine: only 1 ring exists there, so multi-peer behaviour is not measured. It comes "
@@ -52,8 +63,8 @@ ASSUMPTIONS = [
 
 def _has_transport_sweep(path: Path) -> bool:
     try:
-        return any(r.get("kind") == "transport" for r in json.loads(path.read_text()))
-    except (OSError, ValueError, AttributeError):
+        return any(r.kind == "transport" for r in load_records([path]))
+    except (OSError, RecordError, TypeError):
         return False
 
 
@@ -207,39 +218,24 @@ def plot(rows: list[dict[str, Any]], path: str, calib: Calibration) -> None:
     plt.close(fig)
 
 
-def _peak(c: dict[str, Any]) -> str:
-    """Peak speedup of a crossover entry (where it is reached, if TASP pays at all)."""
-    if c["pays_from"] is None:
-        return f"<= {c['peak_speedup']:.2f}"
-    return f"{c['peak_speedup']:.2f} at {_fmt_tokens(c['peak_tokens_per_gpu'])}"
-
-
-def _range(c: dict[str, Any]) -> str:
-    """'from .. to' tokens of a crossover entry."""
-    if c["pays_from"] is None:
-        return "never"
-    stop = _fmt_tokens(c["stops_paying_at"]) if c["stops_paying_at"] else ">1M"
-    return f"{_fmt_tokens(c['pays_from'])} .. {stop}"
-
-
-def _fmt_tokens(t: int | None) -> str:
-    if t is None:
-        return "-"
-    return f"{t / 1024:.1f}K" if t % 1024 else f"{t // 1024}K"
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Entry of ``megatron-tasp simulate``."""
     bench = args.bench or [default_bench()]
     records = load_records(bench)
-    calib = calibrate(records, topology=args.calib_topology)
+    cal_file = args.calibration if args.calibration is not None else default_options().calibration
+    if cal_file:  # a given calibration: no fit; the error report measures it against --bench
+        calib = load_calibration(cal_file)
+        print(f"calibration from {cal_file} ({calib.machine}, topology {calib.calibration_topology}); "
+              f"error against {', '.join(bench)}")
+    else:
+        calib = calibrate(records, topology=args.calib_topology)
+        print(f"calibrated on {', '.join(bench)} ({calib.machine}, topology {calib.calibration_topology})")
     if args.interference is not None:
         calib = replace(calib, interference=args.interference)
     rep = error_report(records, calib)
     fit = calib.to_dict()
     fitted = {k: v for k, v in fit.items() if k not in ("fit", "kind")}
-    print(f"calibrated on {', '.join(bench)} ({calib.machine}, topology {calib.calibration_topology})")
-    print("parameters: " + ", ".join(f"{k}={_short(v)}" for k, v in fitted.items()
+    print("parameters: " + ", ".join(f"{k}={short(v)}" for k, v in fitted.items()
                                      if k not in ("machine", "source", "calibration_topology")))
     if not args.quiet:
         print("\nmodel vs MEASURED, every TASP record (rel.err = predicted/measured - 1):")
@@ -266,7 +262,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         kmax = sel[0]["tasp_rings"]
         note = "" if kmax == topo.max_rings() else f" (max {topo.max_rings()}; larger k not buildable yet)"
         print(f"\n[{topo.name}] n={topo.world_size}, TASP = {kmax} rings{note} -- PREDICTED")
-        print(f"  {'pass':<7} {'heads':<5} {'mask':<6} " + " ".join(f"{_fmt_tokens(t):>11}" for t in tokens))
+        print(f"  {'pass':<7} {'heads':<5} {'mask':<6} " + " ".join(f"{fmt_tokens(t):>11}" for t in tokens))
         for passes in ("fwd", "fwd_bwd"):
             for hq, hkv in HEADS:
                 for causal in (True, False):
@@ -279,9 +275,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         f"{c:>11}" for c in cells))
         print("  crossover (PREDICTED): TASP pays (speedup >= 1.05) from .. to tokens/GPU")
         for c in (x for x in cross if x["topology"] == topo.name):
-            rng = _range(c)
+            rng = range_text(c)
             print(f"    {c['pass']:<7} {c['heads_q']}/{c['heads_kv']:<2} {'causal' if c['causal'] else 'full':<6} "
-                  f"{rng:<16} peak {_peak(c):<18} | ideal overlap: {_range(c['ideal_overlap'])}")
+                  f"{rng:<16} peak {peak_text(c):<18} | ideal overlap: {range_text(c['ideal_overlap'])}")
     doc = {"kind": "megatron-tasp-predictions", "label": LABEL, "bench": [Path(b).name for b in bench],
            "calibration": fit, "assumptions": ASSUMPTIONS,
            "error_report": {"summary": rep.summary, "rows": rep.rows},
@@ -303,120 +299,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-PARAM_NOTES = {
-    "fwd": "forward kernel rate curve (peak TFLOP/s, GFLOP at half rate): fitted, single_gpu fwd",
-    "bwd": "backward kernel rate curve: fitted, single_gpu fwd_bwd - fwd (2.5x forward FLOPs)",
-    "mem_GBps": "effective bandwidth of merges/copies/accumulations: fitted, compute_only",
-    "host_fwd_ms": "host time of one forward call at n=2, k=1: fitted, compute_only",
-    "host_bwd_ms": "host time of one backward call at n=2, k=1: fitted, compute_only",
-    "host_prefix_ms": "host time the GPU cannot hide: fitted, compute_only",
-    "host_exchange_a2a_ms": "host time per all_to_all_single exchange: fitted, tasp",
-    "host_exchange_p2p_ms": "host time per batch_isend_irecv exchange: fitted, tasp",
-    "alpha_a2a_us": "per-call latency of all_to_all_single: fitted, transport sweep",
-    "alpha_p2p_us": "per-call latency of batch_isend_irecv: fitted, transport sweep",
-    "link_efficiency": "measured bw_max / nominal peer_GBps (450): fitted, transport sweep",
-    "msg_overhead_us": "per-message time t_msg (s_half = eta*C*t_msg): fitted, transport sweep",
-    "interference": "gamma, slow-down of compute by overlapped comm: fitted, tasp",
-    "nic_efficiency": "NIC achieved / nominal: ASSUMED (no inter-node data)",
-    "host_step_frac_fwd": "per-step share of forward host time: measured on CPU (gloo, n=2..7)",
-    "host_step_frac_bwd": "per-step share of backward host time: measured on CPU",
-    "host_piece_frac_fwd": "per extra ring per step, share of forward host time: measured on CPU",
-    "host_piece_frac_bwd": "per extra ring per step, share of backward host time: measured on CPU",
-}
-MD_START, MD_END = "<!-- simulate:start -->", "<!-- simulate:end -->"
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    """Markdown tables (parameters, error, predictions, crossover) from a ``--json`` document."""
-    out = [f"_Generated by `megatron-tasp simulate` from {', '.join(doc['bench'])}._", "",
-           "### Fitted parameters", "", "| parameter | value | what / from |", "|---|---|---|"]
-    for k, note in PARAM_NOTES.items():
-        out.append(f"| `{k}` | {_short(doc['calibration'][k])} | {note} |")
-    tr = doc["calibration"].get("fit", {}).get("transport")
-    if tr:
-        out += ["", f"Transport fit: bw_max = {tr['bw_max_GBps']:.0f} GB/s, s_half = {tr['s_half_MB']:.1f} MB "
-                f"(= bw_max x t_msg), {tr['records']} records, rms error {tr['rms_rel_err']:.1%}, "
-                f"max {tr['max_rel_err']:.1%}."]
-    kern = doc["calibration"].get("fit", {}).get("kernels")
-    if kern:
-        out += [f"Kernel fit: forward rms {kern['fwd_rms_rel_err']:.1%} (max {kern['fwd_max_rel_err']:.1%}), "
-                f"backward rms {kern['bwd_rms_rel_err']:.1%} (max {kern['bwd_max_rel_err']:.1%}), "
-                f"{kern['fwd_records']} shapes each."]
-    out += ["", "### Error against every measurement (relative error = predicted / measured - 1)", "",
-            "| records | n | median abs | mean abs | rms | max abs | mean signed |", "|---|---|---|---|---|---|---|"]
-    for key, sm in doc["error_report"]["summary"].items():
-        if sm.get("records"):
-            out.append(f"| {key} | {sm['records']} | {sm['median_abs_rel_err']:.1%} | {sm['mean_abs_rel_err']:.1%} "
-                       f"| {sm['rms_rel_err']:.1%} | {sm['max_abs_rel_err']:.1%} | {sm['mean_signed_rel_err']:+.1%} |")
-    rows = [r for r in doc["error_report"]["rows"] if r["impl"] == "tasp"]
-    toks = sorted({r["tokens_per_gpu"] for r in rows})
-    out += ["", "Every TASP record (CP=2, 1 ring; cells: measured ms / relative error of the prediction):", "",
-            "| heads | mask | pass | transport | " + " | ".join(_fmt_tokens(t) for t in toks) + " |",
-            "|---|---|---|---|" + "---|" * len(toks)]
-    combos = sorted({(r["heads_kv"], r["causal"], r["pass"], r["transport"]) for r in rows},
-                    key=lambda c: (-c[0], not c[1], c[2], c[3]))
-    for hkv, causal, passes, tport in combos:
-        cells = []
-        for t in toks:
-            r = next((x for x in rows if (x["heads_kv"], x["causal"], x["pass"], x["transport"],
-                                          x["tokens_per_gpu"]) == (hkv, causal, passes, tport, t)), None)
-            cells.append("-" if r is None else f"{r['measured_ms']:.2f} / {r['rel_err']:+.0%}")
-        out.append(f"| 32/{hkv} | {'causal' if causal else 'full'} | {passes} | {tport} | " + " | ".join(cells) + " |")
-    preds = doc["predictions"]
-    ptoks = sorted({r["tokens_per_gpu"] for r in preds})
-    out += ["", "### PREDICTED speedup of TASP over 1 ring (not measured)", "",
-            "Cells: time(1 ring) / time(TASP with the most rings the topology builds); in brackets the ring "
-            "count with the lowest predicted time and its speedup when it differs.", ""]
-    for name in dict.fromkeys(r["topology"] for r in preds):
-        sel = [r for r in preds if r["topology"] == name]
-        out += [f"**{name}** (n = {sel[0]['world_size']}, TASP = {sel[0]['tasp_rings']} rings, PREDICTED)", "",
-                "| pass | heads | mask | " + " | ".join(_fmt_tokens(t) for t in ptoks) + " |",
-                "|---|---|---|" + "---|" * len(ptoks)]
-        for passes in PASSES_ORDER:
-            for hq, hkv in HEADS:
-                for causal in (True, False):
-                    cells = []
-                    for t in ptoks:
-                        r = next(x for x in sel if (x["pass"], x["heads_kv"], x["causal"], x["tokens_per_gpu"])
-                                 == (passes, hkv, causal, t))
-                        extra = "" if r["best_k"] == r["tasp_rings"] else f" (k={r['best_k']}: {r['best_speedup']:.2f})"
-                        cells.append(f"{r['speedup']:.2f}{extra}")
-                    out.append(f"| {passes} | {hq}/{hkv} | {'causal' if causal else 'full'} | " + " | ".join(cells)
-                               + " |")
-        out.append("")
-    out += ["### PREDICTED crossover: where TASP pays (speedup >= 1.05)", "",
-            "Last column: the same with the compute/communication interference set to 0 (ideal overlap), the "
-            "least certain parameter.", "",
-            "| topology | pass | heads | mask | pays from | stops paying at | peak speedup | ideal overlap |",
-            "|---|---|---|---|---|---|---|---|"]
-    for c in doc["crossover"]:
-        never = c["pays_from"] is None
-        stop = _fmt_tokens(c["stops_paying_at"]) if c["stops_paying_at"] else ("-" if never else "> 1M")
-        start = "never" if never else _fmt_tokens(c["pays_from"])
-        out.append(f"| {c['topology']} | {c['pass']} | {c['heads_q']}/{c['heads_kv']} | "
-                   f"{'causal' if c['causal'] else 'full'} | {start} | {stop} | {_peak(c)} | "
-                   f"{_range(c['ideal_overlap'])}, peak {_peak(c['ideal_overlap'])} |")
-    return "\n".join(out) + "\n"
-
-
-def write_markdown(path: str, text: str) -> None:
-    """Replace the text between the simulate markers of ``path`` (or write ``path`` when it has none)."""
-    p = Path(path)
-    old = p.read_text(encoding="utf-8") if p.exists() else ""
-    if MD_START in old and MD_END in old:
-        head, rest = old.split(MD_START, 1)
-        text = head + MD_START + "\n" + text + MD_END + rest.split(MD_END, 1)[1]
-    p.write_text(text, encoding="utf-8")
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}={_short(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``simulate`` sub-command."""
     p = sub.add_parser("simulate", help="calibrate the cost model on a benchmark and predict other topologies",
@@ -431,8 +313,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="topology the benchmark ran on (default: h100-nv18-2 for CP=2 records)")
     p.add_argument("--interference", type=float, default=None,
                    help="override the fitted compute/communication interference gamma (sensitivity studies)")
-    p.add_argument("--save-calibration", metavar="OUT.json", help="write the fitted calibration (for "
-                   "MEGATRON_TASP_CALIBRATION)")
+    p.add_argument("--calibration", metavar="FILE.json", default=None,
+                   help="predict with this calibration (a --save-calibration file, or a records file to fit) "
+                        "instead of fitting on --bench (default: TaspOptions.calibration, i.e. "
+                        "MEGATRON_TASP_CALIBRATION; unset: fit on --bench)")
+    p.add_argument("--save-calibration", metavar="OUT.json", help="write the calibration in use (for "
+                   "TaspOptions.calibration / MEGATRON_TASP_CALIBRATION)")
     p.add_argument("--json", metavar="OUT.json", help="write the error report and predictions as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="plot predicted speedup vs tokens per GPU")
     p.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown (replaces the text "

@@ -1,0 +1,103 @@
+"""Timing helpers of ``megatron-tasp bench``: CUDA-event medians, round-robin rounds, max over ranks."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["environment", "max_over_ranks", "sync", "time_fn", "time_round_robin"]
+
+
+def sync(device) -> None:
+    """Wait for the device (no-op on CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_over_ranks(x: float, device, group=None) -> float:
+    """The maximum of ``x`` over the ranks of ``group`` (collective)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int, min_total_ms: float = 0.0,
+            agree: Callable[[float], float] | None = None) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU) after ``warmup`` calls.
+
+    With ``min_total_ms`` the repetitions grow (up to 20x ``iters``) until they cover that much time, so
+    sub-millisecond shapes get enough samples; ``agree`` (e.g. max over ranks) makes every rank run the
+    same count, which collectives inside ``fn`` require.
+    """
+    for _ in range(warmup):
+        fn()
+    return time_round_robin([fn], device, iters, 1, min_total_ms, agree=agree)[0]
+
+
+def _one_call_ms(fn: Callable[[], Any], device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_round_robin(fns: list[Callable[[], Any]], device, iters: int, rounds: int = 1, min_total_ms: float = 0.0,
+                     agree: Callable[[float], float] | None = None,
+                     reduce: Callable[[float], float] | None = None) -> list[float]:
+    """Median milliseconds of each of ``fns`` (warmed up by the caller), timed in ``rounds`` rounds that take
+    turns (round 1 of every fn, then round 2, ...), so that slow drifts of the machine (clocks, other
+    tenants of the host) fall on every variant alike instead of on whichever ran during them. Each sample
+    is one call between CUDA events with a synchronisation after it (perf_counter on CPU), ``reduce``d
+    (e.g. max over ranks) per sample. ``min_total_ms`` grows the repetitions as in :func:`time_fn`."""
+    counts = []
+    for fn in fns:
+        n_it = iters
+        if min_total_ms > 0:
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            one = max((time.perf_counter() - t0) * 1e3, 1e-3)
+            want = float(min(20 * iters, max(iters, math.ceil(min_total_ms / one))))
+            n_it = int(agree(want) if agree is not None else want)
+        counts.append(n_it)
+    rounds = max(1, rounds)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            for _ in range(counts[i] // rounds + (1 if r < counts[i] % rounds else 0)):
+                ms = _one_call_ms(fn, device)
+                samples[i].append(reduce(ms) if reduce is not None else ms)
+    return [statistics.median(s) for s in samples]
+
+
+def environment(device) -> dict[str, Any]:
+    """Versions and card for the records."""
+    import torch
+
+    env = {"torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        env["cudnn"] = str(torch.backends.cudnn.version())
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = "cpu"
+    return env
