@@ -27,7 +27,7 @@ from megatron_tasp.apps.finetune_lib.launch import run_forked  # noqa: E402
 from megatron_tasp.apps.finetune_lib.recipe import load_recipe  # noqa: E402
 from megatron_tasp.apps.finetune_lib.trainer import RunOptions  # noqa: E402
 from megatron_tasp.cli import main as cli_main  # noqa: E402
-from megatron_tasp.testing.dist import WorkerError  # noqa: E402
+from megatron_tasp.launch import WorkerError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

@@ -16,7 +16,7 @@ from tests import megatron_helpers as H
 H.require_megatron()
 pytestmark = pytest.mark.megatron
 
-from megatron_tasp.testing.dist import run_workers  # noqa: E402
+from megatron_tasp.launch import run_workers  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_train_gpt.py"
 

@@ -1,1 +1,1 @@
-"""Helpers for testing megatron-tasp: forked multi-process gloo workers and references."""
+"""Deprecated location of the fork launcher; import :mod:`megatron_tasp.launch` instead."""
