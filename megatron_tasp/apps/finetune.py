@@ -172,8 +172,10 @@ def describe(recipe: Any) -> str:
     if n is not None:
         world = p.cp * (p.dp or 1)
         dtype_bytes = 2 if t.precision == "bf16" else 4
-        per_rank = n * (2 * dtype_bytes) + 12 * n / world
-        lines.append(f"# ~{n / 1e9:.3f}B parameters; weights+grads+sharded optimizer ~{per_rank / 2**30:.1f} GiB "
+        sharded = t.distributed_optimizer and p.device != "cpu"  # Megatron's distributed optimizer (GPU)
+        per_rank = n * (2 * dtype_bytes) + 12 * n / (world if sharded else 1)
+        kind = "sharded optimizer" if sharded else "optimizer"
+        lines.append(f"# ~{n / 1e9:.3f}B parameters; weights+grads+{kind} ~{per_rank / 2**30:.1f} GiB "
                      f"per rank (activations extra; recompute: {t.recompute})")
     return "\n".join(lines)
 
