@@ -82,6 +82,13 @@ def test_reference_run_outputs(reference):
     assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lr_schedule_is_megatrons(reference):
+    """OptimizerParamScheduler, advanced before each step: warmup ends at step 1, min_lr (0) at the last step."""
+    lrs = [s["lr"] for s in _metrics(reference)["steps"]]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs
+
+
 def test_resume_equals_uninterrupted(tiny_cfg, reference, tmp_path):
     out = tmp_path / "resumed"
     start = reference / "checkpoints" / "iter_0000003"

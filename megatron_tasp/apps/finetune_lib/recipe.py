@@ -89,7 +89,7 @@ class Recipe:
         try:
             return parse_options(given, where=f"{self.source}: parallel")
         except TaspOptionError as exc:
-            raise RecipeError(f"{self.source}: parallel: {exc}") from None
+            raise RecipeError(str(exc)) from None  # names the recipe file and section
 
     def padded_vocab_size(self, tokenizer_vocab: int) -> int:
         """Model vocabulary for a tokenizer of ``tokenizer_vocab`` ids; raises if the recipe's is too small."""
