@@ -276,7 +276,7 @@ def _build_core_attention_kinds(model_cfg: Any) -> list[str]:
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.models.gpt import GPTModelBuilder
 
-    from megatron_tasp.testing.dist import free_port
+    from megatron_tasp.launch import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))

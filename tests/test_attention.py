@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_tasp import tasp_attention
-from megatron_tasp.testing.dist import run_workers
+from megatron_tasp.launch import run_workers
 from megatron_tasp.topology import max_rings
 from tests.attn_reference import contiguous_index, reference_attention, rel_err, zigzag_index
 

@@ -27,7 +27,7 @@ from megatron_tasp.apps.finetune_lib.launch import run_forked  # noqa: E402
 from megatron_tasp.apps.finetune_lib.recipe import load_recipe  # noqa: E402
 from megatron_tasp.apps.finetune_lib.trainer import RunOptions  # noqa: E402
 from megatron_tasp.cli import main as cli_main  # noqa: E402
-from megatron_tasp.testing.dist import WorkerError  # noqa: E402
+from megatron_tasp.launch import WorkerError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -80,6 +80,13 @@ def test_reference_run_outputs(reference):
     assert (marker["step"], marker["cp"], marker["consumed_samples"]) == (6, 2, 12)
     assert not list(root.glob(".tmp-*"))
     assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_schedule_is_megatrons(reference):
+    """OptimizerParamScheduler, advanced before each step: warmup ends at step 1, min_lr (0) at the last step."""
+    lrs = [s["lr"] for s in _metrics(reference)["steps"]]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs
 
 
 def test_resume_equals_uninterrupted(tiny_cfg, reference, tmp_path):
@@ -187,3 +194,34 @@ def test_torchrun_entry_point(tiny_cfg, tmp_path):
     m = _metrics(out)
     assert (m["world_size"], m["end_step"]) == (2, 2)
     assert "step     2/6" in proc.stdout
+
+
+def _gpu_recipe_on_cpu(tmp_path: Path, *overrides: str):
+    """The 2-GPU recipe (gpt-403m-h200x2-cp2) shrunk to CPU sizes; the code path is the CPU one."""
+    small = ["parallel.device=cpu", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+             "model.num_query_groups=2", "model.ffn_hidden_size=128", "data.seq_length=64", "data.max_bytes=300000",
+             f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3", "train.warmup_steps=1", "train.eval_batches=0",
+             "checkpoint.save=false", "logging.plot=false"]
+    return load_recipe("gpt-403m-h200x2-cp2", [*small, *overrides])
+
+
+def test_gpu_recipe_cp2_and_cp1_dp2_follow_the_same_trajectory(tmp_path):
+    """CP=2 and CP=1 x DP=2 see the same tokens per step: the losses agree (the 2-GPU recipe's comparison)."""
+    opts = RunOptions(log=False)
+    cp2 = run_forked(_gpu_recipe_on_cpu(tmp_path, "train.precision=fp32", f"logging.output_dir={tmp_path / 'a'}"),
+                     opts, 2)
+    cp1 = run_forked(_gpu_recipe_on_cpu(tmp_path, "train.precision=fp32", "parallel.cp=1", "parallel.dp=2",
+                                        f"logging.output_dir={tmp_path / 'b'}"), opts, 2)
+    assert (cp2["cp"], cp2["dp"], cp1["cp"], cp1["dp"]) == (2, 1, 1, 2)
+    l2, l1 = [s["loss"] for s in cp2["steps"]], [s["loss"] for s in cp1["steps"]]
+    assert len(l2) == 3 and all(abs(a - b) < 1e-4 for a, b in zip(l1, l2, strict=True)), (l1, l2)
+    assert abs(l2[0] - 5.545) < 0.1  # ~ln(256) at init
+    assert {"loss", "lr", "grad_norm", "step_time_s", "tokens_per_s"} <= set(cp2["steps"][0])
+
+
+def test_gpu_recipe_bf16_loss_decreases(tmp_path):
+    recipe = _gpu_recipe_on_cpu(tmp_path, "train.steps=6", "train.lr=3e-3", "parallel.num_rings=1",
+                                f"logging.output_dir={tmp_path / 'bf16'}")
+    assert recipe.train.precision == "bf16"
+    res = run_forked(recipe, RunOptions(log=False), 2)
+    assert res["last_loss"] < res["first_loss"], [s["loss"] for s in res["steps"]]

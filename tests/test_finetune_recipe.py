@@ -130,6 +130,18 @@ def test_ring_backend_and_world_checks():
         recipe_from_dict(_with("model.vocab_size", 300)).padded_vocab_size(1000)
 
 
+def test_parallel_section_becomes_one_tasp_options():
+    r = recipe_from_dict(_with("parallel", {"cp": 2, "num_rings": "auto", "transport": "p2p", "keep_kv": False,
+                                            "chunks": 2}))
+    o = r.tasp_options()
+    assert (o.num_rings, o.transport, o.keep_kv, o.chunks) == ("auto", "p2p", False, 2)
+    assert recipe_from_dict(_with("parallel.cp_backend", "ring")).tasp_options().num_rings == 1
+    # A combination TASP rejects is reported against the recipe file.
+    bad = _with("parallel", {"cp": 2, "transport": "symm", "keep_kv": True})
+    with pytest.raises(RecipeError, match=r"keep_kv=True needs per-call KV buffers.*\(r.yaml: parallel\)$"):
+        recipe_from_dict(bad, source="r.yaml")
+
+
 def test_parse_value_and_overrides():
     assert parse_value("1e-4") == pytest.approx(1e-4) and isinstance(parse_value("1e-4"), float)
     assert parse_value("4") == 4 and parse_value("true") is True and parse_value("null") is None

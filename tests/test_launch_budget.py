@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_tasp import tasp_attention
-from megatron_tasp.testing.dist import run_workers
+from megatron_tasp.launch import run_workers
 
 VIEW_OPS = {"slice", "permute", "select", "view", "alias", "detach", "unsqueeze", "squeeze", "expand",
             "as_strided", "transpose", "t", "_unsafe_view", "unbind", "split", "split_with_sizes", "narrow"}

@@ -213,7 +213,7 @@ def test_deepcopy_and_repr():
 
 def test_cp1_inside_a_larger_world_stays_local():
     """DP 2 x CP 1: each rank attends over its own tokens only (with or without a CP group)."""
-    from megatron_tasp.testing.dist import run_workers
+    from megatron_tasp.launch import run_workers
 
     def worker(rank, world):
         from megatron.core import parallel_state

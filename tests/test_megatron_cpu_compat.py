@@ -76,7 +76,7 @@ def test_rope_cp_slicing_is_zigzag():
 
 
 def test_model_parallel_rng_seeding_and_fork():
-    from megatron_tasp.testing.dist import run_workers
+    from megatron_tasp.launch import run_workers
 
     def worker(rank, world):
         from megatron.core import parallel_state

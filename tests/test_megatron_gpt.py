@@ -19,7 +19,7 @@ from tests import megatron_helpers as H
 H.require_megatron()
 pytestmark = pytest.mark.megatron
 
-from megatron_tasp.testing.dist import run_workers  # noqa: E402
+from megatron_tasp.launch import run_workers  # noqa: E402
 
 SEQ = 48  # divisible by 2*cp for cp = 2, 3, 4
 LOSS_TOL = 2e-5
@@ -131,7 +131,7 @@ def test_per_layer_list_all_tasp_and_mixed():
 
     if getattr(te_ext, "HAVE_TE", False):
         return
-    from megatron_tasp.testing.dist import WorkerError
+    from megatron_tasp.launch import WorkerError
 
     with pytest.raises(WorkerError, match="cp_comm_type 'p2p'.*transformer-engine"):
         run_workers(H.gpt_step_worker, 2, {"seq": SEQ, "config": {"cp_comm_type": ["tasp", "p2p"]}})
@@ -140,14 +140,14 @@ def test_per_layer_list_all_tasp_and_mixed():
 def test_topology_mismatch_fails_at_build(tmp_path):
     topo = tmp_path / "four.yaml"
     topo.write_text("name: four\ngpus_per_node: 4\n")
-    from megatron_tasp.testing.dist import WorkerError
+    from megatron_tasp.launch import WorkerError
 
     with pytest.raises(WorkerError, match="describes 4 GPUs"):
         run_workers(H.gpt_step_worker, 2, {"seq": SEQ, "config_attrs": {"tasp_topology": str(topo)}})
 
 
 def test_num_rings_auto_at_cp4():
-    from megatron_tasp.testing.dist import WorkerError
+    from megatron_tasp.launch import WorkerError
 
     opts = {"seq": SEQ, "config_attrs": {"tasp_num_rings": "auto"}}
     try:

@@ -11,8 +11,8 @@ import torch
 
 from megatron_tasp import costmodel as cm
 from megatron_tasp import tasp_attention, tuning
+from megatron_tasp.launch import run_workers
 from megatron_tasp.options import TaspOptions, reload_env
-from megatron_tasp.testing.dist import run_workers
 from megatron_tasp.topology import generic_topology, list_presets, load_topology, topology_from_dict
 from tests.attn_reference import contiguous_index, reference_attention, rel_err, zigzag_index
 

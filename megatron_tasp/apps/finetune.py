@@ -12,7 +12,8 @@ A recipe is a YAML file with the sections ``model``, ``tokenizer``, ``data``, ``
 ``section.field=value`` are applied before validation (``train.lr=1e-4 parallel.cp=4``).
 
 The model is Megatron-Core's GPTModel with TASP core attention (``gpt_tasp_local_spec``), initialised
-with ``parallel_state`` (TP = 1, CP, DP), trained with AdamW whose fp32 state is sharded over DP x CP, and
+with ``parallel_state`` (TP = 1, CP, DP), trained on GPUs with Megatron-Core's DDP, optimizer (distributed
+over DP x CP by default), LR scheduler and micro-batch schedule (on CPU a small AdamW stand-in), and
 checkpointed with ``megatron.core.dist_checkpointing`` (resumable exactly, loadable at another CP size,
 never damaged by an interrupted save). Under torchrun/srun every process is one rank; otherwise the
 command starts the ranks itself (forked gloo workers on CPU, torchrun on GPUs).
@@ -24,6 +25,7 @@ Recipe schema (generated from the code; see also docs/FINETUNE.md)::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any
@@ -63,6 +65,29 @@ checkpoints: <output_dir>/checkpoints/iter_NNNNNNN (Megatron dist_checkpointing)
 complete one; checkpoint.resume=auto continues from it (exactly: model, optimizer, step, data position, RNG).
 outputs: metrics.json (per-step loss, lr, grad norm, tokens/s; held-out loss) and loss.png in the output dir.
 """
+
+
+class _ConsoleHandler(logging.Handler):
+    """The run's log lines on stdout, through tqdm's writer when tqdm is installed (it keeps a bar intact)."""
+
+    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+        msg = self.format(record)
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(msg, flush=True)
+            return
+        tqdm.write(msg, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def configure_logging(quiet: bool) -> None:
+    """Send the ``megatron_tasp.finetune`` logger to stdout (once per process)."""
+    log = logging.getLogger("megatron_tasp.finetune")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(isinstance(h, _ConsoleHandler) for h in log.handlers):
+        log.addHandler(_ConsoleHandler())
+        log.propagate = False
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -147,8 +172,10 @@ def describe(recipe: Any) -> str:
     if n is not None:
         world = p.cp * (p.dp or 1)
         dtype_bytes = 2 if t.precision == "bf16" else 4
-        per_rank = n * (2 * dtype_bytes) + 12 * n / world
-        lines.append(f"# ~{n / 1e9:.3f}B parameters; weights+grads+sharded optimizer ~{per_rank / 2**30:.1f} GiB "
+        sharded = t.distributed_optimizer and p.device != "cpu"  # Megatron's distributed optimizer (GPU)
+        per_rank = n * (2 * dtype_bytes) + 12 * n / (world if sharded else 1)
+        kind = "sharded optimizer" if sharded else "optimizer"
+        lines.append(f"# ~{n / 1e9:.3f}B parameters; weights+grads+{kind} ~{per_rank / 2**30:.1f} GiB "
                      f"per rank (activations extra; recompute: {t.recompute})")
     return "\n".join(lines)
 
@@ -175,6 +202,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(describe(recipe))
         print(recipe.to_yaml(), end="")
         return 0
+    configure_logging(args.quiet)
     from megatron_tasp.apps.finetune_lib.launch import launch, under_launcher
     from megatron_tasp.apps.finetune_lib.trainer import RunOptions
 

@@ -148,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tasp_flags(args)
     args.msg_sizes = [int(float(x) * 2**20) for x in _split(args.msg_sizes_mb)]
     if args.device == "cpu":
-        from megatron_tasp.testing.dist import run_workers
+        from megatron_tasp.launch import run_workers
 
         args.group = None
         records = run_workers(_cpu_worker, args.world_size, args, timeout_s=1800)[0]

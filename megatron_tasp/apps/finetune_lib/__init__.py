@@ -1,16 +1,20 @@
 """Building blocks of ``megatron-tasp finetune`` (one concern per module).
 
-- :mod:`.recipe`: the YAML recipe schema, validation, overrides, shipped recipes (no torch).
+- :mod:`.schema`: one validator for frozen dataclass schemas (no torch).
+- :mod:`.sections`: the recipe's sections as frozen dataclasses: every field, its type, default and meaning.
+- :mod:`.recipe`: the validated :class:`Recipe`, cross-field checks, overrides, shipped recipes (no torch).
 - :mod:`.tokenizer`: byte-level tokenizer; Hugging Face tokenizers on request.
 - :mod:`.data`: corpus -> cached token stream -> fixed-length windows, seeded order, CP zigzag split.
 - :mod:`.model`: Megatron-Core GPTModel with TASP core attention from a recipe.
-- :mod:`.optimizer`: AdamW with fp32 masters sharded over DP x CP ranks; warmup + cosine schedule.
+- :mod:`.optimizer`: Megatron-Core's DDP, optimizer and LR scheduler (a small AdamW stand-in on CPU).
 - :mod:`.checkpoint`: crash-safe Megatron distributed checkpoints (temp dir, atomic rename, ``latest``).
 - :mod:`.metrics`: progress bar, metrics.json, loss plot.
 - :mod:`.trainer`: the training loop on an initialised process group.
+- :mod:`.report`: the banner, metrics.json and the summary of a run.
 - :mod:`.launch`: how ranks start (torchrun/srun, forked CPU workers, torchrun re-exec on GPUs).
 
-Only :mod:`.recipe` is imported here; the rest imports torch / Megatron when used.
+Only :mod:`.recipe` (with :mod:`.schema` and :mod:`.sections`) is imported here; the rest imports torch and
+Megatron when used.
 """
 
 from megatron_tasp.apps.finetune_lib.recipe import (

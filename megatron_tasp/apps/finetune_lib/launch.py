@@ -20,11 +20,14 @@ from typing import Any
 from megatron_tasp.apps.finetune_lib.recipe import Recipe, RecipeError
 
 LAUNCHERS = ("auto", "fork", "torchrun")
+logger = logging.getLogger("megatron_tasp.finetune")
 
 
 def quiet_megatron() -> None:
     """Silence Megatron's start-up warnings and deprecation notes (MEGATRON_TASP_VERBOSE=1 keeps them)."""
-    if os.environ.get("MEGATRON_TASP_VERBOSE"):
+    from megatron_tasp.options import env_flag
+
+    if env_flag("VERBOSE"):
         return
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
@@ -104,7 +107,7 @@ def run_this_rank(recipe: Recipe, opts: Any) -> dict[str, Any]:
 
 def run_single(recipe: Recipe, opts: Any) -> dict[str, Any]:
     """One rank in this process (no launcher needed)."""
-    from megatron_tasp.testing.dist import free_port
+    from megatron_tasp.launch import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
@@ -127,7 +130,7 @@ def _fork_worker(rank: int, world: int, recipe: Recipe, opts: Any) -> dict[str, 
 
 def run_forked(recipe: Recipe, opts: Any, world: int) -> dict[str, Any]:
     """``world`` forked gloo ranks on this machine; returns rank 0's metrics document."""
-    from megatron_tasp.testing.dist import WorkerError, run_workers
+    from megatron_tasp.launch import WorkerError, run_workers
 
     prepare_runtime()
     try:
@@ -183,7 +186,7 @@ def launch(recipe: Recipe, opts: Any, argv: list[str], launcher: str = "auto") -
         import subprocess
 
         cmd = torchrun_command(world, argv)
-        print("[finetune] starting " + " ".join(cmd), flush=True)
+        logger.info("[finetune] starting %s", " ".join(cmd))
         rc = subprocess.call(cmd)
         if rc:
             raise SystemExit(rc)

@@ -1,23 +1,30 @@
-"""Run metrics on rank 0: progress bar, log lines, metrics.json and the loss plot."""
+"""Run metrics on rank 0: progress bar, log lines, metrics.json and the loss plot.
+
+Log lines go to the ``megatron_tasp.finetune`` logger (the CLI prints them to stdout, through tqdm's
+writer when a bar is shown); the tqdm bar is drawn only when stderr is a terminal, never into a log file.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("megatron_tasp.finetune")
+
 
 class ProgressLog:
-    """A tqdm bar (when available and enabled) plus a log line every ``interval`` steps."""
+    """A tqdm bar (when available, enabled and stderr is a terminal) plus a log line every ``interval`` steps."""
 
     def __init__(self, total: int, initial: int, interval: int, enabled: bool, bar: bool, desc: str) -> None:
         self.enabled = enabled
         self.interval = interval
         self._bar: Any = None
-        self._bar_args = dict(total=total, initial=initial, desc=desc) if enabled and bar else None
+        tty = sys.stderr.isatty()
+        self._bar_args = dict(total=total, initial=initial, desc=desc) if enabled and bar and tty else None
 
     def start(self) -> None:
         """Show the bar (call after the start-up lines, so they are not interleaved with it)."""
@@ -30,14 +37,9 @@ class ProgressLog:
         self._bar = tqdm(**self._bar_args, unit="step", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
     def write(self, line: str) -> None:
-        """Print a line without breaking the bar."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
-        sys.stdout.flush()
+        """Log a line (rank 0 only)."""
+        if self.enabled:
+            logger.info(line)
 
     def step(self, rec: dict[str, Any], total: int) -> None:
         """Advance the bar with a step record and print its line when due."""
@@ -135,15 +137,4 @@ def plot_loss(path: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any
     return True
 
 
-class Stopwatch:
-    """Wall time since construction."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def elapsed(self) -> float:
-        """Seconds since construction."""
-        return time.perf_counter() - self.t0
-
-
-__all__ = ["ProgressLog", "Stopwatch", "ema", "plot_loss", "read_json", "summarize", "write_json"]
+__all__ = ["ProgressLog", "ema", "plot_loss", "read_json", "summarize", "write_json"]

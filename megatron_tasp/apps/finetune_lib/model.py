@@ -1,4 +1,8 @@
-"""Build Megatron-Core's GPTModel with TASP core attention from a recipe (call after parallel_state init)."""
+"""Build Megatron-Core's GPTModel with TASP core attention from a recipe (call after parallel_state init).
+
+TASP's options reach the attention layers through the layer spec (``tasp_layer_spec(spec, options=...)``),
+never as attributes of the TransformerConfig.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def transformer_config(recipe: Recipe, device: torch.device) -> Any:
         use_cpu_initialization=device.type == "cpu",
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        calculate_per_token_loss=True,  # the loss is the mean over every token of the global batch
     )
     if t.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -39,39 +44,25 @@ def transformer_config(recipe: Recipe, device: torch.device) -> Any:
         names = {f.name for f in dataclasses.fields(TransformerConfig)}
         if "recompute_modules" in names:
             kwargs["recompute_modules"] = ["core_attn"]
-    config = TransformerConfig(**kwargs)
-    config.tasp_num_rings = _rings_option(recipe.num_rings)
-    config.tasp_topology = p.topology
-    config.tasp_transport = None if p.transport == "auto" else p.transport
-    config.tasp_kernel = p.kernel
-    config.tasp_chunks = p.chunks
-    config.tasp_keep_kv = p.keep_kv
-    return config
-
-
-def _rings_option(value: int | str | None) -> int | str | None:
-    """``auto`` asks TASP's tuner when it exists; otherwise it means the most rings (None)."""
-    if value != "auto":
-        return value
-    import importlib.util
-
-    return "auto" if importlib.util.find_spec("megatron_tasp.tuning") is not None else None
+    return TransformerConfig(**kwargs)
 
 
 def layer_spec(recipe: Recipe, config: Any) -> Any:
-    """Megatron's local or Transformer Engine GPT layer spec with TASP core attention."""
-    from megatron_tasp.megatron.spec import gpt_tasp_local_spec, gpt_tasp_te_spec
+    """Megatron's local or Transformer Engine GPT layer spec with TASP core attention and the recipe's options."""
+    from megatron_tasp.megatron.spec import gpt_tasp_local_spec, gpt_tasp_te_spec, tasp_layer_spec
 
-    return gpt_tasp_te_spec(config) if recipe.model.spec == "te" else gpt_tasp_local_spec(config)
+    base = gpt_tasp_te_spec(config) if recipe.model.spec == "te" else gpt_tasp_local_spec(config)
+    return tasp_layer_spec(base, options=recipe.tasp_options())
 
 
-def build_model(recipe: Recipe, vocab_size: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(wrapped, core)``: GPTModel (``core``) on ``device``; ``wrapped`` adds Float16Module for bf16."""
+def build_model(recipe: Recipe, config: Any, vocab_size: int, device: torch.device
+                ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(wrapped, core)``: GPTModel (``core``) of ``config`` (:func:`transformer_config`) on ``device``;
+    ``wrapped`` adds Float16Module for bf16."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
     m, d = recipe.model, recipe.data
-    config = transformer_config(recipe, device)
     rotary_base: float | int = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
     core = GPTModel(
         config=config, transformer_layer_spec=layer_spec(recipe, config), vocab_size=vocab_size,

@@ -1,18 +1,20 @@
-"""AdamW with fp32 master weights sharded over the data x context-parallel ranks, and the LR schedule.
+"""Gradient reduction, optimizer and learning-rate schedule of a fine-tuning run.
 
-With TP = 1 every model parameter is replicated on all ``dp * cp`` ranks, and so would be its fp32
-master copy and the two AdamW moments (12 bytes per parameter: 96 GB for an 8B model). Here each
-parameter has one *owner* rank in the DP x CP group (greedy balance by size, deterministic):
+On GPUs these are Megatron-Core's own pieces: ``DistributedDataParallel`` (contiguous gradient buffers,
+bucketed reduction over the DP x CP group), ``get_megatron_optimizer`` (AdamW on fp32 master weights with
+global-norm clipping; with ``train.distributed_optimizer`` its state is sharded over DP x CP) and
+``finalize_model_grads`` (reduction, then division by the global token count).
 
-1. after backward, each parameter's gradient is summed onto its owner (``reduce`` in fp32);
-2. the owners clip by the global norm (one all-reduce of squared norms) and step AdamW on their fp32
-   masters;
-3. each owner broadcasts the updated weights (in the model's dtype) to the other ranks.
+On CPU Megatron's DDP and optimizer cannot run: their buffers, kernels and communication streams are
+created on the current CUDA device. :class:`CpuAdamW` is the small stand-in for that case only:
+``torch.optim.AdamW`` over fp32 masters and ONE flat all-reduce of all gradients (plus the token count)
+over the DP x CP group per step. Its state is stored per parameter name, so a CPU checkpoint loads at any
+DP or CP size.
 
-This moves the same bytes as reduce-scatter + all-gather, and optimizer memory per rank is
-``12 * params / (dp * cp)`` bytes. The state is stored in checkpoints per parameter name (``optimizer.
-master.<name>`` etc., saved by the owner only), so a checkpoint loads at any DP or CP size. It is our own,
-deliberately small scheme; it works the same on gloo (CPU) and NCCL (GPU).
+Both paths share one learning-rate schedule, Megatron's ``OptimizerParamScheduler`` (pure Python):
+linear warmup over ``train.warmup_steps``, then cosine decay to the absolute ``train.min_lr`` at the
+last step (or constant). The scheduler is advanced before each optimizer step, so step ``k`` (0-based)
+uses the schedule's value at ``k + 1``.
 """
 
 from __future__ import annotations
@@ -22,156 +24,156 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatron_tasp.apps.finetune_lib.recipe import TrainSection
-
-
-def lr_at(step: int, t: TrainSection) -> float:
-    """Learning rate for 0-based ``step``: linear warmup to ``lr``, then cosine decay to ``min_lr`` (or flat)."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.schedule == "constant":
-        return t.lr
-    span = max(1, t.steps - t.warmup_steps)
-    frac = min(1.0, (step - t.warmup_steps) / span)
-    return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+from megatron_tasp.apps.finetune_lib.recipe import Recipe
 
 
-def assign_owners(sizes: list[int], world: int) -> list[int]:
-    """Owner rank of each parameter: largest first onto the least-loaded rank (ties: lowest rank)."""
-    load = [0] * world
-    owners = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        owners[i] = r
-        load[r] += sizes[i]
-    return owners
+def wrap_model(recipe: Recipe, model: torch.nn.Module, config: Any, cuda: bool) -> torch.nn.Module:
+    """On GPUs Megatron's DDP around ``model`` (gradients reduced in fp32); on CPU the model itself."""
+    if not cuda:
+        return model
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=recipe.train.distributed_optimizer)
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-class ShardedAdamW:
-    """AdamW over fp32 masters owned by one rank each of ``group`` (see the module docstring)."""
+def build_optimizer(recipe: Recipe, model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
+                    group: Any, cuda: bool) -> Any:
+    """Megatron's optimizer for the DDP-wrapped ``model`` on GPUs; :class:`CpuAdamW` on CPU."""
+    t = recipe.train
+    if not cuda:
+        return CpuAdamW(named, group, t.betas, t.eps, t.weight_decay, t.grad_clip, t.lr)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], group: Any, t: TrainSection) -> None:
+    bf16 = t.precision == "bf16"
+    config = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                             adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_eps=t.eps, clip_grad=t.grad_clip,
+                             bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                             use_distributed_optimizer=t.distributed_optimizer)
+    return get_megatron_optimizer(config, [model])
+
+
+def build_scheduler(recipe: Recipe, optimizer: Any) -> Any:
+    """Megatron's ``OptimizerParamScheduler`` for the recipe (recipe values win over a checkpoint's)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = recipe.train
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=max(t.steps, t.warmup_steps + 1), lr_decay_style=t.schedule, start_wd=t.weight_decay,
+        end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+
+
+def optimizer_step(optimizer: Any) -> float:
+    """One optimizer step on reduced gradients; returns the global gradient norm before clipping."""
+    if isinstance(optimizer, CpuAdamW):
+        return optimizer.step()
+    _, grad_norm, _ = optimizer.step()
+    return float(grad_norm) if grad_norm is not None else float("nan")
+
+
+class CpuAdamW:
+    """AdamW on fp32 masters with one flat gradient all-reduce over ``group`` (the CPU stand-in, see above).
+
+    The same instance serves as ``config.finalize_model_grads_func`` (:meth:`finalize_grads`).
+    """
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], group: Any, betas: list[float],
+                 eps: float, weight_decay: float, grad_clip: float, lr: float) -> None:
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
-        self.owners = assign_owners([p.numel() for p in self.params], self.world)
-        self.owner_global = [dist.get_global_rank(group, o) if group is not None and self.world > 1 else o
-                             for o in self.owners]
-        self.mine = [i for i, o in enumerate(self.owners) if o == self.rank]
-        self.master: dict[int, torch.nn.Parameter] = {}
-        for i in self.mine:
-            p = self.params[i]
-            self.master[i] = torch.nn.Parameter(p.detach().to(torch.float32, copy=True))
-        decay = [self.master[i] for i in self.mine if self.params[i].dim() >= 2]
-        no_decay = [self.master[i] for i in self.mine if self.params[i].dim() < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, foreach=False) \
-            if groups else None
-        self.grad_clip = t.grad_clip
+        # fp32 parameters are their own masters; lower-precision ones get an fp32 copy.
+        self.masters = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
+                        for p in self.params]
+        groups = [{"params": [m for m, p in zip(self.masters, self.params, strict=True) if p.dim() >= 2],
+                   "wd_mult": 1.0},
+                  {"params": [m for m, p in zip(self.masters, self.params, strict=True) if p.dim() < 2],
+                   "wd_mult": 0.0}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps,
+                                     weight_decay=weight_decay, foreach=False)
+        self.grad_clip = grad_clip
         self.steps_taken = 0
 
-    # ----- one optimizer step --------------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The torch optimizer's parameter groups (the scheduler sets their lr and weight decay)."""
+        return self.opt.param_groups
 
-    def reduce_gradients(self) -> None:
-        """Sum every parameter's gradient over the group onto its owner (fp32), then drop the model grads."""
-        for i, p in enumerate(self.params):
-            g = p.grad
-            g = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None else \
-                g.detach().to(torch.float32, copy=True)
-            if self.world > 1:
-                dist.reduce(g, dst=self.owner_global[i], group=self.group)
-            if i in self.master:
-                self.master[i].grad = g
+    def zero_grad(self) -> None:
+        """Drop every gradient."""
+        for p in self.params:
             p.grad = None
+        for m in self.masters:
+            m.grad = None
 
-    def clip_gradients(self) -> float:
-        """Clip the owners' gradients to ``grad_clip`` by the global norm; return the norm before clipping."""
-        device = self.params[0].device
-        sq = torch.zeros((), dtype=torch.float32, device=device)
-        for m in self.master.values():
-            if m.grad is not None:
-                sq += m.grad.pow(2).sum()
+    def finalize_grads(self, model: Any = None, num_tokens: torch.Tensor | None = None, **_: Any) -> None:
+        """Sum gradients (and the token count) over the DP x CP group in one all-reduce; divide by the tokens."""
+        grads = [p.grad.float() if p.grad is not None else torch.zeros(p.shape) for p in self.params]
+        tokens = torch.ones(1) if num_tokens is None else num_tokens.reshape(1).float()
+        flat = _flatten_dense_tensors([*grads, tokens])
         if self.world > 1:
-            dist.all_reduce(sq, group=self.group)
-        norm = float(sq.sqrt())
-        if self.grad_clip > 0 and math.isfinite(norm) and norm > self.grad_clip:
-            scale = self.grad_clip / (norm + 1e-6)
-            for m in self.master.values():
-                if m.grad is not None:
-                    m.grad.mul_(scale)
+            dist.all_reduce(flat, group=self.group)
+        flat[:-1].div_(flat[-1].clamp(min=1.0))
+        for m, g in zip(self.masters, _unflatten_dense_tensors(flat[:-1], grads), strict=True):
+            m.grad = g.view_as(m)
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p is not m:
+                p.grad = None
+
+    def step(self) -> float:
+        """Clip by the global norm, step AdamW, copy masters back; returns the norm before clipping."""
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.masters, max_norm, foreach=False))
+        self.opt.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters, strict=True):
+                if p is not m:
+                    p.copy_(m)
+        self.zero_grad()
+        self.steps_taken += 1
         return norm
 
-    def step(self, lr: float) -> None:
-        """AdamW on the owned masters, then every owner broadcasts its updated weights."""
-        if self.opt is not None:
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        self.steps_taken += 1
-        self.sync_params()
+    # ----- checkpoint state (every rank holds the full state: replica id = rank in the group) ------------------
 
-    @torch.no_grad()
-    def sync_params(self) -> None:
-        """Copy owned masters into the model and broadcast each parameter from its owner."""
-        for i, p in enumerate(self.params):
-            if i in self.master:
-                p.copy_(self.master[i])
-            if self.world > 1:
-                dist.broadcast(p.data, src=self.owner_global[i], group=self.group)
-
-    # ----- checkpoint state ------------------------------------------------------------------------------------
-
-    def _state_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        m = self.master[i]
-        st = self.opt.state.get(m, {}) if self.opt is not None else {}
-        if "exp_avg" not in st:  # no step yet: materialise zero moments so the checkpoint is complete
-            st["exp_avg"] = torch.zeros_like(m)
-            st["exp_avg_sq"] = torch.zeros_like(m)
-            st["step"] = torch.tensor(float(self.steps_taken))
-            if self.opt is not None:
-                self.opt.state[m] = st
-        return {"master": m.data, "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """ShardedTensors of the owned state (``optimizer.<kind>.<param name>``, replica 0 on the owner)."""
-        from megatron.core.dist_checkpointing import ShardedTensor
-
-        out: dict[str, Any] = {}
-        for i in self.mine:
-            for kind, tensor in self._state_tensors(i).items():
-                key = f"optimizer.{kind}.{self.names[i]}"
-                out[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, p, m in zip(self.names, self.params, self.masters, strict=True):
+            st = self.opt.state[m]
+            if "exp_avg" not in st:  # no step yet: zero moments make the checkpoint complete
+                st.update(step=torch.tensor(float(self.steps_taken)), exp_avg=torch.zeros_like(m),
+                          exp_avg_sq=torch.zeros_like(m))
+            out[f"optimizer.exp_avg.{name}"] = st["exp_avg"]
+            out[f"optimizer.exp_avg_sq.{name}"] = st["exp_avg_sq"]
+            if p is not m:
+                out[f"optimizer.master.{name}"] = m.data
         return out
 
-    def load_loaded_state(self, loaded: dict[str, torch.Tensor], steps_taken: int) -> None:
-        """Install tensors returned by ``dist_checkpointing.load`` for :meth:`sharded_state_dict`'s keys."""
-        self.steps_taken = int(steps_taken)
-        for i in self.mine:
-            m = self.master[i]
-            prefix = f"optimizer.{{}}.{self.names[i]}"
-            with torch.no_grad():
-                m.copy_(loaded[prefix.format("master")])
-            if self.opt is not None:
-                self.opt.state[m] = {
-                    "step": torch.tensor(float(steps_taken)),
-                    "exp_avg": loaded[prefix.format("exp_avg")].to(m.device, torch.float32).clone(),
-                    "exp_avg_sq": loaded[prefix.format("exp_avg_sq")].to(m.device, torch.float32).clone(),
-                }
-        self.sync_params()
+    def sharded_state_dict(self, model_state: Any = None, is_loading: bool = False) -> dict[str, Any]:
+        """ShardedTensors of the state (written by the group's rank 0 only)."""
+        from megatron.core.dist_checkpointing import ShardedTensor
 
-    def reset_masters_from_model(self) -> None:
-        """After loading model weights only: masters := model weights, moments cleared."""
+        out: dict[str, Any] = {key: ShardedTensor.from_rank_offsets(key, tensor, replica_id=self.rank)
+                               for key, tensor in self._tensors().items()}
+        out["steps"] = self.steps_taken
+        return out
+
+    def load_state_dict(self, loaded: dict[str, torch.Tensor]) -> None:
+        """Install what ``dist_checkpointing.load`` returned for :meth:`sharded_state_dict`."""
+        self.steps_taken = int(loaded["steps"])
         with torch.no_grad():
-            for i in self.mine:
-                self.master[i].copy_(self.params[i].detach().float())
-        if self.opt is not None:
-            self.opt.state.clear()
-        self.steps_taken = 0
+            for key, tensor in self._tensors().items():
+                tensor.copy_(loaded[key])
+            for p, m in zip(self.params, self.masters, strict=True):
+                self.opt.state[m]["step"] = torch.tensor(float(self.steps_taken))
+                if p is not m:
+                    p.copy_(m)
 
 
-__all__ = ["ShardedAdamW", "assign_owners", "lr_at"]
+__all__ = ["CpuAdamW", "build_optimizer", "build_scheduler", "optimizer_step", "wrap_model"]

@@ -1,8 +1,11 @@
-"""Fine-tuning recipes: a YAML schema, validated with errors that name the field (pure Python, no torch).
+"""Fine-tuning recipes: YAML files validated into a frozen :class:`Recipe` with errors that name the file,
+the field and the fix (pure Python, no torch).
 
-A recipe has seven sections plus three top-level keys; every field, its default and its meaning is
-declared once below (the dataclass field metadata) and :func:`schema_text` prints that table, so the
-documentation (docs/FINETUNE.md, ``megatron-tasp finetune --schema``) cannot drift from the code.
+A recipe has seven sections (frozen dataclasses in :mod:`.sections`, checked field by field by the one
+validator in :mod:`.schema`) plus three top-level keys; :func:`validate` adds the cross-field rules. The
+``parallel`` section's TASP fields become one ``TaspOptions`` (:meth:`Recipe.tasp_options`).
+:func:`schema_text` prints every field with its default and meaning, so the documentation
+(docs/FINETUNE.md, ``megatron-tasp finetune --schema``) cannot drift from the code.
 
 ``load_recipe(path_or_name, overrides)`` reads a YAML file (or a shipped recipe name such as
 ``default-cpu``), applies ``section.key=value`` overrides and validates everything, raising
@@ -18,6 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_tasp.apps.finetune_lib.schema import SchemaError, build, listing
+from megatron_tasp.apps.finetune_lib.sections import (
+    SECTIONS,
+    TASP_FIELDS,
+    TOP_LEVEL,
+    CheckpointSection,
+    DataSection,
+    LoggingSection,
+    ModelSection,
+    ParallelSection,
+    TokenizerSection,
+    TrainSection,
+)
+
 DEFAULT_RECIPE = "default-cpu"
 
 
@@ -25,166 +42,7 @@ class RecipeError(ValueError):
     """A recipe is malformed or inconsistent; the message names the field and the fix."""
 
 
-def _f(default: Any, doc: str, *, kind: str, choices: tuple[Any, ...] | None = None, min: float | None = None,
-       nullable: bool = False, required: bool = False) -> Any:
-    """A recipe field: default, documentation and constraints (kept in the dataclass metadata)."""
-    meta = {"doc": doc, "kind": kind, "choices": choices, "min": min, "nullable": nullable, "required": required}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class ModelSection:
-    """Shape of the GPT (Megatron-Core GPTModel)."""
-
-    num_layers: int = _f(None, "transformer layers", kind="int", min=1, required=True)
-    hidden_size: int = _f(None, "model width", kind="int", min=1, required=True)
-    num_attention_heads: int = _f(None, "query heads", kind="int", min=1, required=True)
-    num_query_groups: int | None = _f(None, "KV heads (GQA); null = num_attention_heads (MHA)", kind="int", min=1,
-                                      nullable=True)
-    ffn_hidden_size: int = _f(None, "MLP width (per branch for swiglu)", kind="int", min=1, required=True)
-    kv_channels: int | None = _f(None, "head dim; null = hidden_size / num_attention_heads", kind="int", min=1,
-                                 nullable=True)
-    vocab_size: int | str = _f("auto", "'auto' = the tokenizer's vocabulary padded to vocab_multiple, or an "
-                               "integer >= the tokenizer's vocabulary", kind="int_or_auto", min=1)
-    vocab_multiple: int = _f(128, "padding multiple for vocab_size: auto", kind="int", min=1)
-    position_embedding: str = _f("rope", "position embedding", kind="str", choices=("rope", "learned_absolute"))
-    rotary_base: float = _f(10000.0, "RoPE theta (Llama 3: 500000)", kind="float", min=1.0)
-    rotary_percent: float = _f(1.0, "fraction of the head dim that RoPE rotates", kind="float", min=0.0)
-    max_position_embeddings: int | None = _f(None, "learned_absolute table size; null = data.seq_length", kind="int",
-                                             min=1, nullable=True)
-    normalization: str = _f("RMSNorm", "normalization layer", kind="str", choices=("RMSNorm", "LayerNorm"))
-    norm_epsilon: float = _f(1e-5, "epsilon of the normalization", kind="float", min=0.0)
-    activation: str = _f("swiglu", "MLP activation (swiglu = gated SiLU, Llama)", kind="str",
-                         choices=("swiglu", "gelu"))
-    add_bias_linear: bool = _f(False, "biases in linear layers", kind="bool")
-    tie_embeddings: bool = _f(False, "share input embedding and output layer weights", kind="bool")
-    init_std: float = _f(0.02, "std of the normal weight initialisation", kind="float", min=0.0)
-    spec: str = _f("local", "Megatron layer spec with TASP core attention: local (any device) or te (Transformer "
-                   "Engine linears/norms, GPU; checkpoint keys are the same)", kind="str", choices=("local", "te"))
-
-
-@dataclass
-class TokenizerSection:
-    """How text becomes token ids."""
-
-    type: str = _f("byte", "byte (built-in: UTF-8 bytes, vocabulary 256, id 0 separates documents) or "
-                   "huggingface (AutoTokenizer, imported only when used)", kind="str", choices=("byte", "huggingface"))
-    name: str | None = _f(None, "huggingface: model name or local path (e.g. meta-llama/Meta-Llama-3-8B)", kind="str",
-                          nullable=True)
-
-
-@dataclass
-class DataSection:
-    """Training text and sequence length."""
-
-    source: str = _f("stdlib", "stdlib (this Python's standard-library .py files), files (path or glob of text "
-                     "files) or jsonl (one JSON object per line)", kind="str", choices=("stdlib", "files", "jsonl"))
-    path: str | list[str] | None = _f(None, "files/jsonl: a path, a glob (**, ~ and $VARS expand) or a list of them",
-                                      kind="paths", nullable=True)
-    text_field: str = _f("text", "jsonl: the field holding the text", kind="str")
-    max_bytes: int | None = _f(None, "read at most this many bytes of text (null = all)", kind="int", min=1,
-                               nullable=True)
-    seq_length: int = _f(None, "tokens per training sequence (a multiple of 2 * parallel.cp)", kind="int", min=2,
-                         required=True)
-    eval_fraction: float = _f(0.02, "share of the sequences held out for evaluation", kind="float", min=0.0)
-    cache_dir: str | None = _f(None, "where the tokenized corpus is cached (null = <logging.output_dir>/data_cache)",
-                               kind="str", nullable=True)
-
-
-@dataclass
-class ParallelSection:
-    """Process layout: world size = tp * cp * dp."""
-
-    tp: int = _f(1, "tensor-parallel size (only 1 is supported by finetune)", kind="int", min=1)
-    cp: int = _f(1, "context-parallel size: each sequence is split over cp ranks (zigzag)", kind="int", min=1)
-    dp: int | None = _f(None, "data-parallel size; null = world_size / (tp * cp) under torchrun/srun; when finetune "
-                        "starts the ranks itself: all visible GPUs (a multiple of tp * cp), or 1 on CPU", kind="int",
-                        min=1, nullable=True)
-    cp_backend: str = _f("tasp", "tasp (multi-ring) or ring (TASP with one ring = zigzag ring attention)", kind="str",
-                         choices=("tasp", "ring"))
-    num_rings: int | str | None = _f(None, "TASP rings per step; null = the most the topology offers",
-                                     kind="int_or_auto", min=1, nullable=True)
-    topology: str | None = _f(None, "topology preset (configs/topologies) or YAML file describing the CP group; its "
-                              "GPU count must equal cp (null = one all-to-all node)", kind="str", nullable=True)
-    transport: str = _f("auto", "how KV pieces move: auto, a2a (all_to_all_single), p2p (batched isend/irecv) or "
-                        "symm (copy-engine pushes into symmetric memory; one NVLink node)", kind="str",
-                        choices=("auto", "a2a", "p2p", "symm"))
-    chunks: int | str = _f(1, "messages per KV piece and step (kernels start as each lands; more launches); "
-                           "'auto' asks the cost model", kind="int_or_auto", min=1)
-    keep_kv: bool | str = _f("auto", "keep the forward's KV pieces for the backward: auto (up to 64 MiB per layer "
-                             "call), true (no KV exchange in the backward; costs (cp-1) x the local K/V per layer) "
-                             "or false", kind="bool_or_auto")
-    kernel: str | None = _f(None, "TASP block-attention kernel (null = chosen at run time)", kind="str", nullable=True)
-    device: str = _f("auto", "auto (cuda when available), cuda or cpu", kind="str", choices=("auto", "cuda", "cpu"))
-
-
-@dataclass
-class TrainSection:
-    """Optimizer, schedule and batch."""
-
-    steps: int = _f(None, "optimizer steps; the LR schedule spans them", kind="int", min=1, required=True)
-    global_batch: int = _f(1, "sequences per optimizer step (a multiple of dp * micro_batch)", kind="int", min=1)
-    micro_batch: int = _f(1, "sequences per forward/backward on one DP rank (the rest is gradient accumulation)",
-                          kind="int", min=1)
-    precision: str = _f("fp32", "fp32, or bf16 (bf16 weights and activations, fp32 master weights and optimizer)",
-                        kind="str", choices=("fp32", "bf16"))
-    recompute: str = _f("none", "activation recomputation: none, selective (core attention) or full (every layer)",
-                        kind="str", choices=("none", "selective", "full"))
-    optimizer: str = _f("adamw", "optimizer (AdamW; its fp32 state is sharded over the dp * cp ranks)", kind="str",
-                        choices=("adamw",))
-    lr: float = _f(3e-4, "peak learning rate", kind="float", min=0.0)
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine decay", kind="float", min=0.0)
-    schedule: str = _f("cosine", "cosine (linear warmup, cosine decay to min_lr) or constant (after warmup)",
-                       kind="str", choices=("cosine", "constant"))
-    warmup_steps: int = _f(0, "linear warmup steps", kind="int", min=0)
-    betas: list[float] = _f([0.9, 0.95], "AdamW betas", kind="floats")
-    eps: float = _f(1e-8, "AdamW epsilon", kind="float", min=0.0)
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to 1-D weights: norms, biases)",
-                             kind="float", min=0.0)
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", kind="float", min=0.0)
-    eval_interval: int = _f(0, "evaluate held-out loss every N steps (0 = only before the first and after the last "
-                            "step when eval_batches > 0)", kind="int", min=0)
-    eval_batches: int = _f(0, "held-out sequences per evaluation (0 = no evaluation)", kind="int", min=0)
-
-
-@dataclass
-class CheckpointSection:
-    """Megatron distributed checkpoints (megatron.core.dist_checkpointing)."""
-
-    save: bool = _f(True, "write checkpoints", kind="bool")
-    dir: str | None = _f(None, "checkpoint directory (null = <logging.output_dir>/checkpoints)", kind="str",
-                         nullable=True)
-    interval: int = _f(0, "save every N steps (0 = only at the end)", kind="int", min=0)
-    save_at_end: bool = _f(True, "save after the last step (and when --max-steps stops the run)", kind="bool")
-    keep_last: int = _f(2, "keep the newest N checkpoints (0 = keep all)", kind="int", min=0)
-    resume: str = _f("auto", "auto (continue from dir/latest when it exists), never, or a checkpoint path to "
-                     "continue from (model, optimizer, step, data position, RNG)", kind="str")
-    pretrained: str | None = _f(None, "weights to start from when not resuming (fine-tuning): a checkpoint dir; "
-                                "optimizer and step start fresh", kind="str", nullable=True)
-
-
-@dataclass
-class LoggingSection:
-    """Console, metrics and plot."""
-
-    output_dir: str = _f("runs/finetune", "metrics.json, loss.png, the data cache and (by default) checkpoints",
-                         kind="str")
-    interval: int = _f(1, "print a log line every N steps", kind="int", min=1)
-    progress_bar: bool = _f(True, "tqdm progress bar on rank 0 (when tqdm is installed)", kind="bool")
-    plot: bool = _f(True, "write loss.png (when matplotlib is installed)", kind="bool")
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection, "parallel": ParallelSection,
-    "train": TrainSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
-}
-TOP_LEVEL = {"name": "recipe name (free text)", "description": "what the recipe is for (free text)",
-             "seed": "seed of weight initialisation and data order (integer)"}
-
-
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     """A validated fine-tuning recipe."""
 
@@ -218,6 +76,20 @@ class Recipe:
         if self.parallel.cp_backend == "ring":
             return 1
         return self.parallel.num_rings
+
+    def tasp_options(self) -> Any:
+        """The ``parallel`` section's TASP fields as one ``TaspOptions`` (defaults < environment < recipe)."""
+        from megatron_tasp.options import TaspOptionError, parse_options
+
+        p = self.parallel
+        given = {name: getattr(p, name) for name in TASP_FIELDS}
+        given["num_rings"] = self.num_rings
+        if p.topology:
+            given["topology"] = _expand(p.topology)
+        try:
+            return parse_options(given, where=f"{self.source}: parallel")
+        except TaspOptionError as exc:
+            raise RecipeError(str(exc)) from None  # names the recipe file and section
 
     def padded_vocab_size(self, tokenizer_vocab: int) -> int:
         """Model vocabulary for a tokenizer of ``tokenizer_vocab`` ids; raises if the recipe's is too small."""
@@ -277,92 +149,11 @@ def _expand(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Validation
-# ------------------------------------------------------------------------------------------------------------
-
-def _kind_text(meta: dict[str, Any]) -> str:
-    kind = meta["kind"]
-    text = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-            "floats": "a list of numbers", "int_or_auto": "an integer or 'auto'",
-            "bool_or_auto": "true, false or 'auto'",
-            "paths": "a path/glob or a list of them"}[kind]
-    if meta["choices"]:
-        text = "one of " + ", ".join(map(str, meta["choices"]))
-    if meta["min"] is not None and kind in ("int", "float", "int_or_auto"):
-        text += f" (>= {meta['min']:g})"
-    if meta["nullable"]:
-        text += " or null"
-    return text
-
-
-def _coerce(value: Any, meta: dict[str, Any], where: str) -> Any:
-    """Check one value against its field spec; return it (ints widened to floats where a number is wanted)."""
-    kind = meta["kind"]
-    bad = RecipeError(f"{where} must be {_kind_text(meta)}, got {value!r}")
-    if value is None:
-        if meta["nullable"]:
-            return None
-        raise bad
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if kind == "bool_or_auto":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        raise bad
-    if kind == "int_or_auto" and isinstance(value, str):
-        if value.strip().lower() != "auto":
-            raise bad
-        return "auto"
-    if kind in ("int", "int_or_auto"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad
-        value = float(value)
-    elif kind == "str":
-        if not isinstance(value, str) or not value.strip():
-            raise bad
-    elif kind == "floats":
-        if not isinstance(value, list) or not value or \
-                not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
-            raise bad
-        value = [float(x) for x in value]
-    elif kind == "paths":
-        items = value if isinstance(value, list) else [value]
-        if not items or not all(isinstance(x, str) and x.strip() for x in items):
-            raise bad
-    if meta["choices"] and value not in meta["choices"]:
-        raise bad
-    if meta["min"] is not None and kind in ("int", "float", "int_or_auto") and value < meta["min"]:
-        raise bad
-    return value
-
-
 def _build_section(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where} must be a mapping of fields, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise RecipeError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; allowed: "
-                          f"{', '.join(fields)}")
-    values = {}
-    for name, f in fields.items():
-        meta = f.metadata
-        if name not in raw:
-            if meta["required"]:
-                raise RecipeError(f"{where}.{name}: missing required field ({meta['doc']})")
-            continue
-        values[name] = _coerce(raw[name], meta, f"{where}.{name}")
-    return cls(**values)
+    try:
+        return build(cls, raw, where)
+    except SchemaError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def recipe_from_dict(raw: Any, source: str = "<dict>") -> Recipe:
@@ -430,6 +221,7 @@ def validate(r: Recipe) -> None:
     if p.cp_backend == "ring" and p.num_rings not in (None, 1):
         raise RecipeError(f"{src}: parallel.cp_backend: ring uses one ring; remove parallel.num_rings "
                           f"(got {p.num_rings}) or use cp_backend: tasp")
+    r.tasp_options()
     if p.cp > 1:
         _check_rings(r)
     elif p.topology is not None:
@@ -575,21 +367,14 @@ def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: l
 
 def schema_text() -> str:
     """Every recipe field with its default and meaning, as annotated YAML (the documented schema)."""
-    import json
-
     lines = [f"{k}: ...  # {doc}" for k, doc in TOP_LEVEL.items()]
     for sec, cls in SECTIONS.items():
-        lines.append(f"{sec}:  # {cls.__doc__.strip()}")
-        for f in dataclasses.fields(cls):
-            meta = f.metadata
-            if meta["required"]:
-                default = "REQUIRED"
-            else:
-                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                default = "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
-            lines.append(f"  {f.name}: {default}  # {_kind_text(meta)}; {meta['doc']}")
+        lines.extend(listing(sec, cls))
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DEFAULT_RECIPE", "SECTIONS", "Recipe", "RecipeError", "apply_overrides", "list_recipes", "load_recipe",
-           "parse_value", "recipe_from_dict", "recipe_path", "recipes_dir", "schema_text", "validate"]
+__all__ = ["DEFAULT_RECIPE", "SECTIONS", "CheckpointSection", "DataSection", "LoggingSection", "ModelSection",
+           "ParallelSection", "Recipe", "RecipeError", "apply_overrides", "list_recipes", "load_recipe",
+           "parse_value", "recipe_from_dict", "recipe_path", "recipes_dir", "schema_text", "TokenizerSection",
+           "TrainSection",
+           "validate"]

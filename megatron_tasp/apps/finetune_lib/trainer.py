@@ -1,9 +1,10 @@
 """The fine-tuning loop on an initialised default process group (one process per rank, CPU/gloo or GPU/NCCL).
 
-Per step: each DP rank takes its share of ``train.global_batch`` sequences (in micro-batches), each CP rank
-its zigzag half-chunks (Megatron's ``get_batch_on_this_cp_rank``); the loss is the mean over all tokens
-of the global batch; gradients are summed over the DP x CP group onto the owner of each parameter
-(:mod:`.optimizer`), clipped, stepped with AdamW on fp32 masters and broadcast back. Held-out loss,
+Per step: each DP rank takes its share of ``train.global_batch`` sequences in micro-batches, each CP rank
+its zigzag half-chunks (Megatron's ``get_batch_on_this_cp_rank``). The micro-batch loop is Megatron's
+``get_forward_backward_func()`` on GPUs; each micro-batch returns its loss summed over tokens and its token
+count, so after the gradient reduction (:mod:`.optimizer`) the loss is the mean over all tokens of the
+global batch. Then the learning-rate schedule advances and the optimizer steps. Held-out loss,
 checkpoints, metrics.json and loss.png follow the recipe.
 """
 
@@ -13,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,21 @@ import torch
 import torch.distributed as dist
 
 from megatron_tasp.apps.finetune_lib import checkpoint as ckpt
+from megatron_tasp.apps.finetune_lib import report
 from megatron_tasp.apps.finetune_lib.data import SequenceDataset, build_token_cache, cache_path, model_inputs
-from megatron_tasp.apps.finetune_lib.metrics import ProgressLog, plot_loss, read_json, summarize, write_json
-from megatron_tasp.apps.finetune_lib.model import build_model, count_parameters
-from megatron_tasp.apps.finetune_lib.optimizer import ShardedAdamW, lr_at
+from megatron_tasp.apps.finetune_lib.metrics import ProgressLog, read_json
+from megatron_tasp.apps.finetune_lib.model import build_model, count_parameters, transformer_config
+from megatron_tasp.apps.finetune_lib.optimizer import (
+    CpuAdamW,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    wrap_model,
+)
 from megatron_tasp.apps.finetune_lib.recipe import Recipe, RecipeError
 from megatron_tasp.apps.finetune_lib.tokenizer import build_tokenizer
 
-FORMAT = "megatron-tasp-finetune/1"
+FORMAT = "megatron-tasp-finetune/2"  # /2: Megatron's optimizer state (GPU) or CpuAdamW's, and the LR scheduler
 
 
 @dataclass
@@ -67,25 +75,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _max_rings(recipe: Recipe) -> int:
-    """Rings TASP uses by default for this recipe's CP group (the most its topology offers)."""
-    from megatron_tasp.topology import generic_topology, load_topology
-
-    p = recipe.parallel
-    topo = load_topology(os.path.expandvars(os.path.expanduser(p.topology))) if p.topology else \
-        generic_topology(p.cp)
-    return topo.max_rings()
-
-
-def _mcore_version() -> str:
-    try:
-        from megatron.core import package_info
-
-        return str(package_info.__version__)
-    except ImportError:
-        return "unknown"
-
-
 def _load_dataset(recipe: Recipe, tokenizer: Any) -> SequenceDataset:
     """Local rank 0 of each node tokenizes into the cache unless it exists; the other ranks wait for the file.
 
@@ -114,6 +103,8 @@ class Run:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.dp = recipe.resolve_world(self.world)
         self.device = resolve_device(recipe)
+        self.cuda = self.device.type == "cuda"
+        self.options = recipe.tasp_options()
         self.cp_group = ps.get_context_parallel_group()
         self.dp_rank = ps.get_data_parallel_rank()
         self.grad_group = ps.get_data_parallel_group(with_context_parallel=True)
@@ -125,8 +116,9 @@ class Run:
         self.tokenizer = build_tokenizer(recipe.tokenizer.type, recipe.tokenizer.name)
         self.vocab = recipe.padded_vocab_size(self.tokenizer.vocab_size)
         self.data = _load_dataset(recipe, self.tokenizer)
-        self.model, self.core = build_model(recipe, self.vocab, self.device)
-        self.named = [(n, p) for n, p in self.core.named_parameters() if p.requires_grad]
+        config = transformer_config(recipe, self.device)
+        model, self.core = build_model(recipe, config, self.vocab, self.device)
+        named = [(n, p) for n, p in self.core.named_parameters() if p.requires_grad]
         self.num_params = count_parameters(self.core)
 
         self.step = 0
@@ -137,8 +129,17 @@ class Run:
         if resume is None and recipe.checkpoint.pretrained:
             self._load_pretrained(Path(os.path.expanduser(recipe.checkpoint.pretrained)))
         elif resume is None:
-            self._broadcast_model()
-        self.opt = ShardedAdamW(self.named, self.grad_group, t)
+            self._broadcast_model(named)
+        self.model = wrap_model(recipe, model, config, self.cuda)
+        self.opt = build_optimizer(recipe, self.model, named, self.grad_group, self.cuda)
+        self.sched = build_scheduler(recipe, self.opt)
+        if self.cuda:
+            from megatron.core.distributed import finalize_model_grads
+
+            config.finalize_model_grads_func = finalize_model_grads
+            config.no_sync_func = self.model.no_sync
+        else:
+            config.finalize_model_grads_func = self.opt.finalize_grads
         if resume is not None:
             self._resume(resume)
 
@@ -171,33 +172,40 @@ class Run:
             raise RecipeError(f"{self.recipe.source}: checkpoint.resume: no checkpoint at {path}")
         return found
 
-    def _broadcast_model(self) -> None:
+    def _broadcast_model(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Every rank starts from rank 0's initial weights (init is seeded; this makes it certain)."""
         if self.world > 1:
             with torch.no_grad():
-                for _, p in self.named:
+                for _, p in named:
                     dist.broadcast(p.data, src=0)
-
-    def _model_state(self) -> dict[str, Any]:
-        return self.core.sharded_state_dict()
 
     def _load_pretrained(self, path: Path) -> None:
         found = ckpt.find_checkpoint(path) if path.exists() else None
         if found is None:
             raise RecipeError(f"{self.recipe.source}: checkpoint.pretrained: no checkpoint at {path}")
-        loaded = ckpt.load_checkpoint(found, {"model": self._model_state()})
+        loaded = ckpt.load_checkpoint(found, {"model": self.core.sharded_state_dict()})
         self.core.load_state_dict(loaded["model"], strict=True)
         self.initialized_from = str(found)
 
+    def _state(self, is_loading: bool) -> dict[str, Any]:
+        model_state = self.core.sharded_state_dict()
+        if isinstance(self.opt, CpuAdamW):
+            opt_state = self.opt.sharded_state_dict()
+        else:
+            opt_state = self.opt.sharded_state_dict(model_state, is_loading=is_loading)
+        return {"model": model_state, "optimizer": opt_state}
+
     def _resume(self, path: Path) -> None:
-        if ckpt.read_marker(path).get("format") != FORMAT:
-            raise RecipeError(f"{self.recipe.source}: {path} was not written by megatron-tasp finetune, so it has no "
-                              "optimizer state or data position to resume; start from its weights with "
-                              "checkpoint.pretrained (and checkpoint.resume: never)")
-        state = {"model": self._model_state(), "optimizer": self.opt.sharded_state_dict()}
-        loaded = ckpt.load_checkpoint(path, state)
+        fmt = ckpt.read_marker(path).get("format")
+        if fmt != FORMAT:
+            hint = "it was written by an older megatron-tasp finetune" if str(fmt).startswith("megatron-tasp") \
+                else "it was not written by megatron-tasp finetune, so it has no optimizer state or data position"
+            raise RecipeError(f"{self.recipe.source}: cannot resume from {path}: {hint}; start from its weights "
+                              "with checkpoint.pretrained (and checkpoint.resume: never)")
+        loaded = ckpt.load_checkpoint(path, self._state(is_loading=True))
         self.core.load_state_dict(loaded["model"], strict=True)
-        self.opt.load_loaded_state(loaded["optimizer"], int(loaded["optimizer_steps"]))
+        self.opt.load_state_dict(loaded["optimizer"])
+        self.sched.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
         self.consumed = int(loaded["consumed_samples"])
         if "rng" in loaded:
@@ -207,12 +215,10 @@ class Run:
     # ----- checkpoint --------------------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Save model, optimizer and progress as ``iter_<step>``."""
-        state: dict[str, Any] = {
-            "model": self._model_state(), "optimizer": self.opt.sharded_state_dict(),
-            "format": FORMAT, "step": self.step, "consumed_samples": self.consumed,
-            "optimizer_steps": self.opt.steps_taken, "rng": ckpt.rng_state(), "recipe": self.recipe.to_dict(),
-        }
+        """Save model, optimizer, schedule and progress as ``iter_<step>``."""
+        state = self._state(is_loading=False)
+        state.update(format=FORMAT, step=self.step, consumed_samples=self.consumed,
+                     scheduler=self.sched.state_dict(), rng=ckpt.rng_state(), recipe=self.recipe.to_dict())
         marker = {"format": FORMAT, "recipe": self.recipe.name, "world_size": self.world, "dp": self.dp,
                   "cp": self.recipe.parallel.cp, "tp": self.recipe.parallel.tp, "consumed_samples": self.consumed}
         path = ckpt.save_checkpoint(self.recipe.checkpoint_dir(), self.step, state, marker,
@@ -222,11 +228,39 @@ class Run:
 
     # ----- training ----------------------------------------------------------------------------------------------
 
-    def _forward_loss_sum(self, windows: np.ndarray) -> torch.Tensor:
-        batch = model_inputs(windows, self.cp_group, self.device)
-        per_token = self.model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
-                               labels=batch["labels"])
-        return per_token.float().sum()
+    def _forward_step(self, data_iterator: Iterator[np.ndarray], model: torch.nn.Module) -> tuple[Any, Callable]:
+        """Megatron's forward-step contract: the output and a loss function returning (sum, tokens, report)."""
+        batch = model_inputs(next(data_iterator), self.cp_group, self.device)
+        per_token = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
+                          labels=batch["labels"])
+
+        def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+            loss_sum = output.float().sum()
+            tokens = torch.tensor(output.numel(), dtype=torch.int, device=output.device)
+            return loss_sum, tokens, {"loss_sum": loss_sum.detach()}
+
+        return per_token, loss_func
+
+    def _forward_backward(self, windows: np.ndarray) -> torch.Tensor:
+        """Every micro-batch's forward and backward, then the gradient reduction; returns this rank's loss sum."""
+        mb = self.recipe.train.micro_batch
+        batches = iter([windows[i:i + mb] for i in range(0, len(windows), mb)])
+        n = len(windows) // mb
+        if self.cuda:  # Megatron's schedule (it allocates its token counter on the CUDA device)
+            from megatron.core.pipeline_parallel import get_forward_backward_func
+
+            reports = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=batches, model=[self.model], num_microbatches=n,
+                seq_length=self.recipe.data.seq_length, micro_batch_size=mb, forward_only=False)
+            return torch.stack([r["loss_sum"] for r in reports]).sum()
+        loss_sum, tokens = torch.zeros(()), torch.zeros((), dtype=torch.int)
+        for _ in range(n):  # the same contract on CPU, without the CUDA-only schedule
+            output, loss_func = self._forward_step(batches, self.model)
+            loss, count, rep = loss_func(output)
+            loss.backward()
+            loss_sum, tokens = loss_sum + rep["loss_sum"], tokens + count
+        self.opt.finalize_grads([self.model], tokens)
+        return loss_sum
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its record."""
@@ -234,19 +268,16 @@ class Run:
         _sync(self.device)
         t0 = time.perf_counter()
         self.model.train()
+        if self.cuda:
+            self.model.zero_grad_buffer()
+        self.opt.zero_grad()
         first = self.consumed + self.dp_rank * self.per_dp
-        windows = self.data.train_samples(first, self.per_dp)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for mb in range(0, self.per_dp, t.micro_batch):
-            ls = self._forward_loss_sum(windows[mb:mb + t.micro_batch])
-            (ls / self.tokens_per_step).backward()
-            loss_sum += ls.detach()
+        loss_sum = self._forward_backward(self.data.train_samples(first, self.per_dp)).to(torch.float32)
         if self.world > 1:
             dist.all_reduce(loss_sum, group=self.grad_group)
-        self.opt.reduce_gradients()
-        grad_norm = self.opt.clip_gradients()
-        lr = lr_at(self.step, t)
-        self.opt.step(lr)
+        self.sched.step(1)
+        lr = float(self.opt.param_groups[0]["lr"])
+        grad_norm = optimizer_step(self.opt)
         _sync(self.device)
         dt = time.perf_counter() - t0
         loss = float(loss_sum) / self.tokens_per_step
@@ -262,16 +293,17 @@ class Run:
     def evaluate(self) -> float | None:
         """Mean loss over ``train.eval_batches`` held-out sequences (split over DP ranks)."""
         n = self.recipe.train.eval_batches
-        if n <= 0:
-            return None
-        windows = self.data.eval_samples(n)
+        windows = self.data.eval_samples(n) if n > 0 else []
         if not len(windows):
             return None
         self.model.eval()
         mine = windows[self.dp_rank::self.dp]
+        mb = self.recipe.train.micro_batch
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for i in range(0, len(mine), self.recipe.train.micro_batch):
-            total += self._forward_loss_sum(mine[i:i + self.recipe.train.micro_batch])
+        batches = iter([mine[i:i + mb] for i in range(0, len(mine), mb)])
+        for _ in range(0, len(mine), mb):
+            output, loss_func = self._forward_step(batches, self.model)
+            total += loss_func(output)[0]
         if self.world > 1:
             dist.all_reduce(total, group=self.grad_group)
         self.model.train()
@@ -291,7 +323,7 @@ class Run:
         self.log = ProgressLog(total=t.steps, initial=self.step, interval=r.logging.interval,
                                enabled=self.is_logger and self.opts.log, bar=r.logging.progress_bar,
                                desc=f"finetune {r.name}")
-        self._banner(end)
+        report.banner(self, end)
         t_loop = time.perf_counter()
         start = self.step
         try:
@@ -308,86 +340,15 @@ class Run:
                 if ck.save and ck.interval and self.step % ck.interval == 0:
                     self.save()
                     saved_at = self.step
-                    self._write_metrics(time.perf_counter() - t_loop)
+                    report.write_metrics(self, time.perf_counter() - t_loop)
             if ck.save and ck.save_at_end and saved_at != self.step and self.step > start:
                 self.save()
         finally:
             self.log.close()
-        doc = self._write_metrics(time.perf_counter() - t_loop, final=True)
+        doc = report.write_metrics(self, time.perf_counter() - t_loop, final=True)
         if self.is_logger and self.opts.log:
-            self._summary(doc)
+            report.summary(self, doc)
         return doc
-
-    # ----- reporting ---------------------------------------------------------------------------------------------
-
-    def _banner(self, end: int) -> None:
-        if not self.log.enabled:
-            return
-        r = self.recipe
-        p = r.parallel
-        if self.resumed_from:
-            start = f"resuming from {self.resumed_from} (step {self.step}, {self.consumed} samples consumed)"
-        elif self.initialized_from:
-            start = f"weights from {self.initialized_from} (optimizer and step start fresh)"
-        else:
-            start = "random initialisation (training from scratch)"
-        if p.cp == 1:
-            rings = "none"
-        else:
-            rings = "1 (ring)" if r.num_rings == 1 else (r.num_rings or f"{_max_rings(r)} (the most available)")
-        self.log.write(
-            f"[finetune] {r.name}: {self.num_params / 1e6:.2f}M params, {r.model.num_layers} layers x "
-            f"{r.model.hidden_size}, vocab {self.vocab}, seq {r.data.seq_length}, global batch "
-            f"{r.train.global_batch} ({self.tokens_per_step:,} tokens/step)\n"
-            f"[finetune] world {self.world} = tp {p.tp} x cp {p.cp} x dp {self.dp} on {self.device.type} "
-            f"({dist.get_backend()}), CP backend {p.cp_backend if p.cp > 1 else 'none (cp=1)'}, rings {rings}, "
-            f"precision {r.train.precision}\n"
-            f"[finetune] data: {r.data.source}, {len(self.data.tokens):,} tokens, {self.data.num_train} train / "
-            f"{len(self.data.eval_windows)} held-out sequences; start: {start}\n"
-            f"[finetune] steps {self.step} -> {end} of {r.train.steps}; output {self.out_dir}")
-        if self.step >= end:
-            self.log.write(f"[finetune] nothing to train: step {self.step} already reached (train.steps={r.train.steps}"
-                           f"{'' if self.opts.max_steps is None else f', --max-steps {self.opts.max_steps}'}); "
-                           "use checkpoint.resume=never or another logging.output_dir to start over")
-
-    def _write_metrics(self, loop_time: float, final: bool = False) -> dict[str, Any]:
-        r = self.recipe
-        doc: dict[str, Any] = {
-            "recipe": r.name, "recipe_source": r.source, "world_size": self.world, "tp": r.parallel.tp,
-            "cp": r.parallel.cp, "dp": self.dp, "cp_backend": r.parallel.cp_backend, "num_rings": r.num_rings,
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "torch_version": torch.__version__, "megatron_core_version": _mcore_version(),
-            "num_params": self.num_params, "vocab_size": self.vocab, "seq_length": r.data.seq_length,
-            "global_batch": r.train.global_batch, "tokens_per_step": self.tokens_per_step,
-            "train_steps": r.train.steps, "end_step": self.step,
-            "resumed_from": self.resumed_from, "initialized_from": self.initialized_from,
-            "setup_time_s": self.setup_time, "train_time_s": loop_time, "checkpoints": self.checkpoints,
-            "steps": self.records, "eval": self.evals,
-        }
-        doc.update(summarize(self.records, self.evals))
-        if self.is_logger:
-            write_json(self.out_dir / "metrics.json", doc)
-            if final and r.logging.plot:
-                title = (f"{r.name}: seq {r.data.seq_length}, CP={r.parallel.cp} ({r.parallel.cp_backend}), "
-                         f"DP={self.dp}, {self.num_params / 1e6:.1f}M params")
-                if plot_loss(self.out_dir / "loss.png", self.records, self.evals, title, math.log(self.vocab)):
-                    doc["plot"] = str(self.out_dir / "loss.png")
-        return doc
-
-    def _summary(self, doc: dict[str, Any]) -> None:
-        if not self.records:
-            return
-        n = min(10, len(self.records))
-        parts = [f"train loss {doc['first_loss_mean10']:.3f} -> {doc['last_loss_mean10']:.3f} (mean of the first/last "
-                 f"{n} steps; step {self.records[0]['step'] + 1}: {doc['first_loss']:.3f}, step "
-                 f"{self.records[-1]['step'] + 1}: {doc['last_loss']:.3f})"]
-        if "first_eval_loss" in doc:
-            parts.append(f"held-out {doc['first_eval_loss']:.3f} -> {doc['last_eval_loss']:.3f}")
-        parts.append(f"{doc['mean_tokens_per_s']:,.0f} tokens/s")
-        self.log.write("[finetune] done: " + ", ".join(parts))
-        self.log.write(f"[finetune] wrote {self.out_dir / 'metrics.json'}" +
-                       (f", {doc['plot']}" if "plot" in doc else "") +
-                       (f"; checkpoint {self.checkpoints[-1]}" if self.checkpoints else ""))
 
 
 def run_training(recipe: Recipe, opts: RunOptions | None = None) -> dict[str, Any]:

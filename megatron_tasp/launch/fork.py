@@ -1,5 +1,7 @@
 """Run a function on N forked gloo ranks (CPU) and collect results or the first failure.
 
+Used by ``megatron-tasp finetune`` on CPU, ``megatron-tasp bench`` and the tests.
+
 Fork (not spawn) is used on purpose: the parent has already imported torch (and Megatron), so an
 8-rank world starts in a fraction of a second on a 2-core machine instead of re-importing per rank.
 """
@@ -10,7 +12,9 @@ import datetime
 import io
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -30,12 +34,6 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    hang = os.environ.get("MEGATRON_TASP_DUMP_HANG_S")
-    if hang:  # debugging aid: dump every thread's stack if the rank is still running after N seconds
-        import faulthandler
-
-        faulthandler.dump_traceback_later(float(hang), exit=True,
-                                          file=open(f"/tmp/megatron_tasp_rank{rank}.stack", "w"))  # noqa: SIM115
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
@@ -75,9 +73,6 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
-    import queue as queue_mod
-    import time
-
     deadline = time.monotonic() + timeout_s
     try:
         while len(results) < world_size and not errors:
@@ -108,3 +103,6 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
     if errors:
         raise WorkerError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+__all__ = ["WorkerError", "free_port", "run_workers"]

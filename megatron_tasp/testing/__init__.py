@@ -1,1 +1,0 @@
-"""Helpers for testing megatron-tasp: forked multi-process gloo workers and references."""
