@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from megatron_tasp.options import TaspOptionError, TaspOptions, parse_options
+from megatron_tasp.options import ENV_VARS, TaspOptionError, TaspOptions, parse_options
 
 BACKENDS = ("ring", "p2p", "a2a", "all_gather", "a2a+p2p", "tasp")
 _BACKEND_TO_COMM = {"ring": "p2p"}
@@ -54,7 +54,7 @@ TASP_FLAGS: dict[str, tuple[str, str, str]] = {
     "--tasp-keep-kv-mib": (
         "keep_kv_cap_mib", "MIB",
         "What --tasp-keep-kv auto keeps per layer call at most, in MiB (default 64; environment: "
-        "MEGATRON_TASP_KEEP_KV_MIB)."),
+        f"{next(var for var, name in ENV_VARS.items() if name == 'keep_kv_cap_mib')})."),
     "--tasp-dkv-dtype": (
         "dkv_dtype", "{fp32,input}",
         "dtype of the travelling dK/dV accumulator: fp32 (default) or input (the input dtype; half the "
