@@ -128,7 +128,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.n
     from megatron.core.transformer.module import Float16Module
 
     from megatron_tasp.megatron.spec import gpt_tasp_local_spec
-    from megatron_tasp.options import parse_keep_kv
+    from megatron_tasp.options import parse_options
 
     bf16 = args.dtype == "bf16"
     config = TransformerConfig(
@@ -141,11 +141,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.n
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    config.tasp_num_rings = args.num_rings if args.num_rings in (None, "auto") else int(args.num_rings)
-    config.tasp_transport = None if args.transport in (None, "auto") else args.transport
-    config.tasp_keep_kv = parse_keep_kv(args.keep_kv)
-    config.tasp_kernel = args.kernel
-    model = GPTModel(config=config, transformer_layer_spec=gpt_tasp_local_spec(config), vocab_size=256,
+    options = parse_options({"num_rings": args.num_rings, "transport": args.transport, "keep_kv": args.keep_kv,
+                             "kernel": args.kernel}, where="gpu_train_gpt.py flags")
+    model = GPTModel(config=config, transformer_layer_spec=gpt_tasp_local_spec(config, options=options), vocab_size=256,
                      max_sequence_length=args.seq, position_embedding_type="rope",
                      share_embeddings_and_output_weights=False)
     model = model.to(device)

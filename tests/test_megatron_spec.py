@@ -15,8 +15,8 @@ pytestmark = pytest.mark.megatron
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
-from megatron_tasp.megatron import spec as S  # noqa: E402
 from megatron_tasp import options as O  # noqa: E402
+from megatron_tasp.megatron import spec as S  # noqa: E402
 from megatron_tasp.megatron.core_attention import TaspDotProductAttention  # noqa: E402
 from megatron_tasp.options import TaspOptionError, TaspOptions  # noqa: E402
 
