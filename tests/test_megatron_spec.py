@@ -217,3 +217,23 @@ def test_package_exports():
     assert M.TaspDotProductAttention is TaspDotProductAttention
     assert megatron_tasp.TaspDotProductAttention is TaspDotProductAttention
     assert callable(M.add_tasp_args) and callable(M.validate_tasp_args) and callable(M.enable_cpu_megatron)
+
+
+def test_spec_functions_take_megatron_lm_args_options(monkeypatch):
+    """Inside a Megatron-LM run (``--spec megatron_tasp.megatron.spec gpt_tasp_spec``) the validated
+    ``--tasp-*`` flags (``get_args().tasp_options``) reach the spec; explicit ``options=`` win."""
+    import sys
+    import types
+
+    from_args = TaspOptions(num_rings=1, keep_kv=False)
+    fake = types.SimpleNamespace(get_args=lambda: types.SimpleNamespace(tasp_options=from_args))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", fake)
+    assert S.tasp_options_of(S.gpt_tasp_spec(tiny_config(1), None)) == [from_args]
+    mine = TaspOptions(num_rings=1, chunks=2)
+    assert S.tasp_options_of(S.gpt_tasp_local_spec(tiny_config(1), options=mine)) == [mine]
+
+    def unset():
+        raise AssertionError("args is not initialized.")
+
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", types.SimpleNamespace(get_args=unset))
+    assert S.tasp_options_of(S.gpt_tasp_local_spec(tiny_config(1))) == [None]

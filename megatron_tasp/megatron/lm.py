@@ -9,6 +9,7 @@ patched ``GPTModelBuilder.build_model`` (``patches/``). The ``--tasp-*`` flags r
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 from megatron_tasp.megatron.args import tasp_options_from_args
@@ -34,8 +35,16 @@ def _current_args() -> Any:
 
 def megatron_lm_options() -> TaspOptions | None:
     """``get_args().tasp_options`` of a Megatron-LM run whose args went through ``validate_tasp_args``;
-    None outside such a run (no global args, or args without the TASP flags)."""
-    options = getattr(_current_args(), "tasp_options", None)
+    None outside such a run (megatron.training not loaded, no global args, or args without the TASP flags).
+    Never imports megatron.training itself."""
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    if global_vars is None:
+        return None
+    try:
+        args = global_vars.get_args()
+    except Exception:  # noqa: BLE001 - Megatron asserts when the global args are not set
+        return None
+    options = getattr(args, "tasp_options", None)
     return options if isinstance(options, TaspOptions) else None
 
 
