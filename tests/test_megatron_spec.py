@@ -120,6 +120,9 @@ def test_options_become_module_spec_params():
     assert S.count_tasp_layers(new) == 1
     assert S.tasp_options_of(new) == [TaspOptions(num_rings=2, transport="p2p")]
     assert S.tasp_options_of(S.tasp_layer_spec(get_gpt_layer_local_spec())) == [None]
+    # re-swapping without options keeps the spec's options; with options, the new ones win
+    assert S.tasp_options_of(S.tasp_layer_spec(new)) == [TaspOptions(num_rings=2, transport="p2p")]
+    assert S.tasp_options_of(S.tasp_layer_spec(new, num_rings=1)) == [TaspOptions(num_rings=1)]
 
 
 def test_options_object_and_fields():

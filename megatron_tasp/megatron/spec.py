@@ -80,6 +80,14 @@ def _copy_tree(obj: Any) -> Any:
     return obj
 
 
+def _replacement_for(slot: Any, replacement: Any) -> Any:
+    """What goes in a slot: ``replacement``, except that a slot already carrying TASP options keeps them
+    when the replacement carries none (re-swapping a TASP spec without options changes nothing)."""
+    if replacement is TaspDotProductAttention and _module_of(slot) is TaspDotProductAttention:
+        return slot
+    return replacement
+
+
 def _swap(obj: Any, replacement: Any, field_name: str | None, seen: set[int]) -> int:
     """Replace core_attention below every ``self_attention`` spec; return how many slots were replaced."""
     if id(obj) in seen:
@@ -92,7 +100,7 @@ def _swap(obj: Any, replacement: Any, field_name: str | None, seen: set[int]) ->
         sub = obj.keywords.get("submodules")
         if (field_name == "self_attention" and sub is not None and hasattr(sub, "core_attention")
                 and _is_replaceable_core_attention(sub.core_attention)):
-            sub.core_attention = replacement
+            sub.core_attention = _replacement_for(sub.core_attention, replacement)
             return 1 + _swap(sub, replacement, None, seen)
         return sum(_swap(v, replacement, k, seen) for k, v in obj.keywords.items())
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
@@ -103,7 +111,7 @@ def _swap(obj: Any, replacement: Any, field_name: str | None, seen: set[int]) ->
         sub = obj.submodules
         if (field_name == "self_attention" and sub is not None and hasattr(sub, "core_attention")
                 and _is_replaceable_core_attention(sub.core_attention)):
-            sub.core_attention = replacement
+            sub.core_attention = _replacement_for(sub.core_attention, replacement)
             count += 1
         return count + _swap(sub, replacement, None, seen)
     for f in dataclasses.fields(obj):
