@@ -214,7 +214,8 @@ class TaspOptions:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TaspOptions))
-ENV_VARS: dict[str, str] = {f"{ENV_PREFIX}{name.upper()}": name for name in FIELDS}
+_ENV_NAMES = {"keep_kv_cap_mib": "KEEP_KV_MIB"}  # the variable's established name
+ENV_VARS: dict[str, str] = {f"{ENV_PREFIX}{_ENV_NAMES.get(name, name.upper())}": name for name in FIELDS}
 
 _ENV_CACHE: dict[str, Any] | None = None
 

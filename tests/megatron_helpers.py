@@ -160,6 +160,7 @@ def gpt_step_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, An
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_tasp.megatron.spec import gpt_tasp_local_spec
+    from megatron_tasp.options import parse_options
 
     seed = opts.get("seed", 1234)
     parallel_state.initialize_model_parallel(context_parallel_size=world)
@@ -168,9 +169,10 @@ def gpt_step_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, An
         torch.manual_seed(seed)
         cfg_over = dict(opts.get("config", {}))
         config = tiny_config(world, **cfg_over)
-        for key, val in opts.get("config_attrs", {}).items():
+        for key, val in opts.get("config_attrs", {}).items():  # e.g. the refused old config.tasp_* way
             setattr(config, key, val)
-        spec = opts.get("spec") or gpt_tasp_local_spec(config)
+        options = parse_options(opts["options"]) if "options" in opts else None
+        spec = opts.get("spec") or gpt_tasp_local_spec(config, options=options)
         model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=opts.get("vocab", 256),
                          max_sequence_length=opts["seq"], position_embedding_type=opts.get("position", "rope"))
         full = make_batch(opts["seq"], vocab=opts.get("vocab", 256))
@@ -268,7 +270,8 @@ def _prepare_training_import(patched_root: str | None) -> Any:
 
 
 def _build_core_attention_kinds(model_cfg: Any) -> list[str]:
-    """Build the model of a Megatron-LM GPTModelConfig on a 1-rank gloo world; return core attention classes."""
+    """Build the model of a Megatron-LM GPTModelConfig on a 1-rank gloo world; return core attention classes
+    (the modules are kept in ``BUILT_CORE_ATTENTIONS``)."""
     import datetime
     import os
 
@@ -283,7 +286,16 @@ def _build_core_attention_kinds(model_cfg: Any) -> list[str]:
     parallel_state.initialize_model_parallel()
     pgc = ProcessGroupCollection.use_mpu_process_groups()
     model = GPTModelBuilder(model_cfg).build_model(pgc, pre_process=True, post_process=True)
-    return [type(m.self_attention.core_attention).__name__ for m in model.decoder.layers]
+    BUILT_CORE_ATTENTIONS[:] = [m.self_attention.core_attention for m in model.decoder.layers]
+    return [type(m).__name__ for m in BUILT_CORE_ATTENTIONS]
+
+
+BUILT_CORE_ATTENTIONS: list[Any] = []
+
+
+def _built_options() -> list[dict[str, Any]]:
+    """The TaspOptions (as plain dicts) of the last built model's TASP core attentions."""
+    return [m.options.to_dict() for m in BUILT_CORE_ATTENTIONS if hasattr(m, "options")]
 
 
 def patched_training_probe(patched_root: str) -> dict[str, Any]:
@@ -309,6 +321,13 @@ def patched_training_probe(patched_root: str) -> dict[str, Any]:
     margs.validate_args(a, {})
     out["tasp"] = [a.cp_comm_type, a.tasp_enabled, a.tasp_num_rings, a.tasp_transport]
     out["tasp_chunks_keep"] = [a.tasp_chunks, a.tasp_keep_kv]
+    out["tasp_options"] = a.tasp_options.to_dict()
+    out["tasp_mask_in_dataloader"] = a.create_attention_mask_in_dataloader
+    try:
+        parse(["--context-parallel-backend", "tasp", "--tasp-keep-kv", "sometimes"])
+        out["bad_keep_kv"] = "accepted"
+    except SystemExit as exc:
+        out["bad_keep_kv"] = f"SystemExit {exc.code}"
     for name, extra in (("dropout", ["--context-parallel-backend", "tasp"]),
                         ("local", ["--context-parallel-backend", "tasp", "--attention-dropout", "0.0",
                                    "--attention-backend", "local", "--spec", "local"])):
@@ -332,12 +351,57 @@ def patched_training_probe(patched_root: str) -> dict[str, Any]:
     os.environ["WORLD_SIZE"] = "1"
     from megatron.training.argument_utils import gpt_config_from_args
 
-    a = parse(["--context-parallel-backend", "tasp", "--attention-dropout", "0.0", "--tasp-num-rings", "1"])
+    a = parse(["--context-parallel-backend", "tasp", "--attention-dropout", "0.0", "--tasp-num-rings", "1",
+               "--tasp-transport", "p2p"])
     margs.validate_args(a, {})
     a.padded_vocab_size = 256
     model_cfg = gpt_config_from_args(a)
     out["config_cp_comm_type"] = model_cfg.transformer.cp_comm_type
+    out["config_tasp_attrs"] = sorted(k for k in vars(model_cfg.transformer) if k.startswith("tasp_"))
+    from megatron.training.global_vars import set_args
+
+    set_args(a)  # the patched builder reads the options from Megatron-LM's global args
     out["kinds"] = _build_core_attention_kinds(model_cfg)
+    out["built_options"] = [(o["num_rings"], o["transport"]) for o in _built_options()]
+    return out
+
+
+COMBO_ARGV: dict[str, list[str]] = {
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "recompute_selective": ["--recompute-granularity", "selective"],
+    "recompute_full": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                       "--recompute-num-layers", "1"],
+    "distributed_optimizer": ["--use-distributed-optimizer"],
+    "moe": ["--num-experts", "4", "--moe-router-topk", "2"],
+    "moe_tp2_sp": ["--num-experts", "4", "--moe-router-topk", "2", "--tensor-model-parallel-size", "2",
+                   "--sequence-parallel"],
+}
+
+
+def tasp_combinations_probe(patched_root: str) -> dict[str, Any]:
+    """The patched Megatron-LM's own parse_args + validate_args with ``--context-parallel-backend tasp`` at
+    CP 2 and each of COMBO_ARGV: 'accepted' with what validation left in the args, or the error."""
+    import os
+
+    margs = _prepare_training_import(patched_root)
+    margs.get_device_arch_version = lambda: 10  # skip Megatron's Hopper check on this CPU machine
+    out: dict[str, Any] = {}
+    for name, extra in COMBO_ARGV.items():
+        tp = 2 if "2" in extra else 1
+        os.environ.update(WORLD_SIZE=str(2 * tp), RANK="0", LOCAL_RANK="0")
+        sys.argv = ["pretrain_gpt.py", *BASE_LM_ARGV, "--context-parallel-size", "2", "--context-parallel-backend",
+                    "tasp", "--attention-dropout", "0.0", "--tasp-num-rings", "1", "--tasp-chunks", "2", *extra]
+        try:
+            a = margs.parse_args()
+            margs.validate_args(a, {})
+            out[name] = {"result": "accepted", "tp": a.tensor_model_parallel_size, "cp": a.context_parallel_size,
+                         "cp_comm_type": a.cp_comm_type, "sequence_parallel": a.sequence_parallel,
+                         "recompute": [a.recompute_granularity, a.recompute_method],
+                         "distributed_optimizer": a.use_distributed_optimizer, "num_experts": a.num_experts,
+                         "options": a.tasp_options.to_dict()}
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from argparse included
+            out[name] = {"result": f"{type(exc).__name__}: {exc}"}
     return out
 
 
@@ -390,7 +454,9 @@ def launcher_probe(fake_root: str, extra: list[str]) -> dict[str, Any]:
     return {"cp_comm_type": args.cp_comm_type, "tasp_enabled": getattr(args, "tasp_enabled", None),
             "positional": [getattr(f, "__name__", str(f)) for f in pg.CAPTURED["args"]],
             "kwargs": sorted(pg.CAPTURED["kwargs"]), "kinds": _build_core_attention_kinds(model_cfg),
-            "transport": getattr(model_cfg.transformer, "tasp_transport", None)}
+            "transport": [o["transport"] for o in _built_options()],
+            "config_tasp_attrs": sorted(k for k in vars(model_cfg.transformer) if k.startswith("tasp_")),
+            "mask_in_dataloader": getattr(args, "create_attention_mask_in_dataloader", None)}
 
 
 def spec_flag_probe(spec_fn: str) -> dict[str, Any]:

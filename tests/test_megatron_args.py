@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from types import SimpleNamespace
 
 import pytest
 
+from megatron_tasp import options as O
 from megatron_tasp.megatron.args import (
+    TASP_FLAGS,
     TaspArgumentError,
     add_tasp_args,
-    parse_num_rings,
+    option_type,
     tasp_options_from_args,
     validate_tasp_args,
 )
+from megatron_tasp.options import TaspOptions
+
+
+@pytest.fixture(autouse=True)
+def _no_tasp_environment(monkeypatch):
+    """These tests assume no MEGATRON_TASP_* option in the environment (the env tests set their own)."""
+    for var in O.ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    O.reload_env()
+    yield
+    O.reload_env()
 
 
 def _parser():
@@ -54,10 +68,11 @@ def test_flags_parse():
 
 def test_keep_kv_with_symm_fails_closed():
     ns = SimpleNamespace(context_parallel_backend="tasp", tasp_transport="symm", tasp_keep_kv="1")
-    with pytest.raises(TaspArgumentError, match="--tasp-keep-kv auto or 0"):
+    with pytest.raises(TaspArgumentError, match=r"use keep_kv=False \(or 'auto'\) with 'symm'.*--tasp-transport"):
         validate_tasp_args(ns, device_capability=None)
     ok = SimpleNamespace(context_parallel_backend="tasp", tasp_transport="symm", tasp_keep_kv="auto")
-    assert tasp_options_from_args(validate_tasp_args(ok, device_capability=None))["tasp_keep_kv"] == "auto"
+    assert tasp_options_from_args(validate_tasp_args(ok, device_capability=None)).keep_kv == "auto"
+    assert ok.tasp_options.transport == "symm"
 
 
 def test_add_twice_is_harmless():
@@ -72,10 +87,11 @@ def test_bad_flags_rejected(bad, capsys):
         _parser().parse_args(bad)
 
 
-def test_allgather_spelling_normalised(capsys):
-    a = _parser().parse_args(["--context-parallel-backend", "allgather"])
+def test_allgather_spelling_normalised(caplog):
+    with caplog.at_level(logging.WARNING, logger="megatron_tasp"):
+        a = _parser().parse_args(["--context-parallel-backend", "allgather"])
     assert a.context_parallel_backend == "all_gather"
-    assert "all_gather" in capsys.readouterr().err
+    assert any("all_gather" in r.getMessage() and r.name == "megatron_tasp" for r in caplog.records)
     assert _args(["--context-parallel-backend", "allgather"]).cp_comm_type == ["all_gather"]
     assert _args(["--cp-comm-type", "allgather"]).cp_comm_type == ["all_gather"]
 
@@ -131,7 +147,7 @@ def test_topology_world_size_must_match(tmp_path):
     topo = tmp_path / "four.yaml"
     topo.write_text("name: four\ngpus_per_node: 4\n")
     a = _args(["--context-parallel-backend", "tasp", "--context-parallel-size", "4", "--tasp-topology", str(topo)])
-    assert a.tasp_topology == str(topo)
+    assert a.tasp_topology == str(topo) and a.tasp_options.topology == str(topo)
     with pytest.raises(TaspArgumentError, match="describes 4 GPUs"):
         _args(["--context-parallel-backend", "tasp", "--context-parallel-size", "2", "--tasp-topology", str(topo)])
 
@@ -176,14 +192,123 @@ def test_plain_namespace_without_megatron_fields():
     ns = SimpleNamespace(context_parallel_backend="tasp", tasp_num_rings="2", tasp_transport="auto")
     validate_tasp_args(ns, device_capability=None)
     assert ns.cp_comm_type == ["tasp"] and ns.tasp_num_rings == 2
-    assert tasp_options_from_args(ns) == {"tasp_num_rings": 2, "tasp_topology": None, "tasp_transport": None,
-                                          "tasp_kernel": None, "tasp_chunks": None, "tasp_keep_kv": None}
+    assert tasp_options_from_args(ns) == TaspOptions(num_rings=2) == ns.tasp_options
     bad = SimpleNamespace(context_parallel_backend="ulysses")
     with pytest.raises(TaspArgumentError):
         validate_tasp_args(bad, device_capability=None)
 
 
-def test_parse_num_rings():
-    assert parse_num_rings(None) is None and parse_num_rings("AUTO") == "auto" and parse_num_rings(4) == 4
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_num_rings(-1)
+def test_num_rings_flag_type():
+    parse = option_type("num_rings")
+    assert parse("AUTO") == "auto" and parse("4") == 4 and parse(4) == 4
+    for bad in (-1, "0", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="num_rings must be a positive integer or 'auto'"):
+            parse(bad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One parser: the flags, their values and args.tasp_options come from megatron_tasp.options.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_every_user_facing_field_has_a_flag():
+    fields = {field for field, _, _ in TASP_FLAGS.values()}
+    assert fields == {"num_rings", "topology", "transport", "kernel", "chunks", "keep_kv", "keep_kv_cap_mib",
+                      "dkv_dtype", "timeout_s"}
+    assert fields <= set(O.FIELDS)
+    p = _parser()
+    for flag in TASP_FLAGS:
+        assert flag in p._option_string_actions, flag
+    assert "--tasp-keep-kv-mib" in TASP_FLAGS and TASP_FLAGS["--tasp-keep-kv-mib"][0] == "keep_kv_cap_mib"
+    assert TASP_FLAGS["--tasp-dkv-dtype"][0] == "dkv_dtype"
+
+
+def test_flag_values_follow_the_options_rules():
+    p = _parser()
+    a = p.parse_args(["--tasp-keep-kv-mib", "32", "--tasp-dkv-dtype", "float32", "--tasp-timeout-s", "60",
+                      "--tasp-kernel", "SDPA", "--tasp-transport", "P2P"])
+    assert (a.tasp_keep_kv_mib, a.tasp_dkv_dtype, a.tasp_timeout_s, a.tasp_kernel, a.tasp_transport) == \
+        (32.0, "fp32", 60.0, "sdpa", "p2p")
+    assert p.parse_args(["--tasp-transport", "auto"]).tasp_transport == "auto"  # explicit auto is kept
+    for bad in (["--tasp-keep-kv-mib", "0"], ["--tasp-dkv-dtype", "bf16"], ["--tasp-timeout-s", "-1"],
+                ["--tasp-chunks", "1.5"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(bad)
+
+
+def test_validate_builds_tasp_options():
+    a = _args(["--context-parallel-backend", "tasp", "--context-parallel-size", "4", "--seq-length", "64",
+               "--tasp-num-rings", "2", "--tasp-transport", "p2p", "--tasp-chunks", "auto", "--tasp-keep-kv", "0",
+               "--tasp-keep-kv-mib", "16", "--tasp-dkv-dtype", "input", "--tasp-kernel", "sdpa"])
+    assert a.tasp_options == TaspOptions(num_rings=2, transport="p2p", chunks="auto", keep_kv=False,
+                                         keep_kv_cap_mib=16, dkv_dtype="input", kernel="sdpa")
+    # the args show the effective values
+    assert (a.tasp_num_rings, a.tasp_chunks, a.tasp_keep_kv, a.tasp_keep_kv_mib) == (2, "auto", False, 16.0)
+    assert validate_tasp_args(a, device_capability=None).tasp_options == a.tasp_options  # idempotent
+    assert not hasattr(_args(["--context-parallel-backend", "p2p"]), "tasp_options")
+
+
+def test_environment_below_flags(monkeypatch):
+    cap_var = next(var for var, name in O.ENV_VARS.items() if name == "keep_kv_cap_mib")
+    monkeypatch.setenv(cap_var, "8")
+    monkeypatch.setenv("MEGATRON_TASP_TRANSPORT", "p2p")
+    monkeypatch.setenv("MEGATRON_TASP_CHUNKS", "3")
+    O.reload_env()
+    a = _args(["--context-parallel-backend", "tasp", "--tasp-chunks", "2"])
+    assert (a.tasp_options.keep_kv_cap_mib, a.tasp_options.transport, a.tasp_options.chunks) == (8.0, "p2p", 2)
+    a = _args(["--context-parallel-backend", "tasp", "--tasp-transport", "auto"])  # explicit auto wins
+    assert a.tasp_options.transport is None
+    monkeypatch.setenv("MEGATRON_TASP_CHUNKS", "zero")
+    O.reload_env()
+    with pytest.raises(TaspArgumentError, match="MEGATRON_TASP_CHUNKS"):
+        _args(["--context-parallel-backend", "tasp"])
+
+
+def test_no_second_copy_of_the_value_rules():
+    import megatron_tasp.megatron.args as A
+
+    for gone in ("parse_chunks", "parse_keep_kv", "parse_num_rings", "TRANSPORTS"):
+        assert not hasattr(A, gone), gone
+
+
+def test_dataloader_mask_switched_off_for_tasp(caplog):
+    argv = ["--context-parallel-backend", "tasp", "--context-parallel-size", "2"]
+    ns = _parser().parse_args(argv)
+    ns.create_attention_mask_in_dataloader = True
+    with caplog.at_level(logging.INFO, logger="megatron_tasp"):
+        validate_tasp_args(ns, device_capability=None)
+    assert ns.create_attention_mask_in_dataloader is False
+    assert any("create_attention_mask_in_dataloader" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)
+    for other in (["--context-parallel-backend", "p2p"],  # other backends may need it
+                  ["--context-parallel-backend", "tasp", "--cp-comm-type", "tasp", "p2p"]):  # TE layers too
+        ns = _parser().parse_args(other)
+        ns.create_attention_mask_in_dataloader = True
+        validate_tasp_args(ns, device_capability=None)
+        assert ns.create_attention_mask_in_dataloader is True
+
+
+_BASE = dict(context_parallel_backend="tasp", context_parallel_size=2, seq_length=64, attention_dropout=0.0,
+             cp_comm_type=["p2p"], tasp_num_rings="1", tasp_chunks="2")
+
+
+@pytest.mark.parametrize("extra", [
+    {"tensor_model_parallel_size": 2},
+    {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+    {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
+    {"use_distributed_optimizer": True},
+    {"num_experts": 4, "moe_router_topk": 2},
+    {"num_experts": 4, "tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 2},
+], ids=["tp2", "tp2_sp", "recompute_selective", "recompute_full_uniform", "recompute_full_block",
+        "distributed_optimizer", "moe", "moe_tp2_sp_ep2"])
+def test_parallelism_and_recompute_compose_with_tasp(extra):
+    """TP, SP, activation recomputation, the distributed optimizer and MoE compose with TASP: validation
+    passes, leaves the flags as they are and builds the right options."""
+    ns = SimpleNamespace(**_BASE, **extra)
+    validate_tasp_args(ns, device_capability=None)
+    assert ns.tasp_enabled and ns.cp_comm_type == ["tasp"]
+    assert ns.tasp_options == TaspOptions(num_rings=1, chunks=2)
+    for key, value in extra.items():
+        assert getattr(ns, key) == value, key

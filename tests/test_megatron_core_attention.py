@@ -17,7 +17,9 @@ pytestmark = pytest.mark.megatron
 
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
+from megatron_tasp import options as O  # noqa: E402
 from megatron_tasp.megatron.core_attention import TaspDotProductAttention  # noqa: E402
+from megatron_tasp.options import TaspOptions  # noqa: E402
 
 
 @dataclass
@@ -167,11 +169,11 @@ def test_te_delegation_builds_te_module(monkeypatch):
 
     monkeypatch.setattr(te_ext, "HAVE_TE", True, raising=False)
     monkeypatch.setattr(te_ext, "TEDotProductAttention", FakeTE)
-    m = _make(cp_comm_type="allgather", tasp_num_rings=3)
+    m = _make(cp_comm_type="allgather", options=TaspOptions(num_rings=3))
     assert isinstance(m, FakeTE) and m.cp_comm_type == "all_gather"
 
 
-def test_options_from_config_and_kwargs_reach_tasp_attention(monkeypatch, tmp_path):
+def _recording(monkeypatch):
     calls = []
 
     def fake(q, k, v, cp_group, **kw):
@@ -179,22 +181,83 @@ def test_options_from_config_and_kwargs_reach_tasp_attention(monkeypatch, tmp_pa
         return torch.zeros_like(q)
 
     monkeypatch.setitem(sys.modules, "megatron_tasp.attention", types.SimpleNamespace(tasp_attention=fake))
-    cfg = tiny_config(1)
-    cfg.tasp_num_rings, cfg.tasp_transport, cfg.tasp_kernel = 2, "auto", "math"
-    cfg.tasp_keep_kv = False
+    return calls
+
+
+def test_options_reach_tasp_attention(monkeypatch, tmp_path):
+    calls = _recording(monkeypatch)
     topo = tmp_path / "t.yaml"
     topo.write_text("name: t\ngpus_per_node: 1\n")
-    cfg.tasp_topology = str(topo)
+    first = TaspOptions(num_rings=2, transport="auto", kernel="math", keep_kv=False, topology=str(topo))
+    second = TaspOptions(num_rings="auto", transport="p2p", keep_kv="auto", chunks=2)
     q, k, v = _qkv()
-    _make(config=cfg)(q, k, v, None)
-    _make(config=cfg, tasp_num_rings="auto", tasp_transport="p2p", tasp_keep_kv="auto",
-          attn_mask_type=AttnMaskType.no_mask)(q, k, v, None)
+    _make(options=first)(q, k, v, None)
+    _make(options=second, attn_mask_type=AttnMaskType.no_mask)(q, k, v, None)
     (g0, kw0), (g1, kw1) = calls
-    assert g0 is None and kw0["num_rings"] == 2 and kw0["transport"] is None and kw0["backend"] == "math"
+    assert g0 is None and set(kw0) == {"causal", "softmax_scale", "options"}
     assert kw0["causal"] is True and kw0["softmax_scale"] == pytest.approx(0.25)
-    assert kw0["topology"].world_size == 1
-    assert kw1["num_rings"] == "auto" and kw1["transport"] == "p2p" and kw1["causal"] is False
-    assert kw0["keep_kv"] is False and kw1["keep_kv"] == "auto"
+    o0, o1 = kw0["options"], kw1["options"]
+    assert o0.num_rings == 2 and o0.transport is None and o0.kernel == "math" and o0.keep_kv is False
+    assert o0.topology.world_size == 1  # loaded once, at construction
+    assert o0.replace(topology=str(topo)) == first
+    assert o1 == second and kw1["causal"] is False
+    assert o1.num_rings == "auto" and o1.transport == "p2p" and o1.keep_kv == "auto" and o1.chunks == 2
+
+
+def test_no_options_means_default_options_with_environment(monkeypatch):
+    calls = _recording(monkeypatch)
+    monkeypatch.setenv("MEGATRON_TASP_NUM_RINGS", "1")
+    monkeypatch.setenv("MEGATRON_TASP_KEEP_KV", "0")
+    O.reload_env()
+    try:
+        attn = _make()
+    finally:
+        monkeypatch.delenv("MEGATRON_TASP_NUM_RINGS")
+        monkeypatch.delenv("MEGATRON_TASP_KEEP_KV")
+        O.reload_env()
+    assert attn.options == TaspOptions(num_rings=1, keep_kv=False)
+    q, k, v = _qkv()
+    attn(q, k, v, None)
+    assert calls[0][1]["options"] == TaspOptions(num_rings=1, keep_kv=False)
+    assert "num_rings=1" in repr(attn)
+
+
+def test_old_ways_of_passing_options_fail_closed():
+    cfg = tiny_config(1)
+    cfg.tasp_num_rings = 2
+    with pytest.raises(TypeError, match=r"config.tasp_num_rings .*tasp_layer_spec\(spec, options="):
+        _make(config=cfg)
+    with pytest.raises(TypeError, match=r"tasp_transport.*tasp_layer_spec\(spec, options="):
+        _make(tasp_transport="p2p")
+    with pytest.raises(TypeError, match="tasp_keep_kv"):
+        _make(tasp_keep_kv=None)
+    with pytest.raises(TypeError, match="must be a TaspOptions"):
+        _make(options={"num_rings": 2})
+
+
+def test_topology_checked_against_cp_size_at_build(tmp_path):
+    """A topology for another GPU count fails when the module is built (here CP 1 inside a 2-rank world)."""
+    from megatron_tasp.testing.dist import run_workers
+
+    topo = tmp_path / "four.yaml"
+    topo.write_text("name: four\ngpus_per_node: 4\n")
+
+    def worker(rank, world):
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(context_parallel_size=2)
+        try:
+            group = parallel_state.get_context_parallel_group()
+            try:
+                _make(config=tiny_config(2), pg_collection=PG(cp=group), options=TaspOptions(topology=str(topo)))
+            except Exception as exc:  # noqa: BLE001
+                return str(exc)
+            return "built"
+        finally:
+            parallel_state.destroy_model_parallel()
+
+    for msg in run_workers(worker, 2):
+        assert "describes 4 GPUs" in msg, msg
 
 
 def test_te_extra_state_is_dropped_on_load():

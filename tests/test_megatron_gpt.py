@@ -65,7 +65,7 @@ def _check(out: list[dict], ref: dict) -> None:
     (4, "learned_absolute", None),
 ])
 def test_cp_matches_cp1(cp, position, num_rings):
-    opts = {"seq": SEQ, "position": position, "config_attrs": {"tasp_num_rings": num_rings}}
+    opts = {"seq": SEQ, "position": position, "options": {"num_rings": num_rings}}
     _check(run_workers(H.gpt_step_worker, cp, opts), _reference(position))
 
 
@@ -87,7 +87,7 @@ def test_megatron_zigzag_split_matches_layout():
 
 
 def test_options_reach_attention_at_cp2(tmp_path):
-    """config.tasp_* and spec params arrive in tasp_attention on every layer, with the CP group."""
+    """Options in the spec (ModuleSpec params) arrive in tasp_attention on every layer, with the CP group."""
     topo = tmp_path / "two.yaml"
     topo.write_text("name: two\ngpus_per_node: 2\n")
     inner = sys.modules.get("megatron_tasp.attention") or __import__("megatron_tasp.attention", fromlist=["x"])
@@ -100,16 +100,16 @@ def test_options_reach_attention_at_cp2(tmp_path):
     saved = sys.modules.get("megatron_tasp.attention")
     sys.modules["megatron_tasp.attention"] = types.SimpleNamespace(tasp_attention=recording)
     try:
-        opts = {"seq": SEQ, "config_attrs": {"tasp_num_rings": 1, "tasp_topology": str(topo),
-                                             "tasp_transport": "p2p"}}
+        opts = {"seq": SEQ, "options": {"num_rings": 1, "topology": str(topo), "transport": "p2p"}}
         out = run_workers(H.gpt_step_worker, 2, opts)
     finally:
         sys.modules["megatron_tasp.attention"] = saved
     calls = out[1]["calls"]
     assert len(calls) == 2
     for c in calls:
-        assert c["cp"] == 2 and c["num_rings"] == 1 and c["transport"] == "p2p" and c["causal"] is True
-        assert c["topology"].world_size == 2
+        assert c["cp"] == 2 and c["causal"] is True
+        o = c["options"]
+        assert o.num_rings == 1 and o.transport == "p2p" and o.topology.world_size == 2
     _check(out, _reference("rope"))
 
 
@@ -137,19 +137,26 @@ def test_per_layer_list_all_tasp_and_mixed():
         run_workers(H.gpt_step_worker, 2, {"seq": SEQ, "config": {"cp_comm_type": ["tasp", "p2p"]}})
 
 
+def test_old_config_attribute_fails_closed_in_a_model():
+    from megatron_tasp.testing.dist import WorkerError
+
+    with pytest.raises(WorkerError, match=r"config.tasp_num_rings .*tasp_layer_spec\(spec, options="):
+        run_workers(H.gpt_step_worker, 2, {"seq": SEQ, "config_attrs": {"tasp_num_rings": 1}})
+
+
 def test_topology_mismatch_fails_at_build(tmp_path):
     topo = tmp_path / "four.yaml"
     topo.write_text("name: four\ngpus_per_node: 4\n")
     from megatron_tasp.launch import WorkerError
 
     with pytest.raises(WorkerError, match="describes 4 GPUs"):
-        run_workers(H.gpt_step_worker, 2, {"seq": SEQ, "config_attrs": {"tasp_topology": str(topo)}})
+        run_workers(H.gpt_step_worker, 2, {"seq": SEQ, "options": {"topology": str(topo)}})
 
 
 def test_num_rings_auto_at_cp4():
     from megatron_tasp.launch import WorkerError
 
-    opts = {"seq": SEQ, "config_attrs": {"tasp_num_rings": "auto"}}
+    opts = {"seq": SEQ, "options": {"num_rings": "auto"}}
     try:
         out = run_workers(H.gpt_step_worker, 4, opts)
     except WorkerError as exc:

@@ -57,4 +57,5 @@ def test_launcher_selects_tasp(tmp_path):
     assert out["cp_comm_type"] == ["tasp"] and out["tasp_enabled"] is True
     assert out["positional"][0] == "train_valid_test_datasets_provider" and out["positional"][2] == "forward_step"
     assert out["kwargs"] == ["get_embedding_ranks", "store"]
-    assert out["kinds"] == ["TaspDotProductAttention"] * 2 and out["transport"] == "a2a"
+    assert out["kinds"] == ["TaspDotProductAttention"] * 2 and out["transport"] == ["a2a", "a2a"]
+    assert out["config_tasp_attrs"] == [] and out["mask_in_dataloader"] is False

@@ -75,5 +75,31 @@ def test_patched_flags_parse_validate_and_build(patched_root):
     assert "attention-backend local" in out["local"]
     assert out["cp2_ring"] == ["p2p"] and out["cp2_tasp"] == ["tasp"] and out["cp2_a2a"] == ["a2a"]
     assert "hierarchical" in out["a2a+p2p"]
-    assert out["config_cp_comm_type"] == "tasp"
+    assert out["tasp_options"]["num_rings"] == "auto" and out["tasp_options"]["transport"] == "p2p"
+    assert out["tasp_options"]["chunks"] == 2 and out["tasp_options"]["keep_kv"] is False
+    assert out["tasp_mask_in_dataloader"] is False  # TASP never reads the S x S mask
+    assert out["bad_keep_kv"] == "SystemExit 2"  # the options module's rules, through the patched parser
+    assert out["config_cp_comm_type"] == "tasp" and out["config_tasp_attrs"] == []
     assert out["kinds"] == ["TaspDotProductAttention", "TaspDotProductAttention"]
+    assert out["built_options"] == [[1, "p2p"], [1, "p2p"]]  # the flags reached every layer's core attention
+
+
+def test_patch_defines_no_flag_parser_of_its_own():
+    added = "\n".join(line for line in PATCH.read_text().splitlines() if line.startswith("+"))
+    assert "add_tasp_args" in added and "--tasp-" not in added.replace("--tasp-* flags", "")
+
+
+def test_tasp_composes_with_parallelism_in_megatron_validation(patched_root):
+    """Megatron-LM's own validate_args with --context-parallel-backend tasp plus TP, SP, recompute, the
+    distributed optimizer and MoE: accepted, the flags kept, the options right."""
+    out = H.run_probe(f"tasp_combinations_probe({str(patched_root)!r})", timeout=300)
+    assert set(out) == set(H.COMBO_ARGV)
+    for name, got in out.items():
+        assert got["result"] == "accepted", (name, got)
+        assert got["cp"] == 2 and got["cp_comm_type"] == ["tasp"], (name, got)
+        assert got["options"]["num_rings"] == 1 and got["options"]["chunks"] == 2, (name, got)
+    assert out["tp2"]["tp"] == 2 and out["tp2_sp"]["sequence_parallel"] is True
+    assert out["recompute_selective"]["recompute"] == ["selective", None]
+    assert out["recompute_full"]["recompute"] == ["full", "uniform"]
+    assert out["distributed_optimizer"]["distributed_optimizer"] is True
+    assert out["moe"]["num_experts"] == 4 and out["moe_tp2_sp"]["sequence_parallel"] is True

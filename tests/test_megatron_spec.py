@@ -15,8 +15,19 @@ pytestmark = pytest.mark.megatron
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
+from megatron_tasp import options as O  # noqa: E402
 from megatron_tasp.megatron import spec as S  # noqa: E402
 from megatron_tasp.megatron.core_attention import TaspDotProductAttention  # noqa: E402
+from megatron_tasp.options import TaspOptionError, TaspOptions  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_tasp_environment(monkeypatch):
+    for var in O.ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    O.reload_env()
+    yield
+    O.reload_env()
 
 
 def _core(spec):
@@ -72,6 +83,10 @@ def test_hybrid_stack_spec():
         pytest.skip(f"hybrid stack spec not importable here: {exc}")
     sub = tasp_hybrid_stack_spec.submodules
     assert _core(sub.attention_layer) is TaspDotProductAttention
+    from megatron_tasp.megatron.hybrid_spec import hybrid_tasp_stack_spec
+
+    opts = TaspOptions(num_rings=1)
+    assert _core(hybrid_tasp_stack_spec(options=opts).submodules.attention_layer).params == {"options": opts}
     if hasattr(sub, "dsa_layer"):  # DSA's composite sparse core attention is kept
         assert _core(sub.dsa_layer) is not TaspDotProductAttention
 
@@ -101,8 +116,58 @@ def test_options_become_module_spec_params():
     new = S.tasp_layer_spec(get_gpt_layer_local_spec(), num_rings=2, transport="p2p")
     ca = _core(new)
     assert isinstance(ca, ModuleSpec) and ca.module is TaspDotProductAttention
-    assert ca.params == {"tasp_num_rings": 2, "tasp_transport": "p2p"}
+    assert ca.params == {"options": TaspOptions(num_rings=2, transport="p2p")}
     assert S.count_tasp_layers(new) == 1
+    assert S.tasp_options_of(new) == [TaspOptions(num_rings=2, transport="p2p")]
+    assert S.tasp_options_of(S.tasp_layer_spec(get_gpt_layer_local_spec())) == [None]
+    # re-swapping without options keeps the spec's options; with options, the new ones win
+    assert S.tasp_options_of(S.tasp_layer_spec(new)) == [TaspOptions(num_rings=2, transport="p2p")]
+    assert S.tasp_options_of(S.tasp_layer_spec(new, num_rings=1)) == [TaspOptions(num_rings=1)]
+
+
+def test_options_object_and_fields():
+    opts = TaspOptions(num_rings=1, keep_kv=False, chunks=2)
+    block_spec = S.tasp_layer_spec(get_gpt_layer_local_spec(), options=opts)
+    assert _core(block_spec).params == {"options": opts}
+    # fields on top of an options object; names may carry the tasp_ prefix; values go through parse_options
+    both = S.tasp_layer_spec(get_gpt_layer_local_spec(), options=opts, transport="P2P", tasp_chunks="auto")
+    assert _core(both).params["options"] == opts.replace(transport="p2p", chunks="auto")
+    assert S.tasp_core_attention_spec() is TaspDotProductAttention
+    assert S.tasp_core_attention_spec(keep_kv="off").params == {"options": TaspOptions(keep_kv=False)}
+    with pytest.raises(TaspOptionError, match="unknown TASP option 'rings'"):
+        S.tasp_layer_spec(get_gpt_layer_local_spec(), rings=2)
+    with pytest.raises(TaspOptionError, match="chunks"):
+        S.tasp_layer_spec(get_gpt_layer_local_spec(), chunks=0)
+    with pytest.raises(TypeError, match="TaspOptions"):
+        S.tasp_layer_spec(get_gpt_layer_local_spec(), options={"num_rings": 2})
+
+
+def test_fields_take_the_environment_below_them(monkeypatch):
+    monkeypatch.setenv("MEGATRON_TASP_CHUNKS", "3")
+    monkeypatch.setenv("MEGATRON_TASP_TRANSPORT", "a2a")
+    O.reload_env()
+    new = S.tasp_layer_spec(get_gpt_layer_local_spec(), transport="p2p")
+    assert _core(new).params["options"] == TaspOptions(chunks=3, transport="p2p")
+
+
+def test_spec_options_build_the_module():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import build_module
+
+    opts = TaspOptions(num_rings=1, chunks=2)
+    ca = _core(S.tasp_layer_spec(get_gpt_layer_local_spec(), options=opts))
+    module = build_module(ca, config=tiny_config(1), layer_number=1, attn_mask_type=AttnMaskType.causal,
+                          attention_type="self", cp_comm_type=None, softmax_scale=None, pg_collection=None)
+    assert isinstance(module, TaspDotProductAttention) and module.options == opts
+
+
+@pytest.mark.parametrize("fn", ["gpt_tasp_spec", "gpt_tasp_local_spec", "gpt_tasp_decoder_block_spec"])
+def test_spec_functions_take_options(fn):
+    opts = TaspOptions(num_rings=1, transport="p2p")
+    extra = {"pp_rank": 0} if fn == "gpt_tasp_decoder_block_spec" else {}
+    new = getattr(S, fn)(tiny_config(1), None, options=opts, **extra)
+    assert S.tasp_options_of(new) and all(o == opts for o in S.tasp_options_of(new))
+    assert S.tasp_options_of(getattr(S, fn)(tiny_config(1), None, **extra)) == [None] * S.count_tasp_layers(new)
 
 
 def test_partial_built_self_attention():
@@ -155,3 +220,23 @@ def test_package_exports():
     assert M.TaspDotProductAttention is TaspDotProductAttention
     assert megatron_tasp.TaspDotProductAttention is TaspDotProductAttention
     assert callable(M.add_tasp_args) and callable(M.validate_tasp_args) and callable(M.enable_cpu_megatron)
+
+
+def test_spec_functions_take_megatron_lm_args_options(monkeypatch):
+    """Inside a Megatron-LM run (``--spec megatron_tasp.megatron.spec gpt_tasp_spec``) the validated
+    ``--tasp-*`` flags (``get_args().tasp_options``) reach the spec; explicit ``options=`` win."""
+    import sys
+    import types
+
+    from_args = TaspOptions(num_rings=1, keep_kv=False)
+    fake = types.SimpleNamespace(get_args=lambda: types.SimpleNamespace(tasp_options=from_args))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", fake)
+    assert S.tasp_options_of(S.gpt_tasp_spec(tiny_config(1), None)) == [from_args]
+    mine = TaspOptions(num_rings=1, chunks=2)
+    assert S.tasp_options_of(S.gpt_tasp_local_spec(tiny_config(1), options=mine)) == [mine]
+
+    def unset():
+        raise AssertionError("args is not initialized.")
+
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", types.SimpleNamespace(get_args=unset))
+    assert S.tasp_options_of(S.gpt_tasp_local_spec(tiny_config(1))) == [None]

@@ -1,7 +1,8 @@
 """Megatron-Core / Megatron-LM integration of TASP context parallelism (the only place importing Megatron).
 
 - ``TaspDotProductAttention``: Megatron's core-attention contract, TASP over ``pg_collection.cp``.
-- ``tasp_layer_spec(spec)``: copy of a layer/block/stack spec with TASP core attention.
+- ``tasp_layer_spec(spec, options=TaspOptions(...))``: copy of a layer/block/stack spec with TASP core attention
+  (the options travel in the spec's ``ModuleSpec.params``; none: ``default_options()`` when built).
 - ``gpt_tasp_spec`` & co.: spec functions for ``--spec megatron_tasp.megatron.spec <fn>``.
 - ``add_tasp_args`` / ``validate_tasp_args``: the ``--context-parallel-backend`` flag family.
 - ``enable_cpu_megatron``: run megatron.core on CPU/gloo (tests, CPU fine-tuning).
@@ -19,6 +20,7 @@ _LAZY = {
     "tasp_layer_spec": "megatron_tasp.megatron.spec",
     "tasp_core_attention_spec": "megatron_tasp.megatron.spec",
     "count_tasp_layers": "megatron_tasp.megatron.spec",
+    "tasp_options_of": "megatron_tasp.megatron.spec",
     "gpt_tasp_spec": "megatron_tasp.megatron.spec",
     "gpt_tasp_local_spec": "megatron_tasp.megatron.spec",
     "gpt_tasp_te_spec": "megatron_tasp.megatron.spec",
@@ -26,6 +28,7 @@ _LAZY = {
     "SpecError": "megatron_tasp.megatron.spec",
     "add_tasp_args": "megatron_tasp.megatron.args",
     "validate_tasp_args": "megatron_tasp.megatron.args",
+    "tasp_options_from_args": "megatron_tasp.megatron.args",
     "enable_cpu_megatron": "megatron_tasp.megatron.cpu_compat",
 }
 

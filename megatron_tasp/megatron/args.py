@@ -1,47 +1,85 @@
 """Command-line flags for choosing the context-parallel backend, and fail-closed validation.
 
-``add_tasp_args(parser)`` adds::
-
-    --context-parallel-backend {ring,p2p,a2a,all_gather,a2a+p2p,tasp}   (default: keep --cp-comm-type)
-    --tasp-topology FILE       topology YAML (or a shipped preset name)
-    --tasp-num-rings {N|auto}  rings per step (default: the most the topology offers)
-    --tasp-transport {a2a,p2p,auto}
-    --tasp-kernel NAME         attention kernel backend for TASP
+``add_tasp_args(parser)`` adds ``--context-parallel-backend {ring,p2p,a2a,all_gather,a2a+p2p,tasp}`` (default:
+keep ``--cp-comm-type``) and one ``--tasp-*`` flag per user-facing field of
+:class:`megatron_tasp.options.TaspOptions` (:data:`TASP_FLAGS`). The flags hold no value rules of their own:
+each argparse ``type=`` delegates to ``megatron_tasp.options.parse_options``.
 
 ``validate_tasp_args(args)`` maps the backend onto ``args.cp_comm_type`` (a list, as Megatron-LM keeps it;
-"ring" means "p2p"), sets ``args.tasp_enabled`` (select the TASP spec when True) and rejects
-configurations that would silently do the wrong thing. Works with Megatron-LM's parsed args and with any
-namespace that carries the same attribute names (missing ones take Megatron's defaults).
+"ring" means "p2p"), sets ``args.tasp_enabled`` (select the TASP spec when True), builds ``args.tasp_options``
+(a ``TaspOptions``: defaults < ``MEGATRON_TASP_*`` environment < flags) and rejects configurations that would
+silently do the wrong thing. Works with Megatron-LM's parsed args and with any namespace that carries the
+same attribute names (missing ones take Megatron's defaults).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
-import sys
+from collections.abc import Callable
 from typing import Any
 
-from megatron_tasp.options import parse_keep_kv as _parse_keep_kv
+from megatron_tasp.options import ENV_VARS, TaspOptionError, TaspOptions, parse_options
 
 BACKENDS = ("ring", "p2p", "a2a", "all_gather", "a2a+p2p", "tasp")
-TRANSPORTS = ("a2a", "p2p", "symm", "auto")
 _BACKEND_TO_COMM = {"ring": "p2p"}
+
+# flag -> (TaspOptions field, metavar, help)
+TASP_FLAGS: dict[str, tuple[str, str, str]] = {
+    "--tasp-topology": (
+        "topology", "FILE",
+        "TASP topology YAML file or shipped preset name; its GPU count must equal --context-parallel-size."),
+    "--tasp-num-rings": (
+        "num_rings", "{N,auto}",
+        "Number of TASP rings per step (default: the most the topology offers; 1 = zigzag ring attention; "
+        "auto = the cost model's choice)."),
+    "--tasp-transport": (
+        "transport", "{a2a,p2p,symm,auto}",
+        "How TASP moves KV pieces: a2a (all_to_all_single), p2p (batched isend/irecv), symm (copy-engine "
+        "pushes into symmetric memory; one NVLink node) or auto (default: a2a on one node, p2p across nodes)."),
+    "--tasp-kernel": (
+        "kernel", "NAME",
+        "Block-attention kernel used by TASP (default/auto: chosen for the device at run time)."),
+    "--tasp-chunks": (
+        "chunks", "{N,auto}",
+        "Messages per KV piece and step (default 1): with N > 1 each piece's kernels start as soon as its "
+        "first chunk lands, at the cost of N times the kernel launches."),
+    "--tasp-keep-kv": (
+        "keep_kv", "{auto,1,0}",
+        "Keep the KV pieces received in the forward for the backward (1: no KV exchange in the backward; costs "
+        "(CP-1) x the local K/V per layer until its backward), exchange them again (0), or auto (default: keep "
+        "up to --tasp-keep-kv-mib per layer call; never with symm)."),
+    "--tasp-keep-kv-mib": (
+        "keep_kv_cap_mib", "MIB",
+        "What --tasp-keep-kv auto keeps per layer call at most, in MiB (default 64; environment: "
+        f"{next(var for var, name in ENV_VARS.items() if name == 'keep_kv_cap_mib')})."),
+    "--tasp-dkv-dtype": (
+        "dkv_dtype", "{fp32,input}",
+        "dtype of the travelling dK/dV accumulator: fp32 (default) or input (the input dtype; half the "
+        "backward traffic, less exact)."),
+    "--tasp-timeout-s": (
+        "timeout_s", "SECONDS",
+        "Seconds a CPU (gloo) exchange waits for a peer before raising (default 300)."),
+}
+
+logger = logging.getLogger("megatron_tasp")
 
 
 class TaspArgumentError(ValueError):
     """An invalid or unsafe combination of context-parallel arguments."""
 
 
-def _warn(msg: str) -> None:
-    print(f"[megatron-tasp] WARNING: {msg}", file=sys.stderr)
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
 
 
 def _normalize_comm(value: str, flag: str) -> str:
     v = str(value).strip().lower()
     if v in ("allgather", "all-gather"):
-        _warn(f"{flag} '{value}' is spelled 'all_gather' (Transformer Engine rejects 'allgather'); "
-              "using 'all_gather'")
+        logger.warning("%s '%s' is spelled 'all_gather' (Transformer Engine rejects 'allgather'); using "
+                       "'all_gather'", flag, value)
         return "all_gather"
     return v
 
@@ -53,48 +91,24 @@ def _backend_type(value: str) -> str:
     return v
 
 
-def parse_chunks(value: Any) -> int | str | None:
-    """``None`` -> None (default 1), "auto" -> "auto", an integer (string) >= 1 -> int."""
-    if value is None or value == "auto":
-        return value
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"--tasp-chunks must be a positive integer or 'auto', got {value!r}") \
-            from None
-    if n < 1 or isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"--tasp-chunks must be a positive integer or 'auto', got {value!r}")
-    return n
+def option_type(field: str) -> Callable[[Any], Any]:
+    """An argparse ``type=`` for one TaspOptions field: the options module's rules, nothing of its own.
 
+    Returns the normalised value ("3" -> 3, "off" -> False); a word that normalises to "not set" (auto)
+    is kept as given, so an explicit ``auto`` still wins over the environment in :func:`validate_tasp_args`.
+    """
 
-def parse_keep_kv(value: Any) -> bool | str | None:
-    """``None`` -> None (the engine's default, 'auto'); otherwise ``megatron_tasp.options.parse_keep_kv``."""
-    if value is None:
-        return None
-    try:
-        return _parse_keep_kv(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tasp-keep-kv must be auto, 1 or 0, got {value!r}") from None
-
-
-def parse_num_rings(value: Any) -> int | str | None:
-    """``None``/"auto" -> "auto"-like value; an integer string -> int >= 1."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        text = str(value).strip().lower()
-        if text == "auto":
-            return "auto"
+    def parse(value: Any) -> Any:
         try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--tasp-num-rings must be a positive integer or 'auto', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--tasp-num-rings must be >= 1, got {n}")
-    return n
+            parsed = getattr(parse_options({field: value}, use_env=False), field)
+        except TaspOptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if parsed is None and value is not None:
+            return str(value).strip().lower()
+        return parsed
+
+    parse.__name__ = f"tasp_{field}"
+    return parse
 
 
 def add_tasp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -107,25 +121,8 @@ def add_tasp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Context-parallel attention backend. ring/p2p, a2a, all_gather and a2a+p2p set "
                             "--cp-comm-type for Transformer Engine; tasp selects TASP (topology-aware multi-ring) "
                             "core attention from megatron-tasp. Default: keep --cp-comm-type.")
-    group.add_argument("--tasp-topology", type=str, default=None, metavar="FILE",
-                       help="TASP topology YAML file or shipped preset name; its GPU count must equal "
-                            "--context-parallel-size.")
-    group.add_argument("--tasp-num-rings", type=parse_num_rings, default=None, metavar="{N,auto}",
-                       help="Number of TASP rings per step (default/auto: the most the topology offers; "
-                            "1 = zigzag ring attention).")
-    group.add_argument("--tasp-transport", type=str, choices=TRANSPORTS, default=None,
-                       help="How TASP moves KV pieces: a2a (all_to_all_single), p2p (batched isend/irecv), "
-                            "symm (copy-engine pushes into symmetric memory; one NVLink node) or auto.")
-    group.add_argument("--tasp-chunks", type=parse_chunks, default=None, metavar="{N,auto}",
-                       help="Messages per KV piece and step (default 1): with N > 1 each piece's kernels start "
-                            "as soon as its first chunk lands, at the cost of N times the kernel launches.")
-    group.add_argument("--tasp-keep-kv", type=parse_keep_kv, default=None, metavar="{auto,1,0}",
-                       help="Keep the KV pieces received in the forward for the backward (1: no KV exchange in "
-                            "the backward, every dK/dV hop hidden; costs (CP-1) x the local K/V per layer until "
-                            "its backward), exchange them again (0), or auto (default: keep up to 64 MiB per "
-                            "layer call, MEGATRON_TASP_KEEP_KV_MIB; never with symm).")
-    group.add_argument("--tasp-kernel", type=str, default=None,
-                       help="Attention kernel backend used by TASP (default: chosen at run time).")
+    for flag, (field, metavar, text) in TASP_FLAGS.items():
+        group.add_argument(flag, type=option_type(field), default=None, metavar=metavar, help=text)
     return parser
 
 
@@ -153,15 +150,33 @@ def _device_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
 
 
+def tasp_options_from_args(args: Any) -> TaspOptions:
+    """``args.tasp_options`` when :func:`validate_tasp_args` built it, else the options the ``--tasp-*``
+    values on ``args`` give (defaults < environment < flags). Raises TaspArgumentError on a bad value."""
+    built = getattr(args, "tasp_options", None)
+    if isinstance(built, TaspOptions):
+        return built
+    given = {field: getattr(args, _dest(flag), None) for flag, (field, _, _) in TASP_FLAGS.items()}
+    flags = " ".join(flag for flag, (field, _, _) in TASP_FLAGS.items() if given[field] is not None)
+    try:
+        return parse_options(given, where=f"flags {flags}" if flags else "")
+    except TaspOptionError as exc:
+        raise TaspArgumentError(str(exc)) from None
+
+
 def validate_tasp_args(args: Any, *, device_capability: tuple[int, int] | None | str = "detect") -> Any:
-    """Apply ``--context-parallel-backend`` to ``args.cp_comm_type`` and check the CP setup; return args.
+    """Apply ``--context-parallel-backend`` to ``args.cp_comm_type``, check the CP setup and, when TASP is
+    selected, set ``args.tasp_options``; return args.
 
     Raises TaspArgumentError on: TASP with ``--attention-backend local``; a topology whose GPU count differs
     from ``--context-parallel-size``; ``seq_length`` not divisible by ``2 * cp``; CP > 1 with TASP on a
     pre-Blackwell GPU (e.g. Hopper) without ``CUDA_DEVICE_MAX_CONNECTIONS=1``; ``a2a+p2p`` without
     ``--hierarchical-context-parallel-sizes`` (Transformer Engine would silently run without CP); TASP with
-    attention dropout, packed/THD sequences or dynamic (hybrid) CP; conflicting flags.
-    ``device_capability`` overrides GPU detection (tests); None means "no GPU".
+    attention dropout, packed/THD sequences or dynamic (hybrid) CP; a bad ``--tasp-*`` value; conflicting
+    flags. Tensor, sequence, pipeline and expert parallelism, activation recomputation and the distributed
+    optimizer compose with TASP and are left as they are. With TASP on every layer the dataloader's S x S
+    attention mask (never read by TASP) is switched off. ``device_capability`` overrides GPU detection
+    (tests); None means "no GPU".
     """
     cp = int(getattr(args, "context_parallel_size", 1) or 1)
     comm = [_normalize_comm(c, "--cp-comm-type") for c in _as_list(getattr(args, "cp_comm_type", None))]
@@ -204,6 +219,26 @@ def validate_tasp_args(args: Any, *, device_capability: tuple[int, int] | None |
     if not uses_tasp:
         return args
 
+    _check_tasp_compat(args)
+    options = tasp_options_from_args(args)
+    _check_topology(options, cp)
+    args.tasp_options = options
+    for flag, (field, _, _) in TASP_FLAGS.items():  # the effective values, for logs and checkpoints' args
+        setattr(args, _dest(flag), getattr(options, field))
+    _skip_dataloader_mask(args, comm)
+
+    if cp > 1:
+        cap = _device_capability() if device_capability == "detect" else device_capability
+        if cap is not None and cap[0] < 10 and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+            raise TaspArgumentError(
+                "context parallelism on a pre-Blackwell GPU (e.g. Hopper, sm_90) needs "
+                "CUDA_DEVICE_MAX_CONNECTIONS=1 so communication is issued before the attention kernel it "
+                "overlaps with; export CUDA_DEVICE_MAX_CONNECTIONS=1")
+    return args
+
+
+def _check_tasp_compat(args: Any) -> None:
+    """Reject the Megatron features TASP attention does not implement."""
     if _attention_backend_name(getattr(args, "attention_backend", None)) == "local":
         raise TaspArgumentError(
             "TASP cannot be combined with --attention-backend local: Megatron-LM then overwrites the core "
@@ -219,66 +254,35 @@ def validate_tasp_args(args: Any, *, device_capability: tuple[int, int] | None |
         raise TaspArgumentError("TASP does not support packed (THD) sequences yet: --sft and "
                                 "--dataloader-inter-document-masking build packed batches")
 
-    try:
-        num_rings = parse_num_rings(getattr(args, "tasp_num_rings", None))
-    except argparse.ArgumentTypeError as exc:
-        raise TaspArgumentError(str(exc)) from None
-    args.tasp_num_rings = num_rings
-    try:
-        args.tasp_chunks = parse_chunks(getattr(args, "tasp_chunks", None))
-        args.tasp_keep_kv = parse_keep_kv(getattr(args, "tasp_keep_kv", None))
-    except argparse.ArgumentTypeError as exc:
-        raise TaspArgumentError(str(exc)) from None
-    transport = getattr(args, "tasp_transport", None)
-    if transport is not None and transport not in TRANSPORTS:
-        raise TaspArgumentError(f"--tasp-transport must be one of {TRANSPORTS}, got {transport!r}")
-    if transport == "symm" and args.tasp_keep_kv is True:
-        raise TaspArgumentError("--tasp-keep-kv 1 needs per-call KV buffers, but --tasp-transport symm moves pieces "
-                                "through two persistent buffers shared by every layer: use --tasp-keep-kv auto or 0 "
-                                "with symm, or --tasp-transport a2a")
 
-    topo_path = getattr(args, "tasp_topology", None)
+def _check_topology(options: TaspOptions, cp: int) -> None:
+    """The topology's GPU count must be the CP size; an explicit ring count must fit in it."""
     max_k = None
-    if topo_path:
+    if options.topology is not None:
         from megatron_tasp.topology import load_topology
 
-        topology = load_topology(topo_path)
+        topology = options.topology if not isinstance(options.topology, str) else load_topology(options.topology)
         if topology.world_size != cp:
             raise TaspArgumentError(
-                f"--tasp-topology {topo_path} describes {topology.world_size} GPUs "
+                f"--tasp-topology {options.topology} describes {topology.world_size} GPUs "
                 f"({topology.nodes} node(s) x {topology.gpus_per_node}) but --context-parallel-size is {cp}")
         max_k = topology.max_rings() if cp > 1 else None
     elif cp > 1:
         from megatron_tasp.topology import max_rings
 
         max_k = max_rings(cp)
-    if isinstance(num_rings, int) and max_k is not None and num_rings > max_k:
-        raise TaspArgumentError(f"--tasp-num-rings {num_rings} exceeds the {max_k} orthogonal rings available "
-                                f"for {cp} CP ranks")
-
-    if cp > 1:
-        cap = _device_capability() if device_capability == "detect" else device_capability
-        if cap is not None and cap[0] < 10 and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
-            raise TaspArgumentError(
-                "context parallelism on a pre-Blackwell GPU (e.g. Hopper, sm_90) needs "
-                "CUDA_DEVICE_MAX_CONNECTIONS=1 so communication is issued before the attention kernel it "
-                "overlaps with; export CUDA_DEVICE_MAX_CONNECTIONS=1")
-    return args
+    if isinstance(options.num_rings, int) and max_k is not None and options.num_rings > max_k:
+        raise TaspArgumentError(f"--tasp-num-rings {options.num_rings} exceeds the {max_k} orthogonal rings "
+                                f"available for {cp} CP ranks")
 
 
-def tasp_options_from_args(args: Any) -> dict[str, Any]:
-    """The ``config.tasp_*`` attributes TaspDotProductAttention reads, taken from parsed args."""
-    transport = getattr(args, "tasp_transport", None)
-    return {
-        "tasp_num_rings": getattr(args, "tasp_num_rings", None),
-        "tasp_topology": getattr(args, "tasp_topology", None),
-        "tasp_transport": None if transport == "auto" else transport,
-        "tasp_kernel": getattr(args, "tasp_kernel", None),
-        "tasp_chunks": getattr(args, "tasp_chunks", None),
-        "tasp_keep_kv": getattr(args, "tasp_keep_kv", None),
-    }
+def _skip_dataloader_mask(args: Any, comm: list[str]) -> None:
+    """With TASP on every layer nothing reads the dataloader's [b, 1, s, s] mask: do not build it."""
+    if getattr(args, "create_attention_mask_in_dataloader", False) and all(c == "tasp" for c in comm):
+        args.create_attention_mask_in_dataloader = False
+        logger.info("TASP attention never reads the attention mask (the mask type decides): "
+                    "create_attention_mask_in_dataloader set to False (saves an S x S mask per sample)")
 
 
-__all__ = ["BACKENDS", "TRANSPORTS", "TaspArgumentError", "add_tasp_args", "parse_chunks", "parse_keep_kv",
-           "parse_num_rings",
-           "tasp_options_from_args", "validate_tasp_args"]
+__all__ = ["BACKENDS", "TASP_FLAGS", "TaspArgumentError", "add_tasp_args", "option_type", "tasp_options_from_args",
+           "validate_tasp_args"]

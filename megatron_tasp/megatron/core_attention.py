@@ -12,23 +12,25 @@ CP == 1 or no type configured) build this module; any other entry ("p2p", "a2a",
 "a2a+p2p") builds Megatron's ``TEDotProductAttention`` instead (constructing this class then returns
 the TE module), so one spec serves mixed layouts. Without Transformer Engine that raises a clear error.
 
-Options come from constructor keywords (``tasp_num_rings`` ...; e.g. ``ModuleSpec.params``), else from
-attributes of the config (``config.tasp_num_rings``, ``tasp_topology``, ``tasp_transport``,
-``tasp_kernel``, ``tasp_chunks``, ``tasp_keep_kv``), else defaults (the attention layer picks the ring count
-and kernel).
+Options: one :class:`megatron_tasp.options.TaspOptions`, passed as the ``options`` keyword (put there by
+``tasp_layer_spec(spec, options=...)`` through ``ModuleSpec.params``); without it ``default_options()``
+(defaults with the ``MEGATRON_TASP_*`` environment's overrides). The topology is loaded and checked against
+the CP size when the module is built. Options given the old way (``config.tasp_*`` attributes or
+``tasp_*`` keywords) are refused with an error naming ``tasp_layer_spec(spec, options=...)``.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
-import warnings
 from typing import Any
 
 import torch
 
 from megatron_tasp.megatron.cpu_compat import prepare_megatron_import
+from megatron_tasp.options import FIELDS, TaspOptions, default_options
 
 prepare_megatron_import()
 
@@ -39,7 +41,8 @@ TASP_COMM_TYPE = "tasp"
 _SUPPORTED_MASKS = ("causal", "no_mask", "causal_bottom_right")
 # Keywords some Megatron versions pass that carry no meaning for TASP (ignored when given).
 _IGNORED_KWARGS = frozenset({"num_splits", "pp_layer_offset", "name", "model_comm_pgs"})
-_OPTION_KEYS = ("tasp_num_rings", "tasp_topology", "tasp_transport", "tasp_kernel", "tasp_chunks", "tasp_keep_kv")
+_OLD_WAY_FIX = "pass options through tasp_layer_spec(spec, options=TaspOptions(...)) (megatron_tasp.megatron.spec)"
+logger = logging.getLogger("megatron_tasp")
 
 
 def normalize_comm_type(value: str | None) -> str | None:
@@ -48,8 +51,7 @@ def normalize_comm_type(value: str | None) -> str | None:
         return None
     v = str(value).strip().lower()
     if v == "allgather":
-        warnings.warn("cp_comm_type 'allgather' is spelled 'all_gather' in Transformer Engine; using 'all_gather'",
-                      stacklevel=3)
+        logger.warning("cp_comm_type 'allgather' is spelled 'all_gather' in Transformer Engine; using 'all_gather'")
         v = "all_gather"
     return v
 
@@ -98,6 +100,16 @@ def _cp_group_from(pg_collection: Any) -> Any:
         return parallel_state.get_context_parallel_group()
 
 
+def _refuse_old_way(config: Any, kwargs: dict[str, Any]) -> None:
+    """Fail closed on options given as ``config.tasp_*`` attributes or ``tasp_*`` keywords (no longer read)."""
+    keys = sorted(k for k in kwargs if k.startswith("tasp_"))
+    if keys:
+        raise TypeError(f"TaspDotProductAttention no longer takes {', '.join(keys)}: {_OLD_WAY_FIX}")
+    attrs = sorted(k for k in vars(config) if k.startswith("tasp_") and k[5:] in FIELDS) \
+        if hasattr(config, "__dict__") else []
+    if attrs:
+        raise TypeError(f"config.{', config.'.join(attrs)} is no longer read by TaspDotProductAttention: "
+                        f"{_OLD_WAY_FIX}")
 
 
 def _resolve_tasp_attention() -> Any:
@@ -132,10 +144,14 @@ class TaspDotProductAttention(MegatronModule):
         v_channels: int | None = None,
         cp_comm_type: str | None = None,
         pg_collection: Any = None,
+        options: TaspOptions | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(config=config)
-        options = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
+        _refuse_old_way(config, kwargs)
+        if options is not None and not isinstance(options, TaspOptions):
+            raise TypeError(f"TaspDotProductAttention options must be a TaspOptions, got {type(options).__name__}: "
+                            "build one with megatron_tasp.options.parse_options({...})")
         unknown = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None}
         if unknown:
             raise TypeError(f"TaspDotProductAttention got unsupported arguments: {sorted(unknown)}")
@@ -178,17 +194,8 @@ class TaspDotProductAttention(MegatronModule):
         if self.cp_size > 1 and attention_type != "self":
             raise NotImplementedError("TaspDotProductAttention supports self-attention only under context parallelism")
 
-        def option(key: str) -> Any:
-            return options[key] if key in options else getattr(config, key, None)
-
-        self.num_rings = option("tasp_num_rings")
-        self.transport = option("tasp_transport")
-        if self.transport == "auto":
-            self.transport = None
-        self.kernel = option("tasp_kernel")
-        self.chunks = option("tasp_chunks")
-        self.keep_kv = option("tasp_keep_kv")
-        self.topology = self._load_topology(option("tasp_topology"))
+        options = default_options() if options is None else options
+        self.options = options.replace(topology=self._load_topology(options.topology))
         # Attributes other Megatron code looks for on a core attention (QK-clip bookkeeping).
         self.current_max_attn_logits = None
 
@@ -262,26 +269,18 @@ class TaspDotProductAttention(MegatronModule):
             value = torch.nn.functional.pad(value, (0, d - dv))
 
         # cp_group None (CP 1 without a group) is plain attention in tasp_attention.
-        out = _resolve_tasp_attention()(
-            query, key, value, self.cp_group,
-            causal=mask != "no_mask",
-            softmax_scale=self.softmax_scale,
-            num_rings=self.num_rings,
-            topology=self.topology,
-            backend=self.kernel,
-            transport=self.transport,
-            chunks=self.chunks,
-            keep_kv=self.keep_kv,
-        )
+        out = _resolve_tasp_attention()(query, key, value, self.cp_group, causal=mask != "no_mask",
+                                        softmax_scale=self.softmax_scale, options=self.options)
         if dv < d:
             out = out[..., :dv]
         s, b = out.shape[0], out.shape[1]
         return out.reshape(s, b, -1)
 
     def extra_repr(self) -> str:
+        o = self.options
         return (f"layer={self.layer_number}, cp={self.cp_size}, mask={_mask_name(self.attn_mask_type)}, "
-                f"scale={self.softmax_scale:.4g}, num_rings={self.num_rings}, transport={self.transport}, "
-                f"kernel={self.kernel}, chunks={self.chunks}, keep_kv={self.keep_kv}")
+                f"scale={self.softmax_scale:.4g}, num_rings={o.num_rings}, transport={o.transport}, "
+                f"kernel={o.kernel}, chunks={o.chunks}, keep_kv={o.keep_kv}")
 
 
 __all__ = ["TASP_COMM_TYPE", "TaspDotProductAttention", "is_tasp_comm_type", "normalize_comm_type"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_tasp.megatron.lm import megatron_lm_options
 from megatron_tasp.megatron.spec import tasp_layer_spec
+from megatron_tasp.options import TaspOptions
 
 
 def default_hybrid_stack_spec() -> Any:
@@ -21,9 +23,11 @@ def default_hybrid_stack_spec() -> Any:
     return hybrid_stack_spec
 
 
-def hybrid_tasp_stack_spec(spec: Any = None) -> Any:
-    """A copy of ``spec`` (default: the stock hybrid stack spec) with TASP core attention."""
-    return tasp_layer_spec(default_hybrid_stack_spec() if spec is None else spec)
+def hybrid_tasp_stack_spec(spec: Any = None, *, options: TaspOptions | None = None) -> Any:
+    """A copy of ``spec`` (default: the stock hybrid stack spec) with TASP core attention; ``options``
+    default to Megatron-LM's validated ``--tasp-*`` flags when a run has them, else to default_options()."""
+    options = megatron_lm_options() if options is None else options
+    return tasp_layer_spec(default_hybrid_stack_spec() if spec is None else spec, options=options)
 
 
 tasp_hybrid_stack_spec = hybrid_tasp_stack_spec()

@@ -1,15 +1,19 @@
 """Glue for Megatron-LM's training stack (megatron.training, 0.19 layout): spec selection from parsed args.
 
 Used by the launcher (``python -m megatron_tasp.megatron.pretrain_gpt``, no Megatron-LM patch) and by the
-patched ``GPTModelBuilder.build_model`` (``patches/``). Imports megatron.training lazily.
+patched ``GPTModelBuilder.build_model`` (``patches/``). The ``--tasp-*`` flags reach the attention as one
+``TaspOptions`` (``args.tasp_options``, built by ``validate_tasp_args``) placed in the spec by
+``tasp_layer_spec(spec, options=...)``. Imports megatron.training lazily.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 from megatron_tasp.megatron.args import tasp_options_from_args
+from megatron_tasp.options import TaspOptions
 
 
 def uses_tasp(cp_comm_type: Any) -> bool:
@@ -29,15 +33,28 @@ def _current_args() -> Any:
         return None
 
 
-def spec_options(args: Any = None) -> dict[str, Any]:
-    """``tasp_layer_spec`` keyword options from parsed args (default: Megatron-LM's global args)."""
+def megatron_lm_options() -> TaspOptions | None:
+    """``get_args().tasp_options`` of a Megatron-LM run whose args went through ``validate_tasp_args``;
+    None outside such a run (megatron.training not loaded, no global args, or args without the TASP flags).
+    Never imports megatron.training itself."""
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    if global_vars is None:
+        return None
+    try:
+        args = global_vars.get_args()
+    except Exception:  # noqa: BLE001 - Megatron asserts when the global args are not set
+        return None
+    options = getattr(args, "tasp_options", None)
+    return options if isinstance(options, TaspOptions) else None
+
+
+def spec_options(args: Any = None) -> TaspOptions | None:
+    """The TaspOptions for ``tasp_layer_spec`` from parsed args (default: Megatron-LM's global args); None
+    without args (each module then takes ``default_options()``)."""
     args = _current_args() if args is None else args
     if args is None:
-        return {}
-    opts = tasp_options_from_args(args)
-    return {"num_rings": opts["tasp_num_rings"], "topology": opts["tasp_topology"],
-            "transport": opts["tasp_transport"], "kernel": opts["tasp_kernel"], "chunks": opts["tasp_chunks"],
-            "keep_kv": opts["tasp_keep_kv"]}
+        return None
+    return tasp_options_from_args(args)
 
 
 def _has_layers(spec: Any) -> bool:
@@ -48,10 +65,10 @@ def tasp_builder_specs(layer_spec: Any, mtp_spec: Any = None, args: Any = None) 
     """Swap TASP core attention into a builder's decoder spec and MTP spec (options from args)."""
     from megatron_tasp.megatron.spec import tasp_layer_spec
 
-    opts = spec_options(args)
-    layer_spec = tasp_layer_spec(layer_spec, strict=_has_layers(layer_spec), **opts)
+    options = spec_options(args)
+    layer_spec = tasp_layer_spec(layer_spec, strict=_has_layers(layer_spec), options=options)
     if mtp_spec is not None:
-        mtp_spec = tasp_layer_spec(mtp_spec, strict=False, **opts)
+        mtp_spec = tasp_layer_spec(mtp_spec, strict=False, options=options)
     return layer_spec, mtp_spec
 
 
@@ -73,27 +90,26 @@ def resolve_layer_spec(spec: Any, model_config: Any, vp_stage: int | None) -> An
 def install_tasp_model_config(model_cfg: Any, args: Any) -> None:
     """Make a Megatron-LM GPTModelConfig build TASP core attention (decoder and MTP layers).
 
-    Wraps the config's layer spec (user ``--spec`` or Megatron's default) in a function that swaps TASP in,
-    and wraps ``megatron.training.models.gpt.mtp_block_spec`` likewise for MTP layers.
+    Wraps the config's layer spec (user ``--spec`` or Megatron's default) in a function that swaps TASP in
+    with the options of ``args``, and wraps ``megatron.training.models.gpt.mtp_block_spec`` likewise for
+    MTP layers. Nothing is set on the TransformerConfig.
     """
     import megatron.training.models.gpt as gpt_builder_mod
 
-    opts = spec_options(args)
+    options = spec_options(args)
     user_spec = model_cfg.transformer_layer_spec
 
     def tasp_spec(config: Any, vp_stage: int | None = None) -> Any:
         from megatron_tasp.megatron.spec import tasp_layer_spec
 
         spec = resolve_layer_spec(user_spec, config, vp_stage)
-        return tasp_layer_spec(spec, strict=_has_layers(spec), **opts)
+        return tasp_layer_spec(spec, strict=_has_layers(spec), options=options)
 
     model_cfg.transformer_layer_spec = tasp_spec
-    for key, value in tasp_options_from_args(args).items():
-        setattr(model_cfg.transformer, key, value)
 
     original = gpt_builder_mod.mtp_block_spec
     if getattr(original, "_megatron_tasp", False):
-        return
+        original = original._megatron_tasp_original  # type: ignore[attr-defined]
 
     def mtp_block_spec_with_tasp(config: Any, transformer_layer_spec: Any, vp_stage: int | None = None) -> Any:
         from megatron_tasp.megatron.spec import tasp_layer_spec
@@ -101,10 +117,12 @@ def install_tasp_model_config(model_cfg: Any, args: Any) -> None:
         spec = original(config, transformer_layer_spec, vp_stage=vp_stage)
         if spec is None or not uses_tasp(getattr(config, "cp_comm_type", None)):
             return spec
-        return tasp_layer_spec(spec, strict=False, **opts)
+        return tasp_layer_spec(spec, strict=False, options=options)
 
     mtp_block_spec_with_tasp._megatron_tasp = True  # type: ignore[attr-defined]
+    mtp_block_spec_with_tasp._megatron_tasp_original = original  # type: ignore[attr-defined]
     gpt_builder_mod.mtp_block_spec = mtp_block_spec_with_tasp
 
 
-__all__ = ["install_tasp_model_config", "resolve_layer_spec", "spec_options", "tasp_builder_specs", "uses_tasp"]
+__all__ = ["install_tasp_model_config", "megatron_lm_options", "resolve_layer_spec", "spec_options",
+           "tasp_builder_specs", "uses_tasp"]

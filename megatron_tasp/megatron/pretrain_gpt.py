@@ -10,8 +10,9 @@ Usage (Megatron-LM 0.19 checkout, megatron-core >= 0.19)::
 
 It imports ``pretrain_gpt`` from the checkout and repeats its ``__main__`` (0.19: ``pretrain()`` takes no
 extra-args provider, so arguments are parsed with ``parse_and_validate_args(extra_args_provider=...)``),
-adding the flags, validating them before Megatron's own checks, and swapping TASP core attention into the
-decoder (and MTP) spec when TASP is selected.
+adding the flags, validating them before Megatron's own checks (``args.tasp_options``), and swapping TASP
+core attention with those options into the decoder (and MTP) spec when TASP is selected
+(``megatron_tasp.megatron.lm.install_tasp_model_config``).
 """
 
 from __future__ import annotations
