@@ -109,7 +109,7 @@ def gather_full_grads(model: Any, tp_group: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def reduce_grads(model: Any, ps: Any) -> None:
+def reduce_grads(model: Any, ps: Any, sp_over_tp: bool = True) -> None:
     """What Megatron's DDP + finalize_model_grads do for these models: sum over DP x CP, SP params over TP."""
     dpcp = ps.get_data_parallel_group(with_context_parallel=True)
     tp_group = ps.get_tensor_model_parallel_group()
@@ -118,7 +118,7 @@ def reduce_grads(model: Any, ps: Any) -> None:
             p.grad = torch.zeros_like(p)
         if dpcp.size() > 1:
             dist.all_reduce(p.grad, group=dpcp)
-        if getattr(p, "sequence_parallel", False) and tp_group.size() > 1:
+        if sp_over_tp and getattr(p, "sequence_parallel", False) and tp_group.size() > 1:
             dist.all_reduce(p.grad, group=tp_group)
 
 
@@ -188,13 +188,13 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
             local = H.cp_slice(mine, cp_group) if cp > 1 else mine
             opt.zero_grad(set_to_none=True)
             if pp > 1:
-                per_token = _pp_step(model, config, local, total)
+                per_token = _pp_step(model, local, opts["seq"], total)
             else:
                 out = model(input_ids=local["tokens"], position_ids=local["position_ids"], attention_mask=None,
                             labels=local["labels"])
                 (out.sum() / total).backward()
                 per_token = out
-            reduce_grads(model, ps)
+            reduce_grads(model, ps, sp_over_tp=not opts.get("skip_sp_reduce", False))
             placed = (_place_losses(per_token, opts, dp_rank, cp, cp_rank, rows) if per_token is not None
                       else torch.zeros(rows, opts["seq"]))
             if world > 1:
@@ -226,11 +226,41 @@ def gather_full_grads_like_weights(model: Any, tp_group: Any) -> dict[str, torch
     return out
 
 
-def _pp_step(model: Any, config: Any, local: dict[str, torch.Tensor], total: int) -> torch.Tensor | None:
+class _CpuTorch:
+    """``torch`` as seen by megatron.core.pipeline_parallel.schedules, with ``device="cuda"`` mapped to the CPU.
+
+    Megatron-Core 0.19.2's pipeline schedules create their token counter with a hard-coded
+    ``torch.zeros([], dtype=torch.int, device="cuda")``; that is the only CUDA-only line on this CPU path.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if str(kwargs.get("device", "")) == "cuda":
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
+def _cpu_schedules() -> None:
+    """Install :class:`_CpuTorch` in Megatron's schedules module (call in a forked rank only)."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import schedules
+
+    if not isinstance(schedules.torch, _CpuTorch):
+        schedules.torch = _CpuTorch()
+
+
+def _pp_step(model: Any, local: dict[str, torch.Tensor], seq: int, total: int) -> torch.Tensor | None:
     """One forward/backward through Megatron's pipeline schedule (one micro-batch); last stage's per-token loss."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.core import parallel_state as ps
+
     captured: dict[str, torch.Tensor] = {}
+    cp = ps.get_context_parallel_world_size()
 
     def forward_step(data_iterator: Any, model_chunk: Any) -> tuple[torch.Tensor, Any]:
         data = next(data_iterator)
@@ -239,14 +269,17 @@ def _pp_step(model: Any, config: Any, local: dict[str, torch.Tensor], total: int
 
         def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
             captured["loss"] = output.detach()
-            return output.sum() / total, {}
+            # the schedule multiplies a (loss, dict) result by the CP size (it expects DDP to average over
+            # DP x CP); the gradients here are summed, so divide it back out
+            return output.sum() / (total * cp), {}
 
         return out, loss_func
 
-    model.config.grad_scale_func = None
+    _cpu_schedules()
+    model.config.batch_p2p_comm = False  # gloo: plain isend/irecv (the batched path calls torch.cuda.synchronize)
     fb = get_forward_backward_func()
     fb(forward_step_func=forward_step, data_iterator=iter([local]), model=[model], num_microbatches=1,
-       seq_length=local["tokens"].shape[1], micro_batch_size=local["tokens"].shape[0], forward_only=False)
+       seq_length=seq, micro_batch_size=local["tokens"].shape[0], forward_only=False)
     return captured.get("loss")
 
 
