@@ -325,3 +325,68 @@ def compare(results: list[dict[str, Any]], ref: dict[str, Any]) -> dict[str, flo
         if err > worst:
             worst, where = err, name
     return {"loss": loss_err, "grad": worst, "where": where}  # type: ignore[dict-item]
+
+
+def kept_kv_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """Count TASP's kept-KV buffers still alive at each point of a GPT step at CP = world with keep_kv=True.
+
+    Wraps ``megatron_tasp.attention._forward`` (the engine's forward, which returns the kept buffers last)
+    to hold a weak reference to every kept buffer, and ``tasp_attention`` to count calls; then runs two forward+backward steps. Returns, per step,
+    how many forward calls ran with / without autograd and how many kept buffers are alive after the forward
+    and after the backward (``gc.collect()`` first).
+    """
+    import gc
+    import weakref
+
+    H.import_megatron()
+    import megatron_tasp.attention as engine
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    refs: list[weakref.ref] = []
+    calls = {"grad": 0, "no_grad": 0, "in_backward": 0}
+    phase = {"backward": False}
+    real, real_entry = engine._forward, engine.tasp_attention
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        refs.extend(weakref.ref(t) for t in (result[-1] or []) if t is not None)
+        return result
+
+    def entry(*args: Any, **kwargs: Any) -> Any:  # autograd turns grad mode off inside _forward: look here
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        calls["in_backward"] += int(phase["backward"])
+        return real_entry(*args, **kwargs)
+
+    engine._forward, engine.tasp_attention = recording, entry
+    ps.initialize_model_parallel(context_parallel_size=world)
+    try:
+        model_parallel_cuda_manual_seed(1234)
+        config = H.tiny_config(world, **opts.get("config", {}))
+        config.tasp_keep_kv = True
+        model = GPTModel(config=config, transformer_layer_spec=block_spec(config, tasp=True, num_layers=2),
+                         vocab_size=VOCAB, max_sequence_length=opts["seq"], position_embedding_type="rope")
+        cp_group = ps.get_context_parallel_group()
+        steps = []
+        for batch in make_batches({"seq": opts["seq"], "steps": 2}):
+            local = H.cp_slice(batch, cp_group)
+            refs.clear()
+            for key in calls:
+                calls[key] = 0
+            loss = model(input_ids=local["tokens"], position_ids=local["position_ids"], attention_mask=None,
+                         labels=local["labels"]).sum()
+            gc.collect()
+            after_forward = sum(r() is not None for r in refs)
+            phase["backward"] = True
+            loss.backward()
+            phase["backward"] = False
+            del loss
+            gc.collect()
+            steps.append({**calls, "kept": len(refs), "alive_after_forward": after_forward,
+                          "alive_after_backward": sum(r() is not None for r in refs)})
+            model.zero_grad(set_to_none=True)
+        return {"steps": steps}
+    finally:
+        engine._forward, engine.tasp_attention = real, real_entry
+        ps.destroy_model_parallel()
