@@ -255,9 +255,8 @@ def _cpu_schedules() -> None:
 
 def _pp_step(model: Any, local: dict[str, torch.Tensor], seq: int, total: int) -> torch.Tensor | None:
     """One forward/backward through Megatron's pipeline schedule (one micro-batch); last stage's per-token loss."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     captured: dict[str, torch.Tensor] = {}
     cp = ps.get_context_parallel_world_size()
@@ -331,18 +330,20 @@ def kept_kv_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
     """Count TASP's kept-KV buffers still alive at each point of a GPT step at CP = world with keep_kv=True.
 
     Wraps ``megatron_tasp.attention._forward`` (the engine's forward, which returns the kept buffers last)
-    to hold a weak reference to every kept buffer, and ``tasp_attention`` to count calls; then runs two forward+backward steps. Returns, per step,
-    how many forward calls ran with / without autograd and how many kept buffers are alive after the forward
-    and after the backward (``gc.collect()`` first).
+    to hold a weak reference to every kept buffer, and ``tasp_attention`` to count calls; then runs two
+    forward+backward steps. Returns, per step, how many calls ran with / without autograd (and inside the
+    backward) and how many kept buffers are alive after the forward and after the backward (``gc.collect()``
+    first).
     """
     import gc
     import weakref
 
     H.import_megatron()
-    import megatron_tasp.attention as engine
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    import megatron_tasp.attention as engine
 
     refs: list[weakref.ref] = []
     calls = {"grad": 0, "no_grad": 0, "in_backward": 0}
