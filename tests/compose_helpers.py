@@ -181,20 +181,26 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
         micro = opts.get("micro", 2)
         rows = micro * dp
         total = rows * opts["seq"]
+        runner = megatron_ddp(model, config, opts["ddp"]) if opts.get("ddp") else model
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        losses, grads = [], []
+        losses, grads, shards = [], [], 0
         for batch in make_batches(opts):
             mine = {k: v[dp_rank * micro:(dp_rank + 1) * micro] for k, v in batch.items()}
             local = H.cp_slice(mine, cp_group) if cp > 1 else mine
             opt.zero_grad(set_to_none=True)
+            if runner is not model:
+                runner.zero_grad_buffer()
             if pp > 1:
                 per_token = _pp_step(model, local, opts["seq"], total)
             else:
-                out = model(input_ids=local["tokens"], position_ids=local["position_ids"], attention_mask=None,
+                out = runner(input_ids=local["tokens"], position_ids=local["position_ids"], attention_mask=None,
                             labels=local["labels"])
                 (out.sum() / total).backward()
                 per_token = out
-            reduce_grads(model, ps, sp_over_tp=not opts.get("skip_sp_reduce", False))
+            if runner is model:
+                reduce_grads(model, ps, sp_over_tp=not opts.get("skip_sp_reduce", False))
+            else:
+                shards = ddp_reduce(runner)
             placed = (_place_losses(per_token, opts, dp_rank, cp, cp_rank, rows) if per_token is not None
                       else torch.zeros(rows, opts["seq"]))
             if world > 1:
@@ -204,11 +210,66 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
             opt.step()
         leader = ps.get_tensor_model_parallel_rank() == 0 and cp_rank == 0 and dp_rank == 0
         return {"losses": losses if leader and last else None, "grads": grads if leader else None,
-                "weights": initial, "stage": ps.get_pipeline_model_parallel_rank(),
+                "weights": initial, "stage": ps.get_pipeline_model_parallel_rank(), "shards": shards,
                 "core_attention": sorted({type(m.self_attention.core_attention).__name__
                                           for m in model.decoder.layers})}
     finally:
         ps.destroy_model_parallel()
+
+
+class _NoStream:
+    """Stand-in for ``torch.cuda.current_stream()`` on a CPU rank: Megatron 0.19.2's gradient sync calls it
+    unconditionally, then waits on the events of CUDA-graph replays (there are none here)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        raise AssertionError("no CUDA events on a CPU rank")
+
+
+def megatron_ddp(model: Any, config: Any, mode: str) -> Any:
+    """Wrap in Megatron's DistributedDataParallel (CPU works with the shims); ``mode`` "allreduce" or "distopt".
+
+    ``calculate_per_token_loss`` makes DDP sum gradients (no 1/DP scaling), matching the summed loss here.
+    With "distopt" DDP reduce-scatters each bucket as for the distributed optimizer (each DP x CP rank keeps
+    its shard); :func:`ddp_reduce` gathers the shards back so every gradient can be compared.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    if not torch.cuda.is_available():  # the gradient sync asks for the current CUDA stream (to wait on none)
+        torch.cuda.current_stream = _NoStream
+    assert mode in ("allreduce", "distopt"), mode
+    config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=mode == "distopt")
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+def ddp_reduce(ddp: Any) -> int:
+    """Megatron's own gradient finalization (DP x CP reduction, SP norms over TP), then p.grad = main_grad.
+
+    Returns the largest number of shards a bucket was reduce-scattered into (1 without the distributed
+    optimizer's layout).
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    finalize_model_grads([ddp])
+    most = 1
+    if ddp.ddp_config.use_distributed_optimizer:
+        for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+            size = group.intra_distributed_optimizer_instance_size
+            most = max(most, size)
+            if size == 1:
+                continue
+            for bucket in group.buckets:
+                shards = shard_buffer(bucket.grad_data, size)
+                mine = shards[group.intra_distributed_optimizer_instance_rank].clone()
+                dist.all_gather(shards, mine, group=group.intra_distributed_optimizer_instance_group)
+    for p in ddp.module.parameters():
+        p.grad = p.main_grad
+    return most
 
 
 def gather_full_grads_like_weights(model: Any, tp_group: Any) -> dict[str, torch.Tensor]:
