@@ -145,6 +145,21 @@ def _place_losses(per_token: torch.Tensor, opts: dict[str, Any], dp_rank: int, c
     return full
 
 
+def _count_tasp_calls() -> dict[str, int]:
+    """Count tasp_attention calls made in the forward and inside a backward (recompute) in this process."""
+    import megatron_tasp.attention as engine
+
+    calls = {"forward": 0, "backward": 0}
+    real = engine.tasp_attention
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls["backward" if torch._C._current_graph_task_id() != -1 else "forward"] += 1
+        return real(*args, **kwargs)
+
+    engine.tasp_attention = counting  # a forked rank: the parent's module is untouched
+    return calls
+
+
 def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any]:
     """Train ``opts['steps']`` SGD steps at TP x CP x DP x PP = world; return losses/grads (see module doc)."""
     H.import_megatron()
@@ -155,6 +170,7 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
     tp, cp, pp = opts.get("tp", 1), opts.get("cp", 1), opts.get("pp", 1)
     dp = world // (tp * cp * pp)
     assert dp == opts.get("dp", 1), (world, tp, cp, pp, opts.get("dp", 1))
+    calls = _count_tasp_calls()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  context_parallel_size=cp)
     try:
@@ -190,8 +206,8 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
             opt.zero_grad(set_to_none=True)
             if runner is not model:
                 runner.zero_grad_buffer()
-            if pp > 1:
-                per_token = _pp_step(model, local, opts["seq"], total)
+            if pp > 1 or opts.get("microbatches", 1) > 1:
+                per_token = _pp_step(model, local, opts["seq"], total, opts.get("microbatches", 1))
             else:
                 out = runner(input_ids=local["tokens"], position_ids=local["position_ids"], attention_mask=None,
                             labels=local["labels"])
@@ -211,6 +227,8 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
         leader = ps.get_tensor_model_parallel_rank() == 0 and cp_rank == 0 and dp_rank == 0
         return {"losses": losses if leader and last else None, "grads": grads if leader else None,
                 "weights": initial, "stage": ps.get_pipeline_model_parallel_rank(), "shards": shards,
+                "tasp_calls": dict(calls), "sp_params": sum(bool(getattr(p, "sequence_parallel", False))
+                                                            for p in model.parameters()),
                 "core_attention": sorted({type(m.self_attention.core_attention).__name__
                                           for m in model.decoder.layers})}
     finally:
@@ -314,13 +332,23 @@ def _cpu_schedules() -> None:
         schedules.torch = _CpuTorch()
 
 
-def _pp_step(model: Any, local: dict[str, torch.Tensor], seq: int, total: int) -> torch.Tensor | None:
-    """One forward/backward through Megatron's pipeline schedule (one micro-batch); last stage's per-token loss."""
+def _pp_step(model: Any, local: dict[str, torch.Tensor], seq: int, total: int, microbatches: int = 1
+             ) -> torch.Tensor | None:
+    """One step through Megatron's pipeline schedule (``local`` split into ``microbatches`` along the batch);
+    returns the last stage's per-token loss [rows, s_local] (None on other stages).
+
+    With two stages and two micro-batches the 1F1B schedule has a second forward in flight before the
+    first backward, so two TASP graphs (with their kept KV) are alive at once.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    captured: dict[str, torch.Tensor] = {}
+    captured: list[torch.Tensor] = []
     cp = ps.get_context_parallel_world_size()
+    rows = local["tokens"].shape[0]
+    assert rows % microbatches == 0, (rows, microbatches)
+    size = rows // microbatches
+    parts = [{k: v[i * size:(i + 1) * size] for k, v in local.items()} for i in range(microbatches)]
 
     def forward_step(data_iterator: Any, model_chunk: Any) -> tuple[torch.Tensor, Any]:
         data = next(data_iterator)
@@ -328,19 +356,19 @@ def _pp_step(model: Any, local: dict[str, torch.Tensor], seq: int, total: int) -
                           labels=data["labels"])
 
         def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            captured["loss"] = output.detach()
-            # the schedule multiplies a (loss, dict) result by the CP size (it expects DDP to average over
-            # DP x CP); the gradients here are summed, so divide it back out
-            return output.sum() / (total * cp), {}
+            captured.append(output.detach())
+            # the schedule multiplies a (loss, dict) result by the CP size and divides it by the number of
+            # micro-batches (it expects DDP to average over DP x CP); gradients here are sums: undo both
+            return output.sum() * microbatches / (total * cp), {}
 
         return out, loss_func
 
     _cpu_schedules()
     model.config.batch_p2p_comm = False  # gloo: plain isend/irecv (the batched path calls torch.cuda.synchronize)
     fb = get_forward_backward_func()
-    fb(forward_step_func=forward_step, data_iterator=iter([local]), model=[model], num_microbatches=1,
-       seq_length=seq, micro_batch_size=local["tokens"].shape[0], forward_only=False)
-    return captured.get("loss")
+    fb(forward_step_func=forward_step, data_iterator=iter(parts), model=[model], num_microbatches=microbatches,
+       seq_length=seq, micro_batch_size=size, forward_only=False)
+    return torch.cat(captured, dim=0) if captured else None
 
 
 def run(opts: dict[str, Any], world: int, timeout_s: float = 300.0) -> list[dict[str, Any]]:

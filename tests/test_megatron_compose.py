@@ -50,6 +50,16 @@ def _reference(opts: dict) -> dict:
     return _REFS[key]
 
 
+def _check_calls(out: list[dict], opts: dict) -> None:
+    """TASP ran once per layer, step and micro-batch in the forward, and again inside the backward exactly
+    when core attention (selective) or whole layers (full) are recomputed; SP runs have SP-marked norms."""
+    per_rank = 2 // opts.get("pp", 1) * 2 * opts.get("microbatches", 1)
+    again = per_rank if opts.get("config", {}).get("recompute_granularity") else 0
+    for res in out:
+        assert res["tasp_calls"] == {"forward": per_rank, "backward": again}, res["tasp_calls"]
+        assert (res["sp_params"] > 0) == bool(opts.get("sp")), res["sp_params"]
+
+
 def _run_case(world: int, **opts) -> list[dict]:
     """Run the combination, compare with the reference (errors asserted <= TOL); return the ranks' results."""
     opts["seq"] = SEQ
@@ -60,6 +70,7 @@ def _run_case(world: int, **opts) -> list[dict]:
     assert ref["core_attention"] == ["DotProductAttention"]
     for res in out:
         assert res["core_attention"] == ["TaspDotProductAttention"], res["core_attention"]
+    _check_calls(out, opts)
     err = C.compare(out, ref)
     print(f"world={world} {opts.get('tp', 1)}tp x {opts.get('cp', 1)}cp x {opts.get('dp', 1)}dp x "
           f"{opts.get('pp', 1)}pp sp={opts.get('sp', False)}: {elapsed:.1f}s, loss err {err['loss']:.2e}, "
@@ -88,6 +99,20 @@ def test_selective_recompute_core_attention(cp):
 
 def test_selective_recompute_with_tp2_sp_cp2():
     _run_case(4, tp=2, cp=2, sp=True, config=dict(SELECTIVE))
+
+
+def test_selective_recompute_tp2_sp_cp2_without_kept_kv():
+    """keep_kv=False: the backward (run inside the recompute) exchanges KV again instead of keeping it."""
+    _run_case(4, tp=2, cp=2, sp=True, config=dict(SELECTIVE), config_attrs={"tasp_keep_kv": False})
+
+
+def test_selective_recompute_cp4_two_rings_two_chunks():
+    _run_case(4, cp=4, config=dict(SELECTIVE), config_attrs={"tasp_num_rings": 2, "tasp_chunks": 2})
+
+
+def test_tp2_tasp_at_cp1():
+    """TASP's CP=1 path (one local kernel) under TP=2 with SP."""
+    _run_case(2, tp=2, cp=1, sp=True, tasp_at_cp1=True)
 
 
 def test_full_recompute_cp2():
@@ -138,7 +163,15 @@ def test_pp2_cp2():
     _run_case(4, cp=2, pp=2)
 
 
-@pytest.mark.slow
+def test_pp2_cp2_two_microbatches():
+    """1F1B with two micro-batches: the first stage runs the second forward before the first backward."""
+    _run_case(4, cp=2, pp=2, microbatches=2)
+
+
+def test_pp2_tp2_sp_cp2():
+    _run_case(8, tp=2, cp=2, pp=2, sp=True)
+
+
 def test_tp2_sp_cp2_dp2_selective_recompute():
     """Eight ranks: TP x SP x CP x DP with selective recompute of core attention."""
     _run_case(8, tp=2, cp=2, dp=2, sp=True, config=dict(SELECTIVE))
