@@ -93,19 +93,21 @@ def load_full_weights(model: Any, full: dict[str, torch.Tensor], tp_group: Any) 
             p.copy_(w)
 
 
-def gather_full_grads(model: Any, tp_group: Any) -> dict[str, torch.Tensor]:
-    """Every gradient, TP shards concatenated along their partition dim, keyed by global name."""
+def gather_full(model: Any, tp_group: Any, what: str = "grad") -> dict[str, torch.Tensor]:
+    """Every gradient (``what="grad"``) or weight (``"weight"``) at TP=1 shape, keyed by global name: TP shards
+    are concatenated along their partition dim."""
     names = _global_names(model)
     tp = tp_group.size() if tp_group is not None else 1
     out = {}
     for name, p in model.named_parameters():
-        g = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().contiguous()
+        t = p if what == "weight" else (p.grad if p.grad is not None else torch.zeros_like(p))
+        t = t.detach().contiguous()
         sharded, dim = _tp_info(p)
         if sharded and tp > 1:
-            parts = [torch.empty_like(g) for _ in range(tp)]
-            dist.all_gather(parts, g, group=tp_group)
-            g = torch.cat(parts, dim=dim)
-        out[names[name]] = g.clone()
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t, group=tp_group)
+            t = torch.cat(parts, dim=dim)
+        out[names[name]] = t.clone()
     return out
 
 
@@ -190,7 +192,7 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
         tp_group = ps.get_tensor_model_parallel_group()
         if opts.get("weights") is not None:
             load_full_weights(model, opts["weights"], tp_group)
-        initial = gather_full_grads_like_weights(model, tp_group) if opts.get("return_weights") else None
+        initial = gather_full(model, tp_group, "weight") if opts.get("return_weights") else None
         cp_group = ps.get_context_parallel_group()
         dp_rank = ps.get_data_parallel_rank()
         cp_rank = ps.get_context_parallel_rank()
@@ -222,7 +224,7 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
             if world > 1:
                 dist.all_reduce(placed, group=ps.get_data_parallel_group(with_context_parallel=True))
             losses.append(placed)
-            grads.append(gather_full_grads(model, tp_group))
+            grads.append(gather_full(model, tp_group))
             opt.step()
         leader = ps.get_tensor_model_parallel_rank() == 0 and cp_rank == 0 and dp_rank == 0
         return {"losses": losses if leader and last else None, "grads": grads if leader else None,
@@ -288,21 +290,6 @@ def ddp_reduce(ddp: Any) -> int:
     for p in ddp.module.parameters():
         p.grad = p.main_grad
     return most
-
-
-def gather_full_grads_like_weights(model: Any, tp_group: Any) -> dict[str, torch.Tensor]:
-    """The model's current weights at TP=1 shape (used to hand the reference's initial weights around)."""
-    names = _global_names(model)
-    out = {}
-    for name, p in model.named_parameters():
-        sharded, dim = _tp_info(p)
-        w = p.detach().contiguous()
-        if sharded and tp_group is not None and tp_group.size() > 1:
-            parts = [torch.empty_like(w) for _ in range(tp_group.size())]
-            dist.all_gather(parts, w, group=tp_group)
-            w = torch.cat(parts, dim=dim)
-        out[names[name]] = w.clone()
-    return out
 
 
 class _CpuTorch:
@@ -414,69 +401,3 @@ def compare(results: list[dict[str, Any]], ref: dict[str, Any]) -> dict[str, flo
             worst, where = err, name
     return {"loss": loss_err, "grad": worst, "where": where}  # type: ignore[dict-item]
 
-
-def kept_kv_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any]:
-    """Count TASP's kept-KV buffers still alive at each point of a GPT step at CP = world with keep_kv=True.
-
-    Wraps ``megatron_tasp.attention._forward`` (the engine's forward, which returns the kept buffers last)
-    to hold a weak reference to every kept buffer, and ``tasp_attention`` to count calls; then runs two
-    forward+backward steps. Returns, per step, how many calls ran with / without autograd (and inside the
-    backward) and how many kept buffers are alive after the forward and after the backward (``gc.collect()``
-    first).
-    """
-    import gc
-    import weakref
-
-    H.import_megatron()
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    import megatron_tasp.attention as engine
-
-    refs: list[weakref.ref] = []
-    calls = {"grad": 0, "no_grad": 0, "in_backward": 0}
-    phase = {"backward": False}
-    real, real_entry = engine._forward, engine.tasp_attention
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        result = real(*args, **kwargs)
-        refs.extend(weakref.ref(t) for t in (result[-1] or []) if t is not None)
-        return result
-
-    def entry(*args: Any, **kwargs: Any) -> Any:  # autograd turns grad mode off inside _forward: look here
-        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
-        calls["in_backward"] += int(phase["backward"])
-        return real_entry(*args, **kwargs)
-
-    engine._forward, engine.tasp_attention = recording, entry
-    ps.initialize_model_parallel(context_parallel_size=world)
-    try:
-        model_parallel_cuda_manual_seed(1234)
-        config = H.tiny_config(world, **opts.get("config", {}))
-        config.tasp_keep_kv = True
-        model = GPTModel(config=config, transformer_layer_spec=block_spec(config, tasp=True, num_layers=2),
-                         vocab_size=VOCAB, max_sequence_length=opts["seq"], position_embedding_type="rope")
-        cp_group = ps.get_context_parallel_group()
-        steps = []
-        for batch in make_batches({"seq": opts["seq"], "steps": 2}):
-            local = H.cp_slice(batch, cp_group)
-            refs.clear()
-            for key in calls:
-                calls[key] = 0
-            loss = model(input_ids=local["tokens"], position_ids=local["position_ids"], attention_mask=None,
-                         labels=local["labels"]).sum()
-            gc.collect()
-            after_forward = sum(r() is not None for r in refs)
-            phase["backward"] = True
-            loss.backward()
-            phase["backward"] = False
-            del loss
-            gc.collect()
-            steps.append({**calls, "kept": len(refs), "alive_after_forward": after_forward,
-                          "alive_after_backward": sum(r() is not None for r in refs)})
-            model.zero_grad(set_to_none=True)
-        return {"steps": steps}
-    finally:
-        engine._forward, engine.tasp_attention = real, real_entry
-        ps.destroy_model_parallel()

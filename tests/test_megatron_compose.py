@@ -186,24 +186,3 @@ def test_comparison_sees_a_missing_sequence_parallel_reduction():
     first_step, where = H.max_grad_error(C.merge_stage_grads(out)[0], ref["grads"][0])
     assert first_step > 0.1 and "layernorm" in where, (first_step, where)  # the SP norms are what is wrong
 
-
-@pytest.mark.parametrize("recompute", [False, True])
-def test_kept_kv_buffers_freed_after_backward(recompute):
-    """keep_kv=True at CP=2: kept KV pieces live from forward to backward only, also when selective recompute
-    of core attention re-runs TASP's forward (and its exchanges) inside the backward."""
-    import megatron_tasp.attention as engine
-
-    if not hasattr(engine, "_forward"):
-        pytest.skip("megatron_tasp.attention._forward (the engine forward the probe wraps) is gone")
-    from megatron_tasp.testing.dist import run_workers
-
-    opts = {"seq": SEQ, "config": dict(SELECTIVE) if recompute else {}}
-    for res in run_workers(C.kept_kv_worker, 2, opts):
-        for step in res["steps"]:
-            if recompute:  # no-grad forward, then the re-run inside backward keeps (and must drop) the pieces
-                assert step["no_grad"] == 2 and step["grad"] == 2 and step["in_backward"] == 2, step
-                assert step["alive_after_forward"] == 0, step
-            else:  # the probe sees kept pieces while the graph holds them
-                assert step["grad"] == 2 and step["in_backward"] == 0, step
-                assert step["alive_after_forward"] == step["kept"] > 0, step
-            assert step["kept"] > 0 and step["alive_after_backward"] == 0, step
