@@ -4,9 +4,13 @@ One worker (:func:`compose_worker`) serves every combination. It builds a GPT mo
 layer spec (with an SP-aware LayerNorm, see :class:`SPLayerNorm`) and, under context parallelism, TASP core
 attention; loads a full (TP=1, one stage) set of initial weights, shards it the way Megatron lays the
 parameters out (``tensor_model_parallel`` / ``partition_dim`` attributes); runs ``steps`` training steps of
-plain SGD with the gradients reduced by hand (Megatron's DDP and optimizer need CUDA), and returns the full
-per-token losses and every gradient reassembled to the TP=1 shape with global layer numbers. The reference
-(:func:`reference_run`) is the same worker on one rank: TP=1, CP=1, Megatron's own local attention.
+plain SGD and returns the full per-token losses and every gradient reassembled to the TP=1 shape with global
+layer numbers. Gradients are reduced by hand (:func:`reduce_grads`) or, with ``opts["ddp"]``, by Megatron's
+own DistributedDataParallel and ``finalize_model_grads`` (they run on CPU with one stand-in for
+``torch.cuda.current_stream``); Megatron's optimizers hard-code CUDA tensors, so the update is torch's SGD.
+Pipeline runs go through Megatron's ``get_forward_backward_func`` (one CPU stand-in, :class:`_CpuTorch`).
+The reference (:func:`reference_run`) is the same worker on one rank: TP=1, CP=1, Megatron's own local
+attention, no recompute.
 """
 
 from __future__ import annotations

@@ -5,9 +5,13 @@ for two SGD steps on forked gloo ranks, with TASP core attention under CP, and c
 losses of both steps and EVERY parameter gradient of both steps (TP shards reassembled along their
 ``partition_dim``; pipeline stages' layers renamed to global numbers) with a single-rank TP=1/CP=1 model
 that starts from the same weights and uses Megatron's own local attention. Gradients are reduced by hand
-as Megatron's DDP would (sum over DP x CP; parameters marked ``sequence_parallel`` also over TP), since
-Megatron's DDP and optimizer need CUDA. Tolerance: max-abs error relative to max(1e-3, max-abs of the
-reference) <= 1e-5 for losses and for every gradient (observed errors are about 1e-6 and below).
+as Megatron's DDP would (sum over DP x CP; parameters marked ``sequence_parallel`` also over TP), or by
+Megatron's own DistributedDataParallel (all-reduce, or the distributed optimizer's reduce-scatter layout)
+and ``finalize_model_grads``; the update is torch's SGD (Megatron's optimizers need CUDA). Pipeline cases
+use Megatron's ``get_forward_backward_func``. Each case also checks that TASP ran once per layer and
+micro-batch in the forward, and once more inside the backward exactly when recompute is on.
+Tolerance: max-abs error relative to max(1e-3, max-abs of the reference) <= 1e-5 for losses and for every
+gradient (observed errors are about 1e-6 and below).
 """
 
 from __future__ import annotations
