@@ -131,6 +131,8 @@ def reduce_grads(model: Any, ps: Any, sp_over_tp: bool = True) -> None:
 def _config(opts: dict[str, Any], cp: int, tp: int, pp: int) -> Any:
     over = dict(opts.get("config", {}))
     over.setdefault("num_layers", opts.get("num_layers", 2))
+    if cp > 1:
+        over.setdefault("cp_comm_type", "tasp")  # what Megatron-LM's --context-parallel-backend tasp sets
     if tp > 1:
         over.update(tensor_model_parallel_size=tp, sequence_parallel=bool(opts.get("sp", False)))
     if pp > 1:

@@ -127,6 +127,12 @@ def test_moe_cp2():
     _run_case(2, cp=2, config=dict(MOE))
 
 
+def test_moe_cp4_dp2():
+    """No load-balancing loss here: Megatron computes it from each DP replica's own token counts, so it is
+    not additive over DP and a one-rank run of both batches is a different objective."""
+    _run_case(8, cp=4, dp=2, config=dict(MOE))
+
+
 def test_moe_aux_loss_tp2_sp_cp2():
     """MoE with the load-balancing loss on (coefficient 1e-2) at TP=2 with SP and CP=2."""
     _run_case(4, tp=2, cp=2, sp=True, config=dict(MOE, moe_aux_loss_coeff=1e-2))
