@@ -39,8 +39,9 @@ class SPLayerNorm(torch.nn.LayerNorm):
             p.sequence_parallel = bool(config.sequence_parallel)
 
 
-def block_spec(config: Any, *, tasp: bool, num_layers: int) -> Any:
-    """Local GPT block spec (MoE when config.num_moe_experts) with SPLayerNorm, TASP attention if ``tasp``."""
+def block_spec(config: Any, *, tasp: bool, num_layers: int, options: dict[str, Any] | None = None) -> Any:
+    """Local GPT block spec (MoE when config.num_moe_experts) with SPLayerNorm, TASP attention if ``tasp``
+    (``options``: TASP option fields placed in the spec)."""
     from megatron.core.models.gpt import gpt_layer_specs as g
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -54,7 +55,7 @@ def block_spec(config: Any, *, tasp: bool, num_layers: int) -> Any:
     if tasp:
         from megatron_tasp.megatron.spec import tasp_layer_spec
 
-        spec = tasp_layer_spec(spec)
+        spec = tasp_layer_spec(spec, **(options or {}))
     return spec
 
 
@@ -186,13 +187,11 @@ def compose_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any
         model_parallel_cuda_manual_seed(seed)
         torch.manual_seed(seed)
         config = _config(opts, cp, tp, pp)
-        for key, val in opts.get("config_attrs", {}).items():
-            setattr(config, key, val)
         first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
         spec = block_spec(config, tasp=cp > 1 or opts.get("tasp_at_cp1", False),
-                          num_layers=get_num_layers_to_build(config))
+                          num_layers=get_num_layers_to_build(config), options=opts.get("tasp_options"))
         model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=opts["seq"],
                          position_embedding_type="rope", pre_process=first, post_process=last)
         tp_group = ps.get_tensor_model_parallel_group()
@@ -366,7 +365,7 @@ def _pp_step(model: Any, local: dict[str, torch.Tensor], seq: int, total: int, m
 
 def run(opts: dict[str, Any], world: int, timeout_s: float = 300.0) -> list[dict[str, Any]]:
     """compose_worker on ``world`` forked gloo ranks."""
-    from megatron_tasp.testing.dist import run_workers
+    from megatron_tasp.launch import run_workers
 
     return run_workers(compose_worker, world, opts, timeout_s=timeout_s)
 

@@ -107,11 +107,11 @@ def test_selective_recompute_with_tp2_sp_cp2():
 
 def test_selective_recompute_tp2_sp_cp2_without_kept_kv():
     """keep_kv=False: the backward (run inside the recompute) exchanges KV again instead of keeping it."""
-    _run_case(4, tp=2, cp=2, sp=True, config=dict(SELECTIVE), config_attrs={"tasp_keep_kv": False})
+    _run_case(4, tp=2, cp=2, sp=True, config=dict(SELECTIVE), tasp_options={"keep_kv": False})
 
 
 def test_selective_recompute_cp4_two_rings_two_chunks():
-    _run_case(4, cp=4, config=dict(SELECTIVE), config_attrs={"tasp_num_rings": 2, "tasp_chunks": 2})
+    _run_case(4, cp=4, config=dict(SELECTIVE), tasp_options={"num_rings": 2, "chunks": 2})
 
 
 def test_tp2_tasp_at_cp1():

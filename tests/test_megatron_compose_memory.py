@@ -97,7 +97,7 @@ def test_kept_kv_buffers_freed_after_backward(recompute):
 
     if not hasattr(engine, "_forward"):
         pytest.skip("megatron_tasp.attention._forward (the engine forward the probe wraps) is gone")
-    from megatron_tasp.testing.dist import run_workers
+    from megatron_tasp.launch import run_workers
 
     opts = {"seq": SEQ, "config": dict(SELECTIVE) if recompute else {}}
     for res in run_workers(kept_kv_worker, 2, opts):
