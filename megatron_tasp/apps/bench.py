@@ -231,13 +231,13 @@ def bench_shape(cfg: argparse.Namespace, rank: int, world: int, device, env: dic
 
         def fwd(k_=k_, transport=transport, chunks=chunks, keep=keep):
             return tasp_attention(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
-                                  backend=cfg.kernel, chunks=chunks, keep_kv=keep)
+                                  kernel=cfg.kernel, chunks=chunks, keep_kv=keep)
         try:
             out = fwd()
             err = _rel_err(out, ref_local) if impl == "tasp" else None
             del out
             resolved = tasp_run_summary(ql, kl, vl, cfg.group, causal=causal, num_rings=k_, transport=transport,
-                                        backend=cfg.kernel, chunks=chunks, keep_kv=keep)
+                                        kernel=cfg.kernel, chunks=chunks, keep_kv=keep)
             for passes in cfg.passes:
                 fn = fwd if passes == "fwd" else _fwd_bwd(fwd, dol, (ql, kl, vl))
                 peak = None
