@@ -187,7 +187,8 @@ def _kernel_source(options: TaspOptions | None, kernel: str | None) -> str:
 
 
 def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, softmax_scale: float | None,
-                 options: TaspOptions | None, explicit: tuple, problem: BaseException | None) -> LocalCall | CompiledCall:
+                 options: TaspOptions | None, explicit: tuple,
+                 problem: BaseException | None) -> LocalCall | CompiledCall:
     """Compile (and cache under ``key`` in ``scope``) the call; ``problem`` is what the input checks found."""
     n = len(scope.ranks) if scope.group is not None else 1
     eff = topo = kernel = tname = None

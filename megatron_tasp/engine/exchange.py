@@ -16,8 +16,8 @@ transfer. The one exception is the first exchange of a call, which reads only th
 receives into a buffer no earlier kernel of the call reads: :func:`detached` issues it on a side stream
 ordered after a mark recorded at the call's start, so that the host can queue the first (local) kernel
 before spending its time on packing and posting the transfer. No host synchronisation happens inside
-the step loop on GPU. On gloo (CPU) ``wait`` blocks with a timeout (``TaspOptions.timeout_s``) and names the CP group and
-step when a peer never answers.
+the step loop on GPU. On gloo (CPU) ``wait`` blocks with a timeout (``TaspOptions.timeout_s``) and names
+the CP group and step when a peer never answers.
 
 State: nothing here is global. What outlives a call (the persistent symmetric-memory buffers of a group, the
 side and copy streams) lives in pools owned by the engine's plan cache (:mod:`megatron_tasp.engine.cache`)
