@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 from megatron_tasp.topology.rings import RingError, verify_rings
 
@@ -99,11 +98,6 @@ class Schedule:
     def plan(self, rank: int) -> list[RankStep]:
         """All steps of ``rank``."""
         return [self.step(rank, t) for t in range(self.world_size)]
-
-    @cached_property
-    def one_piece_per_peer(self) -> bool:
-        """True when every rank sends exactly one piece to every other rank each step (all-to-all)."""
-        return self.num_rings == self.world_size - 1
 
     def verify(self) -> None:
         """Prove the schedule is exact; raise ScheduleError otherwise.

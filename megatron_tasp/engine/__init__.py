@@ -6,7 +6,8 @@
 ``agree``     the first call's cross-rank agreement (one all-reduce; every rank raises on a mismatch)
 ``forward``   the forward loop (local block, then one step per ring hop, log-sum-exp merges)
 ``backward``  the backward loop (re-exchanged or kept KV; dK/dV travelling one hop behind)
-``exchange``  transports (a2a, p2p, symm, none), channels, side streams
+``exchange``  transports (a2a, p2p, symm, none) and their pools (streams, symmetric memory)
+``channel``   flat double-buffered piece buffers split into lanes; the side stream of the first exchange
 ``cache``     the one plan cache (bounded, keyed by the group's global ranks; ``clear_plan_cache()``)
 ``errors``    ``TaspConfigError``
 ============  ===============================================================================================

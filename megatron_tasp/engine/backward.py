@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from megatron_tasp.engine.channel import Channel, detached, mark
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, acc_dtype, bhsd, sbhd
-from megatron_tasp.engine.exchange import Channel, detached, mark
 from megatron_tasp.engine.forward import wait_all
 from megatron_tasp.schedule import RankStep
 

@@ -21,8 +21,9 @@ import torch
 
 from megatron_tasp.engine.agree import agree, options_digest, signature
 from megatron_tasp.engine.cache import PLAN_CACHE, Scope
+from megatron_tasp.engine.channel import Channel
 from megatron_tasp.engine.errors import TaspConfigError
-from megatron_tasp.engine.exchange import Channel, ExchangeSettings, PieceLayout, make_transport
+from megatron_tasp.engine.exchange import ExchangeSettings, PieceLayout, make_transport
 from megatron_tasp.engine.plan import (
     LOCAL_PLAN,
     Pieces,
@@ -109,7 +110,7 @@ class CompiledCall:
             layout = PieceLayout(tuple((n_, 2, b, hkv, d) for n_ in pieces.lengths(j)))
             self.transports.append(make_transport(plan.transport, group, plan.send_peers, plan.recv_peers, layout,
                                                   settings))
-        # the first exchange may go on a side stream (see exchange.detached) only if posting it allocates
+        # the first exchange may go on a side stream (see channel.detached) only if posting it allocates
         # nothing that another stream could reuse while the transfer still reads it
         self.detach_first = not any(t.allocates_on_start for t in self.transports)
         # one merge per row (CP=2, one chunk): the fp32 accumulators can be skipped exactly (one rounding)

@@ -6,7 +6,7 @@ moves only along ring i. Step 0 runs one causal kernel on the local shard. At st
 source s is either *earlier* (s < r: every query sees its front slice) or *later* (s > r: only the back
 query block sees it, all of it). Pieces of one case are concatenated so a step launches at most two
 kernels. Partial results merge by log-sum-exp in fp32 (fp64 for fp64 inputs). The local kernel is queued
-before the first exchange is posted (on a side stream, :func:`~megatron_tasp.engine.exchange.detached`), so
+before the first exchange is posted (on a side stream, :func:`~megatron_tasp.engine.channel.detached`), so
 the host posts it while the GPU computes.
 
 Lanes (``chunks=c``): every piece travels as c sub-pieces, one message each, and a lane's kernels wait only
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from megatron_tasp.engine.channel import detached, mark
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, acc_dtype, bhsd, sbhd
-from megatron_tasp.engine.exchange import detached, mark
 from megatron_tasp.kernels.fused_merge import merge_to
 
 
