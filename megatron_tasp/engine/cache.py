@@ -18,7 +18,12 @@ dropped first). :meth:`PlanCache.clear` must be called on every rank, between st
 buffers).
 
 Besides the one instance here (``PLAN_CACHE``), the engine keeps no module-level mutable state; the
-kernels' name registry and the compiled Triton merge kernel are the only other process-wide objects.
+kernels' name registry (with its memo of op-schema bindings) and the compiled Triton merge kernel are the
+only other process-wide objects, and none of them depends on a group, an option or a shape.
+
+The default options (environment included) are resolved when a call signature is first compiled: after
+``megatron_tasp.options.reload_env()`` call :func:`clear_plan_cache` too for the change to reach calls
+already compiled.
 """
 
 from __future__ import annotations

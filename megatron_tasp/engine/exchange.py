@@ -10,11 +10,12 @@ Knows nothing about attention: it moves k flat-packed pieces, piece i to ``send_
 - ``none``: no communication (benchmarks: the compute-only bound).
 
 Ordering. Channels (:mod:`megatron_tasp.engine.channel`) hold the buffers; exchanges are *issued from the
-compute stream*: NCCL makes its own stream wait for everything already queued on the issuing stream, so a receive into the buffer that the previous step's kernels read
-is ordered after those kernels, and ``wait()`` makes the compute stream (never the host) wait for the
-transfer. The one exception is the first exchange of a call (see ``channel.detached``). No host
-synchronisation happens inside the step loop on GPU. On gloo (CPU) ``wait`` blocks with a timeout
-(``TaspOptions.timeout_s``) and names the CP group and step when a peer never answers.
+compute stream*: NCCL makes its own stream wait for everything already queued on the issuing stream, so a
+receive into the buffer that the previous step's kernels read is ordered after those kernels, and ``wait()``
+makes the compute stream (never the host) wait for the transfer. The one exception is the first exchange of
+a call (see ``channel.detached``). No host synchronisation happens inside the step loop on GPU. On gloo
+(CPU) ``wait`` blocks with a timeout (``TaspOptions.timeout_s``) and names the CP group and step when a peer
+never answers.
 
 State: nothing here is global. What outlives a call (the persistent symmetric-memory buffers of a group, the
 side and copy streams) lives in pools owned by the engine's plan cache (:mod:`megatron_tasp.engine.cache`)
