@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.options import TaspOptions
+from megatron_tasp.topology import Topology
 
 FIELDS = ("local length", "batch", "query heads", "KV heads", "head dim", "dtype", "causal", "options")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # codes 1..4; others hashed
@@ -34,7 +35,11 @@ def _dtype_name(code: int) -> str:
 
 
 def options_digest(options: TaspOptions, scale: float, compute_only: bool) -> int:
-    """A stable 56-bit digest of the effective options (the same value in every process)."""
+    """A stable 56-bit digest of the effective options (the same value in every process; a Topology counts
+    by its content, not by the file it was read from)."""
+    topo = options.topology
+    if isinstance(topo, Topology):
+        options = options.replace(topology=dataclasses.replace(topo, source="", description=""))
     text = repr((dataclasses.astuple(options), float(scale), compute_only))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
 

@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_tasp.engine.agree import agree, options_digest, signature
 from megatron_tasp.engine.cache import PLAN_CACHE, Scope
@@ -40,6 +42,8 @@ from megatron_tasp.kernels import BlockAttention, get_kernel
 from megatron_tasp.options import TaspOptionError, TaspOptions, default_options, keep_kv_auto
 from megatron_tasp.schedule import EARLIER, LATER, RankStep
 from megatron_tasp.tuning import choose_chunks
+
+logger = logging.getLogger(__name__)
 
 FULL = "full"
 COMPUTE_ONLY = "none"  # benchmark-only transport keyword: no communication (the compute-only bound)
@@ -187,6 +191,13 @@ def _kernel_source(options: TaspOptions | None, kernel: str | None) -> str:
     return "options.kernel" if options is not None else "the default options (MEGATRON_TASP_KERNEL)"
 
 
+def _collective_device(group) -> torch.device:
+    """Where a collective's tensor must live when the inputs cannot tell (they are not tensors)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, softmax_scale: float | None,
                  options: TaspOptions | None, explicit: tuple,
                  problem: BaseException | None) -> LocalCall | CompiledCall:
@@ -213,13 +224,16 @@ def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, soft
     else:
         sig = signature(q, k, causal, options_digest(eff, scale, compute_only)) if problem is None else None
         if sig is None or scope.get(("agreed", sig)) is None:
-            device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+            device = q.device if isinstance(q, torch.Tensor) else _collective_device(scope.group)
             agree(scope.group, n, scope.group.rank(), sig, device, problem,
                   describe=str(eff.to_dict()) if eff is not None else "")
             scope.put(("agreed", sig), True)
         call = _compile_group_call(scope, q, k, causal, scale, eff, topo, tname, kernel)
     if key is not None:
         scope.put(key, call)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("TASP call compiled for CP group %s, q %s: %s", scope.ranks or "(none)", tuple(q.shape),
+                     run_summary(call))
     return call
 
 
