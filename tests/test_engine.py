@@ -71,9 +71,11 @@ def test_relayout_in_one_process_does_not_hang():
 def _disagree_worker(rank, n, what):
     import torch.distributed as dist
 
-    hkv = {"heads": (2, 4)[rank], "dtype": 2, "rings": 2}[what]
+    hkv = {"heads": (2, 4)[rank], "dtype": 2, "rings": 2, "ndim": 2}[what]
     dtype = torch.float64 if what == "dtype" and rank == 1 else torch.float32
     q, k = torch.randn(8, 1, 4, 8, dtype=dtype), torch.randn(8, 1, hkv, 8, dtype=dtype)
+    if what == "ndim" and rank == 1:
+        q = q[:, 0]  # 3-D: rejected by this rank's own input checks, before the agreement
     kw = {"num_rings": 99} if what == "rings" and rank == 1 else {}
     try:
         tasp_attention(q, k, k.clone(), dist.group.WORLD, **kw)
@@ -82,7 +84,7 @@ def _disagree_worker(rank, n, what):
     return None
 
 
-@pytest.mark.parametrize("what", ["heads", "dtype", "rings"])
+@pytest.mark.parametrize("what", ["heads", "dtype", "rings", "ndim"])
 def test_ranks_that_disagree_all_raise(what):
     """Every rank raises, naming what differs (or which rank rejected its own options): none returns."""
     msgs = run_workers(_disagree_worker, 2, what, timeout_s=120)
@@ -91,8 +93,10 @@ def test_ranks_that_disagree_all_raise(what):
         assert all("KV heads (2 .. 4" in m for m in msgs), msgs
     elif what == "dtype":
         assert all("dtype (float32 .. float64" in m for m in msgs), msgs
-    else:
+    elif what == "rings":
         assert "at most" in msgs[1] and "rank(s) [1] rejected" in msgs[0], msgs
+    else:
+        assert "4-D tensor" in msgs[1] and "rank(s) [1] rejected" in msgs[0], msgs
 
 
 _BAD_OPTIONS = [({"num_rings": 99}, "at most"), ({"transport": "bogus"}, "transport"),
