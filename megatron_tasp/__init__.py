@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "tasp_attention": "megatron_tasp.attention",
     "tasp_run_summary": "megatron_tasp.attention",
+    "TaspConfigError": "megatron_tasp.attention",
+    "clear_plan_cache": "megatron_tasp.attention",
+    "TaspOptions": "megatron_tasp.options",
+    "parse_options": "megatron_tasp.options",
     "TaspDotProductAttention": "megatron_tasp.megatron.core_attention",
     "Schedule": "megatron_tasp.schedule",
     "compile_schedule": "megatron_tasp.schedule",

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
 from megatron_tasp.kernels import available_kernels
-from megatron_tasp.options import parse_keep_kv
+from megatron_tasp.options import TaspOptions, parse_keep_kv
 from megatron_tasp.topology import max_rings
 
 
@@ -91,18 +91,18 @@ def main() -> None:
                         ref = grads(lambda a, b_, c, causal=causal: reference(a, b_, c, causal),
                                     q.float(), k.float(), v.float(), do.float())
                         single = grads(lambda a, b_, c, causal=causal, kernel=kernel: tasp_attention(
-                            a, b_, c, None, causal=causal, backend=kernel),
+                            a, b_, c, None, causal=causal, kernel=kernel),
                                        q, k, v, do)
                         idx = shard(seq, n, rank, causal, dev)
                         rec = {"kernel": kernel, "dtype": str(dtype), "causal": causal, "heads": f"{hq}/{hkv}",
                                "num_rings": rings, "chunks": chunks, "transport": tr, "keep_kv": keep, "cp": n,
                                "tokens_per_gpu": len(idx)}
                         for mode in ("fp32", "input"):
-                            os.environ["MEGATRON_TASP_DKV_DTYPE"] = mode
+                            opts = TaspOptions(dkv_dtype=mode)
                             got = grads(lambda a, b_, c, causal=causal, rings=rings, kernel=kernel, chunks=chunks,
-                                        tr=tr, keep=keep: tasp_attention(a, b_, c, dist.group.WORLD, causal=causal,
-                                                                         num_rings=rings, backend=kernel,
-                                                                         chunks=chunks, transport=tr, keep_kv=keep),
+                                        tr=tr, keep=keep, opts=opts: tasp_attention(
+                                            a, b_, c, dist.group.WORLD, causal=causal, options=opts, num_rings=rings,
+                                            kernel=kernel, chunks=chunks, transport=tr, keep_kv=keep),
                                         q[idx], k[idx], v[idx], do[idx])
                             for j, nm in enumerate(names):
                                 if mode == "input" and nm in ("out", "dq"):
@@ -111,7 +111,6 @@ def main() -> None:
                                 dist.all_reduce(e, op=dist.ReduceOp.MAX)
                                 key = nm if mode == "fp32" else f"{nm}_dkv_input_dtype"
                                 rec[f"err_{key}"] = float(e)
-                        os.environ["MEGATRON_TASP_DKV_DTYPE"] = "fp32"
                         for j, nm in enumerate(names):
                             rec[f"single_gpu_err_{nm}"] = rel(single[j][idx], ref[j][idx])
                         rec["ok"] = all(rec[f"err_{nm}"] <= 2 * rec[f"single_gpu_err_{nm}"] + n ** 0.5 * 2 ** -8

@@ -14,8 +14,9 @@ import os
 import pytest
 import torch
 
-from megatron_tasp import tasp_attention
+from megatron_tasp import clear_plan_cache, tasp_attention
 from megatron_tasp.launch import run_workers
+from megatron_tasp.options import TaspOptions, reload_env
 from megatron_tasp.topology import max_rings
 from tests.attn_reference import contiguous_index, reference_attention, rel_err, zigzag_index
 
@@ -37,7 +38,7 @@ def _case_worker(rank, n, cases):
         ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
         out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=c["causal"], num_rings=c["k"],
                              transport=c.get("transport"), topology=c.get("topology"), chunks=c.get("chunks"),
-                             keep_kv=c.get("keep_kv"))
+                             keep_kv=c.get("keep_kv"), options=c.get("options"))
         out.backward(do[idx])
         results.append([t.detach().double() for t in (out, ql.grad, kl.grad, vl.grad)])
     return results
@@ -178,11 +179,8 @@ def _keep_kv_options_worker(rank, n):
     g = dist.group.WORLD
     res = {"auto": tasp_run_summary(q, kv, kv, g)["keep_kv"], "off": tasp_run_summary(q, kv, kv, g,
                                                                                        keep_kv=False)["keep_kv"]}
-    os.environ["MEGATRON_TASP_KEEP_KV_MIB"] = "0"
-    try:
-        res["auto_capped"] = tasp_run_summary(q, kv, kv, g)["keep_kv"]
-    finally:
-        del os.environ["MEGATRON_TASP_KEEP_KV_MIB"]
+    tiny = TaspOptions(keep_kv_cap_mib=1e-6)  # 'auto' keeps nothing over a cap this small
+    res["auto_capped"] = tasp_run_summary(q, kv, kv, g, options=tiny)["keep_kv"]
     res["errors"] = []
     for kw in ({"keep_kv": "sometimes"}, {"keep_kv": True, "transport": "symm"}):
         try:
@@ -228,19 +226,19 @@ def _timeout_worker(rank, n):
     import torch.distributed as dist
 
     q = torch.randn(8, 1, 2, 8)
-    tasp_attention(q, q, q, dist.group.WORLD, causal=True)  # both ranks take part once
+    opts = TaspOptions(timeout_s=2)
+    tasp_attention(q, q, q, dist.group.WORLD, causal=True, options=opts)  # both ranks take part once
     if rank == 1:
         time.sleep(6)  # then stays silent past rank 0's 2 s timeout
         return "silent"
     try:
-        tasp_attention(q, q, q, dist.group.WORLD, causal=True)
+        tasp_attention(q, q, q, dist.group.WORLD, causal=True, options=opts)
     except RuntimeError as exc:
         return str(exc)
     return "no error"
 
 
-def test_silent_peer_times_out_with_step_and_group(monkeypatch):
-    monkeypatch.setenv("MEGATRON_TASP_TIMEOUT_S", "2")
+def test_silent_peer_times_out_with_step_and_group():
     res = run_workers(_timeout_worker, 2, timeout_s=60)
     assert "step 0" in res[0] and "CP group ranks [0, 1]" in res[0], res[0]
 
@@ -291,18 +289,18 @@ def test_cp1_is_plain_attention():
 
 
 @pytest.mark.parametrize("u,g", [(2, 2), (2, 4), (3, 2)])
-def test_multinode_rings_emulated(u, g, monkeypatch):
-    """u nodes x g ranks on CPU: path-chained rings from a multi-node topology, placement from fake hosts."""
-    monkeypatch.setenv("MEGATRON_TASP_FAKE_HOSTS", ",".join(f"node{r // g}" for r in range(u * g)))
+def test_multinode_rings_emulated(u, g):
+    """u nodes x g ranks on CPU: path-chained rings from a multi-node topology, placement from the hosts option."""
+    hosts = TaspOptions(hosts=tuple(f"node{r // g}" for r in range(u * g)))
     n = u * g
     from megatron_tasp.topology import topology_from_dict
 
     topo = topology_from_dict({"name": f"test-{u}x{g}", "nodes": u, "gpus_per_node": g,
                                "inter_node": {"nic_GBps": 50}})
     cases = [dict(seed=7, seq=2 * n * 2 * g, b=1, h=4, hkv=2, d=8, dtype=torch.float32, causal=True,
-                  k=g, topology=topo),
+                  k=g, topology=topo, options=hosts),
              dict(seed=8, seq=n * 3 * g, b=1, h=2, hkv=2, d=8, dtype=torch.float32, causal=False,
-                  k=g // 2 or 1, topology=topo)]
+                  k=g // 2 or 1, topology=topo, options=hosts)]
     per_rank = run_workers(_case_worker, n, cases)
     _check(n, cases, per_rank, lambda _: 1e-5)
 
@@ -318,11 +316,15 @@ def _options_worker(rank, n):
     g = dist.group.WORLD
     out = {"auto": tasp_run_summary(q, kv, kv, g, num_rings="auto", chunks="auto"),
            "env": None, "errors": []}
-    os.environ["MEGATRON_TASP_CHUNKS"] = "2"
+    os.environ["MEGATRON_TASP_CHUNKS"] = "2"  # the environment sets the defaults, read once: reload both
+    reload_env()
+    clear_plan_cache()
     try:
         out["env"] = tasp_run_summary(q, kv, kv, g)
     finally:
         del os.environ["MEGATRON_TASP_CHUNKS"]
+        reload_env()
+        clear_plan_cache()
     two_nodes = topology_from_dict({"name": "t-2x2", "nodes": 2, "gpus_per_node": 2, "inter_node": {"nic_GBps": 50}})
     for kw in ({"transport": "symm"}, {"transport": "symm", "topology": two_nodes}):
         try:

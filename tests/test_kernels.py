@@ -12,15 +12,20 @@ inputs; lse is compared as max absolute error (lse values are O(1..10)):
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_tasp import clear_plan_cache, tasp_attention, tasp_run_summary
 from megatron_tasp.kernels import (
-    ENV_VAR,
+    EXPERIMENTAL_KERNELS,
     BlockAttention,
     auto_order,
     available_kernels,
@@ -29,11 +34,11 @@ from megatron_tasp.kernels import (
     merge_into,
     new_accumulators,
 )
-from megatron_tasp.kernels import flash_attn_pkg as fa_mod
-from megatron_tasp.kernels import te as te_mod
 from megatron_tasp.kernels._calls import BoundOp, call_aten, call_python, named_returns
 from megatron_tasp.kernels.base import expand_kv, sum_kv_groups
 from megatron_tasp.kernels.cpu import CpuFlashAttention
+from megatron_tasp.kernels.experimental import flash_attn_pkg as fa_mod  # the opt-in: registers both
+from megatron_tasp.kernels.experimental import te as te_mod
 from megatron_tasp.kernels.math_ref import MathAttention
 from megatron_tasp.kernels.sdpa import (
     CudnnAttention,
@@ -43,6 +48,7 @@ from megatron_tasp.kernels.sdpa import (
     _format_lse,
     _normalise_lse,
 )
+from megatron_tasp.options import default_options, reload_env
 
 TOL = {
     torch.float32: {"out": 1e-5, "lse": 1e-5, "grad": 1e-5},
@@ -423,6 +429,16 @@ def test_cpu_backend_rejects_other_devices():
 # ------------------------------------------------------------------------------------------------------------
 # selection
 # ------------------------------------------------------------------------------------------------------------
+ENV_VAR = "MEGATRON_TASP_KERNEL"
+
+
+def _env_kernel(monkeypatch, value):
+    """Set the kernel's environment default and make the engine see it (read once per process)."""
+    monkeypatch.setenv(ENV_VAR, value)
+    reload_env()
+    clear_plan_cache()
+
+
 def test_auto_selection_and_env_override(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert get_kernel(None, "cpu", torch.float32, 64).name == "cpu"
@@ -431,17 +447,38 @@ def test_auto_selection_and_env_override(monkeypatch):
     assert auto_order("cpu") == ("cpu", "math")
     assert set(kernel_names()) == {"cpu", "math", "cudnn", "flash", "efficient", "flash_attn", "te"}
     assert available_kernels("cpu", torch.float32, 64) == ["cpu", "math"]
-    monkeypatch.setenv(ENV_VAR, "math")
-    assert get_kernel(None, "cpu", torch.float32, 64).name == "math"
-    assert get_kernel("cpu", "cpu", torch.float32, 64).name == "cpu"  # an explicit name wins over the env
-    monkeypatch.setenv(ENV_VAR, "auto")
-    assert get_kernel(None, "cpu", torch.float32, 64).name == "cpu"
-    monkeypatch.setenv(ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match=ENV_VAR):
-        get_kernel(None, "cpu", torch.float32, 64)
-    monkeypatch.setenv(ENV_VAR, "cudnn")
-    with pytest.raises(RuntimeError, match="cannot run"):
-        get_kernel(None, "cpu", torch.float32, 64)
+    q = torch.randn(8, 1, 2, 64)
+    try:
+        _env_kernel(monkeypatch, "math")  # the environment sets the default options' kernel, not get_kernel's
+        assert get_kernel(None, "cpu", torch.float32, 64).name == "cpu"
+        assert default_options().kernel == "math"
+        assert tasp_run_summary(q, q, q, None)["kernel"] == "math"
+        assert tasp_run_summary(q, q, q, None, kernel="cpu")["kernel"] == "cpu"  # an explicit name wins
+        _env_kernel(monkeypatch, "auto")
+        assert tasp_run_summary(q, q, q, None)["kernel"] == "cpu"
+        _env_kernel(monkeypatch, "bogus")
+        with pytest.raises(ValueError, match=ENV_VAR):
+            tasp_attention(q, q, q, None)
+        _env_kernel(monkeypatch, "cudnn")
+        with pytest.raises(RuntimeError, match="cannot run"):
+            tasp_attention(q, q, q, None)
+    finally:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+        reload_env()
+        clear_plan_cache()
+
+
+def test_experimental_kernels_need_the_explicit_import():
+    """flash_attn and te register only with 'import megatron_tasp.kernels.experimental' (a fresh process
+    here, since this module imports them); naming one without it fails with the fix."""
+    code = ("import torch\nfrom megatron_tasp.kernels import get_kernel, kernel_names\n"
+            "assert not {'te', 'flash_attn'} & set(kernel_names())\n"
+            "try:\n    get_kernel('te', 'cpu', torch.float32, 64)\nexcept ValueError as exc:\n    print(exc)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "experimental" in res.stdout and "import megatron_tasp.kernels.experimental" in res.stdout, res.stdout
+    assert set(EXPERIMENTAL_KERNELS) <= set(kernel_names())  # registered here by the import at the top
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def _count_worker(rank, n, chunks, keep_kv=False):
     import torch.distributed as dist
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from megatron_tasp import exchange
+    from megatron_tasp.engine import exchange
 
     posted = []
     for cls in exchange.TRANSPORTS.values():  # count messages at the transports (collectives may skip dispatch)

@@ -237,7 +237,7 @@ def test_old_ways_of_passing_options_fail_closed():
 
 def test_topology_checked_against_cp_size_at_build(tmp_path):
     """A topology for another GPU count fails when the module is built (here CP 1 inside a 2-rank world)."""
-    from megatron_tasp.testing.dist import run_workers
+    from megatron_tasp.launch import run_workers
 
     topo = tmp_path / "four.yaml"
     topo.write_text("name: four\ngpus_per_node: 4\n")

@@ -138,7 +138,7 @@ def test_per_layer_list_all_tasp_and_mixed():
 
 
 def test_old_config_attribute_fails_closed_in_a_model():
-    from megatron_tasp.testing.dist import WorkerError
+    from megatron_tasp.launch import WorkerError
 
     with pytest.raises(WorkerError, match=r"config.tasp_num_rings .*tasp_layer_spec\(spec, options="):
         run_workers(H.gpt_step_worker, 2, {"seq": SEQ, "config_attrs": {"tasp_num_rings": 1}})

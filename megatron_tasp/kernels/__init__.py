@@ -9,32 +9,37 @@ contract. Backends (registered by name, chosen at run time):
 ``cudnn``      ``aten._scaled_dot_product_cudnn_attention`` (+ backward); GQA native; Hopper default
 ``flash``      ``aten._scaled_dot_product_flash_attention`` (FA2 in torch); GQA native
 ``efficient``  ``aten._scaled_dot_product_efficient_attention``; GQA by expansion + group sum
-``flash_attn`` the flash-attn package (FA3 on Hopper if installed, else FA2); experimental, lazy import
-``te``         Transformer Engine fused attention; experimental, lazy import, never chosen by "auto"
 =============  ==========================================================================================
 
 ``get_kernel(None | "auto", ...)``: CPU tensors -> ``cpu``; CUDA -> ``cudnn`` on compute capability >= 9.0,
-else ``flash``, else ``efficient``, else ``math`` (first one available). The environment variable
-``MEGATRON_TASP_KERNEL`` overrides "auto" (and is then treated as an explicit request). An explicitly named
-backend that cannot run raises RuntimeError: never silently substituted.
+else ``flash``, else ``efficient``, else ``math`` (first one available). An explicitly named backend that
+cannot run raises RuntimeError: never silently substituted. (The engine's kernel comes from
+``TaspOptions.kernel``, whose default the environment variable ``MEGATRON_TASP_KERNEL`` sets; this module
+reads no environment.)
+
+Experimental kernels (opt-in). Backends that no test has run on real hardware live in
+:mod:`megatron_tasp.kernels.experimental` and register only when that package is imported explicitly::
+
+    import megatron_tasp.kernels.experimental  # registers "flash_attn" and "te"
+
+``flash_attn``  the flash-attn package (FA3 on Hopper if installed, else FA2); lazy import of the package
+``te``          Transformer Engine fused attention; lazy import of TE
+
+Naming one of them without the import raises a ValueError that names the import. "auto" never picks them.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import cpu as _cpu  # noqa: F401  (registers "cpu")
-from . import flash_attn_pkg as _flash_attn_pkg  # noqa: F401  (registers "flash_attn")
 from . import math_ref as _math_ref  # noqa: F401  (registers "math")
 from . import sdpa as _sdpa  # noqa: F401  (registers "cudnn", "flash", "efficient")
-from . import te as _te  # noqa: F401  (registers "te")
 from .base import KERNEL_REGISTRY, BlockAttention, register_kernel
 from .merge import merge_finite_, merge_into, new_accumulators
 
 __all__ = [
-    "ENV_VAR",
+    "EXPERIMENTAL_KERNELS",
     "KERNEL_REGISTRY",
     "BlockAttention",
     "auto_order",
@@ -47,8 +52,8 @@ __all__ = [
     "register_kernel",
 ]
 
-#: Environment variable that overrides the "auto" choice (e.g. ``MEGATRON_TASP_KERNEL=flash``).
-ENV_VAR = "MEGATRON_TASP_KERNEL"
+#: Names registered by ``import megatron_tasp.kernels.experimental`` (opt-in, see the module doc).
+EXPERIMENTAL_KERNELS = ("flash_attn", "te")
 
 
 def kernel_names() -> list[str]:
@@ -84,22 +89,21 @@ def get_kernel(name: str | None, device: torch.device | str, dtype: torch.dtype,
     where = f"device={device}, dtype={dtype}, head_dim={head_dim}"
     source = "requested"
     if name is None or (isinstance(name, str) and name.strip().lower() == "auto"):
-        env = os.environ.get(ENV_VAR, "").strip()
-        if env and env.lower() != "auto":
-            name, source = env, f"requested through {ENV_VAR}"
-        else:
-            reasons = []
-            for cand in auto_order(device):
-                cls = KERNEL_REGISTRY[cand]
-                why = cls.unavailable_reason(device, dtype, head_dim)
-                if why is None:
-                    return cls()
-                reasons.append(f"{cand}: {why}")
-            raise RuntimeError(f"no attention kernel can run for {where}: " + "; ".join(reasons))
+        reasons = []
+        for cand in auto_order(device):
+            cls = KERNEL_REGISTRY[cand]
+            why = cls.unavailable_reason(device, dtype, head_dim)
+            if why is None:
+                return cls()
+            reasons.append(f"{cand}: {why}")
+        raise RuntimeError(f"no attention kernel can run for {where}: " + "; ".join(reasons))
     if not isinstance(name, str):
         raise ValueError(f"kernel name must be a string or None, got {type(name).__name__}")
     key = name.strip().lower()
     if key not in KERNEL_REGISTRY:
+        if key in EXPERIMENTAL_KERNELS:
+            raise ValueError(f"attention kernel {key!r} is experimental and not registered: run "
+                             "'import megatron_tasp.kernels.experimental' first to opt in")
         valid = ", ".join(["auto", *KERNEL_REGISTRY])
         raise ValueError(f"unknown attention kernel {name!r} ({source}); valid names: {valid}")
     cls = KERNEL_REGISTRY[key]

@@ -45,6 +45,8 @@ def op_schema_text(op: Any) -> str:
         return repr(op)
 
 
+# Process-wide memos of pure functions of this torch build's op schemas (no group, option or shape in them;
+# bounded by the few ops the kernels call), kept beside the kernel registry as its only other global state.
 _BINDINGS: dict[tuple, tuple[tuple[str, str | None], ...]] = {}
 _RETURN_NAMES: dict[Any, list[str]] = {}
 

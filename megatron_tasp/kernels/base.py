@@ -36,7 +36,8 @@ __all__ = [
     "sum_kv_groups",
 ]
 
-#: name -> backend class, filled by :func:`register_kernel` (registration order = listing order).
+#: name -> backend class, filled by :func:`register_kernel` (registration order = listing order). Process-wide
+#: by design (like the compiled Triton merge kernel): the engine's other state lives in its plan cache.
 KERNEL_REGISTRY: dict[str, type[BlockAttention]] = {}
 
 

@@ -11,27 +11,25 @@
 row is merged only once, which saves the fp32 accumulator and two copies. Shapes: out ``[b, h, s, d]``
 and lse ``[b, h, s]``, any strides with a unit stride on ``d``. The torch path (CPU, or no Triton) runs
 about six element-wise kernels; the Triton path one, which matters because small shapes are bound by
-the host's kernel-launch cost. ``MEGATRON_TASP_FUSED_MERGE=0`` forces the torch path.
+the host's kernel-launch cost. ``fused=False`` (``TaspOptions.fused_merge``, environment
+``MEGATRON_TASP_FUSED_MERGE=0``) forces the torch path.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
 
 __all__ = ["fused_merge_available", "merge_to"]
 
-_TRITON = None  # the compiled kernel, False when Triton is unusable
+# Process-wide by design (like the kernel registry): the Triton kernel compiled once, False when Triton is
+# unusable, None before the first CUDA merge.
+_TRITON = None
 
 
 def _kernel():
     global _TRITON
     if _TRITON is not None:
-        return _TRITON
-    if os.environ.get("MEGATRON_TASP_FUSED_MERGE", "1") == "0":
-        _TRITON = False
         return _TRITON
     try:
         import triton
@@ -85,14 +83,16 @@ def _torch_merge(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst
     dst_lse.copy_(a_lse.to(lt) + torch.nn.functional.softplus(diff))
 
 
-def merge_to(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor) -> None:
-    """Merge partial result ``b`` into ``a`` (finite lse), writing ``dst`` (may alias ``a``); see the module doc."""
+def merge_to(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor, *,
+             fused: bool = True) -> None:
+    """Merge partial result ``b`` into ``a`` (finite lse), writing ``dst`` (may alias ``a``); see the module doc.
+    ``fused=False`` always takes the torch path."""
     if not (a_out.shape == b_out.shape == dst_out.shape and a_lse.shape == b_lse.shape == dst_lse.shape
             and tuple(a_out.shape[:3]) == tuple(a_lse.shape)):
         raise ValueError(f"merge_to: shapes differ: a {tuple(a_out.shape)}/{tuple(a_lse.shape)}, b "
                          f"{tuple(b_out.shape)}/{tuple(b_lse.shape)}, "
                          f"dst {tuple(dst_out.shape)}/{tuple(dst_lse.shape)}")
-    kern = _kernel() if a_out.is_cuda else False
+    kern = _kernel() if fused and a_out.is_cuda else False
     if not kern or any(t.stride(-1) != 1 for t in (a_out, b_out, dst_out)) or a_out.numel() == 0 \
             or dst_lse.dtype != torch.float32:
         with torch.no_grad():

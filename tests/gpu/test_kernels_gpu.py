@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import megatron_tasp.kernels.experimental  # noqa: F401  (the opt-in: registers flash_attn and te)
 from megatron_tasp.kernels import (
     available_kernels,
     get_kernel,

@@ -5,29 +5,29 @@ Knows nothing about attention: it moves k flat-packed pieces, piece i to ``send_
 
 - ``p2p``: one batch of k isend/irecv pairs (works for every ring set, multi-node included);
 - ``a2a``: one ``all_to_all_single`` per step (each peer gets at most one piece per step, which holds
-  for every set of orthogonal rings).
+  for every set of orthogonal rings);
+- ``symm``: copy-engine pushes into the peers' symmetric-memory buffers (one NVLink node);
+- ``none``: no communication (benchmarks: the compute-only bound).
 
-Ordering and buffers. Each channel (KV forward, KV backward, dKV backward) owns two flat buffers used
-alternately (double buffering), or one per step when the forward keeps every received piece for the
-backward. Exchanges are *issued from the compute stream*: NCCL makes its own stream wait for everything
-already queued on the issuing stream, so a receive into the buffer that the previous step's kernels read
-is ordered after those kernels, and ``wait()`` makes the compute stream (never the host) wait for the
-transfer. The one exception is the first exchange of a call, which reads only the call's inputs and
-receives into a buffer no earlier kernel of the call reads: :func:`detached` issues it on a side stream
-ordered after a mark recorded at the call's start, so that the host can queue the first (local) kernel
-before spending its time on packing and posting the transfer. No host synchronisation happens inside
-the step loop on GPU. On gloo (CPU) ``wait`` blocks with a timeout and names the CP group and step when
-a peer never answers.
+Ordering. Channels (:mod:`megatron_tasp.engine.channel`) hold the buffers; exchanges are *issued from the
+compute stream*: NCCL makes its own stream wait for everything already queued on the issuing stream, so a
+receive into the buffer that the previous step's kernels read is ordered after those kernels, and ``wait()``
+makes the compute stream (never the host) wait for the transfer. The one exception is the first exchange of
+a call (see ``channel.detached``). No host synchronisation happens inside the step loop on GPU. On gloo
+(CPU) ``wait`` blocks with a timeout (``TaspOptions.timeout_s``) and names the CP group and step when a peer
+never answers.
+
+State: nothing here is global. What outlives a call (the persistent symmetric-memory buffers of a group, the
+side and copy streams) lives in pools owned by the engine's plan cache (:mod:`megatron_tasp.engine.cache`)
+and reaches the transports through :class:`ExchangeSettings`.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import datetime
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -38,9 +38,72 @@ class ExchangeTimeout(RuntimeError):
     """A peer did not answer within the timeout."""
 
 
-def default_timeout_s() -> float:
-    """Seconds a CPU (gloo) exchange waits before raising; ``MEGATRON_TASP_TIMEOUT_S`` overrides."""
-    return float(os.environ.get("MEGATRON_TASP_TIMEOUT_S", "300"))
+class StreamPool:
+    """CUDA streams by (device, purpose), created on first use and reused by every call (owned by the cache)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[tuple[str, object], torch.cuda.Stream] = {}
+
+    def get(self, device: torch.device, purpose: object) -> torch.cuda.Stream:
+        """The stream of ``device`` for ``purpose`` (e.g. "side", or a ring index for symm copies)."""
+        key = (str(device), purpose)
+        s = self._streams.get(key)
+        if s is None:
+            s = self._streams[key] = torch.cuda.Stream(device=device)
+        return s
+
+
+class SymmPool:
+    """Persistent symmetric-memory buffers of one process group by (device, dtype, role), grown on demand.
+
+    Owned by the group's entry in the plan cache, so it lives exactly as long as the group's plans."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple[int, torch.Tensor, object]] = {}
+        self.by_ptr: dict[int, tuple[torch.Tensor, object]] = {}
+        self.retired: list[torch.Tensor] = []  # outgrown buffers stay allocated: peers may still address them
+
+    def buffers(self, group, device: torch.device, dtype: torch.dtype, numel: int, role: str) -> list[torch.Tensor]:
+        """Two flat buffers of ``numel`` elements (collective on first use or growth: a rendezvous)."""
+        # optional torch module (absent on some builds): imported where 'symm' is first used
+        import torch.distributed._symmetric_memory as symm_mem
+
+        key = (str(device), dtype, role)
+        entry = self.entries.get(key)
+        if entry is None or entry[0] < 2 * numel:
+            cap = max(2 * numel, 2 * entry[0] if entry else 0)
+            base = symm_mem.empty(cap, dtype=dtype, device=device)
+            pg = group if group is not None else dist.group.WORLD
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                try:
+                    symm_mem.enable_symm_mem_for_group(pg.group_name)
+                except Exception:  # noqa: BLE001 - newer torch: enabled by default
+                    pass
+            handle = symm_mem.rendezvous(base, pg)
+            if entry is not None:
+                self.retired.append(entry[1])
+            entry = self.entries[key] = (cap, base, handle)
+            self.by_ptr[base.untyped_storage().data_ptr()] = (base, handle)
+        base = entry[1]
+        return [base[:numel], base[numel:2 * numel]]
+
+    def locate(self, t: torch.Tensor) -> tuple[object, int]:
+        """(handle, element offset in the symmetric allocation) of a tensor carved from a pool buffer."""
+        found = self.by_ptr.get(t.untyped_storage().data_ptr())
+        if found is None:
+            raise ValueError("transport 'symm' can only move buffers it allocated (Channel over a symm transport)")
+        base, handle = found
+        return handle, (t.data_ptr() - base.data_ptr()) // t.element_size()
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """What a transport needs besides its peers: from the call's options and the plan cache's pools."""
+
+    timeout_s: float = 300.0  # a CPU (gloo) wait, or a symm signal wait, gives up after this
+    direct_collectives: bool = True  # post all-to-alls on the group's backend object (skips the dispatcher)
+    streams: StreamPool = field(default_factory=StreamPool)
+    symm_pool: SymmPool | None = None  # the group's persistent buffers (transport 'symm' only)
 
 
 @dataclass(frozen=True)
@@ -82,8 +145,9 @@ class PieceLayout:
 class Pending:
     """An exchange in flight; ``wait()`` returns the received flat buffer."""
 
-    def __init__(self, works: list, recv: torch.Tensor, label: str, finish=None):
+    def __init__(self, works: list, recv: torch.Tensor, label: str, finish=None, timeout_s: float = 300.0):
         self._works = works
+        self._timeout_s = timeout_s
         self._recv = recv
         self._label = label
         self._finish = finish
@@ -93,7 +157,7 @@ class Pending:
         """Order the current stream after the transfer (GPU) or block until it is done (CPU)."""
         if self._done:
             return self._recv
-        timeout = None if self._recv.is_cuda else datetime.timedelta(seconds=default_timeout_s())
+        timeout = None if self._recv.is_cuda else datetime.timedelta(seconds=self._timeout_s)
         for w in self._works:
             try:
                 if timeout is None:
@@ -116,8 +180,9 @@ class Transport(abc.ABC):
     allocates_on_start = False
 
     def __init__(self, group: dist.ProcessGroup | None, send_peers: Sequence[int], recv_peers: Sequence[int],
-                 layout: PieceLayout):
+                 layout: PieceLayout, settings: ExchangeSettings):
         self.group = group
+        self.settings = settings
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.send_peers = list(send_peers)
@@ -142,7 +207,7 @@ class P2PTransport(Transport):
             ops.append(dist.P2POp(dist.isend, piece, self.group_ranks[peer], self.group))
         for piece, peer in zip(self.layout.views(recv), self.recv_peers):
             ops.append(dist.P2POp(dist.irecv, piece, self.group_ranks[peer], self.group))
-        return Pending(dist.batch_isend_irecv(ops), recv, label)
+        return Pending(dist.batch_isend_irecv(ops), recv, label, timeout_s=self.settings.timeout_s)
 
 
 class A2ATransport(Transport):
@@ -150,8 +215,8 @@ class A2ATransport(Transport):
 
     name = "a2a"
 
-    def __init__(self, group, send_peers, recv_peers, layout):
-        super().__init__(group, send_peers, recv_peers, layout)
+    def __init__(self, group, send_peers, recv_peers, layout, settings):
+        super().__init__(group, send_peers, recv_peers, layout, settings)
         if len(set(send_peers)) != len(send_peers) or len(set(recv_peers)) != len(recv_peers):
             raise ValueError("a2a transport needs at most one piece per peer per step; use transport='p2p'")
         sizes = layout.sizes
@@ -177,7 +242,8 @@ class A2ATransport(Transport):
     def _post(self, out: torch.Tensor, send: torch.Tensor):
         be = self._direct.get(out.device.type, False)
         if be is False:
-            be = self._direct[out.device.type] = _backend_of(self.group, out.device)
+            be = self._direct[out.device.type] = _backend_of(self.group, out.device,
+                                                             self.settings.direct_collectives)
         if be is None:
             return dist.all_to_all_single(out, send, self.out_splits, self.in_splits, group=self.group,
                                           async_op=True)
@@ -194,19 +260,20 @@ class A2ATransport(Transport):
             def finish() -> None:
                 for i, (view, size) in enumerate(zip(self.layout.views(recv), self.layout.sizes)):
                     view.reshape(-1).copy_(out[self.recv_offsets[i]:self.recv_offsets[i] + size])
-        return Pending([work], recv, label, finish)
+        return Pending([work], recv, label, finish, self.settings.timeout_s)
 
 
-_ASYNC_A2A_OPTS = dist.AllToAllOptions() if hasattr(dist, "AllToAllOptions") else None  # read-only, shared
+# a constant (never written after this): the options object every direct all-to-all is posted with
+_ASYNC_A2A_OPTS = dist.AllToAllOptions() if hasattr(dist, "AllToAllOptions") else None
 if _ASYNC_A2A_OPTS is not None:
     _ASYNC_A2A_OPTS.asyncOp = True
 
 
-def _backend_of(group, device: torch.device):
+def _backend_of(group, device: torch.device, direct: bool):
     """The process group's backend object for ``device`` (its ``alltoall_base`` is called directly), or
     None when this torch build does not expose it (then the public ``all_to_all_single`` is used).
-    ``MEGATRON_TASP_DIRECT_COLLECTIVES=0`` always uses the public API."""
-    if os.environ.get("MEGATRON_TASP_DIRECT_COLLECTIVES", "1") == "0":
+    ``direct=False`` (``TaspOptions.direct_collectives``) always uses the public API."""
+    if not direct:
         return None
     pg = group if group is not None else dist.group.WORLD
     try:
@@ -228,62 +295,10 @@ class NoCommTransport(Transport):
     def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
         recv.copy_(send)
         if not recv.is_cuda:
-            return Pending([], recv, label)
+            return Pending([], recv, label, timeout_s=self.settings.timeout_s)
         ev = torch.cuda.Event()  # the copy may run on a side stream (see ``detached``)
         ev.record()
         return _EventPending([ev], recv, label)
-
-
-class _SymmPool:
-    """Persistent symmetric-memory buffers of one (group, device, dtype, role), grown on demand."""
-
-    def __init__(self) -> None:
-        self.entries: dict[tuple, tuple[int, torch.Tensor, object]] = {}
-        self.by_ptr: dict[int, tuple[torch.Tensor, object]] = {}
-        self.retired: list[torch.Tensor] = []  # outgrown buffers stay allocated: peers may still address them
-
-    def buffers(self, group, device: torch.device, dtype: torch.dtype, numel: int, role: str) -> list[torch.Tensor]:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else None
-        key = (ranks, str(device), dtype, role)
-        entry = self.entries.get(key)
-        if entry is None or entry[0] < 2 * numel:
-            cap = max(2 * numel, 2 * entry[0] if entry else 0)
-            base = symm_mem.empty(cap, dtype=dtype, device=device)
-            pg = group if group is not None else dist.group.WORLD
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):
-                try:
-                    symm_mem.enable_symm_mem_for_group(pg.group_name)
-                except Exception:  # noqa: BLE001 - newer torch: enabled by default
-                    pass
-            handle = symm_mem.rendezvous(base, pg)
-            if entry is not None:
-                self.retired.append(entry[1])
-            entry = self.entries[key] = (cap, base, handle)
-            self.by_ptr[base.untyped_storage().data_ptr()] = (base, handle)
-        base = entry[1]
-        return [base[:numel], base[numel:2 * numel]]
-
-    def locate(self, t: torch.Tensor) -> tuple[object, int]:
-        """(handle, element offset in the symmetric allocation) of a tensor carved from a pool buffer."""
-        found = self.by_ptr.get(t.untyped_storage().data_ptr())
-        if found is None:
-            raise ValueError("transport 'symm' can only move buffers it allocated (Channel over a symm transport)")
-        base, handle = found
-        return handle, (t.data_ptr() - base.data_ptr()) // t.element_size()
-
-
-_SYMM_POOL = _SymmPool()
-_COMM_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
-
-
-def _comm_stream(device: torch.device, i: int):
-    key = (str(device), i)
-    s = _COMM_STREAMS.get(key)
-    if s is None:
-        s = _COMM_STREAMS[key] = torch.cuda.Stream(device=device)
-    return s
 
 
 class _EventPending(Pending):
@@ -306,24 +321,27 @@ class SymmTransport(Transport):
     and step, on a dedicated stream per ring: tell the ring predecessor that our receive slot is free
     (signal READY, after the kernels that read it), wait for the successor's READY, copy, signal DATA to
     the successor, wait for the predecessor's DATA. The compute stream then waits on an event, never the
-    host. A peer that never signals makes the wait kernel trap after ``MEGATRON_TASP_TIMEOUT_S``.
+    host. A peer that never signals makes the wait kernel trap after ``TaspOptions.timeout_s``.
     """
 
     name = "symm"
     READY, DATA = 0, 1
 
-    def __init__(self, group, send_peers, recv_peers, layout):
-        super().__init__(group, send_peers, recv_peers, layout)
+    def __init__(self, group, send_peers, recv_peers, layout, settings):
+        super().__init__(group, send_peers, recv_peers, layout, settings)
         if len(set(send_peers)) != len(send_peers) or len(set(recv_peers)) != len(recv_peers):
             raise ValueError("symm transport needs at most one piece per peer per step")
-        self.timeout_ms = int(default_timeout_s() * 1000)
+        if settings.symm_pool is None:
+            raise ValueError("transport 'symm' needs the group's symmetric-memory pool (ExchangeSettings.symm_pool)")
+        self.pool = settings.symm_pool
+        self.timeout_ms = int(settings.timeout_s * 1000)
         self._views: dict[tuple, torch.Tensor] = {}
 
     def alloc(self, numel: int, dtype: torch.dtype, device: torch.device, role: str) -> list[torch.Tensor]:
         """Two flat buffers from the symmetric pool (persistent; reused by every call of this shape)."""
         if device.type != "cuda":
             raise ValueError("transport 'symm' needs CUDA devices on one NVLink node; use 'a2a' or 'p2p'")
-        return _SYMM_POOL.buffers(self.group, device, dtype, numel, role)
+        return self.pool.buffers(self.group, device, dtype, numel, role)
 
     def _peer_view(self, handle, peer: int, offset: int, size: int, dtype: torch.dtype) -> torch.Tensor:
         key = (id(handle), peer, offset, size, dtype)
@@ -333,12 +351,12 @@ class SymmTransport(Transport):
         return v
 
     def start(self, send: torch.Tensor, recv: torch.Tensor, label: str) -> Pending:
-        handle, off = _SYMM_POOL.locate(recv)
+        handle, off = self.pool.locate(recv)
         compute = torch.cuda.current_stream(recv.device)
         events = []
         for i, (dst, src) in enumerate(zip(self.send_peers, self.recv_peers)):
             o, n = self.layout.offsets[i], self.layout.sizes[i]
-            stream = _comm_stream(recv.device, i)
+            stream = self.settings.streams.get(recv.device, i)
             stream.wait_stream(compute)  # the kernels that read our receive slot, and the data to send
             with torch.cuda.stream(stream):
                 handle.put_signal(src, self.READY, self.timeout_ms)
@@ -356,120 +374,9 @@ TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (P2PTransport, A2AT
                                                               SymmTransport)}
 
 
-def make_transport(name: str, group, send_peers, recv_peers, layout: PieceLayout) -> Transport:
-    """Build a transport by name (``a2a`` or ``p2p``; ``none`` for compute-only benchmarks)."""
+def make_transport(name: str, group, send_peers, recv_peers, layout: PieceLayout,
+                   settings: ExchangeSettings) -> Transport:
+    """Build a transport by name (``a2a``, ``p2p`` or ``symm``; ``none`` for compute-only benchmarks)."""
     if name not in TRANSPORTS:
         raise ValueError(f"unknown TASP transport {name!r}; choose one of {', '.join(sorted(TRANSPORTS))}")
-    return TRANSPORTS[name](group, send_peers, recv_peers, layout)
-
-
-class Channel:
-    """A double-buffered stream of flat buffers moving along the rings, split into lanes.
-
-    Lane j holds sub-piece j of every ring's piece, laid out one lane after another in the flat
-    buffer; each lane has its own transport (its own message sizes) and is sent as a separate
-    message, so a consumer can start on lane 0 while later lanes are still in flight.
-    ``buffers`` lets a channel borrow existing flat buffers of the right size and dtype. With
-    ``depth`` m > 2 the channel cycles through m buffers, so the pieces of m - 1 consecutive steps
-    stay intact (the forward keeps every received piece this way for the backward).
-    """
-
-    def __init__(self, transports: Transport | Sequence[Transport], dtype: torch.dtype, device: torch.device,
-                 what: str, buffers: Sequence[torch.Tensor] | None = None, role: str = "kv", depth: int = 2):
-        self.transports = [transports] if isinstance(transports, Transport) else list(transports)
-        self.lane_offsets, acc = [], 0
-        for t in self.transports:
-            self.lane_offsets.append(acc)
-            acc += t.layout.numel
-        self.numel = acc
-        if buffers is None:
-            alloc = getattr(self.transports[0], "alloc", None)
-            if alloc is not None:
-                if depth != 2:
-                    raise ValueError(f"transport {self.transports[0].name!r} has two persistent buffers per "
-                                     f"role; a channel of depth {depth} needs per-call buffers")
-                buffers = alloc(acc, dtype, device, role)
-            else:
-                buffers = [torch.empty(acc, dtype=dtype, device=device) for _ in range(depth)]
-        if len(buffers) < 2 or any(b.numel() != acc or b.dtype != dtype for b in buffers):
-            raise ValueError(f"a channel needs two or more flat {dtype} buffers of {acc} elements")
-        self.buffers = list(buffers)
-        self.what = what
-        self.cur = 0
-
-    @property
-    def transport(self) -> Transport:
-        """The first lane's transport (group, rank and peers are the same for every lane)."""
-        return self.transports[0]
-
-    @property
-    def lanes(self) -> int:
-        """Number of lanes (messages per step)."""
-        return len(self.transports)
-
-    @property
-    def current(self) -> torch.Tensor:
-        """The buffer holding this step's pieces."""
-        return self.buffers[self.cur]
-
-    @property
-    def other(self) -> torch.Tensor:
-        """The buffer the next step receives into."""
-        return self.buffers[(self.cur + 1) % len(self.buffers)]
-
-    def lane(self, flat: torch.Tensor, j: int) -> torch.Tensor:
-        """Lane j's slice of a flat buffer of this channel."""
-        return flat[self.lane_offsets[j]:self.lane_offsets[j] + self.transports[j].layout.numel]
-
-    def views(self, j: int = 0, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Piece views of lane j of the current buffer (or of ``flat``, a buffer of this channel's size)."""
-        return self.transports[j].layout.views(self.lane(self.current if flat is None else flat, j))
-
-    def start_lane(self, step: int, j: int) -> Pending:
-        """Send lane j of the current buffer and receive lane j of the other one."""
-        t = self.transports[j]
-        lane = f" lane {j}" if self.lanes > 1 else ""
-        label = f"{self.what} step {step}{lane} (CP group ranks {t.group_ranks}, rank {t.rank})"
-        return t.start(self.lane(self.current, j), self.lane(self.other, j), label)
-
-    def start(self, step: int) -> list[Pending]:
-        """Start every lane (one message per lane, in lane order); ``advance()`` once all are posted."""
-        return [self.start_lane(step, j) for j in range(self.lanes)]
-
-    def advance(self) -> None:
-        """Make the buffer being received into the current one."""
-        self.cur = (self.cur + 1) % len(self.buffers)
-
-
-_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
-
-
-def mark(device: torch.device) -> torch.cuda.Event | None:
-    """An event on the current CUDA stream (None on CPU): what :func:`detached` work waits for."""
-    if device.type != "cuda":
-        return None
-    ev = torch.cuda.Event()
-    ev.record()
-    return ev
-
-
-@contextlib.contextmanager
-def detached(device: torch.device, after: torch.cuda.Event | None) -> Iterator[None]:
-    """Issue the enclosed work (packing, an exchange's first transfer) on a side stream that waits only
-    for ``after``, so that the host can queue compute on the current stream first and post the transfer
-    while that compute runs. Waiting on the returned ``Pending`` orders the current stream after the
-    transfer as usual. A no-op on CPU or when ``after`` is None.
-
-    Memory rule (the caching allocator is stream-ordered): every tensor the enclosed work writes or
-    sends must be allocated BEFORE ``after`` was recorded, or on the side stream and used only there;
-    a block allocated on the current stream after the mark may still be in use by the kernels queued
-    since (a kernel's freed workspace, say), which the side stream does not wait for."""
-    if device.type != "cuda" or after is None:
-        yield
-        return
-    side = _SIDE_STREAMS.get(str(device))
-    if side is None:
-        side = _SIDE_STREAMS[str(device)] = torch.cuda.Stream(device=device)
-    side.wait_event(after)
-    with torch.cuda.stream(side):
-        yield
+    return TRANSPORTS[name](group, send_peers, recv_peers, layout, settings)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._calls import call_python
-from .base import BlockAttention, last_dim_contiguous, register_kernel
+from .._calls import call_python
+from ..base import BlockAttention, last_dim_contiguous, register_kernel
 
 __all__ = ["FlashAttnPackageAttention"]
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._calls import call_python
-from .base import BlockAttention, register_kernel
+from .._calls import call_python
+from ..base import BlockAttention, register_kernel
 
 __all__ = ["TransformerEngineAttention"]
 

@@ -1,0 +1,187 @@
+"""TASP backward: each block's backward from the merged output and lse; dQ accumulates locally and the dK/dV
+accumulator of every piece follows its piece one hop behind along the same ring.
+
+dQ accumulates in fp32 (fp64 for fp64 inputs). The accumulator of every remote sub-piece starts at the first
+rank that computes on it (step 1), travels in ``TaspOptions.dkv_dtype`` (fp32 by default, 'input' sends it
+in the input dtype) and makes one extra hop home after the last step. At CP=2 with one chunk every dQ row
+gets exactly one remote contribution, added straight into the local block's dQ (one rounding).
+
+Two schemes. With kept KV (``keep_kv``: the forward kept the pieces it received) there is no KV traffic:
+remote steps run first and the local block last, so every hop, the one home included, overlaps a kernel.
+Without it the backward runs the KV rotation again (the first transfer overlapping the local block, issued
+after it like the forward's), and the hop home reuses the two KV buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_tasp.engine.channel import Channel, detached, mark
+from megatron_tasp.engine.compiled import CompiledCall, LocalCall, acc_dtype, bhsd, sbhd
+from megatron_tasp.engine.forward import wait_all
+from megatron_tasp.schedule import RankStep
+
+
+class Grads:
+    """Backward accumulators of one call: dQ (rows of every remote block) and the traveling dK/dV."""
+
+    def __init__(self, call: CompiledCall, q: torch.Tensor, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 ctxs: list):
+        self.call, self.ctxs, self.lse = call, ctxs, lse
+        self.qb, self.dob, self.ob = bhsd(q), bhsd(dout), bhsd(out)
+        self.ci = 1  # the remote blocks' contexts follow the local one, in forward order
+        self.dq: torch.Tensor | None = None  # set by the caller before remote blocks add into it
+        self.pending_dq: list[tuple[slice, torch.Tensor]] = []  # CP=2: added into the local dq at the end
+
+    def remote_lane(self, st: RankStep, j: int, views: list[torch.Tensor], chan: Channel, mid: Channel | None,
+                    incoming: list | None, last: bool) -> Any:
+        """Backward of lane j's blocks at step ``st`` (views: the held KV sub-pieces): dQ rows are added,
+        the lane's dK/dV accumulator (incoming from the ring predecessor unless this is step 1) gets this
+        rank's contribution and is posted on ``chan``; returns that Pending."""
+        call = self.call
+        contribs = []
+        for case, rings in call.groups(st):
+            kk, vv = call.group_kv(views, j, case, rings)
+            rows = call.q_rows(case)
+            dqg, dkg, dvg = call.kernel.backward_unchecked(
+                self.dob[:, :, rows], self.qb[:, :, rows], kk, vv, self.ob[:, :, rows], self.lse[:, :, rows],
+                self.ctxs[self.ci], causal=False, scale=call.scale)
+            self.ci += 1
+            if self.dq is None:
+                self.pending_dq.append((rows, dqg))
+            else:
+                self.dq[:, :, rows] += dqg
+            contribs.append((case, rings, dkg, dvg))
+        first = st.step == 1  # every held sub-piece is in exactly one group: its first value is a copy
+        if not first:
+            incoming[j].wait()
+            if last:  # the accumulator leaves the fp32 channel for its hop home
+                chan.lane(chan.current, j).copy_(mid.lane(mid.current, j))
+        acc = chan.views(j)
+        for case, rings, dkg, dvg in contribs:
+            off = 0
+            for i in rings:
+                m = call.rows_of(j, case, i)
+                dk_i, dv_i = sbhd(dkg[:, :, off:off + m]), sbhd(dvg[:, :, off:off + m])
+                if first:
+                    acc[i][:m, 0].copy_(dk_i)
+                    acc[i][:m, 1].copy_(dv_i)
+                    if m < acc[i].shape[0]:
+                        acc[i][m:].zero_()
+                else:
+                    acc[i][:m, 0] += dk_i
+                    acc[i][:m, 1] += dv_i
+                off += m
+        return chan.start_lane(st.step, j)
+
+    def local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward of the local (step 0) block."""
+        call = self.call
+        return call.kernel.backward_unchecked(self.dob, self.qb, bhsd(k), bhsd(v), self.ob, self.lse,
+                                             self.ctxs[0], causal=call.causal, scale=call.scale)
+
+    def finish_dq(self, dq0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """dQ in q's layout: the local block's dq plus every remote contribution, one rounding at CP=2."""
+        if self.dq is None:  # CP=2, one chunk: one remote contribution per row, added into the kernel's dq
+            dq = dq0 if dq0.dtype == q.dtype else dq0.to(acc_dtype(q.dtype), copy=True)
+            for rows, dqg in self.pending_dq:
+                dq[:, :, rows] += dqg
+        else:
+            dq = self.dq
+            dq += dq0
+        return sbhd(dq).to(q.dtype)
+
+
+def home_sum(call: CompiledCall, home: Channel, sent: list, k, v, dk0, dv0):
+    """Wait for the dK/dV of the own pieces (the hop home) and add the local block's dK/dV."""
+    wait_all(sent)
+    home.advance()
+    rk, rv = call.unpack(home.current, like=k)
+    dk = torch.add(sbhd(dk0), rk)  # one rounding of the exact sum (elementwise math runs in fp32)
+    dv = torch.add(sbhd(dv0), rv)
+    return dk.to(k.dtype), dv.to(v.dtype)
+
+
+def backward(call: LocalCall | CompiledCall, dout, q, k, v, out, lse, ctxs, kept):
+    """Returns dq, dk, dv in the input layout and dtype.
+
+    The own block's dK/dV stays home. The accumulator of every remote sub-piece starts at the first
+    rank that computes on it (step 1), travels along the piece's ring in ``TaspOptions.dkv_dtype``
+    (fp32 by default) and makes its last hop home in the input dtype, lane by lane right after that
+    lane's kernels. Without kept KV the backward re-runs the KV rotation (the first transfer overlapping
+    the local block, issued after it like the forward's) and only the last lane's hop home is left without
+    compute to hide it; the hop home reuses the two KV buffers. With kept KV (``keep_kv``) there is no KV
+    traffic at all and the local block runs last, hiding the hop home. Home adds its own contribution with
+    one rounding.
+    """
+    plan = call.plan
+    n = plan.world_size
+    g = Grads(call, q, dout, out, lse, ctxs)
+    if n == 1:
+        dq0, dk0, dv0 = g.local(k, v)
+        return sbhd(dq0).to(q.dtype), sbhd(dk0).to(k.dtype), sbhd(dv0).to(v.dtype)
+    # dq: one contribution per row at CP=2 with one chunk, so adding into the kernel's own dq rounds
+    # exactly once, as the fp32 accumulator would; otherwise accumulate in fp32
+    mid = call.channel(call.dkv_dtype(k.dtype), k.device, "backward dKV", role="dkv") if n > 2 else None
+    if kept is not None:
+        return backward_kept(call, g, q, k, v, kept, mid)
+    kv_chan = call.channel(k.dtype, k.device, "backward KV")  # before the mark, as in the forward
+    inputs_ready = mark(q.device) if call.detach_first else None
+    dq0, dk0, dv0 = g.local(k, v)
+    with detached(q.device, inputs_ready, call.side):
+        call.pack(k, v, kv_chan.current)
+        recvd = kv_chan.start(0)
+    kv_chan.advance()
+    if not call.single_contribution:
+        g.dq = dq0.to(acc_dtype(q.dtype), copy=True)
+    home = None
+    dkv_recvd: list | None = None
+    sent: list = []
+    for st in plan.steps[1:]:
+        last = st.step == n - 1
+        nxt = None
+        if st.sends:
+            wait_all(recvd)
+            nxt = kv_chan.start(st.step)
+        elif home is None:  # last step: the KV buffer not read any more carries the hop home
+            home = call.channel(k.dtype, k.device, "backward dKV (hop home)",
+                               buffers=[kv_chan.other, kv_chan.current])
+        chan = home if last else mid
+        sent = []
+        for j in range(call.chunks):
+            recvd[j].wait()
+            sent.append(g.remote_lane(st, j, kv_chan.views(j), chan, mid, dkv_recvd, last))
+        if not last:
+            mid.advance()
+            dkv_recvd = sent
+        if nxt is not None:
+            kv_chan.advance()
+            recvd = nxt
+    dq = g.finish_dq(dq0, q) if call.single_contribution else sbhd(g.dq).to(q.dtype)
+    return (dq, *home_sum(call, home, sent, k, v, dk0, dv0))
+
+
+def backward_kept(call: CompiledCall, g: Grads, q, k, v, kept: list, mid: Channel | None):
+    """Backward on the KV pieces kept by the forward: remote steps first (each dK/dV hop hidden by the
+    next step's kernels), the local block last (hiding the hop home)."""
+    n = call.plan.world_size
+    if not call.single_contribution:
+        g.dq = torch.zeros(bhsd(q).shape, dtype=acc_dtype(q.dtype), device=q.device)
+    home = call.channel(k.dtype, k.device, "backward dKV (hop home)",
+                       buffers=[kept[n - 1], torch.empty_like(kept[n - 1])])
+    kv_view = home  # any channel of this call slices kept buffers into lanes and pieces
+    dkv_recvd: list | None = None
+    sent: list = []
+    for st in call.plan.steps[1:]:
+        last = st.step == n - 1
+        chan = home if last else mid
+        sent = [g.remote_lane(st, j, kv_view.views(j, kept[st.step]), chan, mid, dkv_recvd, last)
+                for j in range(call.chunks)]
+        if not last:
+            mid.advance()
+            dkv_recvd = sent
+    dq0, dk0, dv0 = g.local(k, v)
+    dq = g.finish_dq(dq0, q)
+    return (dq, *home_sum(call, home, sent, k, v, dk0, dv0))
