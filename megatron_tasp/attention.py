@@ -94,7 +94,7 @@ def _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology
         except TaspConfigError as exc:
             problem = exc
         call = compile_call(scope, key, q, k, v, causal, softmax_scale, options,
-                            (num_rings, topology, kernel, transport, chunks, keep_kv), problem)
+                            (num_rings, topology, kernel, transport, chunks, keep_kv), problem, tasp_attention)
     return call
 
 

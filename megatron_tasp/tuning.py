@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any
@@ -112,13 +112,15 @@ def _default_transport(topology: Topology, options: TaspOptions) -> str:
 
 
 def choose_num_rings(topology: Topology, shape_hint: Mapping[str, Any], *, options: TaspOptions | None = None,
-                     margin: float = DEFAULT_MARGIN, transport: str | None = None, group: Any = None) -> int:
+                     margin: float = DEFAULT_MARGIN, transport: str | None = None, group: Any = None,
+                     attention: Callable[..., Any] | None = None) -> int:
     """The ring count with the lowest predicted time; 1 unless another beats it by more than ``margin``
     both with the fitted compute/communication interference and with ideal overlap.
 
     Never returns a ring count the topology cannot build; returns 1 for CP size 2 (one ring is all there
-    is) and whenever the hint cannot be modelled. ``group`` (a torch process group) is used only with
-    ``options.auto_probe``: the first call per shape then times the candidates on it.
+    is) and whenever the hint cannot be modelled. ``group`` (a torch process group) and ``attention`` (the
+    attention function to time, ``tasp_attention``) are used only with ``options.auto_probe``: the first call
+    per shape then times the candidates on the group.
     """
     if topology.world_size <= 2:
         return 1
@@ -129,7 +131,7 @@ def choose_num_rings(topology: Topology, shape_hint: Mapping[str, Any], *, optio
         return probed
     transport = transport or _default_transport(topology, opts)
     k = _model_choice(topology, hkey, margin, transport, calibration(opts), opts.dkv_dtype)
-    if group is not None and opts.auto_probe:
+    if group is not None and attention is not None and opts.auto_probe:
         try:
             shape = shape_from_hint(shape_hint)
         except _MODEL_ERRORS:
@@ -137,7 +139,8 @@ def choose_num_rings(topology: Topology, shape_hint: Mapping[str, Any], *, optio
         offered = ring_counts(topology)
         cands = [c for c in sorted({1, k, max(offered)}) if c in _valid_ks(topology, shape)]
         if len(cands) > 1:
-            return probe_num_rings(group, cands, shape_hint, topology=topology, margin=margin, options=opts)
+            return probe_num_rings(group, cands, shape_hint, topology=topology, margin=margin, options=opts,
+                                   attention=attention)
     return k
 
 
@@ -232,8 +235,11 @@ def _chunks_choice(topology: Topology, hkey: tuple, num_rings: int, transport: s
 def probe_num_rings(group: Any, candidates: Sequence[int], shape_hint: Mapping[str, Any], *,
                     topology: Topology | None = None, margin: float = DEFAULT_MARGIN, passes: str | None = None,
                     warmup: int = 1, iters: int = 3, device: Any = None, remember: bool = True,
-                    options: TaspOptions | None = None) -> int:
+                    options: TaspOptions | None = None, attention: Callable[..., Any] | None = None) -> int:
     """Time each candidate ring count once on the real CP ``group`` and return the fastest (same on all ranks).
+
+    ``attention`` is the function timed (``megatron_tasp.tasp_attention``, which passes itself when its
+    first call probes); it is an argument so that this module never imports the engine.
 
     Runs ``tasp_attention`` forward (+ backward unless ``passes == "fwd"``) on random inputs of the hinted
     shape with ``options`` (num_rings and topology replaced), ``warmup`` + ``iters`` times per candidate,
@@ -244,8 +250,10 @@ def probe_num_rings(group: Any, candidates: Sequence[int], shape_hint: Mapping[s
     import torch
     import torch.distributed as dist
 
-    from megatron_tasp import tasp_attention
     from megatron_tasp.topology import generic_topology
+
+    if attention is None:
+        raise CostModelError("probe_num_rings needs attention=megatron_tasp.tasp_attention (the function to time)")
 
     topo = topology or generic_topology(dist.get_world_size(group))
     cands = sorted({int(c) for c in candidates})
@@ -269,7 +277,7 @@ def probe_num_rings(group: Any, candidates: Sequence[int], shape_hint: Mapping[s
     base = (options or default_options()).replace(topology=topo, auto_probe=False)
 
     def run(kr: int) -> None:
-        out = tasp_attention(q, k, v, group, causal=causal, options=base.replace(num_rings=kr))
+        out = attention(q, k, v, group, causal=causal, options=base.replace(num_rings=kr))
         if bwd:
             out.backward(torch.ones_like(out))
 

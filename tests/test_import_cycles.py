@@ -3,8 +3,9 @@ executed) must be acyclic.
 
 Edges: ``import a.b`` and ``from a.b import c`` point to ``a.b``, and to ``a.b.c`` when that is a module;
 relative imports are resolved against the importing module's package (``from . import x`` points to the
-sibling module x). Only module-level statements count (imports inside functions run late and are the
-owner's business), and ``if TYPE_CHECKING:`` blocks are skipped. A package's ``__init__`` is its own node;
+sibling module x). Module-level statements are checked, and a second test adds the imports inside
+functions (a lazy import that closes a cycle hides a layering fault); ``if TYPE_CHECKING:`` blocks are
+skipped. A package's ``__init__`` is its own node;
 importing a submodule runs the parent's ``__init__`` first, but that parent edge is not a cycle hazard and
 is left out.
 """
@@ -48,10 +49,23 @@ def _top_level(body: list[ast.stmt]):
             yield from _top_level(node.body)
 
 
-def _edges(name: str, path: Path, is_pkg: bool, modules: dict) -> set[str]:
+def _anywhere(body: list[ast.stmt]):
+    """Every import statement, inside functions too (a late import still closes a cycle), except under
+    ``if TYPE_CHECKING:``."""
+    for node in _top_level(body):
+        yield node
+    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    yield inner
+
+
+def _edges(name: str, path: Path, is_pkg: bool, modules: dict, late: bool = False) -> set[str]:
     package = name if is_pkg else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in _top_level(ast.parse(path.read_text(encoding="utf-8")).body):
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    for node in (_anywhere(body) if late else _top_level(body)):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:
@@ -68,10 +82,11 @@ def _edges(name: str, path: Path, is_pkg: bool, modules: dict) -> set[str]:
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the megatron_tasp modules its module-level code imports."""
+def import_graph(late: bool = False) -> dict[str, set[str]]:
+    """Module -> the megatron_tasp modules its module-level code imports (``late``: imports inside
+    functions count too)."""
     modules = _modules()
-    return {name: _edges(name, path, is_pkg, modules) for name, (path, is_pkg) in modules.items()}
+    return {name: _edges(name, path, is_pkg, modules, late) for name, (path, is_pkg) in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -116,3 +131,9 @@ def test_finder_reports_a_cycle():
 def test_no_import_cycles_in_megatron_tasp():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_cycles_even_through_late_imports():
+    """Imports inside functions (lazy ones) must not close a cycle either: the layers stay one-way."""
+    cycle = find_cycle(import_graph(late=True))
+    assert cycle is None, "import cycle through a late import: " + " -> ".join(cycle)

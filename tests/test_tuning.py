@@ -186,9 +186,10 @@ def _probe_worker(rank, n, auto):
             "dtype_bytes": 4}
     topo = generic_topology(n)
     if auto:
-        got = tuning.choose_num_rings(topo, hint, group=dist.group.WORLD, options=TaspOptions(auto_probe=True))
+        got = tuning.choose_num_rings(topo, hint, group=dist.group.WORLD, options=TaspOptions(auto_probe=True),
+                                      attention=tasp_attention)
     else:
-        got = tuning.probe_num_rings(dist.group.WORLD, [1, 2], hint, iters=2)
+        got = tuning.probe_num_rings(dist.group.WORLD, [1, 2], hint, iters=2, attention=tasp_attention)
     return got, tuning.choose_num_rings(topo, hint)
 
 

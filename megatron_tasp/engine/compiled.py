@@ -200,8 +200,9 @@ def _collective_device(group) -> torch.device:
 
 def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, softmax_scale: float | None,
                  options: TaspOptions | None, explicit: tuple,
-                 problem: BaseException | None) -> LocalCall | CompiledCall:
-    """Compile (and cache under ``key`` in ``scope``) the call; ``problem`` is what the input checks found."""
+                 problem: BaseException | None, attention: Any = None) -> LocalCall | CompiledCall:
+    """Compile (and cache under ``key`` in ``scope``) the call; ``problem`` is what the input checks found;
+    ``attention`` is the public entry, timed by the ring-count probe (``auto_probe``)."""
     n = len(scope.ranks) if scope.group is not None else 1
     eff = topo = kernel = tname = None
     compute_only = False
@@ -228,7 +229,7 @@ def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, soft
             agree(scope.group, n, scope.group.rank(), sig, device, problem,
                   describe=str(eff.to_dict()) if eff is not None else "")
             scope.put(("agreed", sig), True)
-        call = _compile_group_call(scope, q, k, causal, scale, eff, topo, tname, kernel)
+        call = _compile_group_call(scope, q, k, causal, scale, eff, topo, tname, kernel, attention)
     if key is not None:
         scope.put(key, call)
     if logger.isEnabledFor(logging.DEBUG):
@@ -238,14 +239,15 @@ def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, soft
 
 
 def _compile_group_call(scope: Scope, q, k, causal: bool, scale: float, eff: TaspOptions, topo, tname: str,
-                        kernel: BlockAttention) -> CompiledCall:
+                        kernel: BlockAttention, attention: Any = None) -> CompiledCall:
     group, n = scope.group, len(scope.ranks)
     hint = {"tokens_per_gpu": q.shape[0], "batch": q.shape[1], "heads_q": q.shape[2],
             "heads_kv": k.shape[2], "head_dim": q.shape[3], "causal": causal, "dtype_bytes": q.element_size()}
-    k_rings = resolve_num_rings(eff.num_rings, topo, hint, group)
+    k_rings = resolve_num_rings(eff.num_rings, topo, hint, group, eff, tname, attention)
     plan = scope.get_or_build(("plan", topo, k_rings, tname, eff.hosts),
                               lambda: build_rank_plan(group, topo, k_rings, tname, eff.hosts))
-    chunks = eff.chunks if eff.chunks != "auto" else choose_chunks(topo, hint, plan.num_rings, plan.transport)
+    chunks = eff.chunks if eff.chunks != "auto" else choose_chunks(topo, hint, plan.num_rings, plan.transport,
+                                                                   options=eff)
     keep = eff.keep_kv
     if keep == "auto":
         keep = keep_kv_auto(n, 2 * k.numel() * k.element_size(), plan.transport, cap_bytes=eff.keep_kv_cap_bytes)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tasp.engine.errors import TaspConfigError
+from megatron_tasp.options import TaspOptions
 from megatron_tasp.schedule import RankStep, compile_schedule, split_sizes
 from megatron_tasp.topology import Topology, TopologyError, generic_topology, load_topology
 from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
@@ -97,12 +98,16 @@ def check_transport(transport: str, topology: Topology | None, device: torch.dev
         raise TaspConfigError("transport 'symm' needs CUDA devices on one NVLink node; use 'a2a' or 'p2p'")
 
 
-def resolve_num_rings(num_rings: int | str | None, topology: Topology, hint: dict[str, Any], group: Any) -> int:
-    """The ring count: the topology's most (None), the cost model's choice ('auto'), or as given."""
+def resolve_num_rings(num_rings: int | str | None, topology: Topology, hint: dict[str, Any], group: Any,
+                      options: TaspOptions | None = None, transport: str | None = None,
+                      attention: Any = None) -> int:
+    """The ring count: the topology's most (None), the cost model's choice ('auto': calibration, probe and
+    dK/dV dtype from ``options``, for ``transport``; ``attention`` is what a probe times), or as given."""
     if num_rings is None:
         return topology.max_rings()
     if num_rings == "auto":
-        return choose_num_rings(topology, hint, group=group)
+        return choose_num_rings(topology, hint, options=options, transport=transport, group=group,
+                                attention=attention)
     return int(num_rings)
 
 

@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -284,5 +285,20 @@ def _skip_dataloader_mask(args: Any, comm: list[str]) -> None:
                     "create_attention_mask_in_dataloader set to False (saves an S x S mask per sample)")
 
 
-__all__ = ["BACKENDS", "TASP_FLAGS", "TaspArgumentError", "add_tasp_args", "option_type", "tasp_options_from_args",
-           "validate_tasp_args"]
+
+def megatron_lm_options() -> TaspOptions | None:
+    """``get_args().tasp_options`` of a Megatron-LM run whose args went through ``validate_tasp_args``;
+    None outside such a run (megatron.training not loaded, no global args, or args without the TASP flags).
+    Never imports megatron.training itself."""
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    if global_vars is None:
+        return None
+    try:
+        args = global_vars.get_args()
+    except Exception:  # noqa: BLE001 - Megatron asserts when the global args are not set
+        return None
+    options = getattr(args, "tasp_options", None)
+    return options if isinstance(options, TaspOptions) else None
+
+__all__ = ["BACKENDS", "TASP_FLAGS", "TaspArgumentError", "add_tasp_args", "megatron_lm_options", "option_type",
+           "tasp_options_from_args", "validate_tasp_args"]

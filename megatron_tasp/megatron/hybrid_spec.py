@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_tasp.megatron.lm import megatron_lm_options
+from megatron_tasp.megatron.args import megatron_lm_options
 from megatron_tasp.megatron.spec import tasp_layer_spec
 from megatron_tasp.options import TaspOptions
 

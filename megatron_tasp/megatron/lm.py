@@ -9,10 +9,9 @@ patched ``GPTModelBuilder.build_model`` (``patches/``). The ``--tasp-*`` flags r
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Any
 
-from megatron_tasp.megatron.args import tasp_options_from_args
+from megatron_tasp.megatron.args import megatron_lm_options, tasp_options_from_args
 from megatron_tasp.options import TaspOptions
 
 
@@ -31,21 +30,6 @@ def _current_args() -> Any:
         return get_args()
     except Exception:  # noqa: BLE001 - not initialised, or megatron.training unavailable
         return None
-
-
-def megatron_lm_options() -> TaspOptions | None:
-    """``get_args().tasp_options`` of a Megatron-LM run whose args went through ``validate_tasp_args``;
-    None outside such a run (megatron.training not loaded, no global args, or args without the TASP flags).
-    Never imports megatron.training itself."""
-    global_vars = sys.modules.get("megatron.training.global_vars")
-    if global_vars is None:
-        return None
-    try:
-        args = global_vars.get_args()
-    except Exception:  # noqa: BLE001 - Megatron asserts when the global args are not set
-        return None
-    options = getattr(args, "tasp_options", None)
-    return options if isinstance(options, TaspOptions) else None
 
 
 def spec_options(args: Any = None) -> TaspOptions | None:

@@ -25,6 +25,7 @@ import functools
 import inspect
 from typing import Any
 
+from megatron_tasp.megatron.args import megatron_lm_options
 from megatron_tasp.megatron.core_attention import TaspDotProductAttention
 from megatron_tasp.options import TaspOptions, parse_options
 
@@ -255,8 +256,6 @@ def _options_or_args(options: TaspOptions | None) -> TaspOptions | None:
     Megatron-LM run has them, else None (each module takes ``default_options()``)."""
     if options is not None:
         return options
-    from megatron_tasp.megatron.lm import megatron_lm_options
-
     return megatron_lm_options()
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from megatron_tasp.topology.rings import RingError, verify_rings
+from megatron_tasp.topology.arcs import RingError, verify_rings
 
 __all__ = ["even_full_rings"]
 

@@ -24,16 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-Ring = list[int]
-
-# The largest CP group served: the full decomposition of K_256* takes ~0.3 s to build once and its schedule
-# ~65K pieces; larger groups are far past any real CP size (an NVL72 domain is 72) and the even-n search
-# grows quickly beyond it.
-MAX_WORLD_SIZE = 256
-
-
-class RingError(ValueError):
-    """Raised for a ring request that cannot be served (the message names the fix)."""
+from megatron_tasp.topology.arcs import MAX_WORLD_SIZE, Ring, RingError, verify_rings
+from megatron_tasp.topology.even_rings import even_full_rings
 
 
 def max_rings(n: int) -> int:
@@ -50,19 +42,6 @@ def max_rings(n: int) -> int:
     if n == 6:
         return 4
     return n - 1
-
-
-def verify_rings(n: int, rings: Sequence[Sequence[int]]) -> None:
-    """Raise RingError unless every ring is Hamiltonian on range(n) and no arc is used twice."""
-    seen: set[tuple[int, int]] = set()
-    for idx, ring in enumerate(rings):
-        if sorted(ring) != list(range(n)):
-            raise RingError(f"ring {idx} {list(ring)} is not a Hamiltonian cycle on ranks 0..{n - 1}")
-        for j, u in enumerate(ring):
-            arc = (u, ring[(j + 1) % n])
-            if arc in seen:
-                raise RingError(f"arc {arc[0]}->{arc[1]} is used by ring {idx} and by an earlier ring")
-            seen.add(arc)
 
 
 def _walecki_odd(n: int) -> list[Ring]:
@@ -118,8 +97,6 @@ def _family(n: int, full: bool) -> tuple[tuple[int, ...], ...]:
     if n == 2:
         rings = [[0, 1]]
     elif full and n % 2 == 0 and n >= 8:
-        from megatron_tasp.topology.even_rings import even_full_rings
-
         rings = _relabel(even_full_rings(n))
     else:
         undirected = _walecki_odd(n) if n % 2 else _factor_pairs_even(n)
