@@ -47,9 +47,10 @@ def model_args(a: argparse.Namespace, seq: int) -> list[str]:
     ]
 
 
-def layout_args(cp: int) -> list[str]:
-    """Flags of one layout: CP=2 TASP, or CP=1 with TASP kernels (data parallel over the GPUs)."""
-    return ["--context-parallel-size", str(cp), "--context-parallel-backend", "tasp"]
+def layout_args(cp: int, tp: int) -> list[str]:
+    """Flags of one layout: CP=2 TASP, or CP=1 with TASP kernels (data parallel over the other GPUs)."""
+    return ["--context-parallel-size", str(cp), "--tensor-model-parallel-size", str(tp),
+            "--context-parallel-backend", "tasp"]
 
 
 def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
@@ -57,10 +58,10 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
     entry = ["-m", "megatron_tasp.megatron.pretrain_gpt"] if a.entry == "launcher" else \
         [str(Path(os.environ["MEGATRON_LM_PATH"]) / "pretrain_gpt.py")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
-           "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq), *layout_args(cp),
+           "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq), *layout_args(cp, a.tp),
            *a.extra]
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
-    log = log_dir / f"megatron-lm-seq{seq}-cp{cp}.log"
+    log = log_dir / f"megatron-lm-{a.tag}seq{seq}-cp{cp}-tp{a.tp}.log"
     t0 = time.time()
     with open(log, "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=a.timeout)
@@ -78,7 +79,8 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
             iters.append(ms)
             if t:
                 tflops.append(float(t.group(1)))
-    rec = {"impl": "megatron_lm", "entry": a.entry, "cp": cp, "dp": a.nproc // cp, "seq_length": seq,
+    rec = {"impl": "megatron_lm", "entry": a.entry, "cp": cp, "tp": a.tp, "dp": a.nproc // (cp * a.tp),
+           "seq_length": seq, "extra_flags": a.extra,
            "global_batch": a.global_batch, "layers": a.layers, "hidden": a.hidden, "heads": a.heads,
            "query_groups": a.groups, "rc": rc, "wall_s": round(time.time() - t0, 1), "losses": losses,
            "log": log.name}
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", default="16384,32768", help="comma-separated sequence lengths (default 16384,32768)")
     p.add_argument("--cps", default="1,2", help="CP sizes to run (default 1,2; CP=1 is data parallel)")
     p.add_argument("--nproc", type=int, default=2, help="GPUs (default 2)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every run (default 1)")
+    p.add_argument("--tag", default="", help="prefix of the log file names")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error_tail" in rec:
                 print(rec["error_tail"][-1500:], flush=True)
     result = {"date": datetime.date.today().isoformat(), "machine": versions(), "records": records}
-    by = {(r["seq_length"], r["cp"]): r for r in records if "iter_ms" in r}
+    by = {(r["seq_length"], r["cp"]): r for r in records if "iter_ms" in r}  # one TP size per invocation
     ratios = {}
     for seq in {r["seq_length"] for r in records}:
         base, tasp = by.get((seq, 1)), by.get((seq, 2))
