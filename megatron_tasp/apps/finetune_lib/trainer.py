@@ -192,7 +192,11 @@ class Run:
         if isinstance(self.opt, CpuAdamW):
             opt_state = self.opt.sharded_state_dict()
         else:
-            opt_state = self.opt.sharded_state_dict(model_state, is_loading=is_loading)
+            # 'fully_reshardable': the optimizer state is stored per parameter, so a checkpoint loads at
+            # another DP x CP layout (megatron-core 0.19's default format, flattened ranges, is rejected by its
+            # own checkpoint validation; 'dp_reshardable' would only reshard along DP)
+            opt_state = self.opt.sharded_state_dict(model_state, is_loading=is_loading,
+                                                    metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         return {"model": model_state, "optimizer": opt_state}
 
     def _resume(self, path: Path) -> None:
