@@ -124,14 +124,19 @@ def run_this_rank(recipe: Recipe, opts: Any, wait_for_lock: bool = False, *,
     import torch.distributed as dist
 
     from megatron_tasp.apps.finetune_lib.trainer import run_training
+    from megatron_tasp.launch.lifecycle import block_stop_signals, restore_mask
 
     if take_locks is None:
         take_locks = os.environ.get("RANK") == "0"
     with run_locks(recipe, wait_for_lock) if take_locks else contextlib.nullcontext():
         prepare_runtime()
         owns_group = not dist.is_initialized()
-        _init_process_group(_want_cuda(recipe))
-        doc = run_training(recipe, opts)  # on an error, exit without a barrier: torchrun then stops the others
+        mask = block_stop_signals()  # the communicator's threads never take SIGINT/SIGTERM; the trainer unblocks
+        try:
+            _init_process_group(_want_cuda(recipe))
+            doc = run_training(recipe, opts)  # on an error, exit without a barrier: torchrun stops the others
+        finally:
+            restore_mask(mask)
         if owns_group:
             dist.barrier()
             dist.destroy_process_group()
