@@ -197,3 +197,11 @@ def test_a_killed_rank_is_reported_in_one_line_with_the_last_checkpoint(cfg, tmp
     assert f"[finetune] last checkpoint: {out / 'checkpoints' / f'iter_{int(latest):07d}'}\n" in err
     assert "[finetune] resume with: " in err
     assert len([line for line in run.err if line.strip()]) == 3
+
+
+def test_an_output_dir_that_cannot_be_locked_is_a_one_line_error(cfg, capsys):
+    from megatron_tasp.cli import main
+
+    assert main(["finetune", str(cfg), f"logging.output_dir={cfg}/x"]) == 2  # a path below a file
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot lock" in err[0] and "Not a directory" in err[0], err

@@ -290,6 +290,11 @@ def _prog() -> list[str]:
 
 def resume_command(config: str | None, overrides: list[str], recipe: Any, args: argparse.Namespace) -> str:
     """The command that continues this run from its newest checkpoint (checkpoint.resume=auto)."""
+    from megatron_tasp.apps.finetune_lib.launch import under_launcher
+
+    if under_launcher():  # a rank of a torchrun/srun job: the job's own command is what resumes
+        return "the same torchrun/srun command" + ("" if recipe.checkpoint.resume == "auto" else
+                                                   " with checkpoint.resume=auto")
     words = _prog() + ([config] if config else [])
     words += [o for o in overrides if not o.startswith("checkpoint.resume=")]
     if recipe.checkpoint.resume != "auto":

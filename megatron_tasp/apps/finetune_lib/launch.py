@@ -110,7 +110,11 @@ def run_locks(recipe: Recipe, wait: bool = False) -> Iterator[None]:
     held: list[Any] = []
     try:
         for lock in locks:
-            held.append(lock.acquire(wait=wait))
+            try:
+                held.append(lock.acquire(wait=wait))
+            except OSError as exc:  # not LockHeld (a RuntimeError): the directory cannot be created or written
+                raise RecipeError(f"{recipe.source}: cannot lock {lock.path}: {exc.strerror or exc}; choose a "
+                                  f"writable {lock.what}") from None
         yield
     finally:
         for lock in reversed(held):
