@@ -25,12 +25,15 @@ Recipe schema (generated from the code; see also docs/FINETUNE.md)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,27 +252,20 @@ class _Terminated(Exception):
     """SIGTERM while no run is under way yet (before the ranks install their own handlers)."""
 
 
-class _sigterm_raises:  # noqa: N801 - used as a context manager
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into :class:`_Terminated` in this process (main thread only) while the run starts."""
-
-    def __enter__(self) -> None:
-        self.previous = None
-        if hasattr(signal, "SIGTERM") and _main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
-
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
-        raise _Terminated()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _say(line: str) -> None:
