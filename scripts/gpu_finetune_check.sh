@@ -39,7 +39,7 @@ import json, sys
 m = json.load(open(sys.argv[1]))
 steps, more = int(sys.argv[2]), int(sys.argv[3])
 assert m["resumed_from"] and m["end_step"] == steps + more and m["cp"] == 2, m
-assert [s["step"] for s in m["steps"]] == list(range(steps + more)), [s["step"] for s in m["steps"]]
+assert [s["step"] for s in m["steps"]] == list(range(1, steps + more + 1)), [s["step"] for s in m["steps"]]  # after N steps
 losses = [round(s["loss"], 4) for s in m["steps"]]
 try:
     ref = [s["loss"] for s in json.load(open(sys.argv[1].replace("/metrics.json", ".reference/metrics.json")))["steps"]]

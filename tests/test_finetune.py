@@ -72,7 +72,15 @@ def test_reference_run_outputs(reference):
     assert (m["cp"], m["dp"], m["world_size"], m["end_step"]) == (2, 1, 2, 6)
     assert len(m["steps"]) == 6 and m["steps"][-1]["loss"] < m["steps"][0]["loss"]
     assert abs(m["steps"][0]["loss"] - 5.545) < 0.15  # ~ln(256) at random init
+    # One numbering everywhere: step N = after N optimizer steps (train records, evaluations, checkpoints).
+    assert [s["step"] for s in m["steps"]] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in m["eval"]] == [0, 6]
+    assert [s["consumed_samples"] for s in m["steps"]] == [2 * s["step"] for s in m["steps"]]
+    assert m["checkpoints"] == [str(reference / "checkpoints" / f"iter_{n:07d}") for n in (3, 6)]
+    assert m["stopped_by"] is None
+    from importlib.metadata import version
+
+    assert m["megatron_core_version"] == version("megatron-core")  # the release, not a commit
     root = reference / "checkpoints"
     assert (root / "latest").read_text().strip() == "6"
     assert ckpt.is_complete(root / "iter_0000003") and ckpt.is_complete(root / "iter_0000006")
@@ -94,7 +102,7 @@ def test_resume_equals_uninterrupted(tiny_cfg, reference, tmp_path):
     start = reference / "checkpoints" / "iter_0000003"
     assert cli_main(["finetune", str(tiny_cfg), f"logging.output_dir={out}", f"checkpoint.resume={start}"]) == 0
     m = _metrics(out)
-    assert m["resumed_from"] == str(start) and [s["step"] for s in m["steps"]] == [3, 4, 5]
+    assert m["resumed_from"] == str(start) and [s["step"] for s in m["steps"]] == [4, 5, 6]
     ref = _losses(reference)[3:]
     got = _losses(out)
     assert all(abs(a - b) <= EXACT for a, b in zip(ref, got, strict=True)), (ref, got)
@@ -107,7 +115,7 @@ def test_max_steps_then_auto_resume(tiny_cfg, reference, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "2"  # saved where --max-steps stopped
     assert cli_main(["finetune", str(tiny_cfg), f"logging.output_dir={out}"]) == 0  # resume: auto
     m = _metrics(out)
-    assert [s["step"] for s in m["steps"]] == list(range(6))  # history kept across the restart
+    assert [s["step"] for s in m["steps"]] == list(range(1, 7))  # history kept across the restart
     assert all(abs(a - b) <= EXACT for a, b in zip(_losses(reference), _losses(out), strict=True))
 
 
@@ -159,7 +167,7 @@ def test_pretrained_weights_start_a_fresh_run(tiny_cfg, reference, tmp_path):
                      f"checkpoint.pretrained={reference / 'checkpoints'}"]) == 0
     m = _metrics(out)
     assert m["initialized_from"] == str(reference / "checkpoints" / "iter_0000006") and m["resumed_from"] is None
-    assert [s["step"] for s in m["steps"]] == [0, 1]
+    assert [s["step"] for s in m["steps"]] == [1, 2]
     # Same weights, same held-out windows: the first evaluation equals the reference's last one.
     assert abs(m["eval"][0]["loss"] - _metrics(reference)["eval"][-1]["loss"]) <= EXACT
     assert not (out / "checkpoints").exists()

@@ -25,9 +25,16 @@ Recipe schema (generated from the code; see also docs/FINETUNE.md)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from megatron_tasp.apps.finetune_lib.recipe import (
@@ -64,6 +71,9 @@ tp*cp*dp; otherwise finetune starts tp*cp*(dp or 1) ranks itself: forked gloo wo
 checkpoints: <output_dir>/checkpoints/iter_NNNNNNN (Megatron dist_checkpointing), 'latest' names the newest
 complete one; checkpoint.resume=auto continues from it (exactly: model, optimizer, step, data position, RNG).
 outputs: metrics.json (per-step loss, lr, grad norm, tokens/s; held-out loss) and loss.png in the output dir.
+stopping: Ctrl-C or SIGTERM stops every rank after the current step, saves a checkpoint and prints the command
+that resumes (exit 130 / 143); a second Ctrl-C stops at once. One run per output dir (a lock file); a rank that
+dies stops the run with one line naming it, the last checkpoint and the resume command (exit 1).
 """
 
 
@@ -124,6 +134,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--schema", action="store_true", help="print every recipe field with its default and exit")
     p.add_argument("--list", dest="list_recipes", action="store_true", help="list the shipped recipes and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--wait-for-lock", action="store_true",
+                   help="when another run holds the output directory, wait for it to end instead of refusing")
     return p
 
 
@@ -205,16 +217,125 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     configure_logging(args.quiet)
     from megatron_tasp.apps.finetune_lib.launch import launch, under_launcher
     from megatron_tasp.apps.finetune_lib.trainer import RunOptions
+    from megatron_tasp.launch import WorkerError
+    from megatron_tasp.launch.lock import LockHeld
 
     argv = [recipe.source, *overrides]
     if args.max_steps is not None:
         argv += ["--max-steps", str(args.max_steps)]
     if args.quiet:
         argv.append("--quiet")
-    doc = launch(recipe, RunOptions(max_steps=args.max_steps, log=not args.quiet), argv, args.launcher)
+    if args.wait_for_lock:
+        argv.append("--wait-for-lock")
+    resume = resume_command(config, overrides, recipe, args)
+    opts = RunOptions(max_steps=args.max_steps, log=not args.quiet)
+    with _sigterm_raises():
+        try:
+            doc = launch(recipe, opts, argv, args.launcher, wait_for_lock=args.wait_for_lock)
+        except LockHeld as exc:
+            _say(f"megatron-tasp finetune: error: {exc}")
+            return 2
+        except WorkerError as exc:
+            return _report_failure(exc, recipe, resume)
+        except (KeyboardInterrupt, _Terminated) as exc:
+            signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+            _say(f"[finetune] stopped by {signal.Signals(signum).name} before training started; nothing was saved")
+            return 128 + signum
+    if doc is not None and doc.get("stopped_by"):
+        return _report_stop(doc, recipe, resume)
     if doc is not None and not args.quiet and not under_launcher():
         print(f"[finetune] total wall time {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM while no run is under way yet (before the ranks install their own handlers)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` in this process (main thread only) while the run starts."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _say(line: str) -> None:
+    """A user-facing status line on stderr (rank 0 only under torchrun/srun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
+def _prog() -> list[str]:
+    """How this command was started: the console script, or ``python -m ...``."""
+    first = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if first == "cli.py":
+        return [sys.executable, "-m", "megatron_tasp.cli", "finetune"]
+    if first == "finetune.py":
+        return [sys.executable, "-m", "megatron_tasp.apps.finetune"]
+    return ["megatron-tasp", "finetune"]
+
+
+def resume_command(config: str | None, overrides: list[str], recipe: Any, args: argparse.Namespace) -> str:
+    """The command that continues this run from its newest checkpoint (checkpoint.resume=auto)."""
+    from megatron_tasp.apps.finetune_lib.launch import under_launcher
+
+    if under_launcher():  # a rank of a torchrun/srun job: the job's own command is what resumes
+        return "the same torchrun/srun command" + ("" if recipe.checkpoint.resume == "auto" else
+                                                   " with checkpoint.resume=auto")
+    words = _prog() + ([config] if config else [])
+    words += [o for o in overrides if not o.startswith("checkpoint.resume=")]
+    if recipe.checkpoint.resume != "auto":
+        words.append("checkpoint.resume=auto")
+    if args.max_steps is not None:
+        words += ["--max-steps", str(args.max_steps)]
+    if args.quiet:
+        words.append("--quiet")
+    if args.launcher != "auto":
+        words += ["--launcher", args.launcher]
+    return shlex.join(words)
+
+
+def _last_checkpoint(recipe: Any) -> str | None:
+    from megatron_tasp.apps.finetune_lib.checkpoint import CheckpointError, find_checkpoint
+
+    try:
+        found = find_checkpoint(recipe.checkpoint_dir())
+    except (CheckpointError, OSError):
+        return None
+    return str(found) if found is not None else None
+
+
+def _report_stop(doc: dict[str, Any], recipe: Any, resume: str) -> int:
+    signum = signal.Signals[doc["stopped_by"]]
+    ck = _last_checkpoint(recipe)
+    _say(f"[finetune] stopped by {signum.name} at step {doc['end_step']} of {doc['train_steps']}")
+    _say(f"[finetune] checkpoint: {ck}" if ck else "[finetune] no checkpoint was saved (checkpoint.save is off or "
+         "no step ran); the command below starts over")
+    _say(f"[finetune] resume with: {resume}")
+    return 128 + int(signum)
+
+
+def _report_failure(exc: Any, recipe: Any, resume: str) -> int:
+    from megatron_tasp.options import env_flag
+
+    _say(f"megatron-tasp finetune: error: {exc.summary}; the other ranks were stopped")
+    if env_flag("VERBOSE"):
+        _say(str(exc))
+    elif exc.failures and exc.failures[0].error:  # the cause is an exception (not a killed rank)
+        _say("[finetune] MEGATRON_TASP_VERBOSE=1 shows the ranks' tracebacks")
+    ck = _last_checkpoint(recipe)
+    _say(f"[finetune] last checkpoint: {ck}" if ck else "[finetune] no checkpoint was saved yet")
+    _say(f"[finetune] {'resume' if ck else 'start again'} with: {resume}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

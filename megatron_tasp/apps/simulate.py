@@ -218,13 +218,35 @@ def plot(rows: list[dict[str, Any]], path: str, calib: Calibration) -> None:
     plt.close(fig)
 
 
+def _parse_tokens(text: str | None) -> list[int]:
+    """``--tokens 1024,4k`` (positive integers, 'k' = 1024); the default list without it."""
+    if not text:
+        return list(DEFAULT_TOKENS)
+    try:
+        tokens = [int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--tokens takes a comma list of integers (e.g. 1024,4k), got {text!r}") from None
+    if any(t < 1 for t in tokens):
+        raise ValueError(f"--tokens must be positive integers, got {text!r}")
+    return tokens
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """Entry of ``megatron-tasp simulate``."""
+    """Entry of ``megatron-tasp simulate``. Every argument is checked before anything is printed."""
+    topologies = [load_topology(t) for t in (args.topology or DEFAULT_TOPOLOGIES)]
+    tokens = _parse_tokens(args.tokens)
+    if args.interference is not None and not math.isfinite(args.interference):
+        raise ValueError(f"--interference must be a finite number, got {args.interference}")
     bench = args.bench or [default_bench()]
+    missing = [b for b in bench if not Path(b).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--bench {missing[0]}: no such file (give benchmark records written by "
+                                "`megatron-tasp bench --out FILE`)")
     records = load_records(bench)
     cal_file = args.calibration if args.calibration is not None else default_options().calibration
-    if cal_file:  # a given calibration: no fit; the error report measures it against --bench
-        calib = load_calibration(cal_file)
+    given = load_calibration(cal_file) if cal_file else None
+    if given is not None:  # a given calibration: no fit; the error report measures it against --bench
+        calib = given
         print(f"calibration from {cal_file} ({calib.machine}, topology {calib.calibration_topology}); "
               f"error against {', '.join(bench)}")
     else:
@@ -251,8 +273,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.save_calibration:
         calib.save(args.save_calibration)
         print(f"\nwrote calibration to {args.save_calibration}")
-    topologies = [load_topology(t) for t in (args.topology or DEFAULT_TOPOLOGIES)]
-    tokens = [int(x) for x in args.tokens.split(",")] if args.tokens else list(DEFAULT_TOKENS)
     rows, cross = run_predictions(calib, topologies, tokens)
     print(f"\n=== {LABEL} ===")
     print("speedup = time(1 ring, zigzag ring attention) / time(TASP, max rings the topology builds); "
@@ -308,7 +328,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "docs/benchmarks/*-cp2[-vN].json)")
     p.add_argument("--topology", "-t", action="append", metavar="NAME|FILE",
                    help=f"topology to predict (repeatable; default: {', '.join(DEFAULT_TOPOLOGIES)})")
-    p.add_argument("--tokens", help="tokens per GPU to predict (comma list; default 1K..64K)")
+    p.add_argument("--tokens", help="tokens per GPU to predict (comma list; 'k' = 1024; default 1K..64K)")
     p.add_argument("--calib-topology", default=None,
                    help="topology the benchmark ran on (default: h100-nv18-2 for CP=2 records)")
     p.add_argument("--interference", type=float, default=None,

@@ -6,15 +6,23 @@
   visible GPU, rounded down to a multiple of ``tp * cp``; 1 DP rank on CPU). On CPU it forks gloo workers
   (fast: torch and Megatron are imported once, before the fork); on GPUs it re-executes the same command
   under ``torchrun --standalone --nproc-per-node N`` (CUDA cannot be forked). One rank runs in-process.
+
+One run per output directory: the launcher (or rank 0 under torchrun/srun) holds a lock on the output
+directory, and on the checkpoint directory when that lies elsewhere (:mod:`megatron_tasp.launch.lock`).
+Forked ranks die with the launcher; SIGINT/SIGTERM reach every rank, which stop together at a step
+boundary and save (:mod:`.stopping`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from megatron_tasp.apps.finetune_lib.recipe import Recipe, RecipeError
@@ -89,19 +97,53 @@ def _init_process_group(cuda: bool) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
 
 
-def run_this_rank(recipe: Recipe, opts: Any) -> dict[str, Any]:
-    """Run as one rank of a torchrun/srun job (creates and destroys the default process group)."""
+@contextlib.contextmanager
+def run_locks(recipe: Recipe, wait: bool = False) -> Iterator[None]:
+    """Hold the output directory's lock (and the checkpoint directory's, when elsewhere) for the run."""
+    from megatron_tasp.launch.lock import DirLock
+
+    out = recipe.output_dir().resolve()
+    locks = [DirLock(out, fix="choose another output directory (--output-dir DIR)")]
+    ck = recipe.checkpoint_dir().resolve()
+    if recipe.checkpoint.save and out not in (ck, *ck.parents):
+        locks.append(DirLock(ck, what="checkpoint directory", fix="choose another checkpoint.dir"))
+    held: list[Any] = []
+    try:
+        for lock in locks:
+            try:
+                held.append(lock.acquire(wait=wait))
+            except OSError as exc:  # not LockHeld (a RuntimeError): the directory cannot be created or written
+                raise RecipeError(f"{recipe.source}: cannot lock {lock.path}: {exc.strerror or exc}; choose a "
+                                  f"writable {lock.what}") from None
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+def run_this_rank(recipe: Recipe, opts: Any, wait_for_lock: bool = False, *,
+                  take_locks: bool | None = None) -> dict[str, Any]:
+    """Run as one rank of a torchrun/srun job (creates and destroys the default process group); rank 0 holds
+    the run's directory locks unless ``take_locks`` says otherwise."""
     import torch.distributed as dist
 
     from megatron_tasp.apps.finetune_lib.trainer import run_training
+    from megatron_tasp.launch.lifecycle import block_stop_signals, restore_mask
 
-    prepare_runtime()
-    owns_group = not dist.is_initialized()
-    _init_process_group(_want_cuda(recipe))
-    doc = run_training(recipe, opts)  # on an error, exit without a barrier: torchrun then stops the other ranks
-    if owns_group:
-        dist.barrier()
-        dist.destroy_process_group()
+    if take_locks is None:
+        take_locks = os.environ.get("RANK") == "0"
+    with run_locks(recipe, wait_for_lock) if take_locks else contextlib.nullcontext():
+        prepare_runtime()
+        owns_group = not dist.is_initialized()
+        mask = block_stop_signals()  # the communicator's threads never take SIGINT/SIGTERM; the trainer unblocks
+        try:
+            _init_process_group(_want_cuda(recipe))
+            doc = run_training(recipe, opts)  # on an error, exit without a barrier: torchrun stops the others
+        finally:
+            restore_mask(mask)
+        if owns_group:
+            dist.barrier()
+            dist.destroy_process_group()
     return doc
 
 
@@ -112,7 +154,7 @@ def run_single(recipe: Recipe, opts: Any) -> dict[str, Any]:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     try:
-        return run_this_rank(recipe, opts)
+        return run_this_rank(recipe, opts, take_locks=False)  # the caller holds them
     finally:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(key, None)
@@ -134,7 +176,7 @@ def run_forked(recipe: Recipe, opts: Any, world: int) -> dict[str, Any]:
 
     prepare_runtime()
     try:
-        results = run_workers(_fork_worker, world, recipe, opts, timeout_s=30 * 24 * 3600.0)
+        results = run_workers(_fork_worker, world, recipe, opts, timeout_s=30 * 24 * 3600.0, forward_signals=True)
     except WorkerError as exc:  # a user error inside the ranks: one line, like the CLI's other errors
         for line in reversed(str(exc).splitlines()):
             for name in ("RecipeError", "CheckpointError"):
@@ -167,10 +209,37 @@ def torchrun_command(world: int, argv: list[str]) -> list[str]:
             "-m", "megatron_tasp.cli", "finetune", *argv]
 
 
-def launch(recipe: Recipe, opts: Any, argv: list[str], launcher: str = "auto") -> dict[str, Any] | None:
+def _set_parent_death_signal() -> None:
+    from megatron_tasp.launch.lifecycle import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGTERM)  # torchrun stops its ranks on SIGTERM
+
+
+def run_torchrun(world: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun; it dies with this process and gets the signals this one gets."""
+    import subprocess
+
+    cmd = torchrun_command(world, argv)
+    logger.info("[finetune] starting %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, preexec_fn=_set_parent_death_signal)
+
+    def forward(signum: int, frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def launch(recipe: Recipe, opts: Any, argv: list[str], launcher: str = "auto",
+           wait_for_lock: bool = False) -> dict[str, Any] | None:
     """Run the recipe with the right number of ranks; returns rank 0's metrics (None after torchrun)."""
     if under_launcher():
-        return run_this_rank(recipe, opts)
+        return run_this_rank(recipe, opts, wait_for_lock)
     cuda = _want_cuda(recipe)
     world = standalone_world_size(recipe, cuda)
     if launcher == "auto":
@@ -178,21 +247,21 @@ def launch(recipe: Recipe, opts: Any, argv: list[str], launcher: str = "auto") -
     if launcher == "fork" and cuda and world > 1:
         raise RecipeError("--launcher fork cannot start CUDA ranks (CUDA does not survive fork); use --launcher "
                           "torchrun or start the job with torchrun yourself")
-    prepare_runtime()
-    preflight(recipe, world)
-    if world == 1:
-        return run_single(recipe, opts)
-    if launcher == "torchrun":
-        import subprocess
-
-        cmd = torchrun_command(world, argv)
-        logger.info("[finetune] starting %s", " ".join(cmd))
-        rc = subprocess.call(cmd)
+    if launcher == "torchrun" and world > 1:  # rank 0 takes the locks
+        prepare_runtime()
+        preflight(recipe, world)
+        rc = run_torchrun(world, argv)
         if rc:
             raise SystemExit(rc)
         return None
-    return run_forked(recipe, opts, world)
+    with run_locks(recipe, wait_for_lock):
+        prepare_runtime()
+        preflight(recipe, world)
+        if world == 1:
+            return run_single(recipe, opts)
+        return run_forked(recipe, opts, world)
 
 
-__all__ = ["LAUNCHERS", "launch", "preflight", "prepare_runtime", "quiet_megatron", "run_forked", "run_single",
-           "run_this_rank", "standalone_world_size", "torchrun_command", "under_launcher"]
+__all__ = ["LAUNCHERS", "launch", "preflight", "prepare_runtime", "quiet_megatron", "run_forked", "run_locks",
+           "run_single", "run_this_rank", "run_torchrun", "standalone_world_size", "torchrun_command",
+           "under_launcher"]

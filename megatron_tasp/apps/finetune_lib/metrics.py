@@ -48,8 +48,8 @@ class ProgressLog:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
-        if (rec["step"] + 1) % self.interval == 0 or rec["step"] + 1 == total:
-            self.write(f"step {rec['step'] + 1:5d}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+        if rec["step"] % self.interval == 0 or rec["step"] == total:
+            self.write(f"step {rec['step']:5d}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
                        f"grad_norm {rec['grad_norm']:.3f}  {rec['step_time_s'] * 1e3:7.0f} ms  "
                        f"{rec['tokens_per_s']:,.0f} tok/s")
 
@@ -115,7 +115,7 @@ def plot_loss(path: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    x = [s["step"] + 1 for s in steps]
+    x = [s["step"] for s in steps]  # step N: after N optimizer steps (as the held-out points)
     y = [s["loss"] for s in steps]
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
     ax.plot(x, y, color="#9ecae1", linewidth=1.0, label="train loss (per step)")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from importlib import metadata
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_tasp.apps.finetune_lib.metrics import plot_loss, summarize, write_json
+from megatron_tasp.launch.lifecycle import signal_name
 
 
 def _max_rings(run: Any) -> int:
@@ -22,12 +24,16 @@ def _max_rings(run: Any) -> int:
 
 
 def _mcore_version() -> str:
+    """The installed megatron-core release (its distribution's version, e.g. 0.19.2)."""
     try:
-        from megatron.core import package_info
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:  # a source checkout on the path: its own version string
+        try:
+            from megatron.core import package_info
 
-        return str(package_info.__version__)
-    except ImportError:
-        return "unknown"
+            return str(package_info.__version__)
+        except ImportError:
+            return "unknown"
 
 
 def banner(run: Any, end: int) -> None:
@@ -79,6 +85,7 @@ def write_metrics(run: Any, loop_time: float, final: bool = False) -> dict[str, 
         "num_params": run.num_params, "vocab_size": run.vocab, "seq_length": r.data.seq_length,
         "global_batch": r.train.global_batch, "tokens_per_step": run.tokens_per_step,
         "train_steps": r.train.steps, "end_step": run.step,
+        "stopped_by": signal_name(run.stopped_by) if run.stopped_by else None,
         "resumed_from": run.resumed_from, "initialized_from": run.initialized_from,
         "setup_time_s": run.setup_time, "train_time_s": loop_time, "checkpoints": run.checkpoints,
         "steps": run.records, "eval": run.evals,
@@ -102,12 +109,13 @@ def summary(run: Any, doc: dict[str, Any]) -> None:
         return
     n = min(10, len(run.records))
     parts = [f"train loss {doc['first_loss_mean10']:.3f} -> {doc['last_loss_mean10']:.3f} (mean of the first/last "
-             f"{n} steps; step {run.records[0]['step'] + 1}: {doc['first_loss']:.3f}, step "
-             f"{run.records[-1]['step'] + 1}: {doc['last_loss']:.3f})"]
+             f"{n} steps; step {run.records[0]['step']}: {doc['first_loss']:.3f}, step "
+             f"{run.records[-1]['step']}: {doc['last_loss']:.3f})"]
     if "first_eval_loss" in doc:
         parts.append(f"held-out {doc['first_eval_loss']:.3f} -> {doc['last_eval_loss']:.3f}")
     parts.append(f"{doc['mean_tokens_per_s']:,.0f} tokens/s")
-    run.log.write("[finetune] done: " + ", ".join(parts))
+    done = f"stopped by {signal_name(run.stopped_by)} after step {run.step}" if run.stopped_by else "done"
+    run.log.write(f"[finetune] {done}: " + ", ".join(parts))
     run.log.write(f"[finetune] wrote {run.out_dir / 'metrics.json'}" +
                   (f", {doc['plot']}" if "plot" in doc else "") +
                   (f"; checkpoint {run.checkpoints[-1]}" if run.checkpoints else ""))

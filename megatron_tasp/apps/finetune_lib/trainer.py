@@ -5,7 +5,9 @@ its zigzag half-chunks (Megatron's ``get_batch_on_this_cp_rank``). The micro-bat
 ``get_forward_backward_func()`` on GPUs; each micro-batch returns its loss summed over tokens and its token
 count, so after the gradient reduction (:mod:`.optimizer`) the loss is the mean over all tokens of the
 global batch. Then the learning-rate schedule advances and the optimizer steps. Held-out loss,
-checkpoints, metrics.json and loss.png follow the recipe.
+checkpoints, metrics.json and loss.png follow the recipe. Step N always means "after N optimizer steps"
+(train records, evaluations, checkpoints). On SIGINT/SIGTERM the ranks agree to stop at the next step
+boundary and save a normal checkpoint there (:mod:`.stopping`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from megatron_tasp.apps.finetune_lib.optimizer import (
     wrap_model,
 )
 from megatron_tasp.apps.finetune_lib.recipe import Recipe, RecipeError
+from megatron_tasp.apps.finetune_lib.stopping import StopRequest
 from megatron_tasp.apps.finetune_lib.tokenizer import build_tokenizer
 
 FORMAT = "megatron-tasp-finetune/2"  # /2: Megatron's optimizer state (GPU) or CpuAdamW's, and the LR scheduler
@@ -95,10 +98,12 @@ def _load_dataset(recipe: Recipe, tokenizer: Any) -> SequenceDataset:
 class Run:
     """State of one fine-tuning run on this rank."""
 
-    def __init__(self, recipe: Recipe, opts: RunOptions) -> None:
+    def __init__(self, recipe: Recipe, opts: RunOptions, stop: StopRequest | None = None) -> None:
         from megatron.core import parallel_state as ps
 
         self.recipe, self.opts = recipe, opts
+        self.stop = stop or StopRequest()
+        self.stopped_by = 0  # the signal the ranks stopped on (0: ran to the end)
         self.t_start = time.perf_counter()
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.dp = recipe.resolve_world(self.world)
@@ -152,7 +157,7 @@ class Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.resumed_from:  # keep the history of the run being continued
                 old = read_json(self.out_dir / "metrics.json")
-                self.records = [s for s in old.get("steps", []) if s.get("step", 1 << 60) < self.step]
+                self.records = [s for s in old.get("steps", []) if s.get("step", 1 << 60) <= self.step]
                 self.evals = [e for e in old.get("eval", []) if e.get("step", 1 << 60) <= self.step]
                 self.checkpoints = list(old.get("checkpoints", []))
         self.setup_time = time.perf_counter() - self.t_start
@@ -287,11 +292,10 @@ class Run:
         loss = float(loss_sum) / self.tokens_per_step
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {self.step + 1}; lower train.lr")
-        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-               "tokens_per_s": self.tokens_per_step / dt, "consumed_samples": self.consumed + t.global_batch}
         self.step += 1
         self.consumed += t.global_batch
-        return rec
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
+                "tokens_per_s": self.tokens_per_step / dt, "consumed_samples": self.consumed}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -336,6 +340,9 @@ class Run:
             self.log.start()
             saved_at = -1
             while self.step < end:
+                self.stopped_by = self.stop.agreed(self.device)  # every rank stops after the same step
+                if self.stopped_by:
+                    break
                 rec = self.train_step()
                 self.records.append(rec)
                 self.log.step(rec, t.steps)
@@ -345,7 +352,7 @@ class Run:
                     self.save()
                     saved_at = self.step
                     report.write_metrics(self, time.perf_counter() - t_loop)
-            if ck.save and ck.save_at_end and saved_at != self.step and self.step > start:
+            if ck.save and (ck.save_at_end or self.stopped_by) and saved_at != self.step and self.step > start:
                 self.save()
         finally:
             self.log.close()
@@ -360,13 +367,14 @@ def run_training(recipe: Recipe, opts: RunOptions | None = None) -> dict[str, An
     from megatron.core import parallel_state as ps
 
     opts = opts or RunOptions()
-    recipe.resolve_world(dist.get_world_size())
-    ps.initialize_model_parallel(tensor_model_parallel_size=recipe.parallel.tp,
-                                 context_parallel_size=recipe.parallel.cp)
-    try:
-        return Run(recipe, opts).run()
-    finally:
-        ps.destroy_model_parallel()
+    with StopRequest() as stop:
+        recipe.resolve_world(dist.get_world_size())
+        ps.initialize_model_parallel(tensor_model_parallel_size=recipe.parallel.tp,
+                                     context_parallel_size=recipe.parallel.cp)
+        try:
+            return Run(recipe, opts, stop).run()
+        finally:
+            ps.destroy_model_parallel()
 
 
 __all__ = ["FORMAT", "Run", "RunOptions", "resolve_device", "run_training"]
