@@ -214,3 +214,26 @@ def test_tasp_attention_is_exact_with_emulated_hosts(hosts, rings):
     verify_rings(n, plan_rings)
     if hosts is not None and len(set(hosts)) == 2 and hosts.count("a") == 2:
         assert inter_node_sends(plan_rings, hosts) == [1] * n
+
+
+def test_build_rank_plan_replaces_the_generic_topology_and_caps_the_ring_count(monkeypatch, caplog):
+    """No topology given (generic of the CP size, up to 7 rings at CP=8) but the hosts show 2 nodes x 4: the plan
+    runs the 4 path-chained rings (capped, logged); a given multi-node topology is checked, not replaced."""
+    import torch.distributed as dist
+
+    from megatron_tasp.engine.plan import build_rank_plan
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    hosts = ("a", "b") * 4
+    with caplog.at_level(logging.WARNING, logger="megatron_tasp.engine.plan"):
+        plan = build_rank_plan(None, generic_topology(8), 7, "p2p", hosts)
+    assert "num_rings 7 -> 4" in caplog.text
+    assert plan.num_rings == 4 and plan.rank == 1 and plan.world_size == 8
+    assert inter_node_sends(plan.rings, hosts) == [1] * 8
+    assert [hosts[p] for p in plan.send_peers].count("a") == 1  # rank 1 (host b): one send leaves the node
+    two = build_rank_plan(None, generic_topology(8), 2, "p2p", hosts)
+    assert two.num_rings == 2
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 16)
+    with pytest.raises(TaspConfigError, match="holds 6 CP ranks"):
+        build_rank_plan(None, load_topology("h100-sxm-8x2"), 8, "p2p", ("a",) * 6 + ("b",) * 10)
