@@ -14,6 +14,7 @@ sequence splits into pieces.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.options import TaspOptions
 from megatron_tasp.schedule import RankStep, compile_schedule, split_sizes
 from megatron_tasp.topology import Topology, TopologyError, generic_topology, load_topology
-from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
+from megatron_tasp.topology.placement import derive_topology, place, place_group, rings_on_cp_ranks
 from megatron_tasp.tuning import choose_num_rings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,16 @@ class RankPlan:
 LOCAL_PLAN = RankPlan(0, 1, 1, ((0,),), (RankStep(0, (), (), ()),), (), (), "none")
 
 
-def resolve_topology(topology: Topology | str | os.PathLike | None, n: int) -> Topology | None:
+def resolve_topology(topology: Topology | str | os.PathLike | None, n: int,
+                     hosts: tuple[str, ...] | None = None) -> Topology | None:
     """The Topology for a CP group of ``n`` ranks (None at CP=1 without one). A preset name or path that
-    does not exist raises at every CP size; the size must match the group only for n > 1."""
+    does not exist raises at every CP size; the size must match the group only for n > 1. With ``hosts``
+    (one per CP rank, known without a collective) and no topology, the topology is derived from where the
+    ranks sit (:func:`megatron_tasp.topology.placement.derive_topology`); without them the single-node
+    generic topology stands in until :func:`build_rank_plan` sees the hosts."""
     if topology is None:
+        if n > 1 and hosts is not None and len(hosts) == n:
+            return derive_topology(place(hosts))[0]
         return generic_topology(n) if n > 1 else None
     if isinstance(topology, (str, os.PathLike)):
         try:
@@ -64,7 +73,7 @@ def resolve_topology(topology: Topology | str | os.PathLike | None, n: int) -> T
         try:
             topology.check_world_size(n)
         except TopologyError as exc:
-            raise TaspConfigError(str(exc)) from None
+            raise TaspConfigError(f"{exc} (or leave the topology unset to derive it from the hosts)") from None
     return topology
 
 
@@ -126,15 +135,25 @@ def gather_hosts(group: dist.ProcessGroup | None, n: int, hosts: tuple[str, ...]
 
 def build_rank_plan(group: dist.ProcessGroup | None, topology: Topology, num_rings: int, transport: str,
                     hosts: tuple[str, ...] | None) -> RankPlan:
-    """Compile this rank's schedule for ``group`` (collective on several nodes without ``hosts``)."""
+    """Compile this rank's schedule for ``group``: rings over CP ranks placed by the host of every CP rank
+    (``hosts``, else gathered: a collective). A given multi-node ``topology`` is checked against the hosts;
+    the generic single-node one (no topology given) is replaced by the one derived from the hosts, its
+    ring count capped at what that topology offers (logged)."""
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    rings = topology.rings(num_rings)
-    if topology.nodes > 1:
+    derive = topology == generic_topology(n)
+    if topology.nodes > 1 or derive:
         try:
-            rings = rings_on_cp_ranks(rings, logical_to_cp_ranks(topology, gather_hosts(group, n, hosts)))
+            placed, mapping = place_group(gather_hosts(group, n, hosts), None if derive else topology)
         except TopologyError as exc:
             raise TaspConfigError(str(exc)) from None
+        if placed != topology and num_rings > placed.max_rings():
+            logger.warning("TASP: the CP ranks' hosts give topology '%s' (%d ring(s) at most); num_rings %d -> %d",
+                           placed.name, placed.max_rings(), num_rings, placed.max_rings())
+            num_rings = placed.max_rings()
+        rings = rings_on_cp_ranks(placed.rings(num_rings), mapping)
+    else:
+        rings = topology.rings(num_rings)
     sched = compile_schedule(rings)
     k = len(sched.rings)
     return RankPlan(rank=rank, world_size=n, num_rings=k, rings=tuple(tuple(r) for r in sched.rings),

@@ -10,7 +10,15 @@ from megatron_tasp.topology.descriptor import (
     load_topology,
     topology_from_dict,
 )
-from megatron_tasp.topology.placement import logical_to_cp_ranks, rings_on_cp_ranks
+from megatron_tasp.topology.placement import (
+    Placement,
+    derive_topology,
+    inter_node_sends,
+    logical_to_cp_ranks,
+    place,
+    place_group,
+    rings_on_cp_ranks,
+)
 from megatron_tasp.topology.rings import (
     MAX_WORLD_SIZE,
     RingError,
@@ -22,7 +30,8 @@ from megatron_tasp.topology.rings import (
 )
 
 __all__ = [
-    "MAX_WORLD_SIZE", "InterNode", "IntraNode", "RingError", "Topology", "TopologyError", "generic_topology",
-    "hamiltonian_rings", "inter_node_arcs", "list_presets", "load_topology", "logical_to_cp_ranks",
-    "max_rings", "multinode_rings", "rings_on_cp_ranks", "topology_from_dict", "verify_rings",
+    "MAX_WORLD_SIZE", "InterNode", "IntraNode", "Placement", "RingError", "Topology", "TopologyError",
+    "derive_topology", "generic_topology", "hamiltonian_rings", "inter_node_arcs", "inter_node_sends",
+    "list_presets", "load_topology", "logical_to_cp_ranks", "max_rings", "multinode_rings", "place",
+    "place_group", "rings_on_cp_ranks", "topology_from_dict", "verify_rings",
 ]
