@@ -211,7 +211,7 @@ def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, soft
         try:
             eff, compute_only = resolve_options(options, explicit)
             scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-            topo = resolve_topology(eff.topology, n)
+            topo = resolve_topology(eff.topology, n, eff.hosts)
             check_rings(eff.num_rings, topo)
             tname = COMPUTE_ONLY if compute_only else transport_name(eff.transport, topo)
             check_transport(tname, topo, q.device)

@@ -76,6 +76,23 @@ def optimizer_step(optimizer: Any) -> float:
     return float(grad_norm) if grad_norm is not None else float("nan")
 
 
+def materialize_state(optimizer: Any) -> None:
+    """Give every inner torch optimizer of a Megatron optimizer its state tensors before a checkpoint is
+    loaded into it. Without Apex/Transformer Engine, Megatron's distributed optimizer reads the Adam step
+    from the inner optimizer's state, which torch creates only at the first step, so building the
+    state dict to load into fails on a fresh optimizer. One step on zero gradients creates the state; the
+    load then overwrites it and the fp32 main parameters it touched."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        params = [p for group in inner.param_groups for p in group["params"] if p.numel() > 0]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+
+
 class CpuAdamW:
     """AdamW on fp32 masters with one flat gradient all-reduce over ``group`` (the CPU stand-in, see above).
 
@@ -176,4 +193,4 @@ class CpuAdamW:
                     p.copy_(m)
 
 
-__all__ = ["CpuAdamW", "build_optimizer", "build_scheduler", "optimizer_step", "wrap_model"]
+__all__ = ["CpuAdamW", "build_optimizer", "build_scheduler", "materialize_state", "optimizer_step", "wrap_model"]

@@ -34,6 +34,7 @@ from megatron_tasp.apps.finetune_lib.optimizer import (
     CpuAdamW,
     build_optimizer,
     build_scheduler,
+    materialize_state,
     optimizer_step,
     wrap_model,
 )
@@ -197,6 +198,8 @@ class Run:
         if isinstance(self.opt, CpuAdamW):
             opt_state = self.opt.sharded_state_dict()
         else:
+            if is_loading:
+                materialize_state(self.opt)
             # 'fully_reshardable': the optimizer state is stored per parameter, so a checkpoint loads at
             # another DP x CP layout (megatron-core 0.19's default format, flattened ranges, is rejected by its
             # own checkpoint validation; 'dp_reshardable' would only reshard along DP)
