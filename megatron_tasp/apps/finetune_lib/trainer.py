@@ -200,11 +200,12 @@ class Run:
         else:
             if is_loading:
                 materialize_state(self.opt)
-            # 'fully_reshardable': the optimizer state is stored per parameter, so a checkpoint loads at
-            # another DP x CP layout (megatron-core 0.19's default format, flattened ranges, is rejected by its
-            # own checkpoint validation; 'dp_reshardable' would only reshard along DP)
+            # 'dp_reshardable' (Megatron-LM's default): megatron-core 0.19's default format (flattened ranges) is
+            # rejected by its own checkpoint validation, and its 'fully_reshardable' loader expects no Adam step
+            # tensor, which torch's AdamW (used without Apex/Transformer Engine) keeps per parameter. The
+            # optimizer state then resumes at the same TP x CP layout (DP may change); weights load anywhere.
             opt_state = self.opt.sharded_state_dict(model_state, is_loading=is_loading,
-                                                    metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+                                                    metadata={"distrib_optim_sharding_type": "dp_reshardable"})
         return {"model": model_state, "optimizer": opt_state}
 
     def _resume(self, path: Path) -> None:
