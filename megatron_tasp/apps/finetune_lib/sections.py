@@ -108,8 +108,9 @@ class TrainSection:
                             "layer)", choices=("none", "selective", "full"))
     optimizer: str = option("adamw", "optimizer: AdamW (on GPUs Megatron-Core's, see distributed_optimizer)",
                             choices=("adamw",))
-    distributed_optimizer: bool = option(True, "GPU: shard the fp32 master weights and optimizer state over the "
-                                         "dp * cp ranks (Megatron's distributed optimizer); CPU: ignored")
+    distributed_optimizer: bool = option(False, "GPU: shard the fp32 master weights and optimizer state over the "
+                                         "dp * cp ranks (Megatron's distributed optimizer; its resume is not exact "
+                                         "with megatron-core 0.19 without Apex/TE, docs/FINETUNE.md); CPU: ignored")
     lr: float = option(3e-4, "peak learning rate", min=0.0)
     min_lr: float = option(0.0, "learning rate at the end of the cosine decay (an absolute value)", min=0.0)
     schedule: str = option("cosine", "cosine (linear warmup, cosine decay to min_lr at the last step) or constant "
