@@ -1,0 +1,205 @@
+"""Packed documents (THD) on GPUs: TASP's document-masked attention against one-device references, and its time.
+
+Launch one process per GPU (``torchrun --nproc-per-node 2 scripts/gpu_check_thd.py --out thd.json``). For each
+packed sequence (a long-tailed, log-normal document-length mix around ``--doc-mean`` tokens plus a few long
+documents, each padded to a multiple of 2*CP), it checks out/dq/dk/dv of every rank's shard against fp32
+document-masked attention over the whole sequence on one GPU (relative max error beside the same error of the
+block kernel run on one GPU), then times forward+backward (CUDA events, median, max over ranks) of:
+TASP packed at CP, the same packed sequence with the same mask on one GPU (a loop of per-document kernel
+calls, ``one_gpu_packed``), and dense causal TASP on the same tokens (``dense_causal``). On CPU (gloo) it runs
+as a smoke test with tiny shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+from megatron_tasp.thd import partition_index
+
+from megatron_tasp import tasp_attention
+
+
+def doc_lengths(total: int, mean: int, cp: int, seed: int) -> list[int]:
+    """Log-normal lengths around ``mean`` plus two long documents, each a multiple of 2*cp, summing to total."""
+    g = torch.Generator().manual_seed(seed)
+    unit = 2 * cp
+    lens: list[int] = []
+    long_docs = [total // 4, total // 8]
+    budget = total - sum(long_docs)
+    while budget > 0:
+        x = int(math.exp(math.log(mean) + 0.8 * float(torch.randn(1, generator=g))))
+        x = max(1, min(x, budget))
+        lens.append(x)
+        budget -= -(-x // unit) * unit
+    lens = long_docs + lens
+    padded = [-(-x // unit) * unit for x in lens]
+    while sum(padded) > total:
+        padded.pop()
+        lens.pop()
+    padded[-1] += total - sum(padded)  # the last document absorbs the rest (still a multiple of 2*cp)
+    return lens, padded
+
+
+def cumsum(xs: list[int], device) -> torch.Tensor:
+    out = [0]
+    for x in xs:
+        out.append(out[-1] + x)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def reference(q, k, v, lens, padded, causal):
+    """fp32 document-masked attention on the whole packed sequence; padded rows are 0."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    g = q.shape[1] // k.shape[1]
+    start = 0
+    for n, p in zip(lens, padded):
+        qs, ks, vs = (x[start:start + n].float().transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(g, 0), vs.repeat_interleave(g, 0)
+        out[start:start + n] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=causal).transpose(0, 1)
+        start += p
+    return out
+
+
+def one_gpu_packed(q, k, v, lens, padded, causal):
+    """The packed sequence with the same mask on one GPU: one kernel call per document (bf16, GQA native)."""
+    out = torch.zeros_like(q)
+    start = 0
+    for n, p in zip(lens, padded):
+        qs, ks, vs = (x[start:start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        out[start:start + n] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=causal, enable_gqa=True)[0].transpose(0, 1)
+        start += p
+    return out
+
+
+def grads(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+
+
+def time_ms(fn, q, k, v, do, warmup, iters, cuda):
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        fn(q, k, v).backward(do)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            import time
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor([statistics.median(times)], device=q.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="16k,32k,64k", help="packed tokens per sequence (comma list; 'k' = 1024)")
+    ap.add_argument("--doc-mean", type=int, default=4096, help="mean document length of the log-normal mix")
+    ap.add_argument("--heads", default="32/8", help="query/KV heads")
+    ap.add_argument("--check-tokens", type=int, default=8192, help="sequence length of the correctness check")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    n, r = dist.get_world_size(), dist.get_rank()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    hq, hkv = (int(x) for x in a.heads.split("/"))
+    d = 128 if cuda else 16
+    scale = 1 if cuda else 64
+    results = {"cp": n, "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+               "dtype": str(dtype), "heads": a.heads, "head_dim": d, "checks": [], "timings": []}
+    for causal in (True, False):  # correctness
+        S = a.check_tokens // scale
+        lens, padded = doc_lengths(S, max(8, a.doc_mean // scale // 4), n, seed=7 + causal)
+        g = torch.Generator(device=dev).manual_seed(11)
+        q, k, v, do = (torch.randn(S, h, d, device=dev, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq))
+        cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)
+        cu_real = torch.tensor([0, *[sum(padded[:i]) + lens[i] for i in range(len(lens))]], device=dev)
+        mask = torch.zeros(S, dtype=torch.bool, device=dev)
+        for i in range(len(lens)):
+            mask[int(cu_pad[i]):int(cu_real[i + 1])] = True
+        do = do * mask[:, None, None]
+        ref = grads(lambda x, y, z, m=(lens, padded, causal): reference(x, y, z, *m), q, k, v, do.float())
+        idx = partition_index(cu_pad, n, r).to(dev)
+        got = grads(lambda x, y, z, c=causal, cp=cu_pad, cu=cu: tasp_attention(
+            x, y, z, dist.group.WORLD, causal=c, cu_seqlens_padded=cp, cu_seqlens=cu), q[idx], k[idx], v[idx], do[idx])
+        one = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_packed(x, y, z, *m), q, k, v, do)
+        rec = {"causal": causal, "tokens": S, "docs": len(lens)}
+        for j, name in enumerate(("out", "dq", "dk", "dv")):
+            e = torch.tensor([rel(got[j], ref[j][idx])], device=dev)
+            dist.all_reduce(e, op=dist.ReduceOp.MAX)
+            rec[f"err_{name}"] = float(e)
+            rec[f"one_gpu_err_{name}"] = rel(one[j], ref[j])
+        pad_rows = ~mask[idx]
+        rec["padded_rows_zero"] = (not bool(pad_rows.any())) or all(float(t[pad_rows].abs().max()) == 0 for t in got)
+        rec["ok"] = all(rec[f"err_{m}"] <= 2 * rec[f"one_gpu_err_{m}"] + 2e-2 for m in ("out", "dq", "dk", "dv")) \
+            and rec["padded_rows_zero"]
+        results["checks"].append(rec)
+        if r == 0:
+            print(json.dumps(rec), flush=True)
+    for tok in (int(t.lower().replace("k", "")) * (1024 if "k" in t.lower() else 1) for t in a.tokens.split(",")):
+        S = tok // scale
+        lens, padded = doc_lengths(S, max(8, a.doc_mean // scale), n, seed=tok)
+        g = torch.Generator(device=dev).manual_seed(5)
+        q, k, v, do = (torch.randn(S, h, d, device=dev, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq))
+        cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)
+        idx = partition_index(cu_pad, n, r).to(dev)
+        zig = torch.cat([torch.arange(r * S // (2 * n), (r + 1) * S // (2 * n)),
+                         torch.arange((2 * n - 1 - r) * S // (2 * n), (2 * n - r) * S // (2 * n))]).to(dev)
+        ql, kl, vl, dol = (x[idx].detach().requires_grad_(True) for x in (q, k, v, do))
+        rec = {"tokens": S, "tokens_per_gpu": S // n, "docs": len(lens), "doc_lengths": lens,
+               "masked_area_fraction": sum(x * x for x in lens) / (S * S)}
+        rec["tasp_packed_ms"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
+            x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
+            dol.detach(), a.warmup, a.iters, cuda)
+        qs, ks, vs = (x.detach()[zig].unsqueeze(1).requires_grad_(True) for x in (q, k, v))
+        rec["dense_causal_ms"] = time_ms(lambda x, y, z: tasp_attention(x, y, z, dist.group.WORLD, causal=True),
+                                         qs, ks, vs, do[zig].unsqueeze(1), a.warmup, a.iters, cuda)
+        qf, kf, vf = (x.detach().requires_grad_(True) for x in (q, k, v))
+        rec["one_gpu_packed_ms"] = time_ms(lambda x, y, z, m=(lens, padded): one_gpu_packed(x, y, z, *m, True),
+                                           qf, kf, vf, do, a.warmup, a.iters, cuda)
+        rec["tasp_over_one_gpu"] = rec["tasp_packed_ms"] / rec["one_gpu_packed_ms"]
+        results["timings"].append(rec)
+        if r == 0:
+            print(json.dumps({k_: v_ for k_, v_ in rec.items() if k_ != "doc_lengths"}), flush=True)
+    results["all_ok"] = all(c["ok"] for c in results["checks"])
+    if r == 0:
+        print("ALL_OK" if results["all_ok"] else "FAILED", flush=True)
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump(results, fh, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
