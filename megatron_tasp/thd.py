@@ -8,11 +8,20 @@ partition serves causal and non-causal attention.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["partition_index"]
+from megatron_tasp.engine.backward import backward
+from megatron_tasp.engine.cache import PLAN_CACHE
+from megatron_tasp.engine.compiled import CompiledCall, LocalCall
+from megatron_tasp.engine.errors import TaspConfigError
+from megatron_tasp.engine.forward import forward
+from megatron_tasp.kernels.segmented import segmented_block
+
+__all__ = ["ThdAttention", "ThdLayout", "partition_index", "thd_layout", "thd_views"]
 
 
 def _bounds(cu_seqlens_padded: torch.Tensor | Sequence[int]) -> list[int]:
@@ -57,3 +66,178 @@ def partition_index(cu_seqlens_padded: torch.Tensor | Sequence[int], cp_size: in
     offsets = torch.cumsum(run_len, 0) - run_len  # local start of every run
     within = torch.arange(total, dtype=torch.long) - torch.repeat_interleave(offsets, run_len)
     return torch.repeat_interleave(run_start, run_len) + within
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the engine side: a compiled call re-targeted at one set of document boundaries
+# ---------------------------------------------------------------------------------------------------------
+def _doc_runs(cu_pad: Sequence[int], cu: Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chunk length, real length, front-block start) per document, as CPU LongTensors."""
+    pad_len = torch.tensor(cu_pad[1:], dtype=torch.long) - torch.tensor(cu_pad[:-1], dtype=torch.long)
+    real = torch.tensor(cu[1:], dtype=torch.long) - torch.tensor(cu[:-1], dtype=torch.long)
+    chunk = pad_len // (2 * n)
+    return chunk, real, torch.cumsum(chunk, 0) - chunk
+
+
+def _within(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document id, position inside the document's run) of every token of runs of ``lengths``."""
+    doc = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return doc, torch.arange(int(lengths.sum())) - starts[doc]
+
+
+def engine_segments(cu_pad: Sequence[int], cu: Sequence[int], n: int, rank: int) -> torch.Tensor:
+    """Segment id of every token of CP rank ``rank`` in the engine's order ``[F ; B]`` (F: chunk ``rank`` of
+    every document, B: chunk ``2n-1-rank`` of every document): ``2i`` for the real tokens of document i,
+    ``2i + 1`` for its padding (a segment of its own, so every padded query still sees itself)."""
+    chunk, real, _ = _doc_runs(cu_pad, cu, n)
+    doc, m = _within(chunk)
+    parts = []
+    for ch in (rank, 2 * n - 1 - rank):
+        pos = ch * chunk[doc] + m  # position inside the padded document
+        parts.append(2 * doc + (pos >= real[doc]).long())
+    return torch.cat(parts)
+
+
+def engine_order(cu_pad: Sequence[int], n: int) -> torch.Tensor:
+    """Local THD position of every token in the engine's order ``[F ; B]`` (the same for every rank)."""
+    chunk, _, fstart = _doc_runs(cu_pad, cu_pad, n)
+    doc, m = _within(chunk)
+    local_start = 2 * fstart  # doc i's two chunks start here in the THD local order
+    return torch.cat((local_start[doc] + m, local_start[doc] + chunk[doc] + m))
+
+
+@dataclass(frozen=True)
+class ThdLayout:
+    """A compiled call re-targeted at one set of document boundaries: the permutation between the THD local
+    order and the engine's ``[F ; B]`` order (the dense zigzag layout), the padded rows, and the call whose
+    kernels are segmented (same rings, pieces, exchange and schedule as the dense call)."""
+
+    call: CompiledCall | LocalCall
+    perm: torch.Tensor | None  # engine row -> THD local row (None: identity)
+    inv: torch.Tensor | None  # THD local row -> engine row
+    pad: torch.Tensor | None  # engine rows of padding tokens (None: no padding)
+
+
+def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], device: torch.device):
+    """A shallow copy of ``call`` whose every block kernel is masked to equal segments (``segs[s]``: the
+    segment ids of CP rank s in engine order)."""
+    n, r = call.plan.world_size, call.plan.rank
+    mine = segs[r]
+    out = copy.copy(call)
+    out.local_kernel = segmented_block(call.kernel, mine, mine, device)
+    if n == 1:
+        return out
+    pieces = call.pieces
+    perm = pieces.perm.cpu()
+    offs: dict[tuple[int, int], int] = {}  # (lane, ring) -> first row of the sub-piece in the packed order
+    at = 0
+    for j in range(pieces.chunks):
+        for i, length in enumerate(pieces.lengths(j)):
+            offs[j, i] = at
+            at += length
+    blocks: list = [[]]
+    for st in call.plan.steps[1:]:
+        source = {h.ring: h.source for h in st.held}
+        lanes = []
+        for j in range(call.chunks):
+            entries = []
+            for case, rings, kern in call.blocks[st.step][j]:
+                keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
+                                  for i in rings])
+                entries.append((case, rings, segmented_block(kern, mine[call.q_rows(case)], keys, device)))
+            lanes.append(entries)
+        blocks.append(lanes)
+    out.blocks = blocks
+    return out
+
+
+def _check_boundaries(cu_pad: tuple[int, ...], cu: tuple[int, ...], n: int, length: int) -> None:
+    try:
+        check_padded(cu_pad, n)
+    except ValueError as exc:
+        raise TaspConfigError(str(exc)) from None
+    if len(cu) != len(cu_pad) or cu[0] != 0:
+        raise TaspConfigError(f"cu_seqlens must start at 0 and have as many entries as cu_seqlens_padded "
+                              f"({len(cu_pad)}), got {len(cu)}")
+    for i in range(len(cu) - 1):
+        if not 0 <= cu[i + 1] - cu[i] <= cu_pad[i + 1] - cu_pad[i]:
+            raise TaspConfigError(f"document {i}: length {cu[i + 1] - cu[i]} (cu_seqlens) must lie in "
+                                  f"[0, {cu_pad[i + 1] - cu_pad[i]}] (its padded length, cu_seqlens_padded)")
+    if cu_pad[-1] != length * n:
+        raise TaspConfigError(f"cu_seqlens_padded ends at {cu_pad[-1]} tokens but CP={n} ranks of {length} local "
+                              f"tokens hold {length * n}; pass the global padded boundaries and the local tokens")
+
+
+def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor | Sequence[int],
+               cu_seqlens: torch.Tensor | Sequence[int] | None, length: int, device: torch.device) -> ThdLayout:
+    """The layout of ``call`` for these document boundaries, built once per (call, boundary values).
+
+    The boundaries are read to the host on every call (on GPU a host sync; the compiled layout is keyed on
+    the values, so calls with the same shapes but other documents never reuse a stale layout)."""
+    cu_pad = tuple(_bounds(cu_seqlens_padded))
+    cu = cu_pad if cu_seqlens is None else tuple(_bounds(cu_seqlens))
+    key = ("thd", call, cu_pad, cu)
+    layout = PLAN_CACHE.local.get(key)
+    if layout is not None:
+        return layout
+    n = call.plan.world_size
+    _check_boundaries(cu_pad, cu, n, length)
+    segs = [engine_segments(cu_pad, cu, n, s) for s in range(n)]
+    order = engine_order(cu_pad, n)
+    identity = bool(torch.equal(order, torch.arange(length)))
+    pad = torch.nonzero(segs[call.plan.rank] % 2 == 1).flatten()
+    layout = ThdLayout(call=_segmented_call(call, segs, device),
+                       perm=None if identity else order.to(device),
+                       inv=None if identity else torch.argsort(order).to(device),
+                       pad=pad.to(device) if pad.numel() else None)
+    return PLAN_CACHE.local.put(key, layout)
+
+
+def thd_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``[t, h, d]`` or ``[t, 1, h, d]`` tensors as ``[t, 1, h, d]`` views (the engine's sbhd with b = 1)."""
+    out = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or not (x.dim() == 3 or (x.dim() == 4 and x.shape[1] == 1)):
+            raise TaspConfigError(f"packed documents (cu_seqlens_padded given): {name} must be [t, heads, head_dim] "
+                                  f"or [t, 1, heads, head_dim], got {tuple(getattr(x, 'shape', ()))}")
+        out.append(x.unsqueeze(1) if x.dim() == 3 else x)
+    return tuple(out)
+
+
+def _to_engine(x: torch.Tensor, layout: ThdLayout) -> torch.Tensor:
+    """THD local order -> engine order ([t, 1, h, d]); a new tensor unless the order is the identity."""
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    return x if layout.perm is None else x.index_select(0, layout.perm)
+
+
+def _from_engine(x: torch.Tensor, layout: ThdLayout, shape: torch.Size) -> torch.Tensor:
+    return (x if layout.inv is None else x.index_select(0, layout.inv)).reshape(shape)
+
+
+class ThdAttention(torch.autograd.Function):
+    """Packed-document attention: permute to the engine's order, run the segmented call, zero the padded
+    rows (output, and the incoming gradient, so no gradient reaches or leaves a padded token), permute back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: ThdLayout):  # type: ignore[override]
+        qe, ke, ve = (_to_engine(x, layout) for x in (q, k, v))
+        out, lse, kctx, kept = forward(layout.call, qe, ke, ve)
+        if layout.pad is not None:
+            out.index_fill_(0, layout.pad, 0)
+        ctx.save_for_backward(qe, ke, ve, out, lse)
+        ctx.layout, ctx.kctx, ctx.kept = layout, kctx, kept
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        return _from_engine(out, layout, q.shape)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        qe, ke, ve, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        kept, ctx.kept = ctx.kept, None  # see _TaspAttention.backward (a second backward re-exchanges KV)
+        with torch.no_grad():
+            de = _to_engine(dout, layout)
+            if layout.pad is not None:
+                de = de.index_fill(0, layout.pad, 0)
+            dq, dk, dv = backward(layout.call, de.contiguous(), qe, ke, ve, out, lse, ctx.kctx, kept)
+        return (*(_from_engine(g, layout, s) for g, s in zip((dq, dk, dv), ctx.shapes)), None)
