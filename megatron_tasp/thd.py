@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_tasp.engine.agree import agree_boundaries, boundaries_digest
 from megatron_tasp.engine.backward import backward
 from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall
@@ -174,7 +175,8 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
     """The layout of ``call`` for these document boundaries, built once per (call, boundary values).
 
     The boundaries are read to the host on every call (on GPU a host sync; the compiled layout is keyed on
-    the values, so calls with the same shapes but other documents never reuse a stale layout)."""
+    the values, so calls with the same shapes but other documents never reuse a stale layout). A new set of
+    boundaries is checked across the CP ranks with one all-reduce (every rank raises on a mismatch)."""
     cu_pad = tuple(_bounds(cu_seqlens_padded))
     cu = cu_pad if cu_seqlens is None else tuple(_bounds(cu_seqlens))
     key = ("thd", call, cu_pad, cu)
@@ -182,7 +184,15 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
     if layout is not None:
         return layout
     n = call.plan.world_size
-    _check_boundaries(cu_pad, cu, n, length)
+    problem = None
+    try:
+        _check_boundaries(cu_pad, cu, n, length)
+    except TaspConfigError as exc:
+        problem = exc
+    if n > 1:
+        agree_boundaries(call.group, boundaries_digest(cu_pad, cu), device, problem)
+    elif problem is not None:
+        raise problem
     segs = [engine_segments(cu_pad, cu, n, s) for s in range(n)]
     order = engine_order(cu_pad, n)
     identity = bool(torch.equal(order, torch.arange(length)))

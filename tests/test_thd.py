@@ -225,3 +225,25 @@ def test_bad_boundaries_fail_closed():
                        cu_seqlens_padded=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="multiple of 2\\*CP"):
         partition_index([0, 6], 2, 0)
+
+
+def _disagree_worker(rank, n, what):
+    import torch.distributed as dist
+
+    q = torch.randn(8, 4, D)
+    cu_pad = {"differ": ([0, 4, 16], [0, 8, 16]), "invalid": ([0, 4, 16], [0, 6, 16])}[what][rank]
+    try:
+        tasp_attention(q, q, q, dist.group.WORLD, cu_seqlens_padded=torch.tensor(cu_pad))
+    except TaspConfigError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("what", ["differ", "invalid"])
+def test_ranks_with_other_boundaries_all_raise(what):
+    msgs = run_workers(_disagree_worker, 2, what, timeout_s=60)
+    assert all(msgs), msgs
+    if what == "differ":
+        assert all("disagree on the document boundaries" in m for m in msgs), msgs
+    else:
+        assert "multiple of 2*CP" in msgs[1] and "rejected its document boundaries" in msgs[0], msgs
