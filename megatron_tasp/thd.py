@@ -146,7 +146,11 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
             for case, rings, kern in call.blocks[st.step][j]:
                 keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
                                   for i in rings])
-                entries.append((case, rings, segmented_block(kern, mine[call.q_rows(case)], keys, device)))
+                block = segmented_block(kern, mine[call.q_rows(case)], keys, device)
+                # a block no query may see is left out (no kernel, no merge), except at step 1 where the
+                # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
+                if block.pairs or st.step == 1:
+                    entries.append((case, rings, block))
             lanes.append(entries)
         blocks.append(lanes)
     out.blocks = blocks
