@@ -5,6 +5,9 @@
 the local tokens are Megatron's zigzag shard: rank r holds blocks ``B_r`` and ``B_(2n-1-r)`` of the 2n
 equal blocks of the sequence.
 
+Packed documents (THD): with ``cu_seqlens_padded`` each rank passes ``[t, h, d]`` tokens laid out by
+:func:`megatron_tasp.thd.partition_index`; attention stays within every document (see :mod:`megatron_tasp.thd`).
+
 How it runs lives in :mod:`megatron_tasp.engine`: the rank plan and piece layout (``plan``), a call
 compiled once per signature (``compiled``; the plan cache in ``cache`` keeps it), the forward
 (``forward``), the backward (``backward``) and the transports (``exchange``). This module holds the

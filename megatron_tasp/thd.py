@@ -1,9 +1,27 @@
-"""Packed documents (THD) for TASP: the partition of a packed sequence over CP ranks.
+"""Packed documents (THD) for TASP: the partition of a packed sequence over CP ranks, and how the engine
+runs document-masked attention on it.
 
-Convention (Transformer Engine's THD layout): every document, padded to a multiple of 2·CP tokens, is cut
-into 2·CP equal chunks; CP rank r holds chunks r and 2·CP-1-r of every document, documents in order. The
-local order is ``doc0 chunk r, doc0 chunk 2CP-1-r, doc1 chunk r, doc1 chunk 2CP-1-r, ...``. The same
-partition serves causal and non-causal attention.
+Partition (Transformer Engine's THD convention, :func:`partition_index`): every document, padded at its end
+to a multiple of 2·CP tokens, is cut into 2·CP equal chunks; CP rank r holds chunks r and 2·CP-1-r of every
+document, documents in order. The local order is ``doc0 chunk r, doc0 chunk 2CP-1-r, doc1 chunk r, ...``.
+The same partition serves causal and non-causal attention.
+
+Engine. Let F be the concatenation of chunk r of every document and B that of chunk 2·CP-1-r. The local
+tokens are permuted once into ``[F ; B]`` (and back on the output and the gradients): that is exactly the
+dense zigzag layout, so rings, pieces, exchange, schedule cases and merges are the dense ones. Within one
+document F's tokens precede B's globally, and every chunk of a piece from an *earlier* source precedes both
+of this rank's chunks of the same document (a *later* source's chunks precede only B's), so the dense cases
+stay right per document; only the blocks change: every block is masked to "same segment" (causal in local
+order for the own block). Segment ids: ``2i`` for document i's real tokens, ``2i + 1`` for its padding, a
+segment of its own so every padded query sees at least itself (a finite lse, as the merge assumes after
+step 0); the padded rows of the output are zeroed at the end and their incoming gradient dropped, so no
+gradient reaches or leaves a padded token (exactly 0). A received piece's segment ids depend on its source
+rank, which the schedule knows: :func:`thd_layout` precomputes one segmented kernel
+(:mod:`megatron_tasp.kernels.segmented`) per (step, lane, case) for each set of boundary values.
+
+Cost. The boundaries are read to the host once per call (a host sync on GPU) and a new set is compiled
+(and agreed across ranks with one all-reduce) once; the segmented kernels loop over the documents of a
+block with one dense kernel call each (correctness first: a varlen or mask-aware GPU kernel is later work).
 """
 
 from __future__ import annotations

@@ -11,4 +11,7 @@
 ``cache``     the one plan cache (bounded, keyed by the group's global ranks; ``clear_plan_cache()``)
 ``errors``    ``TaspConfigError``
 ============  ===============================================================================================
+
+Packed documents (:mod:`megatron_tasp.thd`) reuse a compiled call with its block kernels swapped for
+segmented ones (``CompiledCall.local_kernel`` and ``CompiledCall.blocks``); the loops here are unchanged.
 """
