@@ -199,10 +199,16 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
     The boundaries are read to the host on every call (on GPU a host sync; the compiled layout is keyed on
     the values, so calls with the same shapes but other documents never reuse a stale layout). A new set of
     boundaries is checked across the CP ranks with one all-reduce (every rank raises on a mismatch)."""
-    cu_pad = tuple(_bounds(cu_seqlens_padded))
-    cu = cu_pad if cu_seqlens is None else tuple(_bounds(cu_seqlens))
-    key = ("thd", call, cu_pad, cu)
-    layout = PLAN_CACHE.local.get(key)
+    if (isinstance(cu_seqlens_padded, torch.Tensor) and isinstance(cu_seqlens, torch.Tensor)
+            and cu_seqlens.device == cu_seqlens_padded.device and cu_seqlens.dim() == cu_seqlens_padded.dim() == 1):
+        both = torch.cat((cu_seqlens_padded.long(), cu_seqlens.long())).tolist()  # one host read, not two
+        cu_pad, cu = tuple(both[:cu_seqlens_padded.numel()]), tuple(both[cu_seqlens_padded.numel():])
+    else:
+        cu_pad = tuple(_bounds(cu_seqlens_padded))
+        cu = cu_pad if cu_seqlens is None else tuple(_bounds(cu_seqlens))
+    key = (call, cu_pad, cu)
+    cache = (PLAN_CACHE.scope(call.group) if isinstance(call, CompiledCall) else PLAN_CACHE.local).layouts()
+    layout = cache.get(key)
     if layout is not None:
         return layout
     n = call.plan.world_size
@@ -223,7 +229,7 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
                        perm=None if identity else order.to(device),
                        inv=None if identity else torch.argsort(order).to(device),
                        pad=pad.to(device) if pad.numel() else None)
-    return PLAN_CACHE.local.put(key, layout)
+    return cache.put(key, layout)
 
 
 def thd_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -266,3 +266,23 @@ def test_ranks_with_other_boundaries_all_raise(what):
         assert all("disagree on the document boundaries" in m for m in msgs), msgs
     else:
         assert "multiple of 2*CP" in msgs[1] and "rejected its document boundaries" in msgs[0], msgs
+
+
+def test_layouts_are_a_small_lru_keyed_on_values():
+    """A new set of boundaries per batch: layouts are rebuilt for new values, reused for equal ones (other
+    tensors), and only the most recent few are kept."""
+    from megatron_tasp import clear_plan_cache
+    from megatron_tasp.engine.cache import PLAN_CACHE, Scope
+
+    clear_plan_cache()
+    q = torch.randn(16, 2, D)
+    for first in range(2, 14, 2):
+        tasp_attention(q, q, q, None, cu_seqlens_padded=torch.tensor([0, first, 16]))
+    layouts = PLAN_CACHE.local.layouts()
+    assert len(layouts.entries) == min(6, Scope.MAX_LAYOUTS)
+    before = list(layouts.entries.values())
+    tasp_attention(q, q, q, None, cu_seqlens_padded=torch.tensor([0, 12, 16], dtype=torch.int32))
+    assert list(layouts.entries.values())[-1] is before[-1]  # same values: the same layout
+    for first in range(0, 18, 2):
+        tasp_attention(q, q, q, None, cu_seqlens_padded=torch.tensor([0, first, 16]))
+    assert len(layouts.entries) == Scope.MAX_LAYOUTS
