@@ -89,16 +89,17 @@ class SegmentedBlock:
         """dq, dk, dv of this block from the merged ``out``/``lse`` (zero where no segment is shared)."""
         if self.full:
             return self.kernel.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
-        dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        grads: list[Tensor] = []
         for (iq, ik), c in zip(self.pairs, ctx):
             g = self.kernel.backward_unchecked(_take(dout, iq), _take(q, iq), _take(k, ik), _take(v, ik),
                                                _take(out, iq), _take(lse, iq), c, causal=causal, scale=scale)
-            _put(dq, iq, g[0])
-            _put(dk, ik, g[1])
-            _put(dv, ik, g[2])
-        return dq, dk, dv
+            if not grads:  # in the kernel's gradient dtypes (a kernel may return wider ones)
+                grads = [torch.zeros(x.shape, dtype=gx.dtype, device=x.device) for x, gx in zip((q, k, v), g)]
+            for dst, rows, val in zip(grads, (iq, ik, ik), g):
+                _put(dst, rows, val)
+        if not grads:
+            grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        return grads[0], grads[1], grads[2]
 
 
 def segmented_block(kernel: BlockAttention, seg_q: Tensor, seg_k: Tensor, device: torch.device) -> SegmentedBlock:
