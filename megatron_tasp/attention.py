@@ -140,7 +140,15 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     if backend is not None:
         kernel = _kernel_alias(backend, kernel)
     if cu_seqlens_padded is not None:
-        qt, kt, vt = thd_views(q, k, v)
+        try:
+            qt, kt, vt = thd_views(q, k, v)
+        except TaspConfigError as exc:
+            try:  # join the first call's cross-rank agreement (as a failed rank) so that every rank raises
+                _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport,
+                      chunks, keep_kv)
+            except TaspConfigError:
+                pass
+            raise exc from None
         call = _call(qt, kt, vt, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport,
                      chunks, keep_kv)
         return ThdAttention.apply(q, k, v, thd_layout(call, cu_seqlens_padded, cu_seqlens, qt.shape[0], q.device))

@@ -250,7 +250,9 @@ def _disagree_worker(rank, n, what):
     import torch.distributed as dist
 
     q = torch.randn(8, 4, D)
-    cu_pad = {"differ": ([0, 4, 16], [0, 8, 16]), "invalid": ([0, 4, 16], [0, 6, 16])}[what][rank]
+    cu_pad = {"differ": ([0, 4, 16], [0, 8, 16]), "invalid": ([0, 4, 16], [0, 6, 16])}.get(what, ([0, 16],) * 2)[rank]
+    if what == "shape" and rank == 1:
+        q = q[:, 0]  # [t, d]: rejected by this rank's own checks
     try:
         tasp_attention(q, q, q, dist.group.WORLD, cu_seqlens_padded=torch.tensor(cu_pad))
     except TaspConfigError as exc:
@@ -258,12 +260,14 @@ def _disagree_worker(rank, n, what):
     return None
 
 
-@pytest.mark.parametrize("what", ["differ", "invalid"])
+@pytest.mark.parametrize("what", ["differ", "invalid", "shape"])
 def test_ranks_with_other_boundaries_all_raise(what):
     msgs = run_workers(_disagree_worker, 2, what, timeout_s=60)
     assert all(msgs), msgs
     if what == "differ":
         assert all("disagree on the document boundaries" in m for m in msgs), msgs
+    elif what == "shape":
+        assert "[t, heads, head_dim]" in msgs[1] and "rank(s) [1] rejected" in msgs[0], msgs
     else:
         assert "multiple of 2*CP" in msgs[1] and "rejected its document boundaries" in msgs[0], msgs
 
