@@ -28,8 +28,8 @@ from megatron_tasp.engine.cache import PLAN_CACHE, clear_plan_cache
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, compile_call, run_summary
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
+from megatron_tasp.engine.thd import ThdAttention, thd_layout, thd_views
 from megatron_tasp.options import TaspOptions
-from megatron_tasp.thd import ThdAttention, thd_layout, thd_views
 from megatron_tasp.topology import Topology
 
 __all__ = ["TaspConfigError", "clear_plan_cache", "tasp_attention", "tasp_run_summary"]
