@@ -5,6 +5,9 @@
 the local tokens are Megatron's zigzag shard: rank r holds blocks ``B_r`` and ``B_(2n-1-r)`` of the 2n
 equal blocks of the sequence.
 
+Packed documents (THD): with ``cu_seqlens_padded`` each rank passes ``[t, h, d]`` tokens laid out by
+:func:`megatron_tasp.thd.partition_index`; attention stays within every document (see :mod:`megatron_tasp.thd`).
+
 How it runs lives in :mod:`megatron_tasp.engine`: the rank plan and piece layout (``plan``), a call
 compiled once per signature (``compiled``; the plan cache in ``cache`` keeps it), the forward
 (``forward``), the backward (``backward``) and the transports (``exchange``). This module holds the
@@ -25,6 +28,7 @@ from megatron_tasp.engine.cache import PLAN_CACHE, clear_plan_cache
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, compile_call, run_summary
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
+from megatron_tasp.engine.thd import ThdAttention, thd_layout, thd_views
 from megatron_tasp.options import TaspOptions
 from megatron_tasp.topology import Topology
 
@@ -99,16 +103,25 @@ def _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology
 
 
 def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,
-                   causal: bool = True, softmax_scale: float | None = None, options: TaspOptions | None = None,
-                   num_rings: int | str | None = None, topology: Topology | str | None = None,
-                   kernel: str | None = None, transport: str | None = None, chunks: int | str | None = None,
-                   keep_kv: bool | str | None = None, backend: str | None = None) -> torch.Tensor:
+                   causal: bool = True, cu_seqlens_padded: torch.Tensor | None = None,
+                   cu_seqlens: torch.Tensor | None = None, softmax_scale: float | None = None,
+                   options: TaspOptions | None = None, num_rings: int | str | None = None,
+                   topology: Topology | str | None = None, kernel: str | None = None, transport: str | None = None,
+                   chunks: int | str | None = None, keep_kv: bool | str | None = None,
+                   backend: str | None = None) -> torch.Tensor:
     """Exact context-parallel attention with TASP's multi-ring KV exchange.
 
     Args:
         q: ``[s_local, b, h, d]``; k, v: ``[s_local, b, h_kv, d]`` (Megatron's sbhd; zigzag shard if causal).
+            Packed documents (``cu_seqlens_padded`` given): ``[t, h, d]`` / ``[t, h_kv, d]`` (or with a
+            singleton second dim), the tokens :func:`megatron_tasp.thd.partition_index` gives this rank.
         cp_group: the context-parallel process group (None or a group of size 1: plain attention).
-        causal: causal mask over the global sequence (zigzag layout) or none.
+        causal: causal mask over the global sequence (zigzag layout) or none; with packed documents causal
+            within every document or full within every document, never across documents.
+        cu_seqlens_padded: packed documents (THD): int tensor ``[n_docs + 1]`` of global cumulative document
+            lengths, each padded at its end to a multiple of 2·CP; the same on every rank. Padding tokens
+            attend to nothing and nothing attends to them: their outputs and gradients are exactly 0.
+        cu_seqlens: the unpadded cumulative lengths (default: ``cu_seqlens_padded``, no padding).
         softmax_scale: defaults to 1/sqrt(d).
         options: every knob in one :class:`~megatron_tasp.options.TaspOptions` (None: ``default_options()``,
             the defaults with the ``MEGATRON_TASP_*`` environment applied, read once per process).
@@ -121,10 +134,24 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     that with one all-reduce and raises TaspConfigError on every rank otherwise.
 
     Returns:
-        ``[s_local, b, h, d]`` in q's dtype; differentiable in q, k and v.
+        q's shape (``[s_local, b, h, d]``, or ``[t, h, d]`` for packed documents) in q's dtype; differentiable
+        in q, k and v.
     """
     if backend is not None:
         kernel = _kernel_alias(backend, kernel)
+    if cu_seqlens_padded is not None:
+        try:
+            qt, kt, vt = thd_views(q, k, v)
+        except TaspConfigError as exc:
+            try:  # join the first call's cross-rank agreement (as a failed rank) so that every rank raises
+                _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport,
+                      chunks, keep_kv)
+            except TaspConfigError:
+                pass
+            raise exc from None
+        call = _call(qt, kt, vt, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport,
+                     chunks, keep_kv)
+        return ThdAttention.apply(q, k, v, thd_layout(call, cu_seqlens_padded, cu_seqlens, qt.shape[0], q.device))
     call = _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport, chunks,
                  keep_kv)
     return _TaspAttention.apply(q, k, v, call)

@@ -39,3 +39,34 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b| in float64."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def document_mask(cu_pad, cu, causal: bool) -> torch.Tensor:
+    """[S, S] bool: query i may see key j (same document, both real tokens, j <= i if causal) for packed
+    documents with padded boundaries ``cu_pad`` and real lengths from ``cu``."""
+    cu_pad, cu = [int(x) for x in cu_pad], [int(x) for x in cu]
+    s = cu_pad[-1]
+    doc = torch.full((s,), -1, dtype=torch.long)
+    for i in range(len(cu_pad) - 1):
+        real = cu[i + 1] - cu[i]
+        doc[cu_pad[i]:cu_pad[i] + real] = i  # padding keeps -1: sees nothing, seen by nothing
+    mask = (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)
+    if causal:
+        mask &= torch.ones(s, s, dtype=torch.bool).tril()
+    return mask
+
+
+def reference_documents(q, k, v, cu_pad, cu, causal: bool, scale: float | None = None):
+    """Document-masked softmax attention in float64 over a whole packed sequence. q [S, h, d], k/v
+    [S, hkv, d] -> [S, h, d]; rows that see no key (padding) are 0, and so are the gradients through them."""
+    s, h, d = q.shape
+    g = h // k.shape[1]
+    scale = scale if scale is not None else d ** -0.5
+    qd, kd, vd = (x.double().permute(1, 0, 2) for x in (q, k, v))
+    kd, vd = kd.repeat_interleave(g, dim=0), vd.repeat_interleave(g, dim=0)
+    mask = document_mask(cu_pad, cu, causal)
+    seen = mask.any(-1)
+    mask = mask | ~seen[:, None]  # keep empty rows finite, then zero them
+    scores = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    out = (scores.softmax(-1) @ vd) * seen[None, :, None]
+    return out.permute(1, 0, 2)

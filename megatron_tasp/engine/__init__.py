@@ -9,6 +9,11 @@
 ``exchange``  transports (a2a, p2p, symm, none) and their pools (streams, symmetric memory)
 ``channel``   flat double-buffered piece buffers split into lanes; the side stream of the first exchange
 ``cache``     the one plan cache (bounded, keyed by the group's global ranks; ``clear_plan_cache()``)
+``thd``       packed documents: the call re-targeted at document boundaries (segmented block kernels)
 ``errors``    ``TaspConfigError``
 ============  ===============================================================================================
+
+Packed documents (``thd``; the partition is :mod:`megatron_tasp.thd`) reuse a compiled call with its block
+kernels swapped for segmented ones (``CompiledCall.local_kernel`` and ``CompiledCall.blocks``); the loops
+here are unchanged.
 """

@@ -88,3 +88,25 @@ def agree(group: dist.ProcessGroup, n: int, rank: int, sig: tuple[int, ...] | No
                 "(no mask)." if hi[0] != lo[0] else "")
         raise TaspConfigError("CP ranks disagree on " + ", ".join(differ) + "; every CP rank must call TASP "
                               "attention with the same shapes, dtype, mask and options." + hint)
+
+
+def boundaries_digest(*bounds: tuple[int, ...]) -> int:
+    """A stable 56-bit digest of packed-document boundaries (the same value in every process)."""
+    return int.from_bytes(hashlib.blake2b(repr(bounds).encode(), digest_size=7).digest(), "big")
+
+
+def agree_boundaries(group: dist.ProcessGroup, digest: int, device: torch.device,
+                     problem: BaseException | None) -> None:
+    """One all-reduce checking that every CP rank passed the same document boundaries (``digest``); raises
+    ``problem`` on a rank whose own boundaries were rejected, TaspConfigError on every other rank."""
+    t = torch.tensor([digest, -digest, int(problem is not None)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    hi, neg_lo, failed = t.tolist()
+    if problem is not None:
+        raise problem
+    if failed:
+        raise TaspConfigError("a CP rank rejected its document boundaries (see the error raised there); every CP "
+                              "rank must pass the same cu_seqlens_padded / cu_seqlens")
+    if hi != -neg_lo:
+        raise TaspConfigError("CP ranks disagree on the document boundaries (cu_seqlens_padded / cu_seqlens); "
+                              "every CP rank must pass the same global boundaries")

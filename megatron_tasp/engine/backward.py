@@ -42,10 +42,10 @@ class Grads:
         rank's contribution and is posted on ``chan``; returns that Pending."""
         call = self.call
         contribs = []
-        for case, rings in call.groups(st):
+        for case, rings, kernel in call.blocks[st.step][j]:
             kk, vv = call.group_kv(views, j, case, rings)
             rows = call.q_rows(case)
-            dqg, dkg, dvg = call.kernel.backward_unchecked(
+            dqg, dkg, dvg = kernel.backward_unchecked(
                 self.dob[:, :, rows], self.qb[:, :, rows], kk, vv, self.ob[:, :, rows], self.lse[:, :, rows],
                 self.ctxs[self.ci], causal=False, scale=call.scale)
             self.ci += 1
@@ -79,7 +79,7 @@ class Grads:
     def local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backward of the local (step 0) block."""
         call = self.call
-        return call.kernel.backward_unchecked(self.dob, self.qb, bhsd(k), bhsd(v), self.ob, self.lse,
+        return call.local_kernel.backward_unchecked(self.dob, self.qb, bhsd(k), bhsd(v), self.ob, self.lse,
                                              self.ctxs[0], causal=call.causal, scale=call.scale)
 
     def finish_dq(self, dq0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The plan cache: everything TASP builds once and reuses across calls, in one bounded, explicit object.
 
 What it holds: compiled calls (plan, pieces, transports, kernel) by call signature, rank plans, piece
-layouts, block kernels, the "this call signature was agreed on by every rank" marks, and the pools that must
+layouts, block kernels, the "this call signature was agreed on by every rank" marks, packed-document layouts
+(a small LRU per scope, :meth:`Scope.layouts`), and the pools that must
 outlive a call (CUDA streams; a group's persistent symmetric-memory buffers).
 
 Scopes. Entries that depend on a process group live in that group's scope, keyed by the group's *global
@@ -40,7 +41,11 @@ from megatron_tasp.engine.exchange import StreamPool, SymmPool
 class Scope:
     """The entries of one process group (or of no group): an LRU of ``max_entries`` plus pinned pools."""
 
-    __slots__ = ("group", "ranks", "entries", "max_entries", "symm_pool")
+    __slots__ = ("group", "ranks", "entries", "max_entries", "symm_pool", "_layouts")
+
+    #: packed-document layouts kept per scope: a new set of boundaries comes with every batch, and each layout
+    #: holds index tensors on the device, so only the few most recent are kept (an LRU of their own)
+    MAX_LAYOUTS = 8
 
     def __init__(self, group: Any, ranks: tuple[int, ...], max_entries: int):
         self.group = group
@@ -48,6 +53,14 @@ class Scope:
         self.entries: OrderedDict[Hashable, Any] = OrderedDict()
         self.max_entries = max_entries
         self.symm_pool: SymmPool | None = None  # created on the first 'symm' call; lives as long as the scope
+        self._layouts: Scope | None = None
+
+    def layouts(self) -> Scope:
+        """The scope's packed-document layouts (a small LRU of :data:`MAX_LAYOUTS`; building one may run a
+        collective, so like the scope itself every rank of the group makes the same calls on it)."""
+        if self._layouts is None:
+            self._layouts = Scope(self.group, self.ranks, self.MAX_LAYOUTS)
+        return self._layouts
 
     def get(self, key: Hashable) -> Any:
         """The entry for ``key`` (marked recently used), or None."""
@@ -106,7 +119,8 @@ class PlanCache:
         self._groups.clear()
 
     def __len__(self) -> int:
-        return len(self.local.entries) + sum(len(s.entries) for s in self._groups.values())
+        scopes = [self.local, *self._groups.values()]
+        return sum(len(s.entries) + (len(s._layouts.entries) if s._layouts is not None else 0) for s in scopes)
 
 
 #: The engine's one cache.

@@ -91,6 +91,7 @@ class LocalCall:
     def __init__(self, kernel: BlockAttention, causal: bool, scale: float):
         self.plan = LOCAL_PLAN
         self.kernel, self.causal, self.scale = kernel, causal, scale
+        self.local_kernel: Any = kernel  # the step-0 block's kernel (a segmented one for packed documents)
         self.keep_kv = False
         self.chunks = 1
 
@@ -123,6 +124,14 @@ class CompiledCall:
         if self.single_contribution and causal:
             if not any(c in (EARLIER, FULL) for st in plan.steps[1:] for c, _ in self.groups(st)):
                 self.unmerged_rows = slice(None, pieces.half)
+        # the kernel of every block: the local one (step 0), and blocks[t][lane] = [(case, rings, kernel)] for
+        # the groups of step t >= 1; packed documents swap in segmented kernels (megatron_tasp.thd)
+        self.local_kernel: Any = kernel
+        self.blocks: list[list[list[tuple[str, list[int], Any]]]] = [[]]
+        for t, st in enumerate(plan.steps[1:], start=1):
+            if st.step != t:
+                raise AssertionError(f"schedule steps out of order: step {st.step} at position {t}")
+            self.blocks.append([[(c, r, kernel) for c, r in self.groups(st)] for _ in range(self.chunks)])
 
     def dkv_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """dtype of the travelling dK/dV accumulator for inputs of ``dtype``."""

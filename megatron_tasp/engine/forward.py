@@ -43,11 +43,10 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
     plan = call.plan
     n = plan.world_size
     qb = bhsd(q)
-    kernel = call.kernel
     chan = call.channel(k.dtype, k.device, "forward KV", depth=n if call.keep_kv else 2) if n > 1 else None
     # allocated before the mark: memory freed by kernels queued after it must not reach the side stream
     inputs_ready = mark(q.device) if n > 1 and call.detach_first else None
-    out0, lse0, c = kernel.forward_unchecked(qb, bhsd(k), bhsd(v), causal=call.causal, scale=call.scale)
+    out0, lse0, c = call.local_kernel.forward_unchecked(qb, bhsd(k), bhsd(v), causal=call.causal, scale=call.scale)
     # every query sees itself in the local block, so the lse is finite from here on
     acc_t = acc_dtype(q.dtype)
     lse = lse0 if lse0.dtype == acc_t and lse0.is_contiguous() else lse0.to(acc_t).contiguous()
@@ -74,7 +73,7 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
         for j in range(call.chunks):
             recvd[j].wait()
             views = chan.views(j)
-            for case, rings in call.groups(st):
+            for case, rings, kernel in call.blocks[st.step][j]:
                 kk, vv = call.group_kv(views, j, case, rings)
                 rows = call.q_rows(case)
                 o, l_, c = kernel.forward_unchecked(qb[:, :, rows], kk, vv, causal=False, scale=call.scale)

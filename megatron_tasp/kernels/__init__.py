@@ -26,6 +26,9 @@ Experimental kernels (opt-in). Backends that no test has run on real hardware li
 ``te``          Transformer Engine fused attention; lazy import of TE
 
 Naming one of them without the import raises a ValueError that names the import. "auto" never picks them.
+
+Document masks: :mod:`megatron_tasp.kernels.segmented` wraps any of these kernels into a block masked to
+equal segment ids (one dense call per shared segment), what packed documents (THD) run.
 """
 
 from __future__ import annotations

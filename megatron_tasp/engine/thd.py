@@ -1,0 +1,194 @@
+"""Packed documents (THD) in the engine: a compiled call re-targeted at one set of document boundaries.
+
+The partition (:mod:`megatron_tasp.thd`): rank r holds chunks r and 2·CP-1-r of every padded document. Let F
+be the concatenation of chunk r of every document and B that of chunk 2·CP-1-r. The local tokens are permuted
+once into ``[F ; B]`` (and back on the output and the gradients): that is exactly the dense zigzag layout, so
+rings, pieces, exchange, schedule cases and merges are the dense ones. Within one document F's tokens precede
+B's globally, and every chunk of a piece from an *earlier* source precedes both of this rank's chunks of the
+same document (a *later* source's chunks precede only B's), so the dense cases stay right per document; only
+the blocks change: every block is masked to "same segment" (causal in local order for the own block). Segment
+ids: ``2i`` for document i's real tokens, ``2i + 1`` for its padding, a segment of its own so every padded
+query sees at least itself (a finite lse, as the merge assumes after step 0); the padded rows of the output
+are zeroed at the end and their incoming gradient dropped, so no gradient reaches or leaves a padded token
+(exactly 0). A received piece's segment ids depend on its source rank, which the schedule knows:
+:func:`thd_layout` precomputes one segmented kernel (:mod:`megatron_tasp.kernels.segmented`) per (step, lane,
+case) for each set of boundary values.
+
+Cost. The boundaries are read to the host once per call (a host sync on GPU) and a new set is compiled
+(and agreed across ranks with one all-reduce) once; the segmented kernels loop over the documents of a
+block with one dense kernel call each (correctness first: a varlen or mask-aware GPU kernel is later work).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_tasp.engine.agree import agree_boundaries, boundaries_digest
+from megatron_tasp.engine.backward import backward
+from megatron_tasp.engine.cache import PLAN_CACHE
+from megatron_tasp.engine.compiled import CompiledCall, LocalCall
+from megatron_tasp.engine.errors import TaspConfigError
+from megatron_tasp.engine.forward import forward
+from megatron_tasp.kernels.segmented import segmented_block
+from megatron_tasp.thd import check_padded, engine_order, engine_segments, host_bounds
+
+__all__ = ["ThdAttention", "ThdLayout", "thd_layout", "thd_views"]
+
+
+@dataclass(frozen=True)
+class ThdLayout:
+    """A compiled call re-targeted at one set of document boundaries: the permutation between the THD local
+    order and the engine's ``[F ; B]`` order (the dense zigzag layout), the padded rows, and the call whose
+    kernels are segmented (same rings, pieces, exchange and schedule as the dense call)."""
+
+    call: CompiledCall | LocalCall
+    perm: torch.Tensor | None  # engine row -> THD local row (None: identity)
+    inv: torch.Tensor | None  # THD local row -> engine row
+    pad: torch.Tensor | None  # engine rows of padding tokens (None: no padding)
+
+
+def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], device: torch.device):
+    """A shallow copy of ``call`` whose every block kernel is masked to equal segments (``segs[s]``: the
+    segment ids of CP rank s in engine order)."""
+    n, r = call.plan.world_size, call.plan.rank
+    mine = segs[r]
+    out = copy.copy(call)
+    out.local_kernel = segmented_block(call.kernel, mine, mine, device)
+    if n == 1:
+        return out
+    pieces = call.pieces
+    perm = pieces.perm.cpu()
+    offs: dict[tuple[int, int], int] = {}  # (lane, ring) -> first row of the sub-piece in the packed order
+    at = 0
+    for j in range(pieces.chunks):
+        for i, length in enumerate(pieces.lengths(j)):
+            offs[j, i] = at
+            at += length
+    blocks: list = [[]]
+    for st in call.plan.steps[1:]:
+        source = {h.ring: h.source for h in st.held}
+        lanes = []
+        for j in range(call.chunks):
+            entries = []
+            for case, rings, kern in call.blocks[st.step][j]:
+                keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
+                                  for i in rings])
+                block = segmented_block(kern, mine[call.q_rows(case)], keys, device)
+                # a block no query may see is left out (no kernel, no merge), except at step 1 where the
+                # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
+                if block.pairs or st.step == 1:
+                    entries.append((case, rings, block))
+            lanes.append(entries)
+        blocks.append(lanes)
+    out.blocks = blocks
+    return out
+
+
+def _check_boundaries(cu_pad: tuple[int, ...], cu: tuple[int, ...], n: int, length: int) -> None:
+    try:
+        check_padded(cu_pad, n)
+    except ValueError as exc:
+        raise TaspConfigError(str(exc)) from None
+    if len(cu) != len(cu_pad) or cu[0] != 0:
+        raise TaspConfigError(f"cu_seqlens must start at 0 and have as many entries as cu_seqlens_padded "
+                              f"({len(cu_pad)}), got {len(cu)}")
+    for i in range(len(cu) - 1):
+        if not 0 <= cu[i + 1] - cu[i] <= cu_pad[i + 1] - cu_pad[i]:
+            raise TaspConfigError(f"document {i}: length {cu[i + 1] - cu[i]} (cu_seqlens) must lie in "
+                                  f"[0, {cu_pad[i + 1] - cu_pad[i]}] (its padded length, cu_seqlens_padded)")
+    if cu_pad[-1] != length * n:
+        raise TaspConfigError(f"cu_seqlens_padded ends at {cu_pad[-1]} tokens but CP={n} ranks of {length} local "
+                              f"tokens hold {length * n}; pass the global padded boundaries and the local tokens")
+
+
+def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor | Sequence[int],
+               cu_seqlens: torch.Tensor | Sequence[int] | None, length: int, device: torch.device) -> ThdLayout:
+    """The layout of ``call`` for these document boundaries, built once per (call, boundary values).
+
+    The boundaries are read to the host on every call (on GPU a host sync; the compiled layout is keyed on
+    the values, so calls with the same shapes but other documents never reuse a stale layout). A new set of
+    boundaries is checked across the CP ranks with one all-reduce (every rank raises on a mismatch)."""
+    if (isinstance(cu_seqlens_padded, torch.Tensor) and isinstance(cu_seqlens, torch.Tensor)
+            and cu_seqlens.device == cu_seqlens_padded.device and cu_seqlens.dim() == cu_seqlens_padded.dim() == 1):
+        both = torch.cat((cu_seqlens_padded.long(), cu_seqlens.long())).tolist()  # one host read, not two
+        cu_pad, cu = tuple(both[:cu_seqlens_padded.numel()]), tuple(both[cu_seqlens_padded.numel():])
+    else:
+        cu_pad = tuple(host_bounds(cu_seqlens_padded))
+        cu = cu_pad if cu_seqlens is None else tuple(host_bounds(cu_seqlens))
+    key = (call, cu_pad, cu)
+    cache = (PLAN_CACHE.scope(call.group) if isinstance(call, CompiledCall) else PLAN_CACHE.local).layouts()
+    layout = cache.get(key)
+    if layout is not None:
+        return layout
+    n = call.plan.world_size
+    problem = None
+    try:
+        _check_boundaries(cu_pad, cu, n, length)
+    except TaspConfigError as exc:
+        problem = exc
+    if n > 1:
+        agree_boundaries(call.group, boundaries_digest(cu_pad, cu), device, problem)
+    elif problem is not None:
+        raise problem
+    segs = [engine_segments(cu_pad, cu, n, s) for s in range(n)]
+    order = engine_order(cu_pad, n)
+    identity = bool(torch.equal(order, torch.arange(length)))
+    pad = torch.nonzero(segs[call.plan.rank] % 2 == 1).flatten()
+    layout = ThdLayout(call=_segmented_call(call, segs, device),
+                       perm=None if identity else order.to(device),
+                       inv=None if identity else torch.argsort(order).to(device),
+                       pad=pad.to(device) if pad.numel() else None)
+    return cache.put(key, layout)
+
+
+def thd_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``[t, h, d]`` or ``[t, 1, h, d]`` tensors as ``[t, 1, h, d]`` views (the engine's sbhd with b = 1)."""
+    out = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or not (x.dim() == 3 or (x.dim() == 4 and x.shape[1] == 1)):
+            raise TaspConfigError(f"packed documents (cu_seqlens_padded given): {name} must be [t, heads, head_dim] "
+                                  f"or [t, 1, heads, head_dim], got {tuple(getattr(x, 'shape', ()))}")
+        out.append(x.unsqueeze(1) if x.dim() == 3 else x)
+    return tuple(out)
+
+
+def _to_engine(x: torch.Tensor, layout: ThdLayout) -> torch.Tensor:
+    """THD local order -> engine order ([t, 1, h, d]); a new tensor unless the order is the identity."""
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    return x if layout.perm is None else x.index_select(0, layout.perm)
+
+
+def _from_engine(x: torch.Tensor, layout: ThdLayout, shape: torch.Size) -> torch.Tensor:
+    return (x if layout.inv is None else x.index_select(0, layout.inv)).reshape(shape)
+
+
+class ThdAttention(torch.autograd.Function):
+    """Packed-document attention: permute to the engine's order, run the segmented call, zero the padded
+    rows (output, and the incoming gradient, so no gradient reaches or leaves a padded token), permute back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: ThdLayout):  # type: ignore[override]
+        qe, ke, ve = (_to_engine(x, layout) for x in (q, k, v))
+        out, lse, kctx, kept = forward(layout.call, qe, ke, ve)
+        if layout.pad is not None:
+            out.index_fill_(0, layout.pad, 0)
+        ctx.save_for_backward(qe, ke, ve, out, lse)
+        ctx.layout, ctx.kctx, ctx.kept = layout, kctx, kept
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        return _from_engine(out, layout, q.shape)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        qe, ke, ve, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        kept, ctx.kept = ctx.kept, None  # see _TaspAttention.backward (a second backward re-exchanges KV)
+        with torch.no_grad():
+            de = _to_engine(dout, layout)
+            if layout.pad is not None:
+                de = de.index_fill(0, layout.pad, 0)
+            dq, dk, dv = backward(layout.call, de.contiguous(), qe, ke, ve, out, lse, ctx.kctx, kept)
+        return (*(_from_engine(g, layout, s) for g, s in zip((dq, dk, dv), ctx.shapes)), None)

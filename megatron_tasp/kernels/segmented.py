@@ -1,0 +1,112 @@
+"""Document-masked blocks: attention where a query sees a key only when both carry the same segment id.
+
+:func:`segmented_block` precomputes, for the segment ids of a block's query rows and key rows, the row sets
+of every segment present on both sides, and returns a :class:`SegmentedBlock`: the same
+``forward_unchecked`` / ``backward_unchecked`` calls as a :class:`~megatron_tasp.kernels.base.BlockAttention`
+(``causal=True`` then means causal inside every segment, in row order), run as one dense kernel call per
+shared segment on gathered rows (a slice when the rows are contiguous), scattered back. Segments with no
+query or no key rows are skipped: no launch, no FLOPs. Query rows without any key get output 0 and lse
+-inf, which the log-sum-exp merge weighs 0; their dq is 0, as is the dk/dv of keys no query sees.
+
+A block whose one segment covers every query and key row calls the dense kernel directly (the
+single-document case runs exactly the dense path). This is the correctness-first form: on GPU a varlen or
+mask-aware kernel (FlexAttention, varlen flash) would run a whole block in one launch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import BlockAttention, lse_dtype_for
+
+__all__ = ["SegmentedBlock", "segment_rows", "segmented_block"]
+
+Rows = slice | Tensor
+
+
+def segment_rows(seg: Tensor) -> dict[int, Tensor]:
+    """Segment id -> ascending row indices (CPU LongTensors) of a 1-D tensor of segment ids."""
+    seg = seg.to("cpu", torch.long)
+    order = torch.sort(seg, stable=True).indices
+    ids, counts = torch.unique_consecutive(seg[order], return_counts=True)
+    return dict(zip(ids.tolist(), order.split(counts.tolist())))
+
+
+def _as_rows(idx: Tensor, device: torch.device) -> Rows:
+    """A slice when the ascending indices are one contiguous run, else a LongTensor on ``device``."""
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 == idx.numel():
+        return slice(first, last + 1)
+    return idx.to(device)
+
+
+def _take(x: Tensor, rows: Rows) -> Tensor:
+    return x[:, :, rows] if isinstance(rows, slice) else x.index_select(2, rows)
+
+
+def _put(dst: Tensor, rows: Rows, val: Tensor) -> None:
+    if isinstance(rows, slice):
+        dst[:, :, rows].copy_(val)
+    else:
+        dst.index_copy_(2, rows, val.to(dst.dtype))
+
+
+class SegmentedBlock:
+    """One block of segment-masked attention over a dense kernel (see the module doc)."""
+
+    def __init__(self, kernel: BlockAttention, pairs: list[tuple[Rows, Rows]], full: bool):
+        self.kernel = kernel
+        self.pairs = pairs  # (query rows, key rows) of every segment present on both sides
+        self.full = full  # one segment covering every row on both sides: the dense kernel as is
+
+    @property
+    def name(self) -> str:
+        """The dense kernel's name."""
+        return self.kernel.name
+
+    def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                          scale: float) -> tuple[Tensor, Tensor, Any]:
+        """out ``[b, h, sq, d]``, lse ``[b, h, sq]`` (-inf on rows without keys) and the per-segment contexts."""
+        if self.full:
+            return self.kernel.forward_unchecked(q, k, v, causal=causal, scale=scale)
+        b, h, sq, d = q.shape
+        out = torch.zeros((b, h, sq, d), dtype=q.dtype, device=q.device)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype_for(q.dtype), device=q.device)
+        ctxs = []
+        for iq, ik in self.pairs:
+            o, l_, c = self.kernel.forward_unchecked(_take(q, iq), _take(k, ik), _take(v, ik), causal=causal,
+                                                     scale=scale)
+            _put(out, iq, o)
+            _put(lse, iq, l_)
+            ctxs.append(c)
+        return out, lse, ctxs
+
+    def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """dq, dk, dv of this block from the merged ``out``/``lse`` (zero where no segment is shared)."""
+        if self.full:
+            return self.kernel.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
+        grads: list[Tensor] = []
+        for (iq, ik), c in zip(self.pairs, ctx):
+            g = self.kernel.backward_unchecked(_take(dout, iq), _take(q, iq), _take(k, ik), _take(v, ik),
+                                               _take(out, iq), _take(lse, iq), c, causal=causal, scale=scale)
+            if not grads:  # in the kernel's gradient dtypes (a kernel may return wider ones)
+                grads = [torch.zeros(x.shape, dtype=gx.dtype, device=x.device) for x, gx in zip((q, k, v), g)]
+            for dst, rows, val in zip(grads, (iq, ik, ik), g):
+                _put(dst, rows, val)
+        if not grads:
+            grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        return grads[0], grads[1], grads[2]
+
+
+def segmented_block(kernel: BlockAttention, seg_q: Tensor, seg_k: Tensor, device: torch.device) -> SegmentedBlock:
+    """The block of ``kernel`` masked to equal segment ids (``seg_q`` per query row, ``seg_k`` per key row;
+    1-D integer tensors); index sets live on ``device``."""
+    qs, ks = segment_rows(seg_q), segment_rows(seg_k)
+    shared = [g for g in qs if g in ks]
+    full = len(qs) == 1 and len(ks) == 1 and len(shared) == 1
+    pairs = [(_as_rows(qs[g], device), _as_rows(ks[g], device)) for g in shared]
+    return SegmentedBlock(kernel, pairs, full)
