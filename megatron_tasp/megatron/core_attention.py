@@ -7,6 +7,14 @@ attn_mask_type=..., attention_bias=..., packed_seq_params=...)`` with sbhd tenso
 ``[s/cp, b, np, hn]``, key/value ``[s/cp, b, ng, hn]`` (GQA not expanded), RoPE applied, local tokens in
 Megatron's zigzag layout ``[chunk r | chunk 2cp-1-r]``. It returns ``[s/cp, b, np*hn]``.
 
+Packed documents (``packed_seq_params`` with ``qkv_format="thd"``, self-attention): query ``[t, np, hn]``
+(or ``[t, 1, np, hn]``), key/value ``[t, ng, hn]``, the tokens ``megatron_tasp.thd.partition_index`` gives
+this rank (Transformer Engine's THD layout; ``megatron_tasp.megatron.thd_batch`` splits batches so). The
+documents' lengths go to ``tasp_attention`` as ``cu_seqlens`` (``cu_seqlens_q``) and ``cu_seqlens_padded``
+(``cu_seqlens_q_padded``, or ``cu_seqlens_q`` when not given); the result is ``[t, np*hn]``, as TE's, which
+Megatron's attention reshapes to ``[t, 1, np*hn]``. Different query and key/value lengths, formats other than
+"thd" and dynamic CP groups fail closed.
+
 Per-layer ``cp_comm_type`` lists: Megatron hands each layer its own entry. Entries "tasp" (and None, i.e.
 CP == 1 or no type configured) build this module; any other entry ("p2p", "a2a", "all_gather",
 "a2a+p2p") builds Megatron's ``TEDotProductAttention`` instead (constructing this class then returns
