@@ -492,3 +492,49 @@ def run_probe(expr: str, timeout: float = 180.0) -> dict[str, Any]:
         if line.startswith("PROBE-RESULT "):
             return json.loads(line[len("PROBE-RESULT "):])
     raise AssertionError(f"probe failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def patched_thd_probe(patched_root: str) -> dict[str, Any]:
+    """The patched Megatron-LM: packed-data flags through its own validate_args with TASP at CP 2, and the
+    builder's installation of TASP's per-document batch split (megatron.core.utils)."""
+    import os
+
+    margs = _prepare_training_import(patched_root)
+    margs.get_device_arch_version = lambda: 10  # skip Megatron's Hopper check on this CPU machine
+    out: dict[str, Any] = {}
+    for name, extra in (("sft", ["--sft"]), ("idm", ["--dataloader-inter-document-masking"]),
+                        ("sft_idm", ["--sft", "--dataloader-inter-document-masking"])):
+        os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+        sys.argv = ["pretrain_gpt.py", *BASE_LM_ARGV, "--context-parallel-size", "2", "--context-parallel-backend",
+                    "tasp", "--attention-dropout", "0.0", *extra]
+        try:
+            a = margs.parse_args()
+            margs.validate_args(a, {})
+            out[name] = ["accepted", a.cp_comm_type, a.tasp_enabled]
+        except BaseException as exc:  # noqa: BLE001 - SystemExit / AssertionError from Megatron included
+            out[name] = [f"{type(exc).__name__}: {exc}"]
+    import megatron.core.utils as mutils
+
+    before = mutils._get_batch_on_this_cp_rank_per_document_balancing.__module__
+    os.environ["WORLD_SIZE"] = "1"
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.global_vars import set_args
+
+    sys.argv = ["pretrain_gpt.py", *BASE_LM_ARGV, "--context-parallel-backend", "tasp", "--attention-dropout", "0.0",
+                "--sft"]
+    a = margs.parse_args()
+    margs.validate_args(a, {})
+    a.padded_vocab_size = 256
+    set_args(a)
+    out["kinds"] = _build_core_attention_kinds(gpt_config_from_args(a))
+    out["split"] = [before, mutils._get_batch_on_this_cp_rank_per_document_balancing.__module__]
+    return out
+
+
+def launcher_thd_probe(fake_root: str, extra: list[str]) -> dict[str, Any]:
+    """:func:`launcher_probe`, plus which module's per-document CP split megatron.core.utils then uses."""
+    out = launcher_probe(fake_root, extra)
+    import megatron.core.utils as mutils
+
+    out["split"] = mutils._get_batch_on_this_cp_rank_per_document_balancing.__module__
+    return out

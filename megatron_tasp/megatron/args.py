@@ -173,8 +173,10 @@ def validate_tasp_args(args: Any, *, device_capability: tuple[int, int] | None |
     from ``--context-parallel-size``; ``seq_length`` not divisible by ``2 * cp``; CP > 1 with TASP on a
     pre-Blackwell GPU (e.g. Hopper) without ``CUDA_DEVICE_MAX_CONNECTIONS=1``; ``a2a+p2p`` without
     ``--hierarchical-context-parallel-sizes`` (Transformer Engine would silently run without CP); TASP with
-    attention dropout, packed/THD sequences or dynamic (hybrid) CP; a bad ``--tasp-*`` value; conflicting
-    flags. Tensor, sequence, pipeline and expert parallelism, activation recomputation and the distributed
+    attention dropout, dynamic (hybrid) CP or ``--dataloader-inter-document-masking`` without ``--sft`` at
+    CP > 1; a bad ``--tasp-*`` value; conflicting flags. Packed (THD) batches (``--sft``, and
+    ``--dataloader-inter-document-masking`` at CP 1) are accepted.
+    Tensor, sequence, pipeline and expert parallelism, activation recomputation and the distributed
     optimizer compose with TASP and are left as they are. With TASP on every layer the dataloader's S x S
     attention mask (never read by TASP) is switched off. ``device_capability`` overrides GPU detection
     (tests); None means "no GPU".
@@ -251,9 +253,22 @@ def _check_tasp_compat(args: Any) -> None:
                                 f"(got {dropout}; Megatron-LM's default is 0.1)")
     if getattr(args, "hybrid_context_parallel", False):
         raise TaspArgumentError("TASP does not support --hybrid-context-parallel (dynamic per-batch CP groups)")
-    if getattr(args, "sft", False) or getattr(args, "dataloader_inter_document_masking", False):
-        raise TaspArgumentError("TASP does not support packed (THD) sequences yet: --sft and "
-                                "--dataloader-inter-document-masking build packed batches")
+    _check_packed(args)
+
+
+def _check_packed(args: Any) -> None:
+    """Packed (THD) batches: --sft at any CP; --dataloader-inter-document-masking alone at CP 1 only.
+
+    Megatron-LM splits --sft batches per document (each padded to a multiple of 2·CP by the SFT dataset),
+    the layout TASP's THD attention uses. Without --sft, inter-document masking at CP > 1 keeps documents of
+    any length and splits the sequence as a whole (use_per_sequence_balancing): no per-document layout exists.
+    """
+    cp = int(getattr(args, "context_parallel_size", 1) or 1)
+    if getattr(args, "dataloader_inter_document_masking", False) and not getattr(args, "sft", False) and cp > 1:
+        raise TaspArgumentError(
+            f"TASP with --dataloader-inter-document-masking at --context-parallel-size {cp} needs --sft: without "
+            "it Megatron-LM splits the packed sequence as a whole, not per document padded to 2*CP tokens; add "
+            "--sft (per-document padding) or use --context-parallel-size 1")
 
 
 def _check_topology(options: TaspOptions, cp: int) -> None:

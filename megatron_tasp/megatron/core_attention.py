@@ -7,6 +7,14 @@ attn_mask_type=..., attention_bias=..., packed_seq_params=...)`` with sbhd tenso
 ``[s/cp, b, np, hn]``, key/value ``[s/cp, b, ng, hn]`` (GQA not expanded), RoPE applied, local tokens in
 Megatron's zigzag layout ``[chunk r | chunk 2cp-1-r]``. It returns ``[s/cp, b, np*hn]``.
 
+Packed documents (``packed_seq_params`` with ``qkv_format="thd"``, self-attention): query ``[t, np, hn]``
+(or ``[t, 1, np, hn]``), key/value ``[t, ng, hn]``, the tokens ``megatron_tasp.thd.partition_index`` gives
+this rank (Transformer Engine's THD layout; ``megatron_tasp.megatron.thd_batch`` splits batches so). The
+documents' lengths go to ``tasp_attention`` as ``cu_seqlens`` (``cu_seqlens_q``) and ``cu_seqlens_padded``
+(``cu_seqlens_q_padded``, or ``cu_seqlens_q`` when not given); the result is ``[t, np*hn]``, as TE's, which
+Megatron's attention reshapes to ``[t, 1, np*hn]``. Different query and key/value lengths, formats other than
+"thd" and dynamic CP groups fail closed.
+
 Per-layer ``cp_comm_type`` lists: Megatron hands each layer its own entry. Entries "tasp" (and None, i.e.
 CP == 1 or no type configured) build this module; any other entry ("p2p", "a2a", "all_gather",
 "a2a+p2p") builds Megatron's ``TEDotProductAttention`` instead (constructing this class then returns
@@ -115,6 +123,86 @@ def _refuse_old_way(config: Any, kwargs: dict[str, Any]) -> None:
 def _resolve_tasp_attention() -> Any:
     """The TASP attention function, looked up at call time (so tests can substitute the module)."""
     return importlib.import_module("megatron_tasp.attention").tasp_attention
+
+
+def _pad_head_dims(query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Zero-pad q/k or v to one head dim (q.k unchanged: the scale is explicit; extra v columns give zero
+    output columns, dropped by the caller); returns the padded tensors and v's original head dim."""
+    dq, dv = query.shape[-1], value.shape[-1]
+    d = max(dq, dv)
+    if dq < d:
+        query = torch.nn.functional.pad(query, (0, d - dq))
+        key = torch.nn.functional.pad(key, (0, d - dq))
+    if dv < d:
+        value = torch.nn.functional.pad(value, (0, d - dv))
+    return query, key, value, dv
+
+
+def _as_thd(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``[t, h, d]`` as is, ``[t, 1, h, d]`` squeezed; anything else fails closed."""
+    if x.dim() == 4 and x.shape[1] == 1:
+        return x.squeeze(1)
+    if x.dim() == 3:
+        return x
+    raise ValueError(f"packed (THD) {name} must be [t, heads, dim] or [t, 1, heads, dim], got {tuple(x.shape)}: "
+                     "packed batches carry one flattened sequence (Megatron's flatten_batch_for_packed_sequences)")
+
+
+def _cu(value: Any, name: str) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.numel() < 2:
+        raise ValueError(f"packed_seq_params.{name} must be a 1-D tensor [n_docs + 1], got "
+                         f"{getattr(value, 'shape', type(value).__name__)}")
+    return value if value.dtype == torch.int32 else value.to(torch.int32)
+
+
+def _same(q: torch.Tensor | None, kv: torch.Tensor | None) -> bool:
+    """Whether the key/value lengths equal the query's (kv not given: the query's)."""
+    if kv is None or kv is q:
+        return True
+    if q is None:
+        return False
+    return q.shape == kv.shape and bool(torch.equal(q, kv.to(q.device)))
+
+
+def thd_cu_seqlens(packed_seq_params: Any, cp_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cu_seqlens, cu_seqlens_padded)`` for ``tasp_attention`` from Megatron's PackedSeqParams.
+
+    The padded lengths are ``cu_seqlens_q_padded`` or, when not given, ``cu_seqlens_q`` (every token real).
+    Fails closed on anything TASP does not serve: a format other than "thd", different query and key/value
+    lengths (cross-attention), a dynamic CP group (hybrid CP) or no cu_seqlens_q.
+    """
+    fmt = getattr(packed_seq_params, "qkv_format", None)
+    if fmt != "thd":
+        raise NotImplementedError(f"TaspDotProductAttention serves packed sequences in qkv_format 'thd' only, got "
+                                  f"{fmt!r}: build PackedSeqParams(qkv_format='thd', ...)")
+    cu_q = _cu(getattr(packed_seq_params, "cu_seqlens_q", None), "cu_seqlens_q")
+    if cu_q is None:
+        raise NotImplementedError("packed_seq_params (THD) without cu_seqlens_q is not supported: give the "
+                                  "documents' cumulative lengths (Megatron-LM: --sft or --dataloader-inter-"
+                                  "document-masking batches carry them)")
+    pad_q = _cu(getattr(packed_seq_params, "cu_seqlens_q_padded", None), "cu_seqlens_q_padded")
+    cu_kv = _cu(getattr(packed_seq_params, "cu_seqlens_kv", None), "cu_seqlens_kv")
+    pad_kv = _cu(getattr(packed_seq_params, "cu_seqlens_kv_padded", None), "cu_seqlens_kv_padded")
+    if not (_same(cu_q, cu_kv) and _same(pad_q, pad_kv)):
+        raise NotImplementedError(
+            "TaspDotProductAttention needs equal query and key/value document lengths in packed_seq_params "
+            "(cu_seqlens_q == cu_seqlens_kv, cu_seqlens_q_padded == cu_seqlens_kv_padded): packed "
+            "cross-attention is not supported; use Transformer Engine's attention for it")
+    if getattr(packed_seq_params, "cp_group", None) is not None:
+        raise NotImplementedError("packed_seq_params.cp_group (dynamic / hybrid context parallelism) is not "
+                                  "supported by TASP: drop --hybrid-context-parallel")
+    local = getattr(packed_seq_params, "local_cp_size", None)
+    if local is not None and int(local) != cp_size:
+        raise NotImplementedError(f"packed_seq_params.local_cp_size={local} differs from the CP size {cp_size}: "
+                                  "dynamic CP sizes (--hybrid-context-parallel) are not supported by TASP")
+    padded = pad_q if pad_q is not None else cu_q
+    if padded.shape != cu_q.shape:
+        raise ValueError(f"packed_seq_params.cu_seqlens_q_padded has {padded.numel()} entries but cu_seqlens_q has "
+                         f"{cu_q.numel()}: give one entry per document boundary in both")
+    return cu_q, padded
 
 
 class TaspDotProductAttention(MegatronModule):
@@ -246,27 +334,20 @@ class TaspDotProductAttention(MegatronModule):
         extra = {k: v for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS}
         if extra:
             raise TypeError(f"TaspDotProductAttention.forward got unsupported arguments: {sorted(extra)}")
-        if packed_seq_params is not None:
-            raise NotImplementedError(
-                "TaspDotProductAttention does not support packed sequences (packed_seq_params / THD format) yet; "
-                "train with unpacked sbhd batches or use Transformer Engine's attention.")
         if attention_bias is not None:
             raise NotImplementedError("TaspDotProductAttention does not support attention_bias")
         mask = _check_mask_type(attn_mask_type if attn_mask_type is not None else self.attn_mask_type,
                                 f"forward of layer {self.layer_number}")
+        if packed_seq_params is not None:
+            return self._forward_thd(query, key, value, mask, packed_seq_params)
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
             raise ValueError(f"expected sbhd tensors [s, b, heads, dim]; got query {tuple(query.shape)}, "
                              f"key {tuple(key.shape)}, value {tuple(value.shape)}")
         if mask == "causal_bottom_right" and query.shape[0] != key.shape[0]:
             raise NotImplementedError("causal_bottom_right with different query and key lengths is not supported")
 
-        dq, dv = query.shape[-1], value.shape[-1]
-        d = max(dq, dv)
-        if dq < d:  # zero head-dim padding leaves q.k unchanged (the scale is explicit)
-            query = torch.nn.functional.pad(query, (0, d - dq))
-            key = torch.nn.functional.pad(key, (0, d - dq))
-        if dv < d:  # zero value columns give zero output columns, dropped below
-            value = torch.nn.functional.pad(value, (0, d - dv))
+        query, key, value, dv = _pad_head_dims(query, key, value)
+        d = query.shape[-1]
 
         # cp_group None (CP 1 without a group) is plain attention in tasp_attention.
         out = _resolve_tasp_attention()(query, key, value, self.cp_group, causal=mask != "no_mask",
@@ -276,6 +357,28 @@ class TaspDotProductAttention(MegatronModule):
         s, b = out.shape[0], out.shape[1]
         return out.reshape(s, b, -1)
 
+    def _forward_thd(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: str,
+                     packed_seq_params: Any) -> torch.Tensor:
+        """Packed documents (THD): ``[t, h, d]`` (or ``[t, 1, h, d]``) in, ``[t, h * hn_v]`` out, as TE returns.
+
+        Megatron's attention reshapes this to ``[t, 1, h * hn_v]``. Tokens are in the per-document zigzag
+        layout of ``megatron_tasp.thd.partition_index`` (Transformer Engine's THD convention).
+        """
+        if self.attention_type != "self":
+            raise NotImplementedError(f"TaspDotProductAttention supports packed (THD) self-attention only, got "
+                                      f"attention_type={self.attention_type!r}: use Transformer Engine's attention "
+                                      "for packed cross-attention")
+        cu_seqlens, cu_seqlens_padded = thd_cu_seqlens(packed_seq_params, self.cp_size)
+        query, key, value = (_as_thd(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
+        query, key, value, dv = _pad_head_dims(query, key, value)
+        # cp_group None (CP 1 without a group) is packed attention on this rank's tokens in tasp_attention.
+        out = _resolve_tasp_attention()(query, key, value, self.cp_group, causal=mask != "no_mask",
+                                        cu_seqlens_padded=cu_seqlens_padded, cu_seqlens=cu_seqlens,
+                                        softmax_scale=self.softmax_scale, options=self.options)
+        if out.shape[-1] != dv:
+            out = out[..., :dv]
+        return out.reshape(out.shape[0], -1)
+
     def extra_repr(self) -> str:
         o = self.options
         return (f"layer={self.layer_number}, cp={self.cp_size}, mask={_mask_name(self.attn_mask_type)}, "
@@ -283,4 +386,4 @@ class TaspDotProductAttention(MegatronModule):
                 f"kernel={o.kernel}, chunks={o.chunks}, keep_kv={o.keep_kv}")
 
 
-__all__ = ["TASP_COMM_TYPE", "TaspDotProductAttention", "is_tasp_comm_type", "normalize_comm_type"]
+__all__ = ["TASP_COMM_TYPE", "TaspDotProductAttention", "is_tasp_comm_type", "normalize_comm_type", "thd_cu_seqlens"]

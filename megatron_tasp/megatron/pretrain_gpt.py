@@ -12,7 +12,9 @@ It imports ``pretrain_gpt`` from the checkout and repeats its ``__main__`` (0.19
 extra-args provider, so arguments are parsed with ``parse_and_validate_args(extra_args_provider=...)``),
 adding the flags, validating them before Megatron's own checks (``args.tasp_options``), and swapping TASP
 core attention with those options into the decoder (and MTP) spec when TASP is selected
-(``megatron_tasp.megatron.lm.install_tasp_model_config``).
+(``megatron_tasp.megatron.lm.install_tasp_model_config``). With TASP selected, packed (THD) batches of
+``get_batch`` are split over CP ranks with TASP's partition instead of Transformer Engine's: the one
+monkeypatch here, ``megatron_tasp.megatron.thd_batch.install_thd_batch_partition`` (same layout, no TE).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def main() -> None:
     from megatron.core.enums import ModelType
 
     from megatron_tasp.megatron.lm import install_tasp_model_config
+    from megatron_tasp.megatron.thd_batch import install_thd_batch_partition
 
     set_startup_timestamps = getattr(pg, "set_startup_timestamps", None)
     if set_startup_timestamps is not None and hasattr(pg, "_PROGRAM_START_TIME"):
@@ -108,6 +111,7 @@ def main() -> None:
         model_cfg = pg.gpt_config_from_args(args)
     if args.tasp_enabled:
         install_tasp_model_config(model_cfg, args)
+        install_thd_batch_partition()  # packed (--sft) batches: TASP's per-document CP split, no TE needed
     full_config = pg.pretrain_cfg_container_from_args(args, model_cfg)
     pretrain(full_config, pg.train_valid_test_datasets_provider, ModelType.encoder_or_decoder, pg.forward_step,
              store=store, get_embedding_ranks=pg.get_embedding_ranks)
