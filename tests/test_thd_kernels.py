@@ -76,3 +76,23 @@ def test_one_segment_everywhere_is_the_dense_kernel():
     a = block.forward_unchecked(q, q, q, causal=True, scale=0.5)
     b = kern.forward_unchecked(q, q, q, causal=True, scale=0.5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_tiny_segments_run_on_the_math_kernel():
+    """Segments under TINY_ROWS rows on either side run on the math kernel (fused GPU kernels reject some:
+    cuDNN refuses s_q = s_kv = 1); larger ones keep the dense kernel; results are unchanged."""
+    from megatron_tasp.kernels import get_kernel
+    from megatron_tasp.kernels.segmented import TINY_ROWS, segmented_block
+
+    dense = get_kernel("cpu", "cpu", torch.float32, 16)
+    seg = torch.tensor([0] * (TINY_ROWS + 4) + [1] + [2] * 3)
+    block = segmented_block(dense, seg, seg, torch.device("cpu"))
+    assert [kern.name for kern in block.kernels] == ["cpu", "math", "math"]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, seg.numel(), 16, generator=g) for _ in range(3))
+    out, lse, _ = block.forward_unchecked(q, k, v, causal=True, scale=0.25)
+    for ident in (0, 1, 2):
+        rows = (seg == ident).nonzero().flatten()
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows],
+                                                               is_causal=True, scale=0.25)
+        assert torch.allclose(out[:, :, rows], ref, atol=1e-5)

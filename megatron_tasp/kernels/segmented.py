@@ -21,6 +21,11 @@ import torch
 from torch import Tensor
 
 from .base import BlockAttention, lse_dtype_for
+from .math_ref import MathAttention
+
+# Segments this small (on either side) run on the math kernel: fused kernels reject some of them (cuDNN:
+# "s_q = s_kv = 1 is not supported") and their launch costs more than the arithmetic.
+TINY_ROWS = 8
 
 __all__ = ["SegmentedBlock", "segment_rows", "segmented_block"]
 
@@ -57,10 +62,13 @@ def _put(dst: Tensor, rows: Rows, val: Tensor) -> None:
 class SegmentedBlock:
     """One block of segment-masked attention over a dense kernel (see the module doc)."""
 
-    def __init__(self, kernel: BlockAttention, pairs: list[tuple[Rows, Rows]], full: bool):
+    def __init__(self, kernel: BlockAttention, pairs: list[tuple[Rows, Rows]], full: bool,
+                 tiny: list[bool] | None = None):
         self.kernel = kernel
         self.pairs = pairs  # (query rows, key rows) of every segment present on both sides
         self.full = full  # one segment covering every row on both sides: the dense kernel as is
+        math = MathAttention()
+        self.kernels = [math if t else kernel for t in (tiny or [False] * len(pairs))]  # per pair
 
     @property
     def name(self) -> str:
@@ -76,9 +84,8 @@ class SegmentedBlock:
         out = torch.zeros((b, h, sq, d), dtype=q.dtype, device=q.device)
         lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype_for(q.dtype), device=q.device)
         ctxs = []
-        for iq, ik in self.pairs:
-            o, l_, c = self.kernel.forward_unchecked(_take(q, iq), _take(k, ik), _take(v, ik), causal=causal,
-                                                     scale=scale)
+        for (iq, ik), kern in zip(self.pairs, self.kernels):
+            o, l_, c = kern.forward_unchecked(_take(q, iq), _take(k, ik), _take(v, ik), causal=causal, scale=scale)
             _put(out, iq, o)
             _put(lse, iq, l_)
             ctxs.append(c)
@@ -90,11 +97,12 @@ class SegmentedBlock:
         if self.full:
             return self.kernel.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
         grads: list[Tensor] = []
-        for (iq, ik), c in zip(self.pairs, ctx):
-            g = self.kernel.backward_unchecked(_take(dout, iq), _take(q, iq), _take(k, ik), _take(v, ik),
-                                               _take(out, iq), _take(lse, iq), c, causal=causal, scale=scale)
-            if not grads:  # in the kernel's gradient dtypes (a kernel may return wider ones)
-                grads = [torch.zeros(x.shape, dtype=gx.dtype, device=x.device) for x, gx in zip((q, k, v), g)]
+        for (iq, ik), c, kern in zip(self.pairs, ctx, self.kernels):
+            g = kern.backward_unchecked(_take(dout, iq), _take(q, iq), _take(k, ik), _take(v, ik),
+                                        _take(out, iq), _take(lse, iq), c, causal=causal, scale=scale)
+            if not grads:  # in the dense kernel's gradient dtypes (a kernel may return wider ones)
+                dt = [gx.dtype for gx in g] if kern is self.kernel else [x.dtype for x in (q, k, v)]
+                grads = [torch.zeros(x.shape, dtype=d_, device=x.device) for x, d_ in zip((q, k, v), dt)]
             for dst, rows, val in zip(grads, (iq, ik, ik), g):
                 _put(dst, rows, val)
         if not grads:
@@ -109,4 +117,5 @@ def segmented_block(kernel: BlockAttention, seg_q: Tensor, seg_k: Tensor, device
     shared = [g for g in qs if g in ks]
     full = len(qs) == 1 and len(ks) == 1 and len(shared) == 1
     pairs = [(_as_rows(qs[g], device), _as_rows(ks[g], device)) for g in shared]
-    return SegmentedBlock(kernel, pairs, full)
+    tiny = [min(qs[g].numel(), ks[g].numel()) < TINY_ROWS and kernel.name != "math" for g in shared]
+    return SegmentedBlock(kernel, pairs, full, tiny)
