@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_tasp.apps.finetune_lib.schema import SchemaError, build, listing
+from megatron_tasp.schema import SchemaError, build, listing
 from megatron_tasp.apps.finetune_lib.sections import (
     SECTIONS,
     TASP_FIELDS,
