@@ -1,10 +1,17 @@
-"""One small validator for frozen dataclass schemas (pure Python, no torch).
+"""One small validator for frozen dataclass schemas, shared by fine-tuning recipes and topology files
+(pure Python, no torch; imports nothing from megatron_tasp, so every layer may use it).
 
 A schema is a frozen dataclass whose fields carry a type annotation and, in their metadata (:func:`option`),
-a one-line doc, optional choices, a minimum and whether the field is required. :func:`build` turns a raw
-mapping (parsed YAML) into an instance, checking every value against its annotation; :func:`describe`
-turns an annotation into the words an error or the schema listing uses. Supported annotations: ``int``,
-``float``, ``str``, ``bool``, ``Literal[...]``, ``list[T]`` and unions of them with ``None``.
+a one-line doc, optional choices, a minimum (``min``: inclusive, ``gt``: exclusive) and whether the field is
+required. :func:`build` turns a raw mapping (parsed YAML) into an instance, checking every value against its
+annotation and rejecting unknown keys; :func:`describe` turns an annotation into the words an error or the
+schema listing uses. Supported annotations: ``int``, ``float`` (an integer is accepted and widened),
+``str`` (not blank), ``bool`` (only true/false: never a number, and a bool is never a number),
+``Literal[...]``, ``list[T]``, a nested schema dataclass (a mapping of its fields) and unions of them with
+``None``.
+
+Errors read ``WHERE: PATH.FIELD must be ..., got ...``: ``where`` names the file, ``path`` the dotted
+section (empty for fields at the top of a document).
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ class SchemaError(ValueError):
 
 
 def option(default: Any, doc: str, *, choices: tuple[Any, ...] | None = None, min: float | None = None,
-           required: bool = False) -> Any:
-    """A schema field: its default, one-line documentation and constraints (kept in the field metadata)."""
-    meta = {"doc": doc, "choices": choices, "min": min, "required": required}
+           gt: float | None = None, required: bool = False) -> Any:
+    """A schema field: its default, one-line documentation and constraints (kept in the field metadata).
+
+    ``min`` is an inclusive lower bound, ``gt`` an exclusive one (``gt=0``: strictly positive)."""
+    meta = {"doc": doc, "choices": choices, "min": min, "gt": gt, "required": required}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -36,6 +45,14 @@ def _members(tp: Any) -> tuple[Any, ...]:
     if typing.get_origin(tp) in (Union, types.UnionType):
         return typing.get_args(tp)
     return (tp,)
+
+
+def _nested(tp: Any) -> type | None:
+    """The schema dataclass among the members of ``tp`` (a nested section), or None."""
+    found = [m for m in _members(tp) if isinstance(m, type) and dataclasses.is_dataclass(m)]
+    if found and len([m for m in _members(tp) if m is not type(None)]) > 1:
+        raise TypeError(f"a nested schema cannot be in a union with other types: {tp}")
+    return found[0] if found else None
 
 
 def describe(tp: Any, meta: dict[str, Any]) -> str:
@@ -48,6 +65,8 @@ def describe(tp: Any, meta: dict[str, Any]) -> str:
         elif typing.get_origin(m) is list:
             inner = typing.get_args(m)[0]
             words.append("a list of " + {int: "integers", float: "numbers", str: "strings"}[inner])
+        elif isinstance(m, type) and dataclasses.is_dataclass(m):
+            words.append("a mapping of fields")
         else:
             words.append(_NAMES[m])
     text = " or ".join(words)
@@ -55,6 +74,8 @@ def describe(tp: Any, meta: dict[str, Any]) -> str:
         text = "one of " + ", ".join(map(str, meta["choices"]))
     if meta.get("min") is not None:
         text += f" (>= {meta['min']:g})"
+    if meta.get("gt") is not None:
+        text += f" (> {meta['gt']:g})"
     if type(None) in _members(tp):
         text += " or null"
     return text
@@ -82,8 +103,16 @@ def _fits(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
+def _in_range(value: Any, meta: dict[str, Any]) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return True
+    if meta.get("min") is not None and value < meta["min"]:
+        return False
+    return meta.get("gt") is None or value > meta["gt"]
+
+
 def check_value(value: Any, tp: Any, meta: dict[str, Any], where: str) -> Any:
-    """``value`` checked against annotation ``tp`` and the field's choices/minimum; raises SchemaError."""
+    """``value`` checked against annotation ``tp`` and the field's choices/bounds; raises SchemaError."""
     bad = SchemaError(f"{where} must be {describe(tp, meta)}, got {value!r}")
     members = _members(tp)
     if value is None:
@@ -98,44 +127,61 @@ def check_value(value: Any, tp: Any, meta: dict[str, Any], where: str) -> Any:
         raise bad
     if meta.get("choices") and out not in meta["choices"]:
         raise bad
-    if meta.get("min") is not None and isinstance(out, int | float) and not isinstance(out, bool) \
-            and out < meta["min"]:
+    if not _in_range(out, meta):
         raise bad
     return out
 
 
-def build(cls: type, raw: Any, where: str) -> Any:
-    """An instance of schema ``cls`` from a raw mapping; errors name ``where`` (e.g. ``file: section``)."""
+def build(cls: type, raw: Any, where: str, path: str = "") -> Any:
+    """An instance of schema ``cls`` from a raw mapping (None = empty); nested schema fields are built from
+    their own mappings. Errors name ``where`` (the file) and the dotted ``path`` of the section ("" = the
+    top of the document), e.g. ``r.yaml: model.num_layers must be an integer (>= 1), got 0``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SchemaError(f"{where} must be a mapping of fields, got {type(raw).__name__}")
+        what = path or "the document"
+        raise SchemaError(f"{where}: {what} must be a mapping of fields, got {type(raw).__name__}")
+    here = f"{where}: {path}:" if path else f"{where}:"
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
-        raise SchemaError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}")
+        raise SchemaError(f"{here} unknown field(s) {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
+        at = f"{path}.{name}" if path else name
         if name not in raw:
             if f.metadata.get("required"):
-                raise SchemaError(f"{where}.{name}: missing required field ({f.metadata['doc']})")
+                raise SchemaError(f"{where}: {at}: missing required field ({f.metadata['doc']})")
             continue
-        values[name] = check_value(raw[name], hints[name], f.metadata, f"{where}.{name}")
+        sub = _nested(hints[name])
+        if sub is not None and not (raw[name] is None and type(None) in _members(hints[name])):
+            values[name] = build(sub, raw[name], where, at)
+        else:
+            values[name] = check_value(raw[name], hints[name], f.metadata, f"{where}: {at}")
     return cls(**values)
 
 
-def listing(name: str, cls: type) -> list[str]:
-    """Annotated YAML lines for schema ``cls`` under key ``name``: every field, its default and meaning."""
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata.get("required"):
+        return "REQUIRED"
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return "null" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
+def listing(name: str, cls: type, indent: int = 0) -> list[str]:
+    """Annotated YAML lines for schema ``cls`` under key ``name``: every field, its default and meaning
+    (nested schemas as indented blocks)."""
     hints = typing.get_type_hints(cls)
-    lines = [f"{name}:  # {(cls.__doc__ or '').strip()}"]
+    pad = " " * indent
+    lines = [f"{pad}{name}:  # {(cls.__doc__ or '').strip()}"]
     for f in dataclasses.fields(cls):
-        if f.metadata.get("required"):
-            default = "REQUIRED"
-        else:
-            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            default = "null" if value is None else value if isinstance(value, str) else json.dumps(value)
-        lines.append(f"  {f.name}: {default}  # {describe(hints[f.name], f.metadata)}; {f.metadata['doc']}")
+        sub = _nested(hints[f.name])
+        if sub is not None:
+            lines.extend(listing(f.name, sub, indent + 2))
+            continue
+        lines.append(f"{pad}  {f.name}: {_default_text(f)}  # {describe(hints[f.name], f.metadata)}; "
+                     f"{f.metadata['doc']}")
     return lines
 
 
