@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_tasp.schema import SchemaError, build, listing
 from megatron_tasp.apps.finetune_lib.sections import (
     SECTIONS,
     TASP_FIELDS,
@@ -34,6 +33,7 @@ from megatron_tasp.apps.finetune_lib.sections import (
     TokenizerSection,
     TrainSection,
 )
+from megatron_tasp.schema import SchemaError, build, listing
 
 DEFAULT_RECIPE = "default-cpu"
 
