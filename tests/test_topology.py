@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from megatron_tasp.topology import (
+    InterNode,
+    IntraNode,
     TopologyError,
     list_presets,
     load_topology,
@@ -13,6 +15,7 @@ from megatron_tasp.topology import (
     topology_from_dict,
     verify_rings,
 )
+from megatron_tasp.topology.descriptor import preset_path
 from megatron_tasp.topology.detect import parse_topo_matrix, topology_from_matrix
 
 
@@ -30,23 +33,84 @@ def test_presets_load_and_give_rings():
 
 
 @pytest.mark.parametrize("doc,needle", [
-    ({"gpus_per_node": 8}, "missing required field 'name'"),
-    ({"name": "x", "gpus_per_node": "eight"}, "'gpus_per_node' must be an integer"),
-    ({"name": "x", "gpus_per_node": 0}, "'gpus_per_node' must be >= 1"),
-    ({"name": "x", "gpus_per_node": 8, "intra_node": {"fabric": "ethernet"}}, "'fabric' must be one of"),
-    ({"name": "x", "gpus_per_node": 8, "nodes": 2}, "missing required field 'inter_node'"),
+    ({"gpus_per_node": 8}, "name: missing required field"),
+    ({"name": "x", "gpus_per_node": "eight"}, "gpus_per_node must be an integer"),
+    ({"name": "x", "gpus_per_node": 0}, "gpus_per_node must be an integer (>= 1), got 0"),
+    ({"name": "x", "gpus_per_node": 8, "intra_node": {"fabric": "ethernet"}}, "intra_node.fabric must be one of"),
+    ({"name": "x", "gpus_per_node": 8, "nodes": 2}, "inter_node: missing required field"),
     ({"name": "x", "gpus_per_node": 8, "colour": "red"}, "unknown field(s) colour"),
-    ({"name": "x", "gpus_per_node": 8, "intra_node": {"gpu_egress_GBps": -1}}, "must be > 0"),
+    ({"name": "x", "gpus_per_node": 8, "intra_node": {"gpu_egress_GBps": -1}},
+     "intra_node.gpu_egress_GBps must be a number (> 0)"),
     ({"name": "x", "gpus_per_node": 8, "intra_node": {"gpu_egress_GBps": 10, "peer_GBps": 20}}, "cannot exceed"),
     ({"name": "x", "gpus_per_node": 3, "nodes": 2, "inter_node": {"nic_GBps": 50}}, "even gpus_per_node"),
     ({"name": "x", "gpus_per_node": 8, "rings": "multinode"}, "needs nodes >= 2"),
     (["not", "a", "mapping"], "must be a mapping"),
+    (None, "the document must be a mapping of fields, got NoneType"),
+    ({"name": "x", "gpus_per_node": 8, "nodes": True}, "nodes must be an integer (>= 1), got True"),
+    ({"name": "x", "gpus_per_node": 8.0}, "gpus_per_node must be an integer (>= 1), got 8.0"),
+    ({"name": " ", "gpus_per_node": 8}, "name must be a string"),
+    ({"name": "x", "gpus_per_node": 8, "intra_node": [1]}, "intra_node must be a mapping of fields, got list"),
+    ({"name": "x", "gpus_per_node": 8, "intra_node": {"bandwidth": 1}},
+     "intra_node: unknown field(s) bandwidth; allowed: fabric, gpu_egress_GBps, peer_GBps, latency_us"),
+    ({"name": "x", "gpus_per_node": 8, "intra_node": {"latency_us": 0}},
+     "intra_node.latency_us must be a number (> 0)"),
+    ({"name": "x", "gpus_per_node": 8, "intra_node": {"peer_GBps": True}}, "intra_node.peer_GBps must be a number"),
+    ({"name": "x", "gpus_per_node": 8, "nodes": 2, "inter_node": {}}, "inter_node.nic_GBps: missing required field"),
+    ({"name": "x", "gpus_per_node": 8, "nodes": 2, "inter_node": {"nic_GBps": 50, "rail_optimized": 1}},
+     "inter_node.rail_optimized must be true or false, got 1"),
+    ({"name": "x", "gpus_per_node": 8, "nodes": 2, "inter_node": {"nic_GBps": 50, "nics_per_node": 0}},
+     "inter_node.nics_per_node must be an integer (>= 1) or null, got 0"),
+    ({"name": "x", "gpus_per_node": 8, "rings": "ring"}, "rings must be one of auto, flat, multinode, got 'ring'"),
 ])
 def test_validation_names_the_field(doc, needle):
     with pytest.raises(TopologyError, match=None) as exc:
         topology_from_dict(doc, "t.yaml")
     assert needle in str(exc.value)
     assert str(exc.value).startswith("t.yaml")
+
+
+def test_shipped_presets_load_exactly_as_written():
+    """Every field of every shipped YAML reaches the Topology unchanged (numbers as floats where the
+    dataclass says float), and what a file leaves out gets the documented default."""
+    import yaml
+
+    for name in list_presets():
+        path = preset_path(name)
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        topo = load_topology(name)
+        assert (topo.name, topo.nodes, topo.gpus_per_node) == (raw["name"], raw.get("nodes", 1), raw["gpus_per_node"])
+        assert topo.rings_mode == raw.get("rings", "auto") and topo.description == raw.get("description", "")
+        assert topo.source == str(path)
+        intra = raw.get("intra_node", {})
+        assert topo.intra_node.fabric == intra.get("fabric", "nvswitch")
+        for key in ("gpu_egress_GBps", "peer_GBps", "latency_us"):
+            value = getattr(topo.intra_node, key)
+            assert type(value) is float and value == intra.get(key, value), (name, key)
+        if "inter_node" in raw:
+            for key, value in raw["inter_node"].items():
+                assert getattr(topo.inter_node, key) == value, (name, key)
+            assert type(topo.inter_node.nic_GBps) is float
+        else:
+            assert topo.inter_node is None
+
+
+def test_defaults_follow_other_fields():
+    topo = topology_from_dict({"name": "x", "nodes": 2, "gpus_per_node": 4, "intra_node": {"gpu_egress_GBps": 300},
+                               "inter_node": {"nic_GBps": 25}})
+    assert topo.intra_node == IntraNode("nvswitch", 300.0, 300.0, 3.0)  # peer_GBps defaults to the egress
+    assert topo.inter_node == InterNode(25.0, 4, True, 8.0)  # nics_per_node defaults to gpus_per_node
+    assert topology_from_dict({"name": "x", "gpus_per_node": 2, "intra_node": None}).intra_node == IntraNode()
+
+
+def test_topology_layer_imports_no_apps_and_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatron_tasp.topology import load_topology; load_topology('h100-sxm-8x2'); "
+            "print([m for m in sys.modules if m == 'torch' or m.startswith('megatron_tasp.apps')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

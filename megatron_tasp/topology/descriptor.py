@@ -1,19 +1,23 @@
 """Topology descriptors: what the hardware is, loaded from YAML and validated (pure Python).
 
-Schema (every field is checked; an error names the field and the fix)::
+A topology file is checked by the shared schema validator (:mod:`megatron_tasp.schema`) against
+:class:`TopologyDocument` and its sections :class:`IntraNodeFields` and :class:`InterNodeFields` (types,
+bounds, choices, unknown and required keys), then by the cross-field rules in :func:`topology_from_dict`.
+Every error is a :class:`TopologyError` naming the file, the field and the fix::
 
     name: h100-sxm-8x1              # required, free text id
     description: "..."              # optional
     nodes: 1                        # >= 1
-    gpus_per_node: 8                # >= 1
+    gpus_per_node: 8                # required, >= 1
     intra_node:
       fabric: nvswitch              # nvswitch | full_mesh | ring | pcie
       gpu_egress_GBps: 450          # per GPU, per direction, all intra-node links together
-      peer_GBps: 450                # most one peer pair can move per direction (full_mesh: one link)
+      peer_GBps: 450                # most one peer pair can move per direction (full_mesh: one link);
+                                    # <= gpu_egress_GBps, defaults to it
       latency_us: 3.0               # per message
     inter_node:                     # required when nodes > 1
-      nic_GBps: 50                  # per NIC, per direction (400 Gb/s = 50 GB/s)
-      nics_per_node: 8
+      nic_GBps: 50                  # required: per NIC, per direction (400 Gb/s = 50 GB/s)
+      nics_per_node: 8              # defaults to gpus_per_node
       rail_optimized: true          # local GPU l of every node shares rail l
       latency_us: 8.0
     rings: auto                     # auto | flat | multinode (how rings are built for this machine)
@@ -30,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from megatron_tasp.schema import SchemaError, build, option
 from megatron_tasp.topology.rings import Ring, hamiltonian_rings, max_rings, multinode_rings
 
 FABRICS = ("nvswitch", "full_mesh", "ring", "pcie")
@@ -106,90 +111,71 @@ class Topology:
                 f"ranks; pass a topology with nodes*gpus_per_node = {n} or change the CP size")
 
 
-def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
-    if key not in d:
-        if default is ...:
-            raise TopologyError(f"{where}: missing required field '{key}'")
-        return default
-    val = d[key]
-    if typ in (float, (float,)) and isinstance(val, int) and not isinstance(val, bool):
-        val = float(val)
-    if isinstance(val, bool) and typ is not bool:
-        raise TopologyError(f"{where}: field '{key}' must be {_tname(typ)}, got {val!r}")
-    if not isinstance(val, typ):
-        raise TopologyError(f"{where}: field '{key}' must be {_tname(typ)}, got {val!r}")
-    return val
+@dataclass(frozen=True)
+class IntraNodeFields:
+    """Links inside one node."""
+
+    fabric: str = option("nvswitch", "how the GPUs of a node are linked", choices=FABRICS)
+    gpu_egress_GBps: float = option(450.0, "per GPU, per direction, all intra-node links together", gt=0)
+    peer_GBps: float | None = option(None, "most one peer pair can move per direction (full_mesh: one link), "
+                                     "at most gpu_egress_GBps; null = gpu_egress_GBps", gt=0)
+    latency_us: float = option(3.0, "per message, microseconds", gt=0)
 
 
-def _tname(typ: type | tuple[type, ...]) -> str:
-    if isinstance(typ, tuple):
-        return " or ".join(t.__name__ for t in typ)
-    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false"}.get(
-        typ.__name__, typ.__name__)
+@dataclass(frozen=True)
+class InterNodeFields:
+    """NICs between nodes (required when nodes > 1)."""
+
+    nic_GBps: float = option(None, "per NIC, per direction (400 Gb/s = 50 GB/s)", gt=0, required=True)
+    nics_per_node: int | None = option(None, "NICs per node; null = gpus_per_node", min=1)
+    rail_optimized: bool = option(True, "local GPU l of every node shares rail l")
+    latency_us: float = option(8.0, "per message, microseconds", gt=0)
 
 
-def _positive(val: float, key: str, where: str) -> None:
-    if val <= 0:
-        raise TopologyError(f"{where}: field '{key}' must be > 0, got {val}")
+@dataclass(frozen=True)
+class TopologyDocument:
+    """A topology YAML file."""
 
-
-def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise TopologyError(f"{where}: unknown field(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+    name: str = option(None, "free text id of the machine", required=True)
+    description: str | None = option(None, "free text")
+    nodes: int = option(1, "nodes (identical)", min=1)
+    gpus_per_node: int = option(None, "GPUs per node", min=1, required=True)
+    intra_node: IntraNodeFields = option(IntraNodeFields(), "links inside one node")
+    inter_node: InterNodeFields | None = option(None, "NICs between nodes; required when nodes > 1")
+    rings: str = option("auto", "how rings are built: auto (chained across nodes when nodes > 1), flat (one "
+                        "K_n* over all GPUs) or multinode", choices=RING_MODES)
 
 
 def topology_from_dict(d: Any, source: str = "<dict>") -> Topology:
-    """Validate a parsed YAML mapping and build a Topology."""
-    where = source
-    if not isinstance(d, dict):
-        raise TopologyError(f"{where}: the document must be a mapping of fields, got {type(d).__name__}")
-    _check_keys(d, {"name", "description", "nodes", "gpus_per_node", "intra_node", "inter_node", "rings"}, where)
-    name = _get(d, "name", str, where)
-    nodes = _get(d, "nodes", int, where, 1)
-    gpn = _get(d, "gpus_per_node", int, where)
-    if nodes < 1:
-        raise TopologyError(f"{where}: field 'nodes' must be >= 1, got {nodes}")
-    if gpn < 1:
-        raise TopologyError(f"{where}: field 'gpus_per_node' must be >= 1, got {gpn}")
-    intra_raw = _get(d, "intra_node", dict, where, {})
-    w = f"{where}: intra_node"
-    _check_keys(intra_raw, {"fabric", "gpu_egress_GBps", "peer_GBps", "latency_us"}, w)
-    fabric = _get(intra_raw, "fabric", str, w, "nvswitch")
-    if fabric not in FABRICS:
-        raise TopologyError(f"{w}: field 'fabric' must be one of {', '.join(FABRICS)}, got {fabric!r}")
-    egress = _get(intra_raw, "gpu_egress_GBps", float, w, 450.0)
-    peer = _get(intra_raw, "peer_GBps", float, w, egress)
-    lat = _get(intra_raw, "latency_us", float, w, 3.0)
-    for key, val in (("gpu_egress_GBps", egress), ("peer_GBps", peer), ("latency_us", lat)):
-        _positive(val, key, w)
+    """Validate a parsed YAML mapping (the schema, then the cross-field rules) and build a Topology."""
+    if not isinstance(d, dict):  # an empty file too: say so rather than list its missing fields
+        raise TopologyError(f"{source}: the document must be a mapping of fields, got {type(d).__name__}")
+    try:
+        doc = build(TopologyDocument, d, source)
+    except SchemaError as exc:
+        raise TopologyError(str(exc)) from None
+    where, nodes, gpn, mode = source, doc.nodes, doc.gpus_per_node, doc.rings
+    egress = doc.intra_node.gpu_egress_GBps
+    peer = egress if doc.intra_node.peer_GBps is None else doc.intra_node.peer_GBps
     if peer > egress:
-        raise TopologyError(f"{w}: 'peer_GBps' ({peer}) cannot exceed 'gpu_egress_GBps' ({egress})")
-    intra = IntraNode(fabric, egress, peer, lat)
+        raise TopologyError(f"{where}: intra_node: 'peer_GBps' ({peer}) cannot exceed 'gpu_egress_GBps' ({egress}); "
+                            "lower peer_GBps or raise gpu_egress_GBps")
+    intra = IntraNode(doc.intra_node.fabric, egress, peer, doc.intra_node.latency_us)
+    if nodes > 1 and doc.inter_node is None:
+        raise TopologyError(f"{where}: inter_node: missing required field (nodes={nodes} > 1 needs the NICs "
+                            "between nodes; add an inter_node section with at least nic_GBps)")
     inter = None
-    if "inter_node" in d or nodes > 1:
-        inter_raw = _get(d, "inter_node", dict, where)
-        w = f"{where}: inter_node"
-        _check_keys(inter_raw, {"nic_GBps", "nics_per_node", "rail_optimized", "latency_us"}, w)
-        nic = _get(inter_raw, "nic_GBps", float, w)
-        nics = _get(inter_raw, "nics_per_node", int, w, gpn)
-        rail = _get(inter_raw, "rail_optimized", bool, w, True)
-        ilat = _get(inter_raw, "latency_us", float, w, 8.0)
-        _positive(nic, "nic_GBps", w)
-        _positive(ilat, "latency_us", w)
-        if nics < 1:
-            raise TopologyError(f"{w}: field 'nics_per_node' must be >= 1, got {nics}")
-        inter = InterNode(nic, nics, rail, ilat)
-    mode = _get(d, "rings", str, where, "auto")
-    if mode not in RING_MODES:
-        raise TopologyError(f"{where}: field 'rings' must be one of {', '.join(RING_MODES)}, got {mode!r}")
+    if doc.inter_node is not None:
+        i = doc.inter_node
+        nics = gpn if i.nics_per_node is None else i.nics_per_node
+        inter = InterNode(i.nic_GBps, nics, i.rail_optimized, i.latency_us)
     if mode == "multinode" and nodes < 2:
         raise TopologyError(f"{where}: 'rings: multinode' needs nodes >= 2 (got {nodes}); use 'auto' or 'flat'")
     if nodes > 1 and mode != "flat" and gpn % 2:
         raise TopologyError(f"{where}: multi-node rings need an even gpus_per_node (got {gpn}); "
                             "set 'rings: flat' to decompose all GPUs as one K_n*")
-    return Topology(name=name, nodes=nodes, gpus_per_node=gpn, intra_node=intra, inter_node=inter,
-                    rings_mode=mode, description=str(d.get("description", "")), source=source)
+    return Topology(name=doc.name, nodes=nodes, gpus_per_node=gpn, intra_node=intra, inter_node=inter,
+                    rings_mode=mode, description=doc.description or "", source=source)
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:

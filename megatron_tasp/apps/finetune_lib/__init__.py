@@ -1,6 +1,5 @@
 """Building blocks of ``megatron-tasp finetune`` (one concern per module).
 
-- :mod:`.schema`: one validator for frozen dataclass schemas (no torch).
 - :mod:`.sections`: the recipe's sections as frozen dataclasses: every field, its type, default and meaning.
 - :mod:`.recipe`: the validated :class:`Recipe`, cross-field checks, overrides, shipped recipes (no torch).
 - :mod:`.tokenizer`: byte-level tokenizer; Hugging Face tokenizers on request.
@@ -13,8 +12,8 @@
 - :mod:`.report`: the banner, metrics.json and the summary of a run.
 - :mod:`.launch`: how ranks start (torchrun/srun, forked CPU workers, torchrun re-exec on GPUs).
 
-Only :mod:`.recipe` (with :mod:`.schema` and :mod:`.sections`) is imported here; the rest imports torch and
-Megatron when used.
+Only :mod:`.recipe` (with :mod:`.sections` and the shared validator :mod:`megatron_tasp.schema`) is imported
+here; the rest imports torch and Megatron when used.
 """
 
 from megatron_tasp.apps.finetune_lib.recipe import (

@@ -2,7 +2,7 @@
 the field and the fix (pure Python, no torch).
 
 A recipe has seven sections (frozen dataclasses in :mod:`.sections`, checked field by field by the one
-validator in :mod:`.schema`) plus three top-level keys; :func:`validate` adds the cross-field rules. The
+validator in :mod:`megatron_tasp.schema`) plus three top-level keys; :func:`validate` adds the cross-field rules. The
 ``parallel`` section's TASP fields become one ``TaspOptions`` (:meth:`Recipe.tasp_options`).
 :func:`schema_text` prints every field with its default and meaning, so the documentation
 (docs/FINETUNE.md, ``megatron-tasp finetune --schema``) cannot drift from the code.
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_tasp.apps.finetune_lib.schema import SchemaError, build, listing
 from megatron_tasp.apps.finetune_lib.sections import (
     SECTIONS,
     TASP_FIELDS,
@@ -34,6 +33,7 @@ from megatron_tasp.apps.finetune_lib.sections import (
     TokenizerSection,
     TrainSection,
 )
+from megatron_tasp.schema import SchemaError, build, listing
 
 DEFAULT_RECIPE = "default-cpu"
 
@@ -149,9 +149,9 @@ def _expand(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
 
 
-def _build_section(cls: type, raw: Any, where: str) -> Any:
+def _build_section(cls: type, raw: Any, source: str, section: str) -> Any:
     try:
-        return build(cls, raw, where)
+        return build(cls, raw, source, section)
     except SchemaError as exc:
         raise RecipeError(str(exc)) from None
 
@@ -167,7 +167,7 @@ def recipe_from_dict(raw: Any, source: str = "<dict>") -> Recipe:
     for sec in ("model", "data", "train"):
         if sec not in raw:
             raise RecipeError(f"{source}: missing required section '{sec}'")
-    sections = {sec: _build_section(cls, raw.get(sec), f"{source}: {sec}") for sec, cls in SECTIONS.items()}
+    sections = {sec: _build_section(cls, raw.get(sec), source, sec) for sec, cls in SECTIONS.items()}
     top: dict[str, Any] = {}
     for key in ("name", "description"):
         if key in raw:

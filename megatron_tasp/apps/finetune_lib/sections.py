@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from megatron_tasp.apps.finetune_lib.schema import option
+from megatron_tasp.schema import option
 
 TASP_FIELDS = ("num_rings", "topology", "transport", "chunks", "keep_kv", "kernel")  # -> one TaspOptions
 
