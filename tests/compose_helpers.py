@@ -47,7 +47,7 @@ def block_spec(config: Any, *, tasp: bool, num_layers: int, options: dict[str, A
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    sub = g.get_gpt_layer_local_submodules(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    sub = g.get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False).submodules
     sub.input_layernorm = SPLayerNorm
     sub.pre_mlp_layernorm = SPLayerNorm
     layer = ModuleSpec(module=TransformerLayer, submodules=sub)
