@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -268,13 +269,12 @@ def _check_rings(r: Recipe) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 def recipes_dir() -> Path:
-    """Folder of the shipped recipe YAML files (source checkout or installed package)."""
-    repo = Path(__file__).resolve().parents[3] / "configs" / "recipes"
-    if repo.is_dir():
-        return repo
-    from megatron_tasp import configs  # installed wheel: configs/ is packaged as megatron_tasp.configs
-
-    return Path(configs.__file__).parent / "recipes"
+    """Folder of the shipped recipe YAML files: the package resources ``megatron_tasp.configs`` of an installed
+    (or editable) package, else the ``configs/`` folder of a source checkout on ``sys.path``."""
+    try:
+        return Path(str(resources.files("megatron_tasp.configs") / "recipes"))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[3] / "configs" / "recipes"
 
 
 def list_recipes() -> list[str]:
