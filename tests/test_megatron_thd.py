@@ -279,7 +279,14 @@ def test_thd_batch_split_matches_te_layout(cp):
 
 
 def test_installed_split_serves_megatron_get_batch_on_this_cp_rank():
-    """needs_thd_partition: Megatron-Core's own get_batch_on_this_cp_rank (no TE here) after installing."""
+    """needs_thd_partition: Megatron-Core's own get_batch_on_this_cp_rank (no TE here) after installing.
+    Megatron-Core releases without the per-document split hook (0.16) refuse to install, naming the fix."""
+    import megatron.core.utils as mutils0
+
+    if not hasattr(mutils0, "_get_batch_on_this_cp_rank_per_document_balancing"):
+        with pytest.raises(RuntimeError, match="use megatron-core 0.19"):
+            thd_batch.install_thd_batch_partition()
+        return
 
     def worker(rank, world):
         import megatron.core.utils as mutils
