@@ -20,9 +20,9 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from megatron_tasp.thd import partition_index
 
 from megatron_tasp import tasp_attention
+from megatron_tasp.thd import partition_index
 
 
 def doc_lengths(total: int, mean: int, cp: int, seed: int) -> list[int]:
