@@ -249,8 +249,9 @@ def reload_env() -> None:
 
 
 def env_flag(name: str, default: str | None = None) -> str | None:
-    """A ``MEGATRON_TASP_<NAME>`` variable that is not a TASP option (e.g. the launcher's VERBOSE);
-    every read of the project's environment goes through this module."""
+    """A ``MEGATRON_TASP_<NAME>`` variable that is not a TASP option (e.g. the launcher's VERBOSE); every
+    read of a ``MEGATRON_TASP_*`` variable goes through this module (other tools' variables, such as
+    ``MEGATRON_LM_PATH`` or ``CUDA_DEVICE_MAX_CONNECTIONS``, are read where they are used)."""
     return os.environ.get(f"{ENV_PREFIX}{name.upper()}", default)
 
 

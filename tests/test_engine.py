@@ -188,3 +188,35 @@ def _scope_worker(rank, n):
 def test_scope_keyed_by_ranks_and_renewed_with_the_group():
     for res in run_workers(_scope_worker, 2):
         assert all(res), res
+
+
+def _calibration_worker(rank, n, root):
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_tasp.options import TaspOptions
+
+    here = os.path.join(root, f"rank{rank}")
+    os.makedirs(here, exist_ok=True)
+    os.chdir(here)  # the same relative path names a file on rank 0 only, as on a node without the file
+    if rank == 0:
+        import json
+
+        from megatron_tasp.costmodel.params import DEFAULT_CALIBRATION_DICT
+        with open("cal.json", "w") as fh:
+            json.dump(DEFAULT_CALIBRATION_DICT, fh)
+    q = torch.randn(8, 1, 2, 8)
+    try:
+        tasp_attention(q, q.clone(), q.clone(), dist.group.WORLD,
+                       options=TaspOptions(num_rings="auto", calibration="cal.json"))
+    except ValueError as exc:  # the rank without the file raises its own error, its peer a TaspConfigError
+        return str(exc)
+    return None
+
+
+def test_calibration_missing_on_one_rank_makes_every_rank_raise(tmp_path):
+    """A cost-model file some ranks cannot read is found before the agreement, so its peers raise too."""
+    msgs = run_workers(_calibration_worker, 2, str(tmp_path), timeout_s=120)
+    assert all(msgs), msgs
+    assert "not found" in msgs[1] and "rank(s) [1] rejected" in msgs[0], msgs

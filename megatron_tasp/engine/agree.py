@@ -4,6 +4,12 @@ same call, and makes every rank raise when they do not.
 Compared: local length, batch, query heads, KV heads, head dim, dtype, causal, and a stable digest of the
 effective options (softmax scale and the compute-only switch included). A rank whose own inputs or options
 were rejected still takes part, flagging itself, so its peers raise too instead of waiting in the exchange.
+
+Scope of the guarantee: the check runs when a signature is first seen (one all-reduce; later calls of it cost
+nothing). Ranks that diverge only after every rank has compiled a signature (one rank's later call has another
+shape, or inputs it rejects, while its peers repeat a cached one) enter different collectives: that breaks
+the run (gloo aborts, NCCL may hang) instead of raising. Every CP rank must make the same sequence of calls, as
+Megatron's layers do; a per-call check would cost a collective per layer call.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_tasp.engine.exchange import StreamPool, SymmPool
+from megatron_tasp.tuning import clear_caches
 
 
 class Scope:
@@ -128,5 +129,7 @@ PLAN_CACHE = PlanCache()
 
 
 def clear_plan_cache() -> None:
-    """Drop every cached plan, compiled call and pool (collective in spirit: call it on every rank)."""
+    """Drop every cached plan, compiled call and pool, and the cost model's remembered choices and probe
+    results (collective in spirit: call it on every rank)."""
     PLAN_CACHE.clear()
+    clear_caches()

@@ -41,7 +41,7 @@ from megatron_tasp.engine.plan import (
 from megatron_tasp.kernels import BlockAttention, get_kernel
 from megatron_tasp.options import TaspOptionError, TaspOptions, default_options, keep_kv_auto
 from megatron_tasp.schedule import EARLIER, LATER, RankStep
-from megatron_tasp.tuning import choose_chunks
+from megatron_tasp.tuning import calibration, choose_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,8 @@ def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, soft
             tname = COMPUTE_ONLY if compute_only else transport_name(eff.transport, topo)
             check_transport(tname, topo, q.device)
             kernel = _kernel(eff.kernel, q, _kernel_source(options, explicit[2]))
+            if n > 1 and eff.calibration and "auto" in (eff.num_rings, eff.chunks):
+                calibration(eff)  # a file missing on some nodes fails here, so the agreement below reports it
         except (TaspConfigError, ValueError, RuntimeError) as exc:
             problem = exc
     if n == 1:

@@ -100,9 +100,11 @@ class SegmentedBlock:
         for (iq, ik), c, kern in zip(self.pairs, ctx, self.kernels):
             g = kern.backward_unchecked(_take(dout, iq), _take(q, iq), _take(k, ik), _take(v, ik),
                                         _take(out, iq), _take(lse, iq), c, causal=causal, scale=scale)
-            if not grads:  # in the dense kernel's gradient dtypes (a kernel may return wider ones)
-                dt = [gx.dtype for gx in g] if kern is self.kernel else [x.dtype for x in (q, k, v)]
-                grads = [torch.zeros(x.shape, dtype=d_, device=x.device) for x, d_ in zip((q, k, v), dt)]
+            if not grads:
+                grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+            # accumulate in the widest dtype any segment's kernel returns (a kernel may return wider ones)
+            grads = [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
+                     for acc, gx in zip(grads, g)]
             for dst, rows, val in zip(grads, (iq, ik, ik), g):
                 _put(dst, rows, val)
         if not grads:

@@ -302,8 +302,9 @@ def _skip_dataloader_mask(args: Any, comm: list[str]) -> None:
 
 
 def megatron_lm_options() -> TaspOptions | None:
-    """``get_args().tasp_options`` of a Megatron-LM run whose args went through ``validate_tasp_args``;
-    None outside such a run (megatron.training not loaded, no global args, or args without the TASP flags).
+    """The TaspOptions of a Megatron-LM run: ``get_args().tasp_options`` when ``validate_tasp_args`` built it,
+    else the parsed ``--tasp-*`` flags (never silently the defaults); None outside such a run
+    (megatron.training not loaded, no global args, or args without the TASP flags).
     Never imports megatron.training itself."""
     global_vars = sys.modules.get("megatron.training.global_vars")
     if global_vars is None:
@@ -312,8 +313,12 @@ def megatron_lm_options() -> TaspOptions | None:
         args = global_vars.get_args()
     except Exception:  # noqa: BLE001 - Megatron asserts when the global args are not set
         return None
-    options = getattr(args, "tasp_options", None)
-    return options if isinstance(options, TaspOptions) else None
+    if isinstance(getattr(args, "tasp_options", None), TaspOptions):
+        return args.tasp_options
+    if any(hasattr(args, f"tasp_{name}") for name in ("num_rings", "topology", "transport", "kernel", "chunks")):
+        return tasp_options_from_args(args)  # the --tasp-* flags were parsed but not validated: honour them
+    return None
+
 
 __all__ = ["BACKENDS", "TASP_FLAGS", "TaspArgumentError", "add_tasp_args", "megatron_lm_options", "option_type",
            "tasp_options_from_args", "validate_tasp_args"]
