@@ -21,13 +21,8 @@ from megatron_tasp.options import TaspOptions
 
 
 @pytest.fixture(autouse=True)
-def _no_tasp_environment(monkeypatch):
+def _no_tasp_environment(no_tasp_env):
     """These tests assume no MEGATRON_TASP_* option in the environment (the env tests set their own)."""
-    for var in O.ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    O.reload_env()
-    yield
-    O.reload_env()
 
 
 def _parser():

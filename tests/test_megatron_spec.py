@@ -22,12 +22,8 @@ from megatron_tasp.options import TaspOptionError, TaspOptions  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _no_tasp_environment(monkeypatch):
-    for var in O.ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    O.reload_env()
-    yield
-    O.reload_env()
+def _no_tasp_environment(no_tasp_env):
+    """These tests assume no MEGATRON_TASP_* option in the environment (the env tests set their own)."""
 
 
 def _core(spec):

@@ -23,15 +23,10 @@ def _hint(tokens, hkv=32, causal=True, **kw):
 
 
 @pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    for var in ("MEGATRON_TASP_CALIBRATION", "MEGATRON_TASP_AUTO_PROBE", "MEGATRON_TASP_TRANSPORT",
-                "MEGATRON_TASP_DKV_DTYPE"):
-        monkeypatch.delenv(var, raising=False)
-    reload_env()
+def _clean(no_tasp_env):
     tuning.clear_caches()
     yield
     tuning.clear_caches()
-    reload_env()
 
 
 @pytest.mark.parametrize("name", list_presets())

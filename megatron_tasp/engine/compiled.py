@@ -184,14 +184,11 @@ class CompiledCall:
 
 
 def _kernel(name: str | None, q: torch.Tensor, source: str) -> BlockAttention:
-    key = ("kernel", name, q.device, q.dtype, q.shape[-1])
-    kern = PLAN_CACHE.local.get(key)
-    if kern is None:
-        try:
-            kern = PLAN_CACHE.local.put(key, get_kernel(name, q.device, q.dtype, q.shape[-1]))
-        except ValueError as exc:
-            raise TaspConfigError(f"{exc} (kernel from {source})") from None
-    return kern
+    try:
+        return PLAN_CACHE.local.get_or_build(("kernel", name, q.device, q.dtype, q.shape[-1]),
+                                             lambda: get_kernel(name, q.device, q.dtype, q.shape[-1]))
+    except ValueError as exc:
+        raise TaspConfigError(f"{exc} (kernel from {source})") from None
 
 
 def _kernel_source(options: TaspOptions | None, kernel: str | None) -> str:
