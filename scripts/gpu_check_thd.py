@@ -6,7 +6,8 @@ documents, each padded to a multiple of 2*CP), it checks out/dq/dk/dv of every r
 document-masked attention over the whole sequence on one GPU (relative max error beside the same error of the
 block kernel run on one GPU), then times forward+backward (CUDA events, median, max over ranks) of:
 TASP packed at CP, the same packed sequence with the same mask on one GPU (a loop of per-document kernel
-calls, ``one_gpu_packed``), and dense causal TASP on the same tokens (``dense_causal``). On CPU (gloo) it runs
+calls, ``one_gpu_packed``, and one varlen flash call, ``one_gpu_varlen``; the ratio uses the faster), and
+dense causal TASP on the same tokens (``dense_causal``). On CPU (gloo) it runs
 as a smoke test with tiny shapes.
 """
 
@@ -21,8 +22,23 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from megatron_tasp import tasp_attention
+from megatron_tasp import clear_plan_cache, tasp_attention
+from megatron_tasp.kernels import varlen
 from megatron_tasp.thd import partition_index
+
+LAUNCHES = {"varlen_forward": 0}
+DEFAULT_BIG = varlen.DENSE_SEGMENT_ROWS.get("cudnn")
+
+
+def _count_varlen() -> None:
+    """Count the engine's varlen launches (shows which block kernel served the packed blocks)."""
+    ops = varlen.VARLEN_OPS["ops"]
+
+    def fwd(*args):
+        LAUNCHES["varlen_forward"] += 1
+        return ops.forward(*args)
+
+    varlen.VARLEN_OPS["ops"] = varlen.VarlenOps(fwd, ops.backward)
 
 
 def doc_lengths(total: int, mean: int, cp: int, seed: int) -> list[int]:
@@ -79,6 +95,36 @@ def one_gpu_packed(q, k, v, lens, padded, causal):
     return out
 
 
+class _Varlen(torch.autograd.Function):
+    """The whole packed sequence in one varlen flash call (forward and backward), on one GPU."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_len, causal):
+        scale = q.shape[-1] ** -0.5
+        out, lse, aux = varlen.flash_varlen_ops().forward(q, k, v, cu_q, cu_k, max_len, max_len, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.meta = (max_len, causal, scale, aux)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_len, causal, scale, aux = ctx.meta
+        dq, dk, dv = varlen.flash_varlen_ops().backward(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_len,
+                                                        max_len, causal, scale, aux)
+        return dq, dk, dv, None, None, None, None
+
+
+def one_gpu_varlen(q, k, v, lens, padded, causal):
+    """The packed sequence with the same mask on one GPU as ONE varlen flash call (real tokens only; padded
+    rows 0): the fastest one-GPU form measured here, the baseline of the target."""
+    starts = [sum(padded[:i]) for i in range(len(lens))]
+    idx = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]).to(q.device)
+    cu = cumsum(lens, q.device)
+    o = _Varlen.apply(q[idx], k[idx], v[idx], cu, cu, max(lens), causal)
+    return torch.zeros_like(q).index_copy(0, idx, o)
+
+
 def grads(fn, q, k, v, do):
     q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
     out = fn(q, k, v)
@@ -116,14 +162,36 @@ def time_ms(fn, q, k, v, do, warmup, iters, cuda):
     return float(t)
 
 
+def parse_tokens(text: str) -> list[int]:
+    return [int(t.lower().replace("k", "")) * (1024 if "k" in t.lower() else 1) for t in text.split(",")]
+
+
+def profile(fn, q, k, v, do, rank) -> None:
+    """Top CUDA kernels of one forward+backward (after two warm-up calls), printed on rank 0."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    for _ in range(2):
+        fn(q, k, v).backward(do)
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        fn(q, k, v).backward(do)
+        torch.cuda.synchronize()
+    if rank == 0:
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", default="16k,32k,64k", help="packed tokens per sequence (comma list; 'k' = 1024)")
+    ap.add_argument("--tokens", default="16k,32k,64k,128k", help="packed tokens per sequence (comma list; 'k' = 1024)")
     ap.add_argument("--doc-mean", type=int, default=4096, help="mean document length of the log-normal mix")
     ap.add_argument("--heads", default="32/8", help="query/KV heads")
     ap.add_argument("--check-tokens", type=int, default=8192, help="sequence length of the correctness check")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--big-rows", default="", help="also time TASP packed with these DENSE_SEGMENT_ROWS['cudnn'] "
+                    "values (comma list; 'none' = every segment in the varlen launch)")
+    ap.add_argument("--profile", default="", help="profile one TASP packed fwd+bwd at this size (e.g. 64k) and "
+                    "print the top CUDA kernels (rank 0)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -133,6 +201,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(dev)
     dtype = torch.bfloat16 if cuda else torch.float32
+    _count_varlen()
     hq, hkv = (int(x) for x in a.heads.split("/"))
     d = 128 if cuda else 16
     scale = 1 if cuda else 64
@@ -154,7 +223,11 @@ def main() -> None:
         got = grads(lambda x, y, z, c=causal, cp=cu_pad, cu=cu: tasp_attention(
             x, y, z, dist.group.WORLD, causal=c, cu_seqlens_padded=cp, cu_seqlens=cu), q[idx], k[idx], v[idx], do[idx])
         one = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_packed(x, y, z, *m), q, k, v, do)
-        rec = {"causal": causal, "tokens": S, "docs": len(lens)}
+        rec = {"causal": causal, "tokens": S, "docs": len(lens), "varlen_launches": LAUNCHES["varlen_forward"]}
+        if cuda:
+            vl = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_varlen(x, y, z, *m), q, k, v, do)
+            for j, name in enumerate(("out", "dq", "dk", "dv")):
+                rec[f"one_gpu_varlen_err_{name}"] = rel(vl[j], ref[j])
         for j, name in enumerate(("out", "dq", "dk", "dv")):
             e = torch.tensor([rel(got[j], ref[j][idx])], device=dev)
             dist.all_reduce(e, op=dist.ReduceOp.MAX)
@@ -167,7 +240,7 @@ def main() -> None:
         results["checks"].append(rec)
         if r == 0:
             print(json.dumps(rec), flush=True)
-    for tok in (int(t.lower().replace("k", "")) * (1024 if "k" in t.lower() else 1) for t in a.tokens.split(",")):
+    for tok in parse_tokens(a.tokens):
         S = tok // scale
         lens, padded = doc_lengths(S, max(8, a.doc_mean // scale), n, seed=tok)
         g = torch.Generator(device=dev).manual_seed(5)
@@ -183,12 +256,32 @@ def main() -> None:
             x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
             dol.detach(), a.warmup, a.iters, cuda)
         qs, ks, vs = (x.detach()[zig].unsqueeze(1).requires_grad_(True) for x in (q, k, v))
+        for br in [x for x in a.big_rows.split(",") if x]:
+            varlen.DENSE_SEGMENT_ROWS["cudnn"] = None if br == "none" else int(br)
+            clear_plan_cache()
+            rec[f"tasp_packed_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
+                x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
+                dol.detach(), a.warmup, a.iters, cuda)
+        varlen.DENSE_SEGMENT_ROWS["cudnn"] = DEFAULT_BIG
+        clear_plan_cache()
+        if a.profile and tok == parse_tokens(a.profile)[0]:
+            profile(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
+                x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
+                dol.detach(), r)
+        rec["one_gpu_tasp_ms"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
+            x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), *(t.detach().requires_grad_(True)
+            for t in (q, k, v)), do, a.warmup, a.iters, cuda)
         rec["dense_causal_ms"] = time_ms(lambda x, y, z: tasp_attention(x, y, z, dist.group.WORLD, causal=True),
                                          qs, ks, vs, do[zig].unsqueeze(1), a.warmup, a.iters, cuda)
         qf, kf, vf = (x.detach().requires_grad_(True) for x in (q, k, v))
         rec["one_gpu_packed_ms"] = time_ms(lambda x, y, z, m=(lens, padded): one_gpu_packed(x, y, z, *m, True),
                                            qf, kf, vf, do, a.warmup, a.iters, cuda)
-        rec["tasp_over_one_gpu"] = rec["tasp_packed_ms"] / rec["one_gpu_packed_ms"]
+        if cuda:
+            rec["one_gpu_varlen_ms"] = time_ms(lambda x, y, z, m=(lens, padded): one_gpu_varlen(x, y, z, *m, True),
+                                               qf, kf, vf, do, a.warmup, a.iters, cuda)
+        best = min(rec["one_gpu_packed_ms"], rec["one_gpu_tasp_ms"], rec.get("one_gpu_varlen_ms", float("inf")))
+        rec["tasp_over_one_gpu"] = rec["tasp_packed_ms"] / best  # against the faster one-GPU form
+        rec["tasp_over_dense_causal"] = rec["tasp_packed_ms"] / rec["dense_causal_ms"]
         results["timings"].append(rec)
         if r == 0:
             print(json.dumps({k_: v_ for k_, v_ in rec.items() if k_ != "doc_lengths"}), flush=True)

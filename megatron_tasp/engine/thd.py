@@ -33,7 +33,8 @@ from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
-from megatron_tasp.kernels.segmented import segmented_block
+from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
+from megatron_tasp.kernels.varlen import DENSE_SEGMENT_ROWS, VarlenBlock
 from megatron_tasp.thd import check_padded, engine_order, engine_segments, host_bounds
 
 __all__ = ["ThdAttention", "ThdLayout", "thd_layout", "thd_views"]
@@ -51,13 +52,30 @@ class ThdLayout:
     pad: torch.Tensor | None  # engine rows of padding tokens (None: no padding)
 
 
+#: dense kernels whose packed-document blocks run as one varlen flash call on CUDA (fp16/bf16; see
+#: megatron_tasp.kernels.varlen); any other kernel, or inputs flash cannot take, loop over the documents
+VARLEN_KERNELS = frozenset({"cudnn", "flash", "efficient"})
+
+
+def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.device) -> SegmentedBlock | VarlenBlock:
+    """The document-masked block of ``kernel``: one varlen launch where it can run, else per document."""
+    seg = segmented_block(kernel, seg_q, seg_k, device)
+    if not _use_varlen(kernel, device) or seg.full:
+        return seg
+    return VarlenBlock(seg, device, big_rows=DENSE_SEGMENT_ROWS.get(kernel.name))
+
+
+def _use_varlen(kernel, device: torch.device) -> bool:
+    return device.type == "cuda" and kernel.name in VARLEN_KERNELS
+
+
 def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], device: torch.device):
     """A shallow copy of ``call`` whose every block kernel is masked to equal segments (``segs[s]``: the
     segment ids of CP rank s in engine order)."""
     n, r = call.plan.world_size, call.plan.rank
     mine = segs[r]
     out = copy.copy(call)
-    out.local_kernel = segmented_block(call.kernel, mine, mine, device)
+    out.local_kernel = _block(call.kernel, mine, mine, device)
     if n == 1:
         return out
     pieces = call.pieces
@@ -77,7 +95,7 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
             for case, rings, kern in call.blocks[st.step][j]:
                 keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
                                   for i in rings])
-                block = segmented_block(kern, mine[call.q_rows(case)], keys, device)
+                block = _block(kern, mine[call.q_rows(case)], keys, device)
                 # a block no query may see is left out (no kernel, no merge), except at step 1 where the
                 # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
                 if block.pairs or st.step == 1:

@@ -1,0 +1,218 @@
+"""Document-masked blocks in ONE kernel launch: torch's variable-length flash attention over gathered rows.
+
+A :class:`~megatron_tasp.kernels.segmented.SegmentedBlock` runs one dense kernel call per document of a
+block. On CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's small segments as one call of
+``aten._flash_attention_forward`` / ``_flash_attention_backward`` (FlashAttention-2 inside torch) with
+``cu_seqlens``: the query rows of every shared segment are gathered into one packed ``[total_q, h, d]``
+tensor (segment after segment; a view, not a copy, when they already form one ascending run), likewise the
+key/value rows, and the output, lse and gradients are scattered back. Rows without keys keep output 0 and
+lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV heads), no expansion. Segments
+large on both sides (``big_rows``, :data:`DENSE_SEGMENT_ROWS`) keep one call each on the dense kernel when
+that kernel is faster than the varlen one; every query row and key row belongs to one segment, so the two
+parts write disjoint rows of the same outputs and gradients.
+
+What it needs, checked per call (otherwise the same block runs on the per-document fallback): a CUDA
+tensor of fp16 or bf16, head dim a multiple of 8 and at most 256, batch 1 (packed documents are ``[t, 1,
+h, d]``), and the op in this torch build. ``causal=True`` appears only on square segments (the own block of
+packed documents: the same rows on both sides), so the op's causal alignment convention does not matter.
+
+The two ops are reached through :data:`VARLEN_OPS`, a pair of functions of plain tensors, so the
+gather/scatter plumbing is testable on any device with a reference implementation swapped in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._calls import call_aten, has_aten_op, named_returns
+from .segmented import Rows, SegmentedBlock
+
+__all__ = ["DENSE_SEGMENT_ROWS", "VARLEN_OPS", "VarlenBlock", "VarlenOps", "flash_varlen_ops", "varlen_reason"]
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+#: dense kernels worth one call per large segment instead of the varlen launch, and from how many rows (on both
+#: sides) a segment counts as large: measured on H200, cuDNN runs large documents ~1.4x faster than torch's
+#: FlashAttention-2, which outweighs a launch per document from about this size
+DENSE_SEGMENT_ROWS: dict[str, int] = {"cudnn": 1024}
+
+
+@dataclass(frozen=True)
+class VarlenOps:
+    """``forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out [tq,h,d], lse [h,tq] fp32, aux)`` and
+    ``backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux) -> (dq, dk, dv)``;
+    tensors packed ``[total, heads, d]``."""
+
+    forward: Any
+    backward: Any
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                   causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
+    op = torch.ops.aten._flash_attention_forward.default
+    res = call_aten(op, {"query": q, "key": k, "value": v, "cum_seq_q": cu_q, "cum_seq_k": cu_k, "max_q": max_q,
+                         "max_k": max_k, "dropout_p": 0.0, "is_causal": causal, "return_debug_mask": False,
+                         "scale": scale})
+    named = named_returns(op, res, ("output", "logsumexp", "philox_seed", "philox_offset", "debug_attn_mask"))
+    lse = named["logsumexp"]
+    if lse.dim() != 2 or tuple(lse.shape) != (q.shape[1], q.shape[0]):
+        raise RuntimeError(f"_flash_attention_forward (varlen) on torch {torch.__version__} returned a logsumexp "
+                           f"of shape {tuple(lse.shape)}; expected (heads, total_q) = ({q.shape[1]}, {q.shape[0]})")
+    return named["output"], lse, (named["philox_seed"], named["philox_offset"])
+
+
+def _flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                    cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
+                    aux: Any) -> tuple[Tensor, Tensor, Tensor]:
+    op = torch.ops.aten._flash_attention_backward.default
+    res = call_aten(op, {"grad_out": dout, "query": q, "key": k, "value": v, "out": out, "logsumexp": lse,
+                         "cum_seq_q": cu_q, "cum_seq_k": cu_k, "max_q": max_q, "max_k": max_k, "dropout_p": 0.0,
+                         "is_causal": causal, "philox_seed": aux[0], "philox_offset": aux[1], "scale": scale})
+    return res[0], res[1], res[2]
+
+
+def flash_varlen_ops() -> VarlenOps:
+    """torch's FlashAttention-2 varlen forward/backward."""
+    return VarlenOps(_flash_forward, _flash_backward)
+
+
+#: the ops every VarlenBlock calls (tests swap in a reference implementation)
+VARLEN_OPS: dict[str, VarlenOps] = {"ops": flash_varlen_ops()}
+
+
+def varlen_reason(q: Tensor, k: Tensor) -> str | None:
+    """None when the varlen op can run this block's tensors, else why not."""
+    if VARLEN_OPS["ops"].forward is _flash_forward:
+        if q.device.type != "cuda":
+            return "needs CUDA"
+        if not has_aten_op("_flash_attention_forward"):
+            return f"torch {torch.__version__} has no _flash_attention_forward"
+        if q.dtype not in _FLASH_DTYPES:
+            return f"dtype {q.dtype} (flash takes fp16/bf16)"
+        d = q.shape[-1]
+        if d % 8 or d > 256:
+            return f"head dim {d} (flash takes multiples of 8 up to 256)"
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        return "batch > 1"
+    return None
+
+
+def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tensor, int]:
+    """(one slice or LongTensor of the concatenated rows, int32 cu_seqlens, longest segment)."""
+    lengths = [(r.stop - r.start) if isinstance(r, slice) else int(r.numel()) for r in rows]
+    parts = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    if lengths:
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    first = int(flat[0]) if flat.numel() else 0
+    run = bool(flat.numel()) and bool(torch.equal(flat, torch.arange(first, first + flat.numel())))
+    index: slice | Tensor = slice(first, first + flat.numel()) if run else flat.to(device)
+    return index, cu.to(device), max(lengths, default=0)
+
+
+def _rows(rows: Rows) -> int:
+    return (rows.stop - rows.start) if isinstance(rows, slice) else int(rows.numel())
+
+
+def _first(rows: Rows) -> int:
+    return rows.start if isinstance(rows, slice) else int(rows[0])
+
+
+def _packed(x: Tensor, index: slice | Tensor) -> Tensor:
+    """Rows of ``x [1, h, s, d]`` as a packed ``[rows, h, d]`` tensor (a view for a slice of a row-major x)."""
+    rows = x[0].transpose(0, 1)  # [s, h, d]
+    return rows[index] if isinstance(index, slice) else rows.index_select(0, index)
+
+
+def _unpacked(val: Tensor, index: slice | Tensor, s: int, fill: float = 0.0) -> Tensor:
+    """Packed ``[rows, h, d]`` back to ``[1, h, s, d]``, other rows ``fill``."""
+    if isinstance(index, slice) and index.start == 0 and index.stop == s:
+        return val.transpose(0, 1).unsqueeze(0)
+    full = torch.full((s, *val.shape[1:]), fill, dtype=val.dtype, device=val.device)
+    if isinstance(index, slice):
+        full[index] = val
+    else:
+        full.index_copy_(0, index, val)
+    return full.transpose(0, 1).unsqueeze(0)
+
+
+def _scatter(dst: Tensor, index: slice | Tensor, val: Tensor) -> None:
+    """Write packed ``[rows, h, d]`` into the rows ``index`` of ``dst [1, h, s, d]``."""
+    rows = dst[0].transpose(0, 1)
+    if isinstance(index, slice):
+        rows[index] = val
+    else:
+        rows.index_copy_(0, index, val)
+
+
+class VarlenBlock:
+    """One document-masked block as one varlen kernel call (see the module doc); falls back to the
+    per-document :class:`SegmentedBlock` for inputs the varlen op cannot take."""
+
+    def __init__(self, fallback: SegmentedBlock, device: torch.device, big_rows: int | None = None):
+        self.fallback = fallback
+        self.pairs = fallback.pairs
+        self.full = fallback.full
+        # segments with >= big_rows rows on both sides run one call each on the dense kernel (on Hopper cuDNN's
+        # kernel outruns FlashAttention-2 by ~1.4x, which repays a launch per large document)
+        big = [i for i, (iq, ik) in enumerate(fallback.pairs)
+               if big_rows is not None and min(_rows(iq), _rows(ik)) >= big_rows]
+        self.big = SegmentedBlock(fallback.kernel, [fallback.pairs[i] for i in big], False) if big else None
+        # the rest in query-row order, so that rows already packed in place are a view, not a gather
+        pairs = sorted((p for i, p in enumerate(fallback.pairs) if i not in set(big)), key=lambda p: _first(p[0]))
+        self.small = bool(pairs)
+        self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
+        self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
+
+    @property
+    def name(self) -> str:
+        """The dense kernel's name (the block's kernel when it falls back)."""
+        return self.fallback.name
+
+    def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                          scale: float) -> tuple[Tensor, Tensor, Any]:
+        """out ``[1, h, sq, d]``, lse ``[1, h, sq]`` float32 (-inf on rows without keys), ctx."""
+        if self.full or varlen_reason(q, k) is not None:
+            return self.fallback.forward_unchecked(q, k, v, causal=causal, scale=scale)
+        sq = q.shape[2]
+        out = lse_full = big_ctx = aux = None
+        if self.big is not None:  # zeros / -inf on every other row, filled below
+            out, lse_full, big_ctx = self.big.forward_unchecked(q, k, v, causal=causal, scale=scale)
+        if self.small:
+            qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
+            o, lse, aux = VARLEN_OPS["ops"].forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                                                    causal, scale)
+            if out is None:
+                out = _unpacked(o, self.q_index, sq)
+                lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
+            else:
+                _scatter(out, self.q_index, o)
+                _scatter(lse_full.unsqueeze(-1), self.q_index, lse.t().unsqueeze(-1).to(lse_full.dtype))
+        return out, lse_full.float().contiguous(), ("varlen", aux, big_ctx)
+
+    def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """dq, dk, dv of this block from the merged ``out``/``lse`` (zero where no segment is shared)."""
+        if not (isinstance(ctx, tuple) and len(ctx) == 3 and ctx[0] == "varlen"):
+            return self.fallback.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
+        grads = None
+        if self.big is not None:
+            grads = self.big.backward_unchecked(dout, q, k, v, out, lse, ctx[2], causal=causal, scale=scale)
+        if self.small:
+            qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
+            dp = _packed(dout, self.q_index).to(q.dtype).contiguous()
+            op_ = _packed(out, self.q_index).to(q.dtype).contiguous()
+            lp = _packed(lse.unsqueeze(-1), self.q_index)[..., 0].t().float().contiguous()  # [h, tq]
+            dq, dk, dv = VARLEN_OPS["ops"].backward(dp, qp, kp, vp, op_, lp, self.cu_q, self.cu_k, self.max_q,
+                                                    self.max_k, causal, scale, ctx[1])
+            if grads is None:
+                return (_unpacked(dq, self.q_index, q.shape[2]), _unpacked(dk, self.k_index, k.shape[2]),
+                        _unpacked(dv, self.k_index, v.shape[2]))
+            for dst, index, val in zip(grads, (self.q_index, self.k_index, self.k_index), (dq, dk, dv)):
+                _scatter(dst, index, val.to(dst.dtype))  # rows disjoint from the big segments'
+        return grads[0], grads[1], grads[2]

@@ -1,0 +1,60 @@
+"""A float64 reference of the packed varlen attention ops (``megatron_tasp.kernels.varlen.VarlenOps``): the
+same contract as torch's flash varlen forward/backward, per segment in plain torch, so the varlen block's
+gather/scatter plumbing runs on CPU. Causal segments are square (the only kind the engine passes)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_tasp.kernels.varlen import VarlenOps
+
+CALLS = {"forward": 0, "backward": 0}
+
+
+def _segments(cu_q, cu_k):
+    for b in range(cu_q.numel() - 1):
+        yield slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+
+
+def _scores(q, k, causal, scale):
+    g = q.shape[1] // k.shape[1]
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double().repeat_interleave(g, 1)) * scale
+    if causal:
+        assert q.shape[0] == k.shape[0], "causal segments are square"
+        s = s.masked_fill(~torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(), float("-inf"))
+    return s, g
+
+
+def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    CALLS["forward"] += 1
+    out = torch.zeros(q.shape, dtype=q.dtype)
+    lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+    for sq, sk in _segments(cu_q, cu_k):
+        assert sq.stop - sq.start <= max_q and sk.stop - sk.start <= max_k
+        s, g = _scores(q[sq], k[sk], causal, scale)
+        out[sq] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[sk].double().repeat_interleave(g, 1)).to(q.dtype)
+        lse[:, sq] = s.logsumexp(-1).float()
+    return out, lse, ("rng", "unused")
+
+
+def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux):
+    CALLS["backward"] += 1
+    assert aux == ("rng", "unused")
+    dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v))
+    for sq, sk in _segments(cu_q, cu_k):
+        s, g = _scores(q[sq], k[sk], causal, scale)
+        p = torch.exp(s - lse[:, sq].double()[..., None])
+        do, o = dout[sq].double(), out[sq].double()
+        vg, kg = v[sk].double().repeat_interleave(g, 1), k[sk].double().repeat_interleave(g, 1)
+        dvg = torch.einsum("hqk,qhd->khd", p, do)
+        dp = torch.einsum("qhd,khd->hqk", do, vg)
+        ds = p * (dp - (do * o).sum(-1).t()[..., None])
+        dq[sq] = torch.einsum("hqk,khd->qhd", ds, kg) * scale
+        dkg = torch.einsum("hqk,qhd->khd", ds, q[sq].double()) * scale
+        hk = k.shape[1]
+        dk[sk] = dkg.reshape(dkg.shape[0], hk, g, -1).sum(2)
+        dv[sk] = dvg.reshape(dvg.shape[0], hk, g, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+REFERENCE_OPS = VarlenOps(forward, backward)
