@@ -29,7 +29,7 @@ from megatron_tasp.engine.compiled import CompiledCall, LocalCall, compile_call,
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.engine.thd import ThdAttention, thd_layout, thd_views
-from megatron_tasp.options import TaspOptions
+from megatron_tasp.options import TaspOptions, default_options
 from megatron_tasp.topology import Topology
 
 __all__ = ["TaspConfigError", "clear_plan_cache", "tasp_attention", "tasp_run_summary"]
@@ -121,7 +121,10 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
         cu_seqlens_padded: packed documents (THD): int tensor ``[n_docs + 1]`` of global cumulative document
             lengths, each padded at its end to a multiple of 2·CP; the same on every rank. Padding tokens
             attend to nothing and nothing attends to them: their outputs and gradients are exactly 0.
-        cu_seqlens: the unpadded cumulative lengths (default: ``cu_seqlens_padded``, no padding).
+        cu_seqlens: the unpadded cumulative lengths (default: ``cu_seqlens_padded``, no padding). Either
+            boundary tensor makes the call a packed-documents call. With ``options.packed_split='sequence'``
+            the packed sequence was split as a whole (rank r holds chunks r and 2·CP-1-r of the sequence, the
+            dense zigzag shard), documents have any length and only ``cu_seqlens`` is given.
         softmax_scale: defaults to 1/sqrt(d).
         options: every knob in one :class:`~megatron_tasp.options.TaspOptions` (None: ``default_options()``,
             the defaults with the ``MEGATRON_TASP_*`` environment applied, read once per process).
@@ -139,7 +142,8 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     """
     if backend is not None:
         kernel = _kernel_alias(backend, kernel)
-    if cu_seqlens_padded is not None:
+    if cu_seqlens_padded is not None or cu_seqlens is not None:
+        opts = options if options is not None else default_options()
         try:
             qt, kt, vt = thd_views(q, k, v)
         except TaspConfigError as exc:
@@ -151,7 +155,8 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
             raise exc from None
         call = _call(qt, kt, vt, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport,
                      chunks, keep_kv)
-        return ThdAttention.apply(q, k, v, thd_layout(call, cu_seqlens_padded, cu_seqlens, qt.shape[0], q.device))
+        return ThdAttention.apply(q, k, v, thd_layout(call, cu_seqlens_padded, cu_seqlens, qt.shape[0], q.device,
+                                                      opts.packed_split))
     call = _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport, chunks,
                  keep_kv)
     return _TaspAttention.apply(q, k, v, call)

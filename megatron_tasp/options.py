@@ -25,6 +25,7 @@ variable                           field               values
 ``MEGATRON_TASP_CALIBRATION``      ``calibration``     cost-model calibration JSON for the 'auto' choices
 ``MEGATRON_TASP_AUTO_PROBE``       ``auto_probe``      1: time candidate ring counts once per shape
 ``MEGATRON_TASP_HOSTS``            ``hosts``           comma-separated host of every CP rank (emulation)
+``MEGATRON_TASP_PACKED_SPLIT``     ``packed_split``    ``document`` (default) or ``sequence``
 =================================  ==================  ================================================
 
 One name per concept: ``kernel`` is the block-attention kernel (cudnn, flash, ...); ``transport`` is how
@@ -42,6 +43,7 @@ from typing import Any
 KEEP_KV_AUTO_MIB = 64.0  # default cap of what keep_kv='auto' keeps per call
 TRANSPORTS = ("a2a", "p2p", "symm")
 DKV_DTYPES = ("fp32", "input")
+PACKED_SPLITS = ("document", "sequence")
 ENV_PREFIX = "MEGATRON_TASP_"
 
 _BOOL_WORDS: dict[str, bool] = {"1": True, "true": True, "yes": True, "on": True,
@@ -133,6 +135,10 @@ class TaspOptions:
     auto_probe: with num_rings='auto', time the candidates once per shape on the real group.
     hosts: the host of every CP rank in group order (None: gathered from the processes); set it to
         emulate several nodes on one machine.
+    packed_split: how packed documents were split over the CP ranks: 'document' (every document padded to a
+        multiple of 2·CP and cut into 2·CP chunks; Megatron-LM's ``--sft``, Transformer Engine's THD) or
+        'sequence' (the packed sequence as a whole in 2·CP chunks, documents of any length; Megatron-LM's
+        ``--dataloader-inter-document-masking`` without ``--sft``).
     """
 
     num_rings: int | str | None = None
@@ -149,6 +155,7 @@ class TaspOptions:
     calibration: str | None = None
     auto_probe: bool = False
     hosts: tuple[str, ...] | None = field(default=None)
+    packed_split: str = "document"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -169,6 +176,10 @@ class TaspOptions:
         if dkv not in DKV_DTYPES:
             raise TaspOptionError(f"dkv_dtype must be 'fp32' or 'input', got {self.dkv_dtype!r}")
         set_(self, "dkv_dtype", dkv)
+        split = str(self.packed_split).strip().lower()
+        if split not in PACKED_SPLITS:
+            raise TaspOptionError(f"packed_split must be 'document' or 'sequence', got {self.packed_split!r}")
+        set_(self, "packed_split", split)
         set_(self, "timeout_s", _positive_float("timeout_s", self.timeout_s))
         set_(self, "fused_merge", parse_bool("fused_merge", self.fused_merge))
         set_(self, "direct_collectives", parse_bool("direct_collectives", self.direct_collectives))
@@ -294,6 +305,7 @@ def keep_kv_auto(world_size: int, local_kv_bytes: int, transport: str, cap_bytes
     return transport != "symm" and (world_size - 1) * local_kv_bytes <= cap
 
 
-__all__ = ["DKV_DTYPES", "ENV_VARS", "FIELDS", "KEEP_KV_AUTO_MIB", "TRANSPORTS", "TaspOptionError", "TaspOptions",
+__all__ = ["DKV_DTYPES", "ENV_VARS", "FIELDS", "KEEP_KV_AUTO_MIB", "PACKED_SPLITS", "TRANSPORTS", "TaspOptionError",
+           "TaspOptions",
            "default_options", "env_flag", "env_options", "keep_kv_auto", "keep_kv_cap_bytes",
            "parse_bool", "parse_keep_kv", "parse_options", "reload_env"]

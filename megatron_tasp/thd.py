@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_padded", "engine_order", "engine_segments", "host_bounds", "partition_index"]
+__all__ = ["check_padded", "engine_order", "engine_segments", "host_bounds", "partition_index",
+           "sequence_segments"]
 
 
 def host_bounds(cu_seqlens_padded: torch.Tensor | Sequence[int]) -> list[int]:
@@ -99,3 +100,14 @@ def engine_order(cu_pad: Sequence[int], n: int) -> torch.Tensor:
     doc, m = _within(chunk)
     local_start = 2 * fstart  # doc i's two chunks start here in the THD local order
     return torch.cat((local_start[doc] + m, local_start[doc] + chunk[doc] + m))
+
+
+def sequence_segments(cu: Sequence[int], n: int, rank: int) -> torch.Tensor:
+    """Segment id (``2i`` for document i) of every token CP rank ``rank`` holds when the packed sequence was
+    split as a whole (``packed_split='sequence'``): chunks ``rank`` and ``2n-1-rank`` of ``2n`` equal chunks
+    of the sequence, in that order (the dense zigzag layout, which is the engine's order). ``cu``: cumulative
+    document lengths, any lengths, ending at the sequence length (a multiple of 2n)."""
+    total = cu[-1]
+    doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu[1:]) - torch.tensor(cu[:-1]))
+    chunk = total // (2 * n)
+    return 2 * torch.cat((doc[rank * chunk:(rank + 1) * chunk], doc[(2 * n - 1 - rank) * chunk:(2 * n - rank) * chunk]))

@@ -510,7 +510,7 @@ def patched_thd_probe(patched_root: str) -> dict[str, Any]:
         try:
             a = margs.parse_args()
             margs.validate_args(a, {})
-            out[name] = ["accepted", a.cp_comm_type, a.tasp_enabled]
+            out[name] = ["accepted", a.cp_comm_type, a.tasp_enabled, a.tasp_options.packed_split]
         except BaseException as exc:  # noqa: BLE001 - SystemExit / AssertionError from Megatron included
             out[name] = [f"{type(exc).__name__}: {exc}"]
     import megatron.core.utils as mutils

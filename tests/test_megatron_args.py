@@ -176,11 +176,12 @@ def test_a2a_p2p_needs_hierarchical_sizes():
     assert a.cp_comm_type == ["a2a+p2p"]
 
 
-def test_hybrid_cp_and_unpadded_packing_rejected_for_tasp():
-    """Packed (THD) batches are served (tests/test_megatron_thd.py); dynamic CP and inter-document masking
-    without --sft's per-document padding at CP > 1 are not."""
+def test_hybrid_cp_rejected_for_tasp():
+    """Packed (THD) batches are served, with --sft or inter-document masking (tests/test_megatron_thd.py);
+    dynamic CP is not."""
     for extra in ({"hybrid_context_parallel": True},
-                  {"dataloader_inter_document_masking": True, "context_parallel_size": 2, "seq_length": 64}):
+                  {"hybrid_context_parallel": True, "dataloader_inter_document_masking": True,
+                   "context_parallel_size": 2, "seq_length": 64}):
         ns = SimpleNamespace(context_parallel_backend="tasp", cp_comm_type=["p2p"], **extra)
         with pytest.raises(TaspArgumentError):
             validate_tasp_args(ns, device_capability=None)

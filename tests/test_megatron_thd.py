@@ -27,7 +27,12 @@ from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_tasp.launch import WorkerError, run_workers  # noqa: E402
 from megatron_tasp.megatron import thd_batch  # noqa: E402
-from megatron_tasp.megatron.args import TaspArgumentError, validate_tasp_args  # noqa: E402
+from megatron_tasp.megatron.args import (  # noqa: E402
+    TaspArgumentError,
+    packed_split_of,
+    tasp_options_from_args,
+    validate_tasp_args,
+)
 from megatron_tasp.megatron.core_attention import TaspDotProductAttention, thd_cu_seqlens  # noqa: E402
 from megatron_tasp.options import TaspOptions  # noqa: E402
 
@@ -90,12 +95,19 @@ def test_sft_accepted_with_tasp(cp):
     assert a.tasp_enabled
 
 
-def test_inter_document_masking_accepted_at_cp1_needs_sft_above():
-    a = validate_tasp_args(_ns(dataloader_inter_document_masking=True), device_capability=None)
-    assert a.tasp_enabled
-    with pytest.raises(TaspArgumentError, match="needs --sft"):
-        validate_tasp_args(_ns(dataloader_inter_document_masking=True, context_parallel_size=2, seq_length=64),
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_inter_document_masking_takes_the_sequence_split(cp):
+    """Without --sft Megatron-LM splits the packed sequence as a whole (documents of any length): TASP is told
+    so through options.packed_split; with --sft every document is padded and split (the default)."""
+    a = validate_tasp_args(_ns(dataloader_inter_document_masking=True, context_parallel_size=cp, seq_length=64),
                            device_capability=None)
+    assert a.tasp_enabled and a.tasp_options.packed_split == "sequence"
+    assert packed_split_of(a) == "sequence" and tasp_options_from_args(a).packed_split == "sequence"
+    a = validate_tasp_args(_ns(sft=True, dataloader_inter_document_masking=True, context_parallel_size=cp,
+                               seq_length=64), device_capability=None)
+    assert a.tasp_options.packed_split == "document"
+    ns = _ns(dataloader_inter_document_masking=True, context_parallel_size=cp, seq_length=64)
+    assert tasp_options_from_args(ns).packed_split == "sequence"  # also when validate_tasp_args did not run
 
 
 def test_hybrid_cp_still_rejected_with_packed_data():
@@ -344,8 +356,9 @@ def test_patched_megatron_lm_accepts_sft_and_installs_the_split(tmp_path):
     cmd = ["patch", "-s", "-p1", "-i", str(PATCH)] if shutil.which("patch") else ["git", "apply", str(PATCH)]
     subprocess.run(cmd, cwd=tmp_path, check=True)
     out = H.run_probe(f"patched_thd_probe({str(tmp_path)!r})", timeout=300)
-    assert out["sft"] == ["accepted", ["tasp"], True] and out["sft_idm"] == ["accepted", ["tasp"], True]
-    assert "needs --sft" in out["idm"][0]
+    assert out["sft"] == ["accepted", ["tasp"], True, "document"]
+    assert out["sft_idm"] == ["accepted", ["tasp"], True, "document"]
+    assert out["idm"] == ["accepted", ["tasp"], True, "sequence"]  # the sequence split as a whole
     assert out["kinds"] == ["TaspDotProductAttention", "TaspDotProductAttention"]
     assert out["split"] == ["megatron.core.utils", "megatron_tasp.megatron.thd_batch"]
 

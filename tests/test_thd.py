@@ -290,3 +290,75 @@ def test_layouts_are_a_small_lru_keyed_on_values():
     for first in range(0, 18, 2):
         tasp_attention(q, q, q, None, cu_seqlens_padded=torch.tensor([0, first, 16]))
     assert len(layouts.entries) == Scope.MAX_LAYOUTS
+
+
+# ---- packed_split='sequence': the sequence split as a whole (Megatron-LM's inter-document masking) ----------
+def _sequence_case(group, lengths, causal, hkv, seed=0, **kw) -> float:
+    import torch.distributed as dist
+
+    from megatron_tasp.options import parse_options
+    from tests.attn_reference import zigzag_index
+
+    n = dist.get_world_size(group)
+    r = dist.get_rank(group)
+    cu = [0]
+    for m in lengths:
+        cu.append(cu[-1] + m)
+    s = cu[-1]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(s, h, D, generator=gen, dtype=torch.float64) for h in (4, hkv, hkv, 4))
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = reference_documents(qr, kr, vr, cu, cu, causal)
+    ref.backward(do)
+    idx = zigzag_index(s, n, r)
+    ql, kl, vl = (x[idx].float().clone().requires_grad_() for x in (q, k, v))
+    opts = parse_options({"packed_split": "sequence", **kw}, use_env=False)
+    out = tasp_attention(ql, kl, vl, group, causal=causal, cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+                         options=opts)
+    out.backward(do[idx].float())
+    return max(rel_err(a, b[idx]) for a, b in zip((out.detach(), ql.grad, kl.grad, vl.grad),
+                                                   (ref.detach(), qr.grad, kr.grad, vr.grad)))
+
+
+def _sequence_worker(rank, n):
+    import torch.distributed as dist
+
+    rnd = random.Random(n)
+    total = 2 * n * 9
+    mixes_ = {"one": [total], "odd": [5, 1, total - 6 - 7, 7],
+              "random": [x for x in (rnd.randint(1, 3 * n) for _ in range(40))]}
+    acc, out = 0, []
+    for x in mixes_["random"]:  # cut to the total, the last document takes the rest
+        if acc + x >= total:
+            break
+        out.append(x)
+        acc += x
+    mixes_["random"] = out + [total - acc]
+    errs = {}
+    for name, lengths in mixes_.items():
+        for causal in (True, False):
+            for hkv, kw in ((4, {}), (1, {"num_rings": 1, "transport": "p2p"})):
+                errs[(name, causal, hkv)] = _sequence_case(dist.group.WORLD, lengths, causal, hkv, **kw)
+    return errs
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_sequence_split_documents_of_any_length(n):
+    """packed_split='sequence': zigzag shards of the whole sequence, documents crossing chunk boundaries."""
+    for errs in run_workers(_sequence_worker, n, timeout_s=300):
+        bad = {k: e for k, e in errs.items() if not e <= TOL}
+        assert not bad, bad
+
+
+def test_boundaries_alone_are_never_ignored():
+    """cu_seqlens without cu_seqlens_padded is a packed call (before: silently dense attention)."""
+    from megatron_tasp.options import parse_options
+
+    q = torch.randn(8, 2, D)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    out = tasp_attention(q, q, q, None, causal=True, cu_seqlens=cu,
+                         options=parse_options({"packed_split": "sequence"}, use_env=False))
+    ref = reference_documents(q.double(), q.double(), q.double(), [0, 3, 8], [0, 3, 8], True)
+    assert rel_err(out, ref) <= TOL
+    with pytest.raises(TaspConfigError, match="multiple of 2"):  # 'document' split: 3 is no multiple of 2
+        tasp_attention(q, q, q, None, causal=True, cu_seqlens=cu)

@@ -35,7 +35,7 @@ from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import DENSE_SEGMENT_ROWS, VarlenBlock
-from megatron_tasp.thd import check_padded, engine_order, engine_segments, host_bounds
+from megatron_tasp.thd import check_padded, engine_order, engine_segments, host_bounds, sequence_segments
 
 __all__ = ["ThdAttention", "ThdLayout", "thd_layout", "thd_views"]
 
@@ -123,21 +123,46 @@ def _check_boundaries(cu_pad: tuple[int, ...], cu: tuple[int, ...], n: int, leng
                               f"tokens hold {length * n}; pass the global padded boundaries and the local tokens")
 
 
-def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor | Sequence[int],
-               cu_seqlens: torch.Tensor | Sequence[int] | None, length: int, device: torch.device) -> ThdLayout:
-    """The layout of ``call`` for these document boundaries, built once per (call, boundary values).
+def _check_sequence(cu: tuple[int, ...], n: int, length: int) -> None:
+    if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise TaspConfigError(f"cu_seqlens must start at 0 and never decrease, got {list(cu)[:8]}")
+    if cu[-1] != length * n:
+        raise TaspConfigError(f"cu_seqlens ends at {cu[-1]} tokens but CP={n} ranks of {length} local tokens hold "
+                              f"{length * n} (packed_split='sequence': the documents cover the whole sequence)")
+    if length % 2:
+        raise TaspConfigError(f"packed_split='sequence' needs an even number of local tokens (two chunks of the "
+                              f"sequence per rank), got {length}")
 
-    The boundaries are read to the host on every call (on GPU a host sync; the compiled layout is keyed on
-    the values, so calls with the same shapes but other documents never reuse a stale layout). A new set of
-    boundaries is checked across the CP ranks with one all-reduce (every rank raises on a mismatch)."""
-    if (isinstance(cu_seqlens_padded, torch.Tensor) and isinstance(cu_seqlens, torch.Tensor)
+
+def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor | Sequence[int] | None,
+               cu_seqlens: torch.Tensor | Sequence[int] | None, length: int, device: torch.device,
+               split: str = "document") -> ThdLayout:
+    """The layout of ``call`` for these document boundaries, built once per (call, boundary values, split).
+
+    ``split='document'``: every document padded to 2·CP chunks (``cu_seqlens_padded``; ``cu_seqlens`` the
+    real lengths). ``split='sequence'``: the sequence as a whole in 2·CP chunks (the dense zigzag layout),
+    documents of any length (``cu_seqlens`` only). The boundaries are read to the host on every call (on GPU
+    a host sync; the compiled layout is keyed on the values, so calls with the same shapes but other
+    documents never reuse a stale layout). A new set of boundaries is checked across the CP ranks with one
+    all-reduce (every rank raises on a mismatch)."""
+    if split == "sequence":
+        if cu_seqlens is None:
+            raise TaspConfigError("packed_split='sequence' needs cu_seqlens (the documents' boundaries)")
+        cu = tuple(host_bounds(cu_seqlens))
+        cu_pad = cu
+        if cu_seqlens_padded is not None and tuple(host_bounds(cu_seqlens_padded)) != cu:
+            raise TaspConfigError("packed_split='sequence' splits the sequence as a whole and takes no per-document "
+                                  "padding: give cu_seqlens only (cu_seqlens_padded None or equal to it)")
+    elif (isinstance(cu_seqlens_padded, torch.Tensor) and isinstance(cu_seqlens, torch.Tensor)
             and cu_seqlens.device == cu_seqlens_padded.device and cu_seqlens.dim() == cu_seqlens_padded.dim() == 1):
         both = torch.cat((cu_seqlens_padded.long(), cu_seqlens.long())).tolist()  # one host read, not two
         cu_pad, cu = tuple(both[:cu_seqlens_padded.numel()]), tuple(both[cu_seqlens_padded.numel():])
     else:
+        if cu_seqlens_padded is None:
+            cu_seqlens_padded = cu_seqlens
         cu_pad = tuple(host_bounds(cu_seqlens_padded))
         cu = cu_pad if cu_seqlens is None else tuple(host_bounds(cu_seqlens))
-    key = (call, cu_pad, cu)
+    key = (call, cu_pad, cu, split)
     cache = (PLAN_CACHE.scope(call.group) if isinstance(call, CompiledCall) else PLAN_CACHE.local).layouts()
     layout = cache.get(key)
     if layout is not None:
@@ -145,13 +170,20 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
     n = call.plan.world_size
     problem = None
     try:
-        _check_boundaries(cu_pad, cu, n, length)
+        if split == "sequence":
+            _check_sequence(cu, n, length)
+        else:
+            _check_boundaries(cu_pad, cu, n, length)
     except TaspConfigError as exc:
         problem = exc
     if n > 1:
-        agree_boundaries(call.group, boundaries_digest(cu_pad, cu), device, problem)
+        agree_boundaries(call.group, boundaries_digest(cu_pad, cu, (split,)), device, problem)
     elif problem is not None:
         raise problem
+    if split == "sequence":
+        segs = [sequence_segments(cu, n, s) for s in range(n)]
+        layout = ThdLayout(call=_segmented_call(call, segs, device), perm=None, inv=None, pad=None)
+        return cache.put(key, layout)
     segs = [engine_segments(cu_pad, cu, n, s) for s in range(n)]
     order = engine_order(cu_pad, n)
     identity = bool(torch.equal(order, torch.arange(length)))

@@ -158,6 +158,7 @@ def tasp_options_from_args(args: Any) -> TaspOptions:
     if isinstance(built, TaspOptions):
         return built
     given = {field: getattr(args, _dest(flag), None) for flag, (field, _, _) in TASP_FLAGS.items()}
+    given["packed_split"] = packed_split_of(args)  # a fact of the data flags, not a flag of its own
     flags = " ".join(flag for flag, (field, _, _) in TASP_FLAGS.items() if given[field] is not None)
     try:
         return parse_options(given, where=f"flags {flags}" if flags else "")
@@ -173,9 +174,9 @@ def validate_tasp_args(args: Any, *, device_capability: tuple[int, int] | None |
     from ``--context-parallel-size``; ``seq_length`` not divisible by ``2 * cp``; CP > 1 with TASP on a
     pre-Blackwell GPU (e.g. Hopper) without ``CUDA_DEVICE_MAX_CONNECTIONS=1``; ``a2a+p2p`` without
     ``--hierarchical-context-parallel-sizes`` (Transformer Engine would silently run without CP); TASP with
-    attention dropout, dynamic (hybrid) CP or ``--dataloader-inter-document-masking`` without ``--sft`` at
-    CP > 1; a bad ``--tasp-*`` value; conflicting flags. Packed (THD) batches (``--sft``, and
-    ``--dataloader-inter-document-masking`` at CP 1) are accepted.
+    attention dropout or dynamic (hybrid) CP; a bad ``--tasp-*`` value; conflicting flags. Packed (THD)
+    batches are served: ``--sft`` (every document padded and split over the CP ranks) and
+    ``--dataloader-inter-document-masking`` (the sequence split as a whole; ``options.packed_split``).
     Tensor, sequence, pipeline and expert parallelism, activation recomputation and the distributed
     optimizer compose with TASP and are left as they are. With TASP on every layer the dataloader's S x S
     attention mask (never read by TASP) is switched off. ``device_capability`` overrides GPU detection
@@ -253,22 +254,15 @@ def _check_tasp_compat(args: Any) -> None:
                                 f"(got {dropout}; Megatron-LM's default is 0.1)")
     if getattr(args, "hybrid_context_parallel", False):
         raise TaspArgumentError("TASP does not support --hybrid-context-parallel (dynamic per-batch CP groups)")
-    _check_packed(args)
 
 
-def _check_packed(args: Any) -> None:
-    """Packed (THD) batches: --sft at any CP; --dataloader-inter-document-masking alone at CP 1 only.
-
-    Megatron-LM splits --sft batches per document (each padded to a multiple of 2·CP by the SFT dataset),
-    the layout TASP's THD attention uses. Without --sft, inter-document masking at CP > 1 keeps documents of
-    any length and splits the sequence as a whole (use_per_sequence_balancing): no per-document layout exists.
-    """
-    cp = int(getattr(args, "context_parallel_size", 1) or 1)
-    if getattr(args, "dataloader_inter_document_masking", False) and not getattr(args, "sft", False) and cp > 1:
-        raise TaspArgumentError(
-            f"TASP with --dataloader-inter-document-masking at --context-parallel-size {cp} needs --sft: without "
-            "it Megatron-LM splits the packed sequence as a whole, not per document padded to 2*CP tokens; add "
-            "--sft (per-document padding) or use --context-parallel-size 1")
+def packed_split_of(args: Any) -> str:
+    """How Megatron-LM splits packed (THD) batches over CP ranks: 'sequence' with
+    --dataloader-inter-document-masking without --sft (the sequence as a whole, documents of any length:
+    ``use_per_sequence_balancing``), else 'document' (--sft pads every document to 2·CP and splits each)."""
+    if getattr(args, "dataloader_inter_document_masking", False) and not getattr(args, "sft", False):
+        return "sequence"
+    return "document"
 
 
 def _check_topology(options: TaspOptions, cp: int) -> None:
@@ -321,4 +315,4 @@ def megatron_lm_options() -> TaspOptions | None:
 
 
 __all__ = ["BACKENDS", "TASP_FLAGS", "TaspArgumentError", "add_tasp_args", "megatron_lm_options", "option_type",
-           "tasp_options_from_args", "validate_tasp_args"]
+           "packed_split_of", "tasp_options_from_args", "validate_tasp_args"]
