@@ -4,6 +4,7 @@
 - :mod:`.recipe`: the validated :class:`Recipe`, cross-field checks, overrides, shipped recipes (no torch).
 - :mod:`.tokenizer`: byte-level tokenizer; Hugging Face tokenizers on request.
 - :mod:`.data`: corpus -> cached token stream -> fixed-length windows, seeded order, CP zigzag split.
+- :mod:`.rope`: RoPE context extension (``model.rope_scaling``): its checks and its Megatron-Core plan.
 - :mod:`.model`: Megatron-Core GPTModel with TASP core attention from a recipe.
 - :mod:`.optimizer`: Megatron-Core's DDP, optimizer and LR scheduler (a small AdamW stand-in on CPU).
 - :mod:`.checkpoint`: crash-safe Megatron distributed checkpoints (temp dir, atomic rename, ``latest``).

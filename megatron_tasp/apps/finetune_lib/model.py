@@ -6,11 +6,13 @@ never as attributes of the TransformerConfig.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
-from megatron_tasp.apps.finetune_lib.recipe import Recipe
+from megatron_tasp.apps.finetune_lib.recipe import Recipe, RecipeError
+from megatron_tasp.apps.finetune_lib.rope import MegatronRope, megatron_rope
 
 
 def transformer_config(recipe: Recipe, device: torch.device) -> Any:
@@ -44,7 +46,10 @@ def transformer_config(recipe: Recipe, device: torch.device) -> Any:
         names = {f.name for f in dataclasses.fields(TransformerConfig)}
         if "recompute_modules" in names:
             kwargs["recompute_modules"] = ["core_attn"]
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    for name, value in megatron_rope(m).config_attributes.items():  # YaRN: read by GPTModel and Attention
+        setattr(config, name, value)
+    return config
 
 
 def layer_spec(recipe: Recipe, config: Any) -> Any:
@@ -64,12 +69,17 @@ def build_model(recipe: Recipe, config: Any, vocab_size: int, device: torch.devi
 
     m, d = recipe.model, recipe.data
     rotary_base: float | int = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
+    rope = megatron_rope(m)
+    check_rope_support(recipe, rope)
     core = GPTModel(
         config=config, transformer_layer_spec=layer_spec(recipe, config), vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or d.seq_length,
-        position_embedding_type=m.position_embedding, rotary_percent=m.rotary_percent, rotary_base=rotary_base,
+        position_embedding_type=rope.position_embedding_type, rotary_percent=m.rotary_percent,
+        rotary_base=rotary_base, seq_len_interpolation_factor=rope.seq_len_interpolation_factor,
         share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=True,
     )
+    if rope.llama3:
+        scale_llama3(core, rope.llama3)
     core = core.to(device)
     wrapped: torch.nn.Module = Float16Module(config, core) if recipe.train.precision == "bf16" else core
     return wrapped, core
@@ -99,4 +109,35 @@ def estimate_parameters(recipe: Recipe, vocab_size: int) -> int:
     return m.num_layers * per_layer + emb + pos + final
 
 
-__all__ = ["build_model", "count_parameters", "estimate_parameters", "layer_spec", "transformer_config"]
+# ----- RoPE context extension (model.rope_scaling; the plan comes from .rope) -----------------------------------
+
+def check_rope_support(recipe: Recipe, rope: MegatronRope) -> None:
+    """Raise RecipeError when the installed megatron-core lacks the piece ``rope`` relies on."""
+    from megatron.core import package_info
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer import attention
+
+    kind = recipe.model.rope_scaling.rope_type
+    if rope.llama3:
+        scaling = getattr(RotaryEmbedding, "_apply_scaling", None)
+        ok = scaling is not None and set(rope.llama3) <= set(inspect.signature(scaling).parameters)
+    elif rope.position_embedding_type == "yarn":
+        # Attention applies YaRN's attention factor to q and k only where it reads it from the config.
+        ok = hasattr(attention, "_yarn_get_concentration_factor_from_config")
+    else:
+        return
+    if not ok:
+        raise RecipeError(f"{recipe.source}: model.rope_scaling: rope_type {kind} is not served by megatron-core "
+                          f"{package_info.__version__} (0.16.1 and 0.19.2 serve it); upgrade megatron-core or set "
+                          "rope_type: none")
+
+
+def scale_llama3(core: torch.nn.Module, params: dict[str, float]) -> None:
+    """Llama 3.1 frequencies through megatron-core's own ``RotaryEmbedding._apply_scaling`` with the recipe's
+    four values (``GPTModel(rope_scaling=True)`` would fix low 1, high 4 and original 8192)."""
+    emb = core.rotary_pos_emb
+    emb.inv_freq = emb._apply_scaling(emb.inv_freq, **params)
+
+
+__all__ = ["build_model", "check_rope_support", "count_parameters", "estimate_parameters", "layer_spec",
+           "scale_llama3", "transformer_config"]

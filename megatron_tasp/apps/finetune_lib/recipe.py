@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from megatron_tasp.apps.finetune_lib.rope import rope_scaling_problem
 from megatron_tasp.apps.finetune_lib.sections import (
     SECTIONS,
     TASP_FIELDS,
@@ -196,6 +198,9 @@ def validate(r: Recipe) -> None:
                           f"{m.num_attention_heads}; set model.kv_channels explicitly")
     if m.position_embedding == "rope" and not 0.0 < m.rotary_percent <= 1.0:
         raise RecipeError(f"{src}: model.rotary_percent must be in (0, 1], got {m.rotary_percent}")
+    rope_problem = rope_scaling_problem(m, p.cp)
+    if rope_problem:
+        raise RecipeError(f"{src}: {rope_problem}")
     if m.position_embedding == "learned_absolute" and (m.max_position_embeddings or d.seq_length) < d.seq_length:
         raise RecipeError(f"{src}: model.max_position_embeddings={m.max_position_embeddings} is smaller than "
                           f"data.seq_length={d.seq_length}")
@@ -325,20 +330,37 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
             out[parts[0]] = parse_value(value)
             continue
-        if len(parts) != 2 or parts[0] not in SECTIONS:
-            raise RecipeError(f"override '{item}': key must be section.field with section one of "
-                              f"{', '.join(SECTIONS)} (or one of {', '.join(TOP_LEVEL)})")
-        sec, name = parts
+        if len(parts) not in (2, 3) or parts[0] not in SECTIONS:
+            raise RecipeError(f"override '{item}': key must be section.field (or section.field.key of a nested "
+                              f"field, e.g. model.rope_scaling.factor) with section one of {', '.join(SECTIONS)} "
+                              f"(or one of {', '.join(TOP_LEVEL)})")
+        sec, name, *sub = parts
         allowed = [f.name for f in dataclasses.fields(SECTIONS[sec])]
         if name not in allowed:
             raise RecipeError(f"override '{item}': unknown field {sec}.{name}; allowed: {', '.join(allowed)}")
-        section = out.setdefault(sec, {})
-        if section is None:
-            section = out[sec] = {}
-        if not isinstance(section, dict):
-            raise RecipeError(f"override '{item}': section {sec} is not a mapping in {source or 'the recipe'}")
+        section = _mapping_at(out, sec, item, source)
+        if sub:
+            nested = typing.get_type_hints(SECTIONS[sec])[name]
+            if not dataclasses.is_dataclass(nested):
+                raise RecipeError(f"override '{item}': {sec}.{name} has no fields; use {sec}.{name}=VALUE")
+            inner = [f.name for f in dataclasses.fields(nested)]
+            if sub[0] not in inner:
+                raise RecipeError(f"override '{item}': unknown field {sec}.{name}.{sub[0]}; allowed: "
+                                  f"{', '.join(inner)}")
+            section, name = _mapping_at(section, name, item, source, f"{sec}.{name}"), sub[0]
         section[name] = parse_value(value)
     return out
+
+
+def _mapping_at(parent: dict[str, Any], key: str, item: str, source: str, what: str = "") -> dict[str, Any]:
+    """``parent[key]`` as a mapping (created when missing or null) for an override."""
+    value = parent.get(key)
+    if value is None:
+        value = parent[key] = {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"override '{item}': {what or 'section ' + key} is not a mapping in "
+                          f"{source or 'the recipe'}")
+    return value
 
 
 def read_yaml(path: Path) -> Any:

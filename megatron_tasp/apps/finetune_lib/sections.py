@@ -12,6 +12,32 @@ TASP_FIELDS = ("num_rings", "topology", "transport", "chunks", "keep_kv", "kerne
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """RoPE context extension, keyed like a Hugging Face config's rope_scaling; each kind takes only its keys."""
+
+    rope_type: str = option("none", "none, linear (position interpolation), llama3 (Llama 3.1's frequency bands) "
+                            "or yarn (YaRN); Hugging Face's 'default' is none",
+                            choices=("none", "linear", "llama3", "yarn"))
+    factor: float | None = option(None, "linear, llama3, yarn (required): context extension factor", min=1.0)
+    original_max_position_embeddings: int | None = option(None, "llama3, yarn (required): the context length the "
+                                                          "model was pretrained at", min=1)
+    low_freq_factor: float | None = option(None, "llama3 (required): wavelengths longer than original / "
+                                           "low_freq_factor are divided by factor (Llama 3.1: 1)", gt=0.0)
+    high_freq_factor: float | None = option(None, "llama3 (required): wavelengths shorter than original / "
+                                            "high_freq_factor are kept, those between are blended (Llama 3.1: 4)",
+                                            gt=0.0)
+    beta_fast: float | None = option(None, "yarn: dimensions turning more than beta_fast times over the original "
+                                     "context keep their frequency; null = 32", gt=0.0)
+    beta_slow: float | None = option(None, "yarn: dimensions turning fewer than beta_slow times are fully "
+                                     "interpolated; null = 1", gt=0.0)
+    mscale: float | None = option(None, "yarn: with mscale_all_dim, attention factor (0.1 mscale ln(factor) + 1) / "
+                                  "(0.1 mscale_all_dim ln(factor) + 1); both null = 0.1 ln(factor) + 1", gt=0.0)
+    mscale_all_dim: float | None = option(None, "yarn: see mscale (set both or neither)", gt=0.0)
+    truncate: bool | None = option(None, "yarn: round the interpolation ramp's ends to whole dimensions; null = "
+                                   "true")
+
+
+@dataclass(frozen=True)
 class ModelSection:
     """Shape of the GPT (Megatron-Core GPTModel)."""
 
@@ -27,6 +53,7 @@ class ModelSection:
     position_embedding: str = option("rope", "position embedding", choices=("rope", "learned_absolute"))
     rotary_base: float = option(10000.0, "RoPE theta (Llama 3: 500000)", min=1.0)
     rotary_percent: float = option(1.0, "fraction of the head dim that RoPE rotates", min=0.0)
+    rope_scaling: RopeScaling = option(RopeScaling(), "RoPE context extension (position_embedding: rope)")
     max_position_embeddings: int | None = option(None, "learned_absolute table size; null = data.seq_length", min=1)
     normalization: str = option("RMSNorm", "normalization layer", choices=("RMSNorm", "LayerNorm"))
     norm_epsilon: float = option(1e-5, "epsilon of the normalization", min=0.0)
@@ -160,4 +187,4 @@ TOP_LEVEL = {"name": "recipe name (free text)", "description": "what the recipe 
              "seed": "seed of weight initialisation and data order (integer)"}
 
 __all__ = ["SECTIONS", "TASP_FIELDS", "TOP_LEVEL", "CheckpointSection", "DataSection", "LoggingSection",
-           "ModelSection", "ParallelSection", "TokenizerSection", "TrainSection"]
+           "ModelSection", "ParallelSection", "RopeScaling", "TokenizerSection", "TrainSection"]
