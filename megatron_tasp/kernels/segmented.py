@@ -5,7 +5,8 @@ of every segment present on both sides, and returns a :class:`SegmentedBlock`: t
 ``forward_unchecked`` / ``backward_unchecked`` calls as a :class:`~megatron_tasp.kernels.base.BlockAttention`
 (``causal=True`` then means causal inside every segment, in row order), run as one dense kernel call per
 shared segment on gathered rows (a slice when the rows are contiguous), scattered back. Segments with no
-query or no key rows are skipped: no launch, no FLOPs. Query rows without any key get output 0 and lse
+query or no key rows are skipped: no launch, no FLOPs. Segment rows are handed to the kernel as contiguous
+copies (see ``_take``). Query rows without any key get output 0 and lse
 -inf, which the log-sum-exp merge weighs 0; their dq is 0, as is the dk/dv of keys no query sees.
 
 A block whose one segment covers every query and key row calls the dense kernel directly (the
@@ -49,7 +50,11 @@ def _as_rows(idx: Tensor, device: torch.device) -> Rows:
 
 
 def _take(x: Tensor, rows: Rows) -> Tensor:
-    return x[:, :, rows] if isinstance(rows, slice) else x.index_select(2, rows)
+    """The rows as a contiguous ``[b, h, n, d]`` tensor. Always a copy: cuDNN (torch 2.11, cuDNN 9.19, H200)
+    reuses a cached backward plan across stride patterns of equal shapes, and a segment given as a strided view
+    got wrong gradients after a per-document SDPA loop of the same shapes had run; one canonical layout per
+    shape avoids that (the copy costs bandwidth only)."""
+    return (x[:, :, rows] if isinstance(rows, slice) else x.index_select(2, rows)).contiguous()
 
 
 def _put(dst: Tensor, rows: Rows, val: Tensor) -> None:
