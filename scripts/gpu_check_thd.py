@@ -235,7 +235,9 @@ def main() -> None:
             dist.all_reduce(e, op=dist.ReduceOp.MAX)
             rec[f"err_{name}"] = float(e)
             rec[f"one_gpu_err_{name}"] = rel(one[j], ref[j])
-        rec["one_gpu_before_equals_after"] = all(bool(torch.equal(a_, b_)) for a_, b_ in zip(one_before, one))
+        # not bitwise: the kernels' backward accumulates with atomics (a leaked plan gave errors of ~1.5)
+        rec["one_gpu_before_after_err"] = max(rel(a_, b_) for a_, b_ in zip(one_before, one))
+        rec["one_gpu_before_equals_after"] = rec["one_gpu_before_after_err"] <= 1e-2
         pad_rows = ~mask[idx]
         rec["padded_rows_zero"] = (not bool(pad_rows.any())) or all(float(t[pad_rows].abs().max()) == 0 for t in got)
         rec["ok"] = all(rec[f"err_{m}"] <= 2 * rec[f"one_gpu_err_{m}"] + 2e-2 for m in ("out", "dq", "dk", "dv")) \
