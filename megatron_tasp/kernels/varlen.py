@@ -36,9 +36,12 @@ __all__ = ["DENSE_SEGMENT_ROWS", "VARLEN_OPS", "VarlenBlock", "VarlenOps", "flas
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 #: dense kernels worth one call per large segment instead of the varlen launch, and from how many rows (on both
-#: sides) a segment counts as large: measured on H200, cuDNN runs large documents ~1.4x faster than torch's
-#: FlashAttention-2, which outweighs a launch per document from about this size
-DENSE_SEGMENT_ROWS: dict[str, int] = {"cudnn": 1024}
+#: sides) a segment counts as large. Empty by default: on H200 cuDNN runs a large document ~1.4x faster than
+#: torch's FlashAttention-2, but it builds an execution plan for every new (rows, keys) shape, ~6 ms of host
+#: time each (measured in Megatron-LM's loop, where document lengths change every step: 4x slower steps);
+#: FlashAttention-2's varlen launch has no per-shape plan. Set e.g. {"cudnn": 1024} only when the same
+#: document lengths repeat (benchmarks, fixed packing).
+DENSE_SEGMENT_ROWS: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
