@@ -39,6 +39,12 @@ VARIANTS = {
     "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True, head_dim=8), None),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False), None),
     "mistral-sharded": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None), "40KB"),
+    # RoPE scaling with an original context of 16 < SEQ, so the scaled frequencies matter (Llama 3.1, YaRN)
+    "llama31-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}), None),
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}), None),
 }
 
 

@@ -112,12 +112,18 @@ def test_finetune_from_hf_dir_exports_hf(hf_dir, tmp_path):
     got = hf_eval_loss(export, cfg)  # the trained weights, as transformers computes with them
     assert abs(evals[2] - got) <= TOL * got and abs(got - want) > 1e-3, (evals[2], got, want)
 
-    # A fresh start from the same HF directory loads the cached conversion.
-    assert cli_main(["finetune", str(cfg), f"logging.output_dir={out}", "checkpoint.resume=never",
-                     "train.steps=1", "checkpoint.save=false"]) == 0
+    # A fresh start from the same HF directory loads the cached conversion; RoPE may differ from config.json
+    # (context extension), and the exported config.json then carries the recipe's RoPE.
+    rope = "{rope_type: linear, factor: 2.0}"
+    assert cli_main(["finetune", str(cfg), f"logging.output_dir={out}", "checkpoint.resume=never", "train.steps=1",
+                     "checkpoint.save=false", f"model.rope_scaling={rope}", f"checkpoint.export_hf={export}2"]) == 0
     again = metrics(out)
     assert again["initialized_from"] == str(cache[0] / "iter_0000000")
-    assert again["eval"][0]["loss"] == evals[0]
+    assert again["eval"][0]["loss"] != evals[0]  # the same weights under another RoPE
+    exported = json.loads((tmp_path / "exported2" / "config.json").read_text())
+    assert exported["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    got = hf_eval_loss(tmp_path / "exported2", cfg)
+    assert abs(again["eval"][-1]["loss"] - got) <= TOL * got, (again["eval"], got)
 
 
 def test_recipe_that_differs_from_config_json_is_refused(hf_dir, tmp_path, capsys):
@@ -129,14 +135,18 @@ def test_recipe_that_differs_from_config_json_is_refused(hf_dir, tmp_path, capsy
 
 
 def test_random_init_run_exports_a_generated_llama_config(tmp_path):
-    """Without HF provenance config.json is generated from the recipe; the trainer's checkpoint dir converts too."""
+    """Without HF provenance config.json is generated from the recipe (here with Llama 3.1 RoPE scaling); the
+    trainer's checkpoint dir converts too."""
+    rope = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
     model = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-             "ffn_hidden_size": 96}
+             "ffn_hidden_size": 96, "rotary_base": 500000.0, "rope_scaling": rope}
     cfg = recipe_file(tmp_path, model, {"type": "byte"}, export_hf=str(tmp_path / "exported"))
     out = tmp_path / "run"
     assert cli_main(["finetune", str(cfg), f"logging.output_dir={out}"]) == 0
     exported = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert exported["architectures"] == ["LlamaForCausalLM"] and exported["vocab_size"] == 256
+    assert exported["rope_scaling"] == rope and exported["rope_theta"] == 500000.0
     final = metrics(out)["eval"][-1]
     got = hf_eval_loss(tmp_path / "exported", cfg)
     assert final["step"] == 2 and abs(final["loss"] - got) <= TOL * got, (final, got)

@@ -84,7 +84,14 @@ def test_config_to_section_both_rope_spellings():
     assert (qwen.section["add_qkv_bias"], qwen.section["add_bias_linear"]) == (True, False)
     mistral = hf_model(dict(LLAMA, architectures=["MistralForCausalLM"], sliding_window=None, head_dim=32))
     assert mistral.section["kv_channels"] == 32
-    assert "num_query_groups: 2" in section_yaml(v5)
+    assert "num_query_groups: 2" in section_yaml(v5) and "rope_scaling" not in v5.section
+    llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    for cfg in (dict(LLAMA, rope_theta=500000.0, rope_scaling=llama31),  # Meta-Llama-3.1's config.json
+                dict(LLAMA, rope_parameters=dict(llama31, rope_theta=500000.0))):
+        assert hf_model(cfg).section["rope_scaling"] == llama31
+    linear = hf_model(dict(LLAMA, rope_scaling={"type": "linear", "factor": 2.0}))  # the older key 'type'
+    assert linear.section["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
 @pytest.mark.parametrize("change,message", [
@@ -94,16 +101,13 @@ def test_config_to_section_both_rope_spellings():
     ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window=4096 is not supported"),
     ({"attention_bias": True}, "attention_bias/mlp_bias=(True, False) is not supported"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}},
-     "rope scaling of type 'llama3' (factor 8.0) is not supported by this version's recipes"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling of type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     "rope scaling of type 'dynamic' is not supported (model.rope_scaling serves linear, llama3, yarn)"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "attention_factor": 1.2,
+                          "original_max_position_embeddings": 4096}},
+     "rope scaling key(s) attention_factor of type 'yarn' have no model.rope_scaling field"),
 ])
 def test_unsupported_configs_fail_closed(change, message):
-    from megatron_tasp.apps.finetune_lib.sections import ModelSection
-
-    if "rope_scaling" in ModelSection.__dataclass_fields__ and "rope" in str(change):
-        pytest.skip("this recipe version has model.rope_scaling")
     with pytest.raises(HFConfigError) as info:
         hf_model(dict(LLAMA, **change), where="x/config.json")
     assert message in str(info.value) and str(info.value).startswith("x/config.json: ")
@@ -116,18 +120,34 @@ def test_recipe_check_names_the_first_differing_field():
     raw = {"model": dict(model.section), "data": {"seq_length": 8}, "train": {"steps": 1},
            "tokenizer": {"type": "huggingface", "name": "unused"}}
     check_recipe(recipe_from_dict(raw), model, vocab=100)
-    for field, value in (("num_query_groups", 4), ("rotary_base", 500000.0), ("tie_embeddings", True),
+    for field, value in (("num_query_groups", 4), ("norm_epsilon", 1e-6), ("tie_embeddings", True),
                          ("ffn_hidden_size", 128)):
         bad = recipe_from_dict(dict(raw, model=dict(model.section, **{field: value})))
         with pytest.raises(HFConfigError, match=rf"model\.{field}={value!r} but the Hugging Face checkpoint has"):
             check_recipe(bad, model, vocab=100)
     with pytest.raises(HFConfigError, match="model vocabulary .99. is smaller than config.json's vocab_size .100."):
         check_recipe(recipe_from_dict(raw), model, vocab=99)
+    # RoPE may differ (context extension): reported, not refused
+    assert check_recipe(recipe_from_dict(raw), model, vocab=128) == []
+    scaled = {"rope_type": "linear", "factor": 4.0}
+    extended = recipe_from_dict(dict(raw, model=dict(model.section, rope_scaling=scaled, rotary_base=1e6)))
+    assert check_recipe(extended, model, vocab=100) == [
+        "model.rotary_base: 10000.0 in config.json, 1000000.0 in the recipe",
+        "model.rope_scaling: None in config.json, {'rope_type': 'linear', 'factor': 4.0} in the recipe"]
+    with_rope = hf_model(dict(LLAMA, rope_scaling=scaled))
+    assert check_recipe(recipe_from_dict(dict(raw, model=dict(with_rope.section))), with_rope, vocab=100) == []
 
 
 def test_export_config_keeps_the_base_and_refuses_another_shape():
     section = dict(hf_model(LLAMA).section)
-    assert export_config(section, 128, 64, base=LLAMA) == LLAMA
+    assert export_config(section, 128, 64, base=LLAMA, dtype="bfloat16") == dict(
+        LLAMA, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64)
+    v5 = dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, max_position_embeddings=4096)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 4096}
+    extended = export_config(dict(section, rotary_base=5e5, rope_scaling=llama3), 128, 32768, base=v5)
+    assert extended["rope_parameters"] == dict(llama3, rope_theta=5e5)  # the trained model's RoPE, base's spelling
+    assert extended["max_position_embeddings"] == 32768 and "rope_scaling" not in extended
     gen = export_config(section, 128, 64)
     assert gen["architectures"] == ["LlamaForCausalLM"] and gen["vocab_size"] == 128
     assert (gen["num_key_value_heads"], gen["head_dim"], gen["attention_bias"]) == (2, 16, False)

@@ -19,9 +19,10 @@ from typing import Any
 from megatron_tasp.apps.hf.config import SUPPORTED
 
 DESCRIPTION = """\
-Convert Hugging Face Llama-family weights (LlamaForCausalLM: Llama 2/3/3.x; MistralForCausalLM without a sliding
-window; Qwen2ForCausalLM) to a Megatron distributed checkpoint that megatron-tasp finetune loads with
-checkpoint.pretrained: OUT_DIR at any CP/DP layout, and back. Runs in one CPU process."""
+Convert Hugging Face Llama-family weights (LlamaForCausalLM: Llama 2, 3, 3.1, 3.2; MistralForCausalLM without a
+sliding window; Qwen2ForCausalLM; RoPE scaling linear, llama3 or yarn) to a Megatron distributed checkpoint that
+megatron-tasp finetune loads with checkpoint.pretrained: OUT_DIR at any CP/DP layout, and back. Runs in one CPU
+process."""
 
 EPILOG_IMPORT = """\
 The recipe model section matching config.json is printed on stdout (paste it into the recipe). Instead of
@@ -69,6 +70,10 @@ def register(sub: Any) -> None:
 
 
 def _configure_logging() -> None:
+    """Conversion notes on stderr; Megatron's import-time warnings silenced (MEGATRON_TASP_VERBOSE=1 keeps them)."""
+    from megatron_tasp.apps.finetune_lib.launch import quiet_megatron
+
+    quiet_megatron()
     log = logging.getLogger("megatron_tasp.hf")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -186,12 +186,13 @@ class Run:
                     dist.broadcast(p.data, src=0)
 
     def _load_pretrained(self, pretrained: str) -> None:
+        pretrained = os.path.expanduser(os.path.expandvars(pretrained))  # $MEGATRON_TASP_PRETRAINED in recipes
         if pretrained.startswith("hf:"):  # a Hugging Face directory, converted on the fly
             from megatron_tasp.apps.hf.start import load_pretrained_hf
 
             self.initialized_from = load_pretrained_hf(self)
             return
-        path = Path(os.path.expanduser(pretrained))
+        path = Path(pretrained)
         found = ckpt.find_checkpoint(path) if path.exists() else None
         if found is None:
             raise RecipeError(f"{self.recipe.source}: checkpoint.pretrained: no checkpoint at {path}")

@@ -2,9 +2,10 @@
 
 Supported: decoder-only Llama-family checkpoints whose blocks are RMSNorm -> attention (RoPE, GQA/MHA) ->
 RMSNorm -> SwiGLU MLP: ``LlamaForCausalLM`` (Llama 2, 3, 3.1, 3.2), ``MistralForCausalLM`` (without sliding
-windows) and ``Qwen2ForCausalLM`` (bias on q/k/v only). Anything else in ``config.json`` that would change the
-computation (another activation, partial rotary, sliding windows, biases on only some linears, RoPE scaling the
-recipe cannot express) raises :class:`HFConfigError` naming the key; nothing is dropped silently.
+windows) and ``Qwen2ForCausalLM`` (bias on q/k/v only); RoPE scaling goes into the recipe's ``model.rope_scaling``.
+Anything else in ``config.json`` that would change the computation (another activation, partial rotary, sliding
+windows, biases on only some linears, RoPE scaling the recipe cannot express) raises :class:`HFConfigError` naming
+the key; nothing is dropped silently.
 
 Both ``config.json`` spellings of RoPE are read: transformers 4's ``rope_theta`` + ``rope_scaling`` and
 transformers 5's ``rope_parameters`` (``rope_theta`` and ``rope_type`` in one mapping).
@@ -15,16 +16,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+HF_PREFIX = "hf:"  # checkpoint.pretrained: hf:DIR
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-# Fields of the recipe's model section that an HF checkpoint determines (checked by ``hf:`` starts).
+# Fields of the recipe's model section that must equal the HF checkpoint's (checked by ``hf:`` starts and exports).
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                "kv_channels", "position_embedding", "rotary_base", "rotary_percent", "normalization",
-                "norm_epsilon", "activation", "add_bias_linear", "add_qkv_bias", "tie_embeddings")
+                "kv_channels", "position_embedding", "rotary_percent", "normalization", "norm_epsilon", "activation",
+                "add_bias_linear", "add_qkv_bias", "tie_embeddings")
+# RoPE may differ: a long-context fine-tune changes it on purpose (reported, and written into exported configs).
+ROPE_FIELDS = ("rotary_base", "rope_scaling")
 
 
 class HFConfigError(ValueError):
@@ -40,8 +45,8 @@ class RopeScaling:
     params: tuple[tuple[str, float | int], ...] = ()  # the remaining numeric keys, sorted by name
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"type": ..., "factor": ..., <params>}``."""
-        return {"type": self.rope_type, "factor": self.factor, **dict(self.params)}
+        """``{"rope_type": ..., "factor": ..., <params>}`` (the keys of the recipe's ``model.rope_scaling``)."""
+        return {"rope_type": self.rope_type, "factor": self.factor, **dict(self.params)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,14 @@ class HFModel:
     max_position_embeddings: int | None
     rope_scaling: RopeScaling | None
     config: dict[str, Any]               # config.json as read
+
+
+def hf_dir(pretrained: str | None) -> Path | None:
+    """The directory of a ``checkpoint.pretrained: hf:DIR`` value (``$VARS`` and ``~`` expanded first), else None."""
+    value = os.path.expandvars(pretrained or "")
+    if not value.startswith(HF_PREFIX):
+        return None
+    return Path(os.path.expanduser(value[len(HF_PREFIX):]))
 
 
 def read_config(hf_dir: str | Path) -> dict[str, Any]:
@@ -160,32 +173,29 @@ def hf_model(cfg: dict[str, Any], vocab_multiple: int = 1, where: str = "config.
 
 
 def _rope_scaling_value(scaling: RopeScaling, where: str) -> dict[str, Any]:
-    """The recipe's ``model.rope_scaling`` value for ``scaling`` (fails closed when the recipe has no such field)."""
-    from megatron_tasp.apps.finetune_lib.sections import ModelSection
+    """The recipe's ``model.rope_scaling`` mapping for ``scaling``; a kind or key the recipe lacks fails closed."""
+    from megatron_tasp.apps.finetune_lib.sections import RopeScaling as RecipeRope
 
-    fields = {f.name: f for f in dataclasses.fields(ModelSection)}
-    if "rope_scaling" not in fields:
-        raise HFConfigError(f"{where}: rope scaling of type {scaling.rope_type!r} (factor {scaling.factor}) is not "
-                            "supported by this version's recipes (no model.rope_scaling field); RoPE without "
-                            "scaling would compute something else")
+    fields = {f.name: f for f in dataclasses.fields(RecipeRope)}
+    kinds = [k for k in fields["rope_type"].metadata.get("choices") or () if k != "none"]
+    if scaling.rope_type not in kinds:
+        raise HFConfigError(f"{where}: rope scaling of type {scaling.rope_type!r} is not supported (model.rope_scaling "
+                            f"serves {', '.join(kinds)})")
     value = scaling.to_dict()
-    nested = [t for t in _annotation_members(ModelSection, "rope_scaling") if dataclasses.is_dataclass(t)]
-    if nested:  # keep only names the recipe's section declares; an HF key it lacks fails closed
-        names = {f.name for f in dataclasses.fields(nested[0])}
-        if "type" not in names and "rope_type" in names:
-            value["rope_type"] = value.pop("type")
-        missing = sorted(set(value) - names)
-        if missing:
-            raise HFConfigError(f"{where}: rope scaling key(s) {', '.join(missing)} have no model.rope_scaling "
-                                f"field (it has {', '.join(sorted(names))})")
+    foreign = sorted(set(value) - set(fields))
+    if foreign:
+        raise HFConfigError(f"{where}: rope scaling key(s) {', '.join(foreign)} of type {scaling.rope_type!r} have no "
+                            "model.rope_scaling field; RoPE without them would compute something else")
     return value
 
 
-def _annotation_members(cls: type, name: str) -> tuple[Any, ...]:
-    import typing
-
-    hint = typing.get_type_hints(cls)[name]
-    return typing.get_args(hint) or (hint,)
+def active_rope(value: Any) -> dict[str, Any] | None:
+    """A ``model.rope_scaling`` value (dataclass or mapping) as its set keys, or None for rope_type none."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict) or value.get("rope_type", "none") == "none":
+        return None
+    return {k: v for k, v in value.items() if v is not None}
 
 
 def section_yaml(model: HFModel) -> str:
@@ -207,36 +217,56 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def check_recipe(recipe: Any, model: HFModel, vocab: int) -> None:
-    """Raise :class:`HFConfigError` naming the first recipe field that differs from the HF checkpoint.
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return _same(a, b)
+
+
+def check_recipe(recipe: Any, model: HFModel, vocab: int) -> list[str]:
+    """Raise :class:`HFConfigError` naming the first recipe field that differs from the HF checkpoint in shape or
+    computation; return the RoPE differences (``rotary_base``, ``rope_scaling``) as notes: changing RoPE is how a
+    fine-tune extends the context, so those may differ.
 
     ``recipe`` is a validated ``Recipe``; ``vocab`` the model vocabulary the run uses (rows after padding)."""
     m = recipe.model
-    resolved = {"num_query_groups": recipe.query_groups, "kv_channels": recipe.kv_channels}
-    for name in SHAPE_FIELDS + (("rope_scaling",) if "rope_scaling" in model.section else ()):
-        want = model.section[name]
-        got = resolved[name] if name in resolved else getattr(m, name, None)
-        if name == "rope_scaling" and dataclasses.is_dataclass(got):
-            got = {k: v for k, v in dataclasses.asdict(got).items() if k in want}
-        if isinstance(want, dict) and isinstance(got, dict):
-            same = want.keys() == got.keys() and all(_same(want[k], got[k]) for k in want)
-        else:
-            same = _same(got, want)
-        if not same:
-            raise HFConfigError(f"{recipe.source}: model.{name}={got!r} but the Hugging Face checkpoint has {want!r}; "
-                                f"set model.{name}: {want!r} (megatron-tasp convert hf-to-mcore DIR --print-section "
-                                "prints the whole section)")
+    resolved = {"num_query_groups": recipe.query_groups, "kv_channels": recipe.kv_channels,
+                "rope_scaling": active_rope(m.rope_scaling)}
+    notes = []
+    for name in (*SHAPE_FIELDS, *ROPE_FIELDS):
+        want = model.section.get(name)
+        got = resolved[name] if name in resolved else getattr(m, name)
+        if _same_value(got, want):
+            continue
+        if name in ROPE_FIELDS:
+            notes.append(f"model.{name}: {want!r} in config.json, {got!r} in the recipe")
+            continue
+        raise HFConfigError(f"{recipe.source}: model.{name}={got!r} but the Hugging Face checkpoint has {want!r}; "
+                            f"set model.{name}: {want!r} (megatron-tasp convert hf-to-mcore DIR --print-section "
+                            "prints the whole section)")
     if vocab < model.vocab_size:
         raise HFConfigError(f"{recipe.source}: the model vocabulary ({vocab}) is smaller than config.json's vocab_size "
                             f"({model.vocab_size}); set model.vocab_size: {model.section['vocab_size']}")
+    return notes
+
+
+def _set_rope(out: dict[str, Any], theta: float, rope: dict[str, Any] | None) -> None:
+    """Write RoPE into a config dict in the spelling it already uses (transformers 5's rope_parameters or not)."""
+    if isinstance(out.get("rope_parameters"), dict):
+        out["rope_parameters"] = {"rope_type": "default", **(rope or {}), "rope_theta": theta}
+        out.pop("rope_scaling", None)
+    else:
+        out["rope_theta"] = theta
+        out["rope_scaling"] = rope
 
 
 def export_config(recipe_model: dict[str, Any], vocab_size: int, max_positions: int,
                   base: dict[str, Any] | None = None, dtype: str = "float32") -> dict[str, Any]:
     """``config.json`` for a model of ``recipe_model`` (a recipe model section as a dict).
 
-    With ``base`` (the config the weights came from) its keys are kept and the shape is checked against it;
-    otherwise a ``LlamaForCausalLM`` config (``Qwen2ForCausalLM`` for QKV-only biases) is written."""
+    With ``base`` (the config the weights came from) its keys are kept, the shape is checked against it, and RoPE,
+    dtype and ``max_position_embeddings`` (at least ``max_positions``) follow the recipe; otherwise a
+    ``LlamaForCausalLM`` config (``Qwen2ForCausalLM`` for QKV-only biases) is written."""
     m = recipe_model
     why = {"position_embedding": "rope", "normalization": "RMSNorm", "activation": "swiglu"}
     for key, need in why.items():
@@ -244,9 +274,7 @@ def export_config(recipe_model: dict[str, Any], vocab_size: int, max_positions: 
             raise HFConfigError(f"model.{key}={m.get(key)!r}: Hugging Face Llama-family export needs {need}")
     if m.get("rotary_percent", 1.0) != 1.0:
         raise HFConfigError(f"model.rotary_percent={m['rotary_percent']}: Llama-family export needs 1.0")
-    if m.get("rope_scaling"):
-        raise HFConfigError("model.rope_scaling is set: exporting RoPE scaling to config.json is not implemented; "
-                            "pass --hf-config with the original config.json")
+    rope, theta = active_rope(m.get("rope_scaling")), float(m["rotary_base"])
     heads = m["num_attention_heads"]
     head_dim = m.get("kv_channels") or m["hidden_size"] // heads
     qwen = bool(m.get("add_qkv_bias")) and not m.get("add_bias_linear")
@@ -256,12 +284,15 @@ def export_config(recipe_model: dict[str, Any], vocab_size: int, max_positions: 
         resolved = {**m, "num_query_groups": m.get("num_query_groups") or heads, "kv_channels": head_dim}
         for name in SHAPE_FIELDS:
             want = resolved.get(name, False)  # add_qkv_bias may be absent from older recipes: False
-            if not _same(got.section[name], want):
+            if not _same_value(got.section.get(name), want):
                 raise HFConfigError(f"the base config.json has {name}={got.section[name]!r} but the checkpoint's "
                                     f"model.{name} is {want!r}; pass the config.json these weights belong to")
         if vocab_size < got.vocab_size:
             raise HFConfigError(f"the base config.json has vocab_size={got.vocab_size} but the checkpoint holds only "
                                 f"{vocab_size} rows")
+        _set_rope(out, theta, rope)
+        out["max_position_embeddings"] = max(int(out.get("max_position_embeddings") or 0), max_positions)
+        out["dtype" if "dtype" in out else "torch_dtype"] = dtype
         return out
     arch = "Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"
     bias = bool(m.get("add_bias_linear"))
@@ -270,14 +301,16 @@ def export_config(recipe_model: dict[str, Any], vocab_size: int, max_positions: 
         "hidden_size": m["hidden_size"], "intermediate_size": m["ffn_hidden_size"],
         "num_hidden_layers": m["num_layers"], "num_attention_heads": heads,
         "num_key_value_heads": m.get("num_query_groups") or heads, "head_dim": head_dim, "hidden_act": "silu",
-        "rms_norm_eps": m["norm_epsilon"], "rope_theta": float(m["rotary_base"]), "rope_scaling": None,
-        "max_position_embeddings": max_positions, "tie_word_embeddings": bool(m["tie_embeddings"]),
-        "torch_dtype": dtype, "initializer_range": m.get("init_std", 0.02),
+        "rms_norm_eps": m["norm_epsilon"], "max_position_embeddings": max_positions,
+        "tie_word_embeddings": bool(m["tie_embeddings"]), "torch_dtype": dtype,
+        "initializer_range": m.get("init_std", 0.02),
     }
+    _set_rope(out, theta, rope)
     if not qwen:
         out.update(attention_bias=bias, mlp_bias=bias)
     return out
 
 
-__all__ = ["DTYPES", "HFConfigError", "HFModel", "RopeScaling", "SHAPE_FIELDS", "SUPPORTED", "check_recipe",
-           "export_config", "hf_model", "read_config", "section_yaml"]
+__all__ = ["DTYPES", "HF_PREFIX", "HFConfigError", "HFModel", "ROPE_FIELDS", "RopeScaling", "SHAPE_FIELDS",
+           "SUPPORTED", "active_rope", "check_recipe", "export_config", "hf_dir", "hf_model", "read_config",
+           "section_yaml"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megatron_tasp.apps.hf.config import HFConfigError, HFModel, export_config, hf_model, read_config
+from megatron_tasp.apps.hf.config import HFConfigError, HFModel, export_config, hf_dir, hf_model, read_config
 from megatron_tasp.apps.hf.io import SafetensorsReader, copy_side_files, write_config, write_safetensors
 from megatron_tasp.apps.hf.weights import (
     Layout,
@@ -122,13 +122,10 @@ def single_rank() -> Iterator[None]:
 
     import torch.distributed as dist
 
-    from megatron_tasp.apps.finetune_lib.launch import quiet_megatron
     from megatron_tasp.megatron.cpu_compat import enable_cpu_megatron, prepare_megatron_import
 
-    quiet_megatron()
     prepare_megatron_import()
     enable_cpu_megatron()
-    quiet_megatron()  # imports may have reset logger levels
     from megatron.core import parallel_state as ps
 
     from megatron_tasp.launch import free_port
@@ -231,8 +228,6 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config_dir: str
 def _origin(recipe: Any, found: Path) -> Path | None:
     """The HF directory the weights came from: the converter's source or the run's ``hf:`` start (if it exists)."""
     from megatron_tasp.apps.finetune_lib import checkpoint as ckpt
-    from megatron_tasp.apps.hf.start import hf_dir
-
     source = ckpt.read_marker(found).get("hf_source")
     for cand in (Path(source) if source else None, hf_dir(recipe.checkpoint.pretrained)):
         if cand is not None and (cand / "config.json").is_file():

@@ -22,17 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_tasp.apps.hf.config import HFConfigError, check_recipe, hf_model, read_config
+from megatron_tasp.apps.hf.config import HFConfigError, check_recipe, hf_dir, hf_model, read_config
 
 logger = logging.getLogger("megatron_tasp.finetune")
-PREFIX = "hf:"
-
-
-def hf_dir(pretrained: str | None) -> Path | None:
-    """The directory of a ``hf:DIR`` value (``~`` and ``$VARS`` expanded), else None."""
-    if not pretrained or not pretrained.startswith(PREFIX):
-        return None
-    return Path(os.path.expanduser(os.path.expandvars(pretrained[len(PREFIX):])))
 
 
 def _recipe_error(exc: Exception) -> Exception:
@@ -52,7 +44,7 @@ def _agree(value: str) -> str:
 def load_pretrained_hf(run: Any) -> str:
     """Load ``checkpoint.pretrained: hf:DIR`` into ``run.core`` (collective); returns what was loaded."""
     from megatron_tasp.apps.finetune_lib import checkpoint as ckpt
-    from megatron_tasp.apps.hf.convert import load_hf_weights
+    from megatron_tasp.apps.hf.convert import IMPORT_FORMAT, load_hf_weights
     from megatron_tasp.apps.hf.io import SafetensorsReader, fingerprint
 
     recipe, core = run.recipe, run.core
@@ -60,11 +52,13 @@ def load_pretrained_hf(run: Any) -> str:
     assert src is not None
     try:
         info = hf_model(read_config(src), where=f"{src / 'config.json'}")
-        check_recipe(recipe, info, run.vocab)
+        notes = check_recipe(recipe, info, run.vocab)
         dtype = str(next(core.parameters()).dtype).replace("torch.", "")
         key = hashlib.sha256(json.dumps([fingerprint(src), run.vocab, dtype]).encode()).hexdigest()[:12]
     except (HFConfigError, OSError) as exc:
         raise _recipe_error(exc) from None
+    if notes and run.rank == 0:  # context extension: the weights load as they are, RoPE follows the recipe
+        logger.info("[finetune] RoPE differs from %s (context extension): %s", src / "config.json", "; ".join(notes))
     cache = recipe.output_dir() / "hf_import" / f"{src.name or 'model'}-{key}"
     found = _agree(str(ckpt.find_checkpoint(cache) or "") if cache.is_dir() else "")
     if found:
@@ -84,13 +78,13 @@ def load_pretrained_hf(run: Any) -> str:
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.broadcast(p.data, src=0)
     state = {"model": core.sharded_state_dict(), "recipe": recipe.to_dict(), "hf_config": info.config}
-    marker = {"format": "megatron-tasp-hf-import/1", "hf_source": str(src.resolve()),
+    marker = {"format": IMPORT_FORMAT, "hf_source": str(src.resolve()),
               "architecture": info.architecture, "hf_vocab_size": info.vocab_size}
     path = ckpt.save_checkpoint(cache, 0, state, marker, keep_last=1)
     return f"{recipe.checkpoint.pretrained} (converted into {path})"
 
 
-def export_after_run(run: Any) -> Path | None:
+def export_after_run(run: Any) -> Path:
     """Write ``run.core`` as a Hugging Face directory at ``checkpoint.export_hf`` (rank 0; collective barrier)."""
     from megatron_tasp.apps.hf.convert import export_model
 
@@ -115,4 +109,4 @@ def export_after_run(run: Any) -> Path | None:
     return out
 
 
-__all__ = ["PREFIX", "export_after_run", "hf_dir", "load_pretrained_hf"]
+__all__ = ["export_after_run", "load_pretrained_hf"]
