@@ -126,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="stop once N optimizer steps have run in total (a checkpoint is saved there when "
                         "checkpointing is on); the LR schedule still spans train.steps, so a later run resumes")
     p.add_argument("--output-dir", default=None, metavar="DIR", help="shorthand for logging.output_dir=DIR")
+    p.add_argument("--hf-export", default=None, metavar="DIR",
+                   help="shorthand for checkpoint.export_hf=DIR: end by writing the weights as a Hugging Face "
+                        "directory (safetensors + config.json)")
     p.add_argument("--launcher", choices=("auto", "fork", "torchrun"), default="auto",
                    help="how to start ranks when not under torchrun/srun: fork (CPU), torchrun (one per GPU), "
                         "auto (torchrun on GPUs, fork on CPU)")
@@ -205,6 +208,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config, overrides = split_items(list(args.items), args.default)
     if args.output_dir:
         overrides.append(f"logging.output_dir={args.output_dir}")
+    if args.hf_export:
+        overrides.append(f"checkpoint.export_hf={args.hf_export}")
     if args.quiet:
         overrides.append("logging.progress_bar=false")
     if args.max_steps is not None and args.max_steps < 0:

@@ -29,7 +29,7 @@ def transformer_config(recipe: Recipe, device: torch.device) -> Any:
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=recipe.query_groups, ffn_hidden_size=m.ffn_hidden_size, kv_channels=recipe.kv_channels,
         normalization=m.normalization, layernorm_epsilon=m.norm_epsilon, gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu, add_bias_linear=m.add_bias_linear,
+        activation_func=F.silu if swiglu else F.gelu, add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias,
         attention_dropout=0.0, hidden_dropout=0.0, init_method_std=m.init_std,
         tensor_model_parallel_size=p.tp, context_parallel_size=p.cp,
         cp_comm_type="tasp" if p.cp > 1 else None,
@@ -95,7 +95,7 @@ def estimate_parameters(recipe: Recipe, vocab_size: int) -> int:
     m = recipe.model
     h, kv, heads, groups = m.hidden_size, recipe.kv_channels, m.num_attention_heads, recipe.query_groups
     bias = 1 if m.add_bias_linear else 0
-    qkv = h * (heads + 2 * groups) * kv + bias * (heads + 2 * groups) * kv
+    qkv = h * (heads + 2 * groups) * kv + max(bias, int(m.add_qkv_bias)) * (heads + 2 * groups) * kv
     proj = heads * kv * h + bias * h
     fc1 = h * m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
     fc1 += bias * m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)

@@ -59,6 +59,8 @@ class ModelSection:
     norm_epsilon: float = option(1e-5, "epsilon of the normalization", min=0.0)
     activation: str = option("swiglu", "MLP activation (swiglu = gated SiLU, Llama)", choices=("swiglu", "gelu"))
     add_bias_linear: bool = option(False, "biases in linear layers")
+    add_qkv_bias: bool = option(False, "biases on the query/key/value projection only (Qwen2); add_bias_linear "
+                                "puts them on every linear layer")
     tie_embeddings: bool = option(False, "share input embedding and output layer weights")
     init_std: float = option(0.02, "std of the normal weight initialisation", min=0.0)
     spec: str = option("local", "Megatron layer spec with TASP core attention: local (any device) or te (Transformer "
@@ -165,7 +167,12 @@ class CheckpointSection:
     resume: str = option("auto", "auto (continue from dir/latest when it exists), never, or a checkpoint path to "
                          "continue from (model, optimizer, step, data position, RNG)")
     pretrained: str | None = option(None, "weights to start from when not resuming (fine-tuning): a checkpoint "
-                                    "dir; optimizer and step start fresh")
+                                    "dir, or hf:DIR (a Hugging Face Llama/Mistral/Qwen2 directory, converted on the "
+                                    "fly into <logging.output_dir>/hf_import; the model section must match its "
+                                    "config.json); optimizer and step start fresh")
+    export_hf: str | None = option(None, "write the final weights as a Hugging Face directory here (rank 0, after "
+                                   "the last step: safetensors, config.json, tokenizer files of a local "
+                                   "huggingface tokenizer)")
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ class Run:
         self.initialized_from: str | None = None
         resume = self._resume_path()
         if resume is None and recipe.checkpoint.pretrained:
-            self._load_pretrained(Path(os.path.expanduser(recipe.checkpoint.pretrained)))
+            self._load_pretrained(recipe.checkpoint.pretrained)
         elif resume is None:
             self._broadcast_model(named)
         self.model = wrap_model(recipe, model, config, self.cuda)
@@ -185,7 +185,14 @@ class Run:
                 for _, p in named:
                     dist.broadcast(p.data, src=0)
 
-    def _load_pretrained(self, path: Path) -> None:
+    def _load_pretrained(self, pretrained: str) -> None:
+        pretrained = os.path.expanduser(os.path.expandvars(pretrained))  # $MEGATRON_TASP_PRETRAINED in recipes
+        if pretrained.startswith("hf:"):  # a Hugging Face directory, converted on the fly
+            from megatron_tasp.apps.hf.start import load_pretrained_hf
+
+            self.initialized_from = load_pretrained_hf(self)
+            return
+        path = Path(pretrained)
         found = ckpt.find_checkpoint(path) if path.exists() else None
         if found is None:
             raise RecipeError(f"{self.recipe.source}: checkpoint.pretrained: no checkpoint at {path}")
@@ -358,6 +365,10 @@ class Run:
                     report.write_metrics(self, time.perf_counter() - t_loop)
             if ck.save and (ck.save_at_end or self.stopped_by) and saved_at != self.step and self.step > start:
                 self.save()
+            if ck.export_hf and not self.stopped_by:
+                from megatron_tasp.apps.hf.start import export_after_run
+
+                export_after_run(self)
         finally:
             self.log.close()
         doc = report.write_metrics(self, time.perf_counter() - t_loop, final=True)
