@@ -502,7 +502,10 @@ def patched_thd_probe(patched_root: str) -> dict[str, Any]:
     margs = _prepare_training_import(patched_root)
     margs.get_device_arch_version = lambda: 10  # skip Megatron's Hopper check on this CPU machine
     out: dict[str, Any] = {}
-    for name, extra in (("sft", ["--sft"]), ("idm", ["--dataloader-inter-document-masking"]),
+    for name, extra in (("sft", ["--sft"]),
+                        ("idm", ["--dataloader-inter-document-masking",
+                                 "--position-embedding-type", "learned_absolute"]),
+                        ("idm_rope", ["--dataloader-inter-document-masking"]),
                         ("sft_idm", ["--sft", "--dataloader-inter-document-masking"])):
         os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
         sys.argv = ["pretrain_gpt.py", *BASE_LM_ARGV, "--context-parallel-size", "2", "--context-parallel-backend",

@@ -108,6 +108,13 @@ def test_inter_document_masking_takes_the_sequence_split(cp):
     assert a.tasp_options.packed_split == "document"
     ns = _ns(dataloader_inter_document_masking=True, context_parallel_size=cp, seq_length=64)
     assert tasp_options_from_args(ns).packed_split == "sequence"  # also when validate_tasp_args did not run
+    rope = _ns(dataloader_inter_document_masking=True, context_parallel_size=cp, seq_length=64,
+               position_embedding_type="rope")
+    if cp > 1:  # Megatron-Core's packed RoPE assumes the per-document split: fail closed, naming the fix
+        with pytest.raises(TaspArgumentError, match="learned_absolute"):
+            validate_tasp_args(rope, device_capability=None)
+    else:
+        assert validate_tasp_args(rope, device_capability=None).tasp_enabled
 
 
 def test_hybrid_cp_still_rejected_with_packed_data():
@@ -359,6 +366,7 @@ def test_patched_megatron_lm_accepts_sft_and_installs_the_split(tmp_path):
     assert out["sft"] == ["accepted", ["tasp"], True, "document"]
     assert out["sft_idm"] == ["accepted", ["tasp"], True, "document"]
     assert out["idm"] == ["accepted", ["tasp"], True, "sequence"]  # the sequence split as a whole
+    assert "learned_absolute" in out["idm_rope"][0]  # Megatron-Core's packed RoPE needs the per-document split
     assert out["kinds"] == ["TaspDotProductAttention", "TaspDotProductAttention"]
     assert out["split"] == ["megatron.core.utils", "megatron_tasp.megatron.thd_batch"]
 

@@ -254,6 +254,14 @@ def _check_tasp_compat(args: Any) -> None:
                                 f"(got {dropout}; Megatron-LM's default is 0.1)")
     if getattr(args, "hybrid_context_parallel", False):
         raise TaspArgumentError("TASP does not support --hybrid-context-parallel (dynamic per-batch CP groups)")
+    cp = int(getattr(args, "context_parallel_size", 1) or 1)
+    pos = getattr(args, "position_embedding_type", "learned_absolute")
+    if cp > 1 and packed_split_of(args) == "sequence" and pos in ("rope", "yarn", "mrope"):
+        raise TaspArgumentError(
+            f"--dataloader-inter-document-masking without --sft at --context-parallel-size {cp} splits the packed "
+            f"sequence as a whole, but Megatron-Core's RoPE for packed batches (--position-embedding-type {pos}) "
+            "rotates per document split over the CP ranks and fails; add --sft (per-document split) or use "
+            "--position-embedding-type learned_absolute")
 
 
 def packed_split_of(args: Any) -> str:
