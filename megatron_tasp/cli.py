@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=cmd_verify)
 
     for mod in ("megatron_tasp.apps.bench", "megatron_tasp.apps.report", "megatron_tasp.apps.simulate",
-                "megatron_tasp.apps.finetune", "megatron_tasp.apps.convert"):
+                "megatron_tasp.apps.finetune", "megatron_tasp.apps.convert", "megatron_tasp.apps.preprocess"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ImportError:

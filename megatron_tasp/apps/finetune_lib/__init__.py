@@ -3,7 +3,10 @@
 - :mod:`.sections`: the recipe's sections as frozen dataclasses: every field, its type, default and meaning.
 - :mod:`.recipe`: the validated :class:`Recipe`, cross-field checks, overrides, shipped recipes (no torch).
 - :mod:`.tokenizer`: byte-level tokenizer; Hugging Face tokenizers on request.
-- :mod:`.data`: corpus -> cached token stream -> fixed-length windows, seeded order, CP zigzag split.
+- :mod:`.data`: corpus -> cached documents -> packed documents (:mod:`.packing`) or fixed-length windows.
+- :mod:`.packing`: documents packed into sequences with per-document masks (THD), Megatron's PackedSeqParams.
+- :mod:`.blend`: held-out split, the seeded order (sample k a pure function of (seed, k)), weighted blends.
+- :mod:`.indexed`: Megatron indexed datasets (.bin/.idx) read with megatron.core's IndexedDataset.
 - :mod:`.rope`: RoPE context extension (``model.rope_scaling``): its checks and its Megatron-Core plan.
 - :mod:`.model`: Megatron-Core GPTModel with TASP core attention from a recipe.
 - :mod:`.optimizer`: Megatron-Core's DDP, optimizer and LR scheduler (a small AdamW stand-in on CPU).

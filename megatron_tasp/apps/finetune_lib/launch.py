@@ -77,13 +77,12 @@ def _want_cuda(recipe: Recipe) -> bool:
 
 def preflight(recipe: Recipe, world: int) -> None:
     """User-facing checks before any rank starts: layout, tokenizer vocabulary, corpus (tokenized into the cache)."""
-    from megatron_tasp.apps.finetune_lib.data import SequenceDataset, load_tokens
+    from megatron_tasp.apps.finetune_lib.data import open_dataset
     from megatron_tasp.apps.finetune_lib.tokenizer import build_tokenizer
 
     recipe.resolve_world(world)
     tok = build_tokenizer(recipe.tokenizer.type, recipe.tokenizer.name)
-    recipe.padded_vocab_size(tok.vocab_size)
-    SequenceDataset(load_tokens(recipe, tok), recipe.data.seq_length, recipe.data.eval_fraction, recipe.seed)
+    open_dataset(recipe, tok, recipe.padded_vocab_size(tok.vocab_size))
 
 
 def _init_process_group(cuda: bool) -> None:

@@ -94,6 +94,21 @@ class Recipe:
         except TaspOptionError as exc:
             raise RecipeError(str(exc)) from None  # names the recipe file and section
 
+    @property
+    def pad_multiple(self) -> int:
+        """Packed documents are padded to a multiple of this (``data.pad_multiple``, or its default).
+
+        The THD split needs a multiple of 2 * cp (with sequence parallelism Megatron would need tp * 2 * cp;
+        finetune runs tp = 1). The default, 16 rounded up to a multiple of 2 * cp, keeps the packs (and so the
+        data order) the same at cp 1, 2, 4 and 8, which lets a checkpoint resume at another CP size on the same
+        samples.
+        """
+        if self.data.pad_multiple is not None:
+            return self.data.pad_multiple
+        unit = 2 * self.parallel.cp
+        wide = -(-16 // unit) * unit
+        return wide if self.data.seq_length % wide == 0 else unit
+
     def padded_vocab_size(self, tokenizer_vocab: int) -> int:
         """Model vocabulary for a tokenizer of ``tokenizer_vocab`` ids; raises if the recipe's is too small."""
         if self.model.vocab_size == "auto":
@@ -209,10 +224,12 @@ def validate(r: Recipe) -> None:
                           "(a model name such as meta-llama/Meta-Llama-3-8B or a local directory)")
     if tok.type == "byte" and m.vocab_size != "auto" and int(m.vocab_size) < 256:
         raise RecipeError(f"{src}: model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's 256 ids")
-    if d.source in ("files", "jsonl") and not d.path:
+    if d.source in ("files", "jsonl", "indexed") and not d.path:
         raise RecipeError(f"{src}: data.path is required for data.source: {d.source}")
     if d.source == "stdlib" and d.path:
-        raise RecipeError(f"{src}: data.path is only used with data.source files or jsonl (got source stdlib)")
+        raise RecipeError(f"{src}: data.path is only used with data.source files, jsonl or indexed (got source "
+                          "stdlib)")
+    _check_documents(r)
     if not 0.0 <= d.eval_fraction < 0.5:
         raise RecipeError(f"{src}: data.eval_fraction must be in [0, 0.5), got {d.eval_fraction}")
     if t.eval_batches and d.eval_fraction == 0:
@@ -224,6 +241,9 @@ def validate(r: Recipe) -> None:
     if d.seq_length % (2 * p.cp):
         raise RecipeError(f"{src}: data.seq_length={d.seq_length} must be a multiple of 2 * parallel.cp = {2 * p.cp} "
                           "(zigzag split: every CP rank holds two equal chunks)")
+    if d.packing and d.pad_multiple is not None and (d.pad_multiple % (2 * p.cp) or d.seq_length % d.pad_multiple):
+        raise RecipeError(f"{src}: data.pad_multiple={d.pad_multiple} must be a multiple of 2 * parallel.cp = "
+                          f"{2 * p.cp} (the THD split) and divide data.seq_length={d.seq_length}; or set it to null")
     if p.cp_backend == "ring" and p.num_rings not in (None, 1):
         raise RecipeError(f"{src}: parallel.cp_backend: ring uses one ring; remove parallel.num_rings "
                           f"(got {p.num_rings}) or use cp_backend: tasp")
@@ -246,6 +266,30 @@ def validate(r: Recipe) -> None:
                           f"train.micro_batch = {p.dp} * {t.micro_batch}")
     if m.spec == "te" and p.device == "cpu":
         raise RecipeError(f"{src}: model.spec: te needs Transformer Engine on a GPU; use model.spec: local on CPU")
+
+
+def _check_documents(r: Recipe) -> None:
+    """The data section's document options: SFT, indexed datasets and their blend weights."""
+    d, src = r.data, r.source
+    if d.format == "sft" and d.source != "jsonl":
+        raise RecipeError(f"{src}: data.format: sft reads prompt/response pairs from JSON lines; set data.source: "
+                          f"jsonl (got {d.source})")
+    if d.format == "sft" and not d.packing:
+        raise RecipeError(f"{src}: data.format: sft needs data.packing: true (each pair is a document with its own "
+                          "attention mask and loss mask)")
+    if d.source == "indexed" and d.max_bytes is not None:
+        raise RecipeError(f"{src}: data.max_bytes limits text read from files/jsonl; indexed datasets are read "
+                          "whole (remove data.max_bytes)")
+    if d.weights is not None:
+        if d.source != "indexed":
+            raise RecipeError(f"{src}: data.weights blends indexed datasets; set data.source: indexed or remove "
+                              "data.weights")
+        prefixes = d.path if isinstance(d.path, list) else [d.path]
+        if len(d.weights) != len(prefixes):
+            raise RecipeError(f"{src}: data.weights has {len(d.weights)} entries but data.path {len(prefixes)} "
+                              "prefixes; give one weight per prefix")
+        if not all(w > 0 for w in d.weights):
+            raise RecipeError(f"{src}: data.weights must all be > 0, got {d.weights}")
 
 
 def _check_rings(r: Recipe) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_tasp.apps.finetune_lib.data import describe_dataset
 from megatron_tasp.apps.finetune_lib.metrics import plot_loss, summarize, write_json
 from megatron_tasp.launch.lifecycle import signal_name
 
@@ -64,8 +65,7 @@ def banner(run: Any, end: int) -> None:
         f"[finetune] world {run.world} = tp {p.tp} x cp {p.cp} x dp {run.dp} on {run.device.type} "
         f"({dist.get_backend()}), CP backend {p.cp_backend if p.cp > 1 else 'none (cp=1)'}, rings {rings}, "
         f"precision {r.train.precision}, {optimizer}\n"
-        f"[finetune] data: {r.data.source}, {len(run.data.tokens):,} tokens, {run.data.num_train} train / "
-        f"{len(run.data.eval_windows)} held-out sequences; start: {start}\n"
+        f"[finetune] data: {r.data.source} ({r.data.format}), {describe_dataset(run.data)}; start: {start}\n"
         f"[finetune] steps {run.step} -> {end} of {r.train.steps}; output {run.out_dir}")
     if run.step >= end:
         limit = "" if run.opts.max_steps is None else f", --max-steps {run.opts.max_steps}"

@@ -81,13 +81,27 @@ class DataSection:
     """Training text and sequence length."""
 
     source: str = option("stdlib", "stdlib (this Python's standard-library .py files), files (path or glob of text "
-                         "files) or jsonl (one JSON object per line)", choices=("stdlib", "files", "jsonl"))
+                         "files), jsonl (one JSON object per line) or indexed (Megatron .bin/.idx datasets; "
+                         "megatron-tasp preprocess writes them)", choices=("stdlib", "files", "jsonl", "indexed"))
     path: str | list[str] | None = option(None, "files/jsonl: a path, a glob (**, ~ and $VARS expand) or a list "
-                                          "of them")
+                                          "of them; indexed: one or more .bin/.idx path prefixes")
+    weights: list[float] | None = option(None, "indexed: blend weights, one per data.path prefix (sampling shares; "
+                                         "null = in proportion to each prefix's sequences)")
+    format: str = option("text", "text (every token is trained on) or sft (jsonl: prompt_field + response_field; "
+                         "the loss covers the response and its end-of-document id only)", choices=("text", "sft"))
     text_field: str = option("text", "jsonl: the field holding the text")
+    prompt_field: str = option("prompt", "sft: the field holding the prompt (no loss on its tokens)")
+    response_field: str = option("response", "sft: the field holding the response (trained on)")
     max_bytes: int | None = option(None, "read at most this many bytes of text (null = all)", min=1)
     seq_length: int = option(None, "tokens per training sequence (a multiple of 2 * parallel.cp)", min=2,
                              required=True)
+    packing: bool = option(True, "each sequence packs whole documents (each file / JSON object / indexed document "
+                           "is one) with per-document attention masks, positions restarting at 0 and padding out "
+                           "of the loss; false = fixed windows over the concatenated token stream")
+    pad_multiple: int | None = option(None, "packing: every document is padded to a multiple of this (a multiple of "
+                                      "2 * parallel.cp dividing seq_length); null = the least multiple of 2 * cp "
+                                      ">= 16 when it divides seq_length (the same packs at cp 1, 2, 4 and 8), else "
+                                      "2 * cp", min=1)
     eval_fraction: float = option(0.02, "share of the sequences held out for evaluation", min=0.0)
     cache_dir: str | None = option(None, "where the tokenized corpus is cached (null = "
                                    "<logging.output_dir>/data_cache)")

@@ -1,13 +1,14 @@
 """The fine-tuning loop on an initialised default process group (one process per rank, CPU/gloo or GPU/NCCL).
 
 Per step: each DP rank takes its share of ``train.global_batch`` sequences in micro-batches, each CP rank
-its zigzag half-chunks (Megatron's ``get_batch_on_this_cp_rank``). The micro-batch loop is Megatron's
-``get_forward_backward_func()`` on GPUs; each micro-batch returns its loss summed over tokens and its token
-count, so after the gradient reduction (:mod:`.optimizer`) the loss is the mean over all tokens of the
-global batch. Then the learning-rate schedule advances and the optimizer steps. Held-out loss,
-checkpoints, metrics.json and loss.png follow the recipe. Step N always means "after N optimizer steps"
-(train records, evaluations, checkpoints). On SIGINT/SIGTERM the ranks agree to stop at the next step
-boundary and save a normal checkpoint there (:mod:`.stopping`).
+its part of them: of packed documents (the default) the THD chunks r and 2cp-1-r of every document, with
+Megatron's ``PackedSeqParams``; of windows its zigzag half-chunks (Megatron's ``get_batch_on_this_cp_rank``).
+The micro-batch loop is Megatron's ``get_forward_backward_func()`` on GPUs; each micro-batch returns its loss
+summed over the tokens its loss mask keeps and their count, so after the gradient reduction (:mod:`.optimizer`)
+the loss is the mean over all trained tokens of the global batch. Then the learning-rate schedule advances
+and the optimizer steps. Held-out loss, checkpoints, metrics.json and loss.png follow the recipe. Step N
+always means "after N optimizer steps" (train records, evaluations, checkpoints). On SIGINT/SIGTERM the ranks
+agree to stop at the next step boundary and save a normal checkpoint there (:mod:`.stopping`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from megatron_tasp.apps.finetune_lib import checkpoint as ckpt
 from megatron_tasp.apps.finetune_lib import report
-from megatron_tasp.apps.finetune_lib.data import SequenceDataset, build_token_cache, cache_path, model_inputs
+from megatron_tasp.apps.finetune_lib.data import build_token_cache, cache_path, model_inputs, open_dataset
 from megatron_tasp.apps.finetune_lib.metrics import ProgressLog, read_json
 from megatron_tasp.apps.finetune_lib.model import build_model, count_parameters, transformer_config
 from megatron_tasp.apps.finetune_lib.optimizer import (
@@ -79,21 +80,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_dataset(recipe: Recipe, tokenizer: Any) -> SequenceDataset:
+def _load_dataset(recipe: Recipe, tokenizer: Any, vocab_size: int) -> Any:
     """Local rank 0 of each node tokenizes into the cache unless it exists; the other ranks wait for the file.
 
     Waiting on the file rather than in a collective keeps a long tokenization clear of the process group's
-    timeout. The write is atomic, so nodes sharing the cache directory may both build it safely.
+    timeout. The write is atomic, so nodes sharing the cache directory may both build it safely. Indexed
+    datasets are read in place.
     """
-    path = cache_path(recipe, tokenizer)
-    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
-        build_token_cache(recipe, tokenizer)
-    else:
-        while not path.is_file():
-            time.sleep(1.0)
+    if recipe.data.source != "indexed":
+        path = cache_path(recipe, tokenizer)
+        if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+            build_token_cache(recipe, tokenizer)
+        else:
+            while not path.is_file():
+                time.sleep(1.0)
     dist.barrier()
-    tokens = np.load(path, mmap_mode="r")
-    return SequenceDataset(tokens, recipe.data.seq_length, recipe.data.eval_fraction, recipe.seed)
+    return open_dataset(recipe, tokenizer, vocab_size)
 
 
 class Run:
@@ -121,7 +123,7 @@ class Run:
         _seed_everything(recipe.seed)
         self.tokenizer = build_tokenizer(recipe.tokenizer.type, recipe.tokenizer.name)
         self.vocab = recipe.padded_vocab_size(self.tokenizer.vocab_size)
-        self.data = _load_dataset(recipe, self.tokenizer)
+        self.data = _load_dataset(recipe, self.tokenizer, self.vocab)
         config = transformer_config(recipe, self.device)
         model, self.core = build_model(recipe, config, self.vocab, self.device)
         named = [(n, p) for n, p in self.core.named_parameters() if p.requires_grad]
@@ -248,21 +250,27 @@ class Run:
 
     # ----- training ----------------------------------------------------------------------------------------------
 
-    def _forward_step(self, data_iterator: Iterator[np.ndarray], model: torch.nn.Module) -> tuple[Any, Callable]:
+    def _forward_step(self, data_iterator: Iterator[Any], model: torch.nn.Module) -> tuple[Any, Callable]:
         """Megatron's forward-step contract: the output and a loss function returning (sum, tokens, report)."""
         batch = model_inputs(next(data_iterator), self.cp_group, self.device)
         per_token = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
-                          labels=batch["labels"])
+                          labels=batch["labels"], packed_seq_params=batch.get("packed_seq_params"))
+        mask = batch.get("loss_mask")  # packed documents: 0 on padding (and SFT prompts)
 
         def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-            loss_sum = output.float().sum()
-            tokens = torch.tensor(output.numel(), dtype=torch.int, device=output.device)
-            return loss_sum, tokens, {"loss_sum": loss_sum.detach()}
+            if mask is None:
+                loss_sum = output.float().sum()
+                tokens = torch.tensor(output.numel(), dtype=torch.int, device=output.device)
+            else:
+                loss_sum = (output.float() * mask).sum()
+                tokens = mask.sum().to(torch.int)
+            return loss_sum, tokens, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
 
         return per_token, loss_func
 
-    def _forward_backward(self, windows: np.ndarray) -> torch.Tensor:
-        """Every micro-batch's forward and backward, then the gradient reduction; returns this rank's loss sum."""
+    def _forward_backward(self, windows: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every micro-batch's forward and backward, then the gradient reduction; returns this rank's loss sum
+        and trained-token count."""
         mb = self.recipe.train.micro_batch
         batches = iter([windows[i:i + mb] for i in range(0, len(windows), mb)])
         n = len(windows) // mb
@@ -272,7 +280,8 @@ class Run:
             reports = get_forward_backward_func()(
                 forward_step_func=self._forward_step, data_iterator=batches, model=[self.model], num_microbatches=n,
                 seq_length=self.recipe.data.seq_length, micro_batch_size=mb, forward_only=False)
-            return torch.stack([r["loss_sum"] for r in reports]).sum()
+            return (torch.stack([r["loss_sum"] for r in reports]).sum(),
+                    torch.stack([r["tokens"] for r in reports]).sum())
         loss_sum, tokens = torch.zeros(()), torch.zeros((), dtype=torch.int)
         for _ in range(n):  # the same contract on CPU, without the CUDA-only schedule
             output, loss_func = self._forward_step(batches, self.model)
@@ -280,7 +289,7 @@ class Run:
             loss.backward()
             loss_sum, tokens = loss_sum + rep["loss_sum"], tokens + count
         self.opt.finalize_grads([self.model], tokens)
-        return loss_sum
+        return loss_sum, tokens
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its record."""
@@ -292,15 +301,16 @@ class Run:
             self.model.zero_grad_buffer()
         self.opt.zero_grad()
         first = self.consumed + self.dp_rank * self.per_dp
-        loss_sum = self._forward_backward(self.data.train_samples(first, self.per_dp)).to(torch.float32)
+        loss_sum, tokens = self._forward_backward(self.data.train_samples(first, self.per_dp))
+        totals = torch.stack([loss_sum.to(torch.float64), tokens.to(torch.float64)])
         if self.world > 1:
-            dist.all_reduce(loss_sum, group=self.grad_group)
+            dist.all_reduce(totals, group=self.grad_group)
         self.sched.step(1)
         lr = float(self.opt.param_groups[0]["lr"])
         grad_norm = optimizer_step(self.opt)
         _sync(self.device)
         dt = time.perf_counter() - t0
-        loss = float(loss_sum) / self.tokens_per_step
+        loss = float(totals[0]) / max(float(totals[1]), 1.0)
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {self.step + 1}; lower train.lr")
         self.step += 1
@@ -318,15 +328,16 @@ class Run:
         self.model.eval()
         mine = windows[self.dp_rank::self.dp]
         mb = self.recipe.train.micro_batch
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, trained tokens
         batches = iter([mine[i:i + mb] for i in range(0, len(mine), mb)])
         for _ in range(0, len(mine), mb):
             output, loss_func = self._forward_step(batches, self.model)
-            total += loss_func(output)[0]
+            loss_sum, tokens, _ = loss_func(output)
+            total += torch.stack([loss_sum.to(torch.float64), tokens.to(torch.float64)])
         if self.world > 1:
             dist.all_reduce(total, group=self.grad_group)
         self.model.train()
-        return float(total) / (len(windows) * self.recipe.data.seq_length)
+        return float(total[0]) / max(float(total[1]), 1.0)
 
     def _record_eval(self) -> None:
         loss = self.evaluate()
