@@ -61,7 +61,7 @@ def make_hf_dir(path: Path) -> Path:
 
 def recipe_file(tmp: Path, model: dict, tokenizer: dict, **checkpoint) -> Path:
     cfg = {"name": "hf-tiny", "model": model, "tokenizer": tokenizer,
-           "data": {"source": "stdlib", "max_bytes": 150000, "seq_length": SEQ, "eval_fraction": 0.05,
+           "data": {"source": "stdlib", "packing": False, "max_bytes": 150000, "seq_length": SEQ, "eval_fraction": 0.05,
                     "cache_dir": str(tmp / "cache")},
            "parallel": {"cp": 2, "device": "cpu"},
            "train": {"steps": 2, "global_batch": 2, "lr": 1e-3, "eval_batches": 2},
