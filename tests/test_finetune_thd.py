@@ -25,6 +25,7 @@ pytestmark = pytest.mark.megatron
 from megatron_tasp.apps.finetune_lib.packing import Corpus, PackedDataset  # noqa: E402
 from megatron_tasp.apps.finetune_lib.recipe import load_recipe, recipe_from_dict  # noqa: E402
 from megatron_tasp.launch import run_workers  # noqa: E402
+from tests.test_megatron_thd_gpt import layout  # noqa: E402  (TE's THD split, the oracle's own copy)
 
 SEQ, PAD = 64, 16
 LENGTHS = [9, 30, 2, 100, 17, 40, 33, 5, 12, 21, 3, 26]  # tokens per document (the 100 one is split)
@@ -44,13 +45,6 @@ def recipe(cp: int, position: str = "rope") -> Any:
         "data": {"seq_length": SEQ}, "parallel": {"cp": cp, "device": "cpu"}, "train": {"steps": 1}})
 
 
-def layout(cu_pad: list[int], cp: int, rank: int) -> list[int]:
-    """Global positions CP rank ``rank`` holds (TE's THD split, written out here as the oracle)."""
-    out: list[int] = []
-    for a, b in zip(cu_pad[:-1], cu_pad[1:]):
-        c = (b - a) // (2 * cp)
-        out += list(range(a + rank * c, a + (rank + 1) * c)) + list(range(b - (rank + 1) * c, b - rank * c))
-    return out
 
 
 def packed_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any]:
