@@ -12,6 +12,8 @@
 - :mod:`.optimizer`: Megatron-Core's DDP, optimizer and LR scheduler (a small AdamW stand-in on CPU).
 - :mod:`.checkpoint`: crash-safe Megatron distributed checkpoints (temp dir, atomic rename, ``latest``).
 - :mod:`.metrics`: progress bar, metrics.json, loss plot.
+- :mod:`.evaluation`: held-out loss by position in the sequence (CP-aware); :mod:`.passkey`: passkey retrieval;
+  :mod:`.eval_report`: their log lines, summary values and plot.
 - :mod:`.trainer`: the training loop on an initialised process group.
 - :mod:`.report`: the banner, metrics.json and the summary of a run.
 - :mod:`.launch`: how ranks start (torchrun/srun, forked CPU workers, torchrun re-exec on GPUs).

@@ -79,8 +79,9 @@ def summarize(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> dict[
                    last_loss_mean10=sum(losses[-k:]) / k)
         timed = steps[1:] or steps
         out["mean_tokens_per_s"] = sum(s["tokens_per_s"] for s in timed) / len(timed)
-    if evals:
-        out.update(first_eval_loss=evals[0]["loss"], last_eval_loss=evals[-1]["loss"])
+    losses = [e for e in evals if "loss" in e]  # an evaluation may be the passkey check alone
+    if losses:
+        out.update(first_eval_loss=losses[0]["loss"], last_eval_loss=losses[-1]["loss"])
     return out
 
 
@@ -120,6 +121,7 @@ def plot_loss(path: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
     ax.plot(x, y, color="#9ecae1", linewidth=1.0, label="train loss (per step)")
     ax.plot(x, ema(y), color="#08519c", linewidth=2.0, label="train loss (EMA 0.9)")
+    evals = [e for e in evals if "loss" in e]
     if evals:
         ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="#d94801", linewidth=1.5,
                 markersize=4, label="held-out loss")

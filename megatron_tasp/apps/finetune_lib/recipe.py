@@ -33,6 +33,7 @@ from megatron_tasp.apps.finetune_lib.sections import (
     LoggingSection,
     ModelSection,
     ParallelSection,
+    PasskeySection,
     TokenizerSection,
     TrainSection,
 )
@@ -54,6 +55,7 @@ class Recipe:
     train: TrainSection
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    passkey: PasskeySection = field(default_factory=PasskeySection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     name: str = "finetune"
@@ -266,6 +268,30 @@ def validate(r: Recipe) -> None:
                           f"train.micro_batch = {p.dp} * {t.micro_batch}")
     if m.spec == "te" and p.device == "cpu":
         raise RecipeError(f"{src}: model.spec: te needs Transformer Engine on a GPU; use model.spec: local on CPU")
+    _check_evaluation(r)
+
+
+def _check_evaluation(r: Recipe) -> None:
+    """Loss-by-position buckets and the passkey check."""
+    src, d, t, pk = r.source, r.data, r.train, r.passkey
+    if t.eval_position_spacing == "linear" and t.eval_position_buckets > d.seq_length:
+        raise RecipeError(f"{src}: train.eval_position_buckets={t.eval_position_buckets} linear buckets exceed "
+                          f"data.seq_length={d.seq_length} tokens; use fewer buckets")
+    if pk.lengths is None:
+        return
+    group = 2 * r.parallel.cp
+    for n in pk.lengths:
+        if n < group or n % group:
+            raise RecipeError(f"{src}: passkey.lengths: {n} must be a positive multiple of 2 * parallel.cp = {group} "
+                              "(every CP rank holds two equal chunks of the prompt)")
+    table = r.model.max_position_embeddings or d.seq_length
+    if r.model.position_embedding == "learned_absolute" and max(pk.lengths) > table:
+        raise RecipeError(f"{src}: passkey.lengths: {max(pk.lengths)} exceeds the learned position table "
+                          f"({table}; model.max_position_embeddings); use lengths up to {table}")
+    if len(set(pk.lengths)) != len(pk.lengths) or len(set(pk.depths)) != len(pk.depths):
+        raise RecipeError(f"{src}: passkey.lengths and passkey.depths must not repeat a value")
+    if not all(0.0 <= x <= 1.0 for x in pk.depths):
+        raise RecipeError(f"{src}: passkey.depths must be in [0, 1], got {pk.depths}")
 
 
 def _check_documents(r: Recipe) -> None:
@@ -440,7 +466,6 @@ def schema_text() -> str:
 
 
 __all__ = ["DEFAULT_RECIPE", "SECTIONS", "CheckpointSection", "DataSection", "LoggingSection", "ModelSection",
-           "ParallelSection", "Recipe", "RecipeError", "apply_overrides", "list_recipes", "load_recipe",
-           "parse_value", "recipe_from_dict", "recipe_path", "recipes_dir", "schema_text", "TokenizerSection",
-           "TrainSection",
-           "validate"]
+           "ParallelSection", "PasskeySection", "Recipe", "RecipeError", "apply_overrides", "list_recipes",
+           "load_recipe", "parse_value", "recipe_from_dict", "recipe_path", "recipes_dir", "schema_text",
+           "TokenizerSection", "TrainSection", "validate"]

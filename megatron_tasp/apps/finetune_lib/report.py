@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tasp.apps.finetune_lib.data import describe_dataset
+from megatron_tasp.apps.finetune_lib.eval_report import plot_long_context, summarize_long_context, summary_parts
 from megatron_tasp.apps.finetune_lib.metrics import plot_loss, summarize, write_json
 from megatron_tasp.launch.lifecycle import signal_name
 
@@ -93,6 +94,7 @@ def write_metrics(run: Any, loop_time: float, final: bool = False) -> dict[str, 
     if run.device.type == "cuda":
         doc["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     doc.update(summarize(run.records, run.evals))
+    doc.update(summarize_long_context(run.evals))
     if run.is_logger:
         write_json(run.out_dir / "metrics.json", doc)
         if final and r.logging.plot:
@@ -100,6 +102,8 @@ def write_metrics(run: Any, loop_time: float, final: bool = False) -> dict[str, 
                      f"DP={run.dp}, {run.num_params / 1e6:.1f}M params")
             if plot_loss(run.out_dir / "loss.png", run.records, run.evals, title, math.log(run.vocab)):
                 doc["plot"] = str(run.out_dir / "loss.png")
+            if plot_long_context(run.out_dir / "long_context.png", run.evals, title):
+                doc["long_context_plot"] = str(run.out_dir / "long_context.png")
     return doc
 
 
@@ -113,11 +117,12 @@ def summary(run: Any, doc: dict[str, Any]) -> None:
              f"{run.records[-1]['step']}: {doc['last_loss']:.3f})"]
     if "first_eval_loss" in doc:
         parts.append(f"held-out {doc['first_eval_loss']:.3f} -> {doc['last_eval_loss']:.3f}")
+    parts.extend(summary_parts(doc))
     parts.append(f"{doc['mean_tokens_per_s']:,.0f} tokens/s")
     done = f"stopped by {signal_name(run.stopped_by)} after step {run.step}" if run.stopped_by else "done"
     run.log.write(f"[finetune] {done}: " + ", ".join(parts))
     run.log.write(f"[finetune] wrote {run.out_dir / 'metrics.json'}" +
-                  (f", {doc['plot']}" if "plot" in doc else "") +
+                  "".join(f", {doc[k]}" for k in ("plot", "long_context_plot") if k in doc) +
                   (f"; checkpoint {run.checkpoints[-1]}" if run.checkpoints else ""))
 
 

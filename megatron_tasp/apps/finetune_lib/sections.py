@@ -164,9 +164,25 @@ class TrainSection:
     weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to 1-D weights: norms, biases)",
                                  min=0.0)
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", min=0.0)
-    eval_interval: int = option(0, "evaluate held-out loss every N steps (0 = only before the first and after the "
-                                "last step when eval_batches > 0)", min=0)
-    eval_batches: int = option(0, "held-out sequences per evaluation (0 = no evaluation)", min=0)
+    eval_interval: int = option(0, "evaluate every N steps (held-out loss, passkey check; 0 = only before the first "
+                                "and after the last step)", min=0)
+    eval_batches: int = option(0, "held-out sequences per evaluation (0 = no held-out loss)", min=0)
+    eval_position_buckets: int = option(8, "held-out loss by position: the sequence cut into this many buckets "
+                                        "(token p's loss predicts token p+1 from tokens 0..p; 0 = off)", min=0)
+    eval_position_spacing: str = option("log2", "bucket edges: log2 (0, seq/2^(n-1), ..., seq/4, seq/2, seq; "
+                                        "fewer buckets when seq < 2^(n-1)) or linear (n equal buckets)",
+                                        choices=("log2", "linear"))
+
+
+@dataclass(frozen=True)
+class PasskeySection:
+    """Passkey retrieval at every evaluation: a 5-digit pass key hidden in filler text, scored in one forward."""
+
+    lengths: list[int] | None = option(None, "prompt lengths in tokens, each a multiple of 2 * parallel.cp "
+                                       "(null = no passkey check)")
+    depths: list[float] = option([0.0, 0.25, 0.5, 0.75, 1.0], "where the pass key sits: the share of the filler "
+                                 "before it (0 = the start, 1 = just before the question)")
+    trials: int = option(4, "prompts (random pass keys) per length and depth", min=1)
 
 
 @dataclass(frozen=True)
@@ -202,10 +218,10 @@ class LoggingSection:
 
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection, "parallel": ParallelSection,
-    "train": TrainSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
+    "train": TrainSection, "passkey": PasskeySection, "checkpoint": CheckpointSection, "logging": LoggingSection,
 }
 TOP_LEVEL = {"name": "recipe name (free text)", "description": "what the recipe is for (free text)",
              "seed": "seed of weight initialisation and data order (integer)"}
 
 __all__ = ["SECTIONS", "TASP_FIELDS", "TOP_LEVEL", "CheckpointSection", "DataSection", "LoggingSection",
-           "ModelSection", "ParallelSection", "RopeScaling", "TokenizerSection", "TrainSection"]
+           "ModelSection", "ParallelSection", "PasskeySection", "RopeScaling", "TokenizerSection", "TrainSection"]

@@ -6,7 +6,8 @@ Megatron's ``PackedSeqParams``; of windows its zigzag half-chunks (Megatron's ``
 The micro-batch loop is Megatron's ``get_forward_backward_func()`` on GPUs; each micro-batch returns its loss
 summed over the tokens its loss mask keeps and their count, so after the gradient reduction (:mod:`.optimizer`)
 the loss is the mean over all trained tokens of the global batch. Then the learning-rate schedule advances
-and the optimizer steps. Held-out loss, checkpoints, metrics.json and loss.png follow the recipe. Step N
+and the optimizer steps. Evaluations (held-out loss overall and by position, :mod:`.evaluation`; passkey
+retrieval, :mod:`.passkey`), checkpoints, metrics.json, loss.png and long_context.png follow the recipe. Step N
 always means "after N optimizer steps" (train records, evaluations, checkpoints). On SIGINT/SIGTERM the ranks
 agree to stop at the next step boundary and save a normal checkpoint there (:mod:`.stopping`).
 """
@@ -29,6 +30,8 @@ import torch.distributed as dist
 from megatron_tasp.apps.finetune_lib import checkpoint as ckpt
 from megatron_tasp.apps.finetune_lib import report
 from megatron_tasp.apps.finetune_lib.data import build_token_cache, cache_path, model_inputs, open_dataset
+from megatron_tasp.apps.finetune_lib.eval_report import eval_line
+from megatron_tasp.apps.finetune_lib.evaluation import heldout_loss, position_edges
 from megatron_tasp.apps.finetune_lib.metrics import ProgressLog, read_json
 from megatron_tasp.apps.finetune_lib.model import build_model, count_parameters, transformer_config
 from megatron_tasp.apps.finetune_lib.optimizer import (
@@ -39,6 +42,7 @@ from megatron_tasp.apps.finetune_lib.optimizer import (
     optimizer_step,
     wrap_model,
 )
+from megatron_tasp.apps.finetune_lib.passkey import build_prompts, score_passkeys
 from megatron_tasp.apps.finetune_lib.recipe import Recipe, RecipeError
 from megatron_tasp.apps.finetune_lib.stopping import StopRequest
 from megatron_tasp.apps.finetune_lib.tokenizer import build_tokenizer
@@ -124,6 +128,7 @@ class Run:
         self.tokenizer = build_tokenizer(recipe.tokenizer.type, recipe.tokenizer.name)
         self.vocab = recipe.padded_vocab_size(self.tokenizer.vocab_size)
         self.data = _load_dataset(recipe, self.tokenizer, self.vocab)
+        self._setup_evaluation()
         config = transformer_config(recipe, self.device)
         model, self.core = build_model(recipe, config, self.vocab, self.device)
         named = [(n, p) for n, p in self.core.named_parameters() if p.requires_grad]
@@ -318,33 +323,67 @@ class Run:
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
                 "tokens_per_s": self.tokens_per_step / dt, "consumed_samples": self.consumed}
 
+    # ----- evaluation: held-out loss (overall and by position), passkey retrieval ------------------------------
+
+    def _setup_evaluation(self) -> None:
+        """Position buckets and passkey prompts (built now, so a prompt that does not fit fails before training)."""
+        r, t = self.recipe, self.recipe.train
+        s = r.data.seq_length
+        self.eval_edges = position_edges(s, t.eval_position_buckets, t.eval_position_spacing) \
+            if t.eval_position_buckets else [0, s]
+        pk = r.passkey
+        try:
+            self.passkey_prompts = build_prompts(self.tokenizer, pk.lengths, pk.depths, pk.trials, r.seed) \
+                if pk.lengths else []
+        except ValueError as exc:
+            raise RecipeError(f"{r.source}: {exc}") from None
+        self.evaluating = t.eval_batches > 0 or bool(self.passkey_prompts)
+
+    def _per_token_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
+                          labels=batch["labels"])
+
+    def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss over ``train.eval_batches`` held-out sequences (split over DP ranks)."""
-        n = self.recipe.train.eval_batches
-        windows = self.data.eval_samples(n) if n > 0 else []
-        if not len(windows):
+    def evaluate(self) -> dict[str, Any] | None:
+        """Held-out loss over ``train.eval_batches`` sequences (split over DP ranks), overall and by position
+        bucket, and the passkey check; None when neither is configured."""
+        t = self.recipe.train
+        windows = self.data.eval_samples(t.eval_batches) if t.eval_batches > 0 else []
+        if not len(windows) and not self.passkey_prompts:
             return None
         self.model.eval()
-        mine = windows[self.dp_rank::self.dp]
-        mb = self.recipe.train.micro_batch
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, trained tokens
-        batches = iter([mine[i:i + mb] for i in range(0, len(mine), mb)])
-        for _ in range(0, len(mine), mb):
-            output, loss_func = self._forward_step(batches, self.model)
-            loss_sum, tokens, _ = loss_func(output)
-            total += torch.stack([loss_sum.to(torch.float64), tokens.to(torch.float64)])
-        if self.world > 1:
-            dist.all_reduce(total, group=self.grad_group)
-        self.model.train()
-        return float(total[0]) / max(float(total[1]), 1.0)
+        out: dict[str, Any] = {}
+        try:
+            if len(windows):
+                mine, mb = windows[self.dp_rank::self.dp], t.micro_batch
+                batches = (model_inputs(mine[i:i + mb], self.cp_group, self.device) for i in range(0, len(mine), mb))
+                out.update(heldout_loss(self._per_token_loss, batches, self.eval_edges, self.cp_group,
+                                        self.grad_group, self.device))
+            if self.passkey_prompts:
+                t0 = time.perf_counter()
+                out["passkey"] = score_passkeys(self._logits, self.passkey_prompts, cp_group=self.cp_group,
+                                                reduce_group=self.grad_group, dp_rank=self.dp_rank, dp=self.dp,
+                                                micro_batch=t.micro_batch, device=self.device,
+                                                vocab_limit=self.tokenizer.vocab_size)
+                _sync(self.device)
+                out["passkey"]["time_s"] = time.perf_counter() - t0
+        finally:
+            self.model.train()
+        return out
 
     def _record_eval(self) -> None:
-        loss = self.evaluate()
-        if loss is not None:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        result = self.evaluate()
+        if result is not None:
+            _sync(self.device)
+            result["time_s"] = time.perf_counter() - t0
             self.evals = [e for e in self.evals if e["step"] != self.step]
-            self.evals.append({"step": self.step, "loss": loss})
-            self.log.write(f"eval  after step {self.step:5d}  held-out loss {loss:.4f}")
+            self.evals.append({"step": self.step, **result})
+            self.log.write(eval_line(self.step, result))
 
     def run(self) -> dict[str, Any]:
         """Train to ``train.steps`` (or ``--max-steps``); return the metrics document."""
@@ -357,7 +396,7 @@ class Run:
         t_loop = time.perf_counter()
         start = self.step
         try:
-            if t.eval_batches and self.step == 0 and self.step < end:
+            if self.evaluating and self.step == 0 and self.step < end:
                 self._record_eval()
             self.log.start()
             saved_at = -1
@@ -368,7 +407,7 @@ class Run:
                 rec = self.train_step()
                 self.records.append(rec)
                 self.log.step(rec, t.steps)
-                if t.eval_batches and ((t.eval_interval and self.step % t.eval_interval == 0) or self.step == end):
+                if self.evaluating and ((t.eval_interval and self.step % t.eval_interval == 0) or self.step == end):
                     self._record_eval()
                 if ck.save and ck.interval and self.step % ck.interval == 0:
                     self.save()
