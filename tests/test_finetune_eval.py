@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -38,6 +39,7 @@ from tests import megatron_helpers as H
 
 PNG = b"\x89PNG\r\n\x1a\n"
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"  # this checkout's shipped recipes
+DEFAULT = RECIPES / "default-cpu.yaml"
 
 # ----- position buckets ------------------------------------------------------------------------------------------
 
@@ -67,9 +69,9 @@ def test_bucket_sums_match_a_direct_sum():
 
 def test_recipe_checks():
     base = ["data.seq_length=256", "parallel.cp=2"]
-    r = load_recipe(RECIPES / "default-cpu.yaml", [*base, "passkey.lengths=[128,256]", "passkey.depths=[0,0.5,1]"])
+    r = load_recipe(DEFAULT, [*base, "passkey.lengths=[128,256]", "passkey.depths=[0,0.5,1]"])
     assert r.passkey.lengths == [128, 256] and r.passkey.trials == 4 and r.train.eval_position_buckets == 8
-    assert load_recipe(RECIPES / "default-cpu.yaml").passkey.lengths is None  # off in the CPU default (fast)
+    assert load_recipe(DEFAULT).passkey.lengths is None  # off in the CPU default (fast)
     for bad, match in [(["passkey.lengths=[130]"], "multiple of 2 \\* parallel.cp = 4"),
                        (["passkey.lengths=[128]", "passkey.depths=[1.5]"], "in \\[0, 1\\]"),
                        (["passkey.lengths=[128,128]"], "must not repeat"),
@@ -78,9 +80,11 @@ def test_recipe_checks():
                         "learned position table"),
                        (["train.eval_position_spacing=linear", "train.eval_position_buckets=257"], "exceed")]:
         with pytest.raises(RecipeError, match=match):
-            load_recipe(RECIPES / "default-cpu.yaml", [*base, *bad])
-    load_recipe(RECIPES / "default-cpu.yaml", [*base, "train.eval_position_spacing=linear", "train.eval_position_buckets=256"])
-    load_recipe(RECIPES / "default-cpu.yaml", [*base, "passkey.lengths=[512]"])  # beyond seq_length: RoPE extrapolation
+            load_recipe(DEFAULT, [*base, *bad])
+    load_recipe(DEFAULT, [*base, "train.eval_position_spacing=linear", "train.eval_position_buckets=256"])
+    load_recipe(DEFAULT, [*base, "passkey.lengths=[512]"])  # beyond seq_length: RoPE extrapolation
+    with pytest.raises(RecipeError, match="eval_position_view: document needs data.packing"):
+        load_recipe(DEFAULT, [*base, "train.eval_position_view=document", "data.packing=false"])
     for name in ("gpt-403m-h200x2-cp2", "llama3-8b-128k-8xh100", "llama3-8b-128k-2x8xh100"):
         assert load_recipe(RECIPES / f"{name}.yaml").passkey.lengths, f"{name}: GPU recipes run the passkey check"
 
@@ -153,7 +157,7 @@ def _fake_evals() -> list[dict[str, Any]]:
         {"step": 10, "loss": 2.4, "position_loss": pos, "passkey": pk}]
 
 
-def test_summary_values_log_line_and_plot(tmp_path):
+def test_summary_values_and_log_line(tmp_path):
     evals = _fake_evals()
     s = summarize([], evals)
     assert (s["first_eval_loss"], s["last_eval_loss"]) == (5.5, 2.4)  # the passkey-only evaluation has no loss
@@ -163,14 +167,21 @@ def test_summary_values_log_line_and_plot(tmp_path):
     line = eval_line(10, evals[-1])
     assert "held-out loss 2.4000" in line and "0-64 3.000, 64-128 2.500, 128-256 2.200" in line
     assert "passkey 50% (2 lengths x 2 depths x 2 trials)" in line
+    assert not plot_long_context(tmp_path / "none.png", [{"step": 0, "loss": 1.0}], "t")  # nothing to plot
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    evals = _fake_evals()
     assert plot_long_context(tmp_path / "lc.png", evals, "t") and (tmp_path / "lc.png").read_bytes()[:8] == PNG
     assert plot_long_context(tmp_path / "p.png", [evals[1]], "t")  # the heatmap alone
-    assert not plot_long_context(tmp_path / "none.png", [{"step": 0, "loss": 1.0}], "t")
 
 
 # ----- under context parallelism (forked gloo ranks) -------------------------------------------------------------
 
 SEQ, EDGES = 64, [0, 4, 8, 16, 32, 64]
+DOCS = [9, 30, 2, 100, 17, 40, 33, 5, 12, 21, 3, 26]  # tokens per document (the 100 one is cut into pieces)
 
 
 def _toy_loss(batch: dict[str, Any]) -> torch.Tensor:
@@ -182,13 +193,49 @@ def _windows() -> np.ndarray:
     return np.random.default_rng(5).integers(0, 256, (4, SEQ + 1))
 
 
-def _bucket_reference() -> dict[str, Any]:
-    from megatron_tasp.apps.finetune_lib.data import model_inputs
-    from megatron_tasp.apps.finetune_lib.evaluation import heldout_loss
+def _packs() -> list:
+    """Four packed sequences of SEQ positions (documents padded to multiples of 16)."""
+    from megatron_tasp.apps.finetune_lib.packing import Corpus, PackedDataset
 
-    w = _windows()
-    batches = (model_inputs(w[i:i + 2], None, torch.device("cpu")) for i in range(0, len(w), 2))
-    return heldout_loss(_toy_loss, batches, EDGES, None, None, torch.device("cpu"))
+    rng = np.random.default_rng(11)
+    tokens = np.concatenate([np.append(rng.integers(1, 256, n - 1), 0) for n in DOCS]).astype(np.uint8)
+    corpus = Corpus(tokens=tokens, offsets=np.concatenate([[0], np.cumsum(DOCS)]).astype(np.int64))
+    data = PackedDataset(corpus, SEQ, 16, 0.0, (1,))
+    return [data.item(i) for i in range(4)]
+
+
+def _samples(kind: str) -> Any:
+    return _windows() if kind == "windows" else _packs()
+
+
+def _oracle_buckets(kind: str, view: str) -> dict[str, Any]:
+    """heldout_loss's result written out with numpy: every kept token's loss added into its position's bucket."""
+    sums, counts = np.zeros(len(EDGES) - 1), np.zeros(len(EDGES) - 1, dtype=np.int64)
+    for s in _samples(kind):
+        if kind == "windows":
+            tokens, labels, keep, pos = s[:-1], s[1:], np.ones(SEQ), np.arange(SEQ)
+        else:
+            tokens, labels, keep = s.tokens, s.labels, s.loss_mask
+            pos = s.position_ids if view == "document" else np.arange(SEQ)
+        loss = ((labels * 3 + tokens) % 11) / 2 + 0.5
+        for b in range(len(sums)):
+            sel = (pos >= EDGES[b]) & (pos < EDGES[b + 1]) & (keep > 0)
+            sums[b] += loss[sel].sum()
+            counts[b] += int(sel.sum())
+    return {"loss": sums.sum() / counts.sum(), "tokens": int(counts.sum()),
+            "position_loss": {"view": view, "edges": EDGES, "loss": list(sums / counts), "tokens": counts.tolist()}}
+
+
+def _oracle_positions(cp: int, rank: int) -> dict[str, list[int]]:
+    """Positions a CP rank holds: windows (zigzag) and a micro-batch of the first two packs (THD split)."""
+    from tests.test_megatron_thd_gpt import layout  # TE's THD split, written out independently
+
+    packs = _packs()[:2]
+    cu = np.concatenate([[0], packs[0].cu_seqlens_padded[1:], packs[1].cu_seqlens_padded[1:] + SEQ]).tolist()
+    index = np.array(layout(cu, cp, rank))
+    start = np.array(cu)[np.searchsorted(cu, index, side="right") - 1]
+    return {"windows": H.zigzag_positions(rank, cp, SEQ // cp).tolist(), "sequence": (index % SEQ).tolist(),
+            "document": (index - start).tolist()}
 
 
 def _toy_logits(width: int, seven: int, zero: int):
@@ -207,30 +254,38 @@ def _cp_worker(rank: int, world: int, cp: int, prompts: list, ids: dict[str, int
     from megatron.core import parallel_state as ps
 
     from megatron_tasp.apps.finetune_lib.data import model_inputs
-    from megatron_tasp.apps.finetune_lib.evaluation import heldout_loss, sequence_positions
+    from megatron_tasp.apps.finetune_lib.evaluation import heldout_loss, token_positions
     from megatron_tasp.apps.finetune_lib.passkey import score_passkeys
 
+    cpu = torch.device("cpu")
+
+    def buckets(kind: str, view: str, group: Any, reduce: Any, dp_rank: int, dp: int) -> dict[str, Any]:
+        mine = _samples(kind)[dp_rank::dp]
+        batches = (model_inputs(mine[i:i + 2], group, cpu) for i in range(0, len(mine), 2))
+        return heldout_loss(_toy_loss, batches, EDGES, group, reduce, cpu, view)
+
+    def passkeys(group: Any, reduce: Any, dp_rank: int, dp: int) -> dict[str, Any]:
+        return score_passkeys(_toy_logits(WordTokenizer.vocab_size + 8, ids["7"], ids["0"]), prompts,
+                              cp_group=group, reduce_group=reduce, dp_rank=dp_rank, dp=dp, micro_batch=2,
+                              device=cpu, vocab_limit=WordTokenizer.vocab_size)
+
+    cases = [("windows", "sequence"), ("packs", "sequence"), ("packs", "document")]
     ps.initialize_model_parallel(context_parallel_size=cp)
     try:
-        cp_group, both = ps.get_context_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True)
+        group, both = ps.get_context_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        w = _windows()
-        batch = model_inputs(w[:1], cp_group, torch.device("cpu"))
-        positions = sequence_positions(batch, cp_group)[0].tolist()
-        mine = w[dp_rank::dp]
-        batches = (model_inputs(mine[i:i + 2], cp_group, torch.device("cpu")) for i in range(0, len(mine), 2))
-        buckets = heldout_loss(_toy_loss, batches, EDGES, cp_group, both, torch.device("cpu"))
-        passkey = score_passkeys(_toy_logits(WordTokenizer.vocab_size + 8, ids["7"], ids["0"]), prompts,
-                                 cp_group=cp_group, reduce_group=both, dp_rank=dp_rank, dp=dp, micro_batch=2,
-                                 device=torch.device("cpu"), vocab_limit=WordTokenizer.vocab_size)
-        out = {"positions": positions, "cp_rank": ps.get_context_parallel_rank(), "buckets": buckets,
-               "passkey": passkey}
+        packed = model_inputs(_packs()[:2], group, cpu)
+        out = {"cp_rank": ps.get_context_parallel_rank(),
+               "positions": {"windows": token_positions(model_inputs(_windows()[:1], group, cpu), group, SEQ)[0],
+                             "sequence": token_positions(packed, group, SEQ, "sequence")[0],
+                             "document": token_positions(packed, group, SEQ, "document")[0]},
+               "buckets": {c: buckets(*c, group, both, dp_rank, dp) for c in cases},
+               "passkey": passkeys(group, both, dp_rank, dp)}
+        out["positions"] = {k: v.tolist() for k, v in out["positions"].items()}
         if rank == 0:  # the CP=1 references, computed here: torch work in the test process would be inherited
-            out["buckets_cp1"] = _bucket_reference()  # by later forks (its OpenMP state hangs forked matmuls)
-            out["passkey_cp1"] = score_passkeys(
-                _toy_logits(WordTokenizer.vocab_size + 8, ids["7"], ids["0"]), prompts, cp_group=None,
-                reduce_group=None, dp_rank=0, dp=1, micro_batch=4, device=torch.device("cpu"),
-                vocab_limit=WordTokenizer.vocab_size)
+            # by later forks (its OpenMP state hangs forked matmuls)
+            out["buckets_cp1"] = {c: buckets(*c, None, None, 0, 1) for c in cases}
+            out["passkey_cp1"] = passkeys(None, None, 0, 1)
         return out
     finally:
         ps.destroy_model_parallel()
@@ -266,12 +321,17 @@ def test_buckets_and_passkey_scores_under_cp_equal_cp1(cp):
     assert any("7" in k for k in keys) and any("7" not in k for k in keys), keys  # both outcomes occur
     results = run_workers(_cp_worker, 4, cp, prompts, tok.ids, timeout_s=120)
 
-    for r in results:  # rank r of the CP group holds chunks r and 2cp-1-r of the sequence
-        assert r["positions"] == H.zigzag_positions(r["cp_rank"], cp, SEQ // cp).tolist()
-    ref = results[0]["buckets_cp1"]
-    assert ref["position_loss"]["tokens"] == [4 * (b - a) for a, b in zip(EDGES, EDGES[1:])]
-    for r in results:
-        assert r["buckets"] == ref  # sums of halves: exact at any layout
+    for r in results:  # windows: chunks r and 2cp-1-r of the sequence; packs: of every document
+        assert r["positions"] == _oracle_positions(cp, r["cp_rank"])
+    for case in [("windows", "sequence"), ("packs", "sequence"), ("packs", "document")]:
+        want = _oracle_buckets(*case)
+        assert results[0]["buckets_cp1"][case] == want, case
+        for r in results:
+            assert r["buckets"][case] == want, (case, r["cp_rank"])  # sums of halves: exact at any layout
+    views = [_oracle_buckets("packs", v)["position_loss"]["tokens"] for v in ("sequence", "document")]
+    assert views[0] != views[1]  # the packs hold several documents: the two views differ
+    kept = _oracle_buckets("packs", "document")["tokens"]
+    assert kept == int(sum(s.loss_mask.sum() for s in _packs())) < 4 * SEQ  # padding is out of the loss
 
     want = _expected_passkey(prompts)
     for got in [results[0]["passkey_cp1"]] + [r["passkey"] for r in results]:
@@ -288,7 +348,8 @@ TINY = {
               "ffn_hidden_size": 128},
     "data": {"source": "stdlib", "max_bytes": 300000, "seq_length": 256, "eval_fraction": 0.05},
     "parallel": {"cp": 2, "device": "cpu"},
-    "train": {"steps": 2, "global_batch": 2, "lr": 3e-3, "eval_batches": 2, "eval_position_buckets": 4},
+    "train": {"steps": 2, "global_batch": 2, "lr": 3e-3, "eval_batches": 2, "eval_position_buckets": 4,
+              "eval_position_view": "document"},  # packed documents (data.packing defaults to true)
     "passkey": {"lengths": [128, 256], "depths": [0.0, 1.0], "trials": 2},
     "checkpoint": {"save": False},
     "logging": {"progress_bar": False, "plot": True},
@@ -296,9 +357,8 @@ TINY = {
 
 
 @pytest.mark.megatron
-def test_tiny_gpt_cp2_equals_cp1_and_reports(tmp_path):
+def test_tiny_gpt_packed_cp2_equals_cp1_and_reports(tmp_path):
     H.require_megatron()
-    pytest.importorskip("matplotlib")
     from megatron_tasp.apps.finetune_lib.launch import run_forked
     from megatron_tasp.apps.finetune_lib.trainer import RunOptions
     from megatron_tasp.cli import main as cli_main
@@ -311,7 +371,9 @@ def test_tiny_gpt_cp2_equals_cp1_and_reports(tmp_path):
     assert [e["step"] for e in m["eval"]] == [0, 2]
     for e in m["eval"]:
         pos = e["position_loss"]
-        assert pos["edges"] == [0, 32, 64, 128, 256] and pos["tokens"] == [2 * 32, 2 * 32, 2 * 64, 2 * 128]
+        assert pos["view"] == "document" and pos["edges"] == [0, 32, 64, 128, 256]
+        widths = [32, 32, 64, 128]  # 2 packs: padding is out of the loss
+        assert sum(pos["tokens"]) == e["tokens"] and all(0 < n <= 2 * w for n, w in zip(pos["tokens"], widths))
         mean = sum(x * n for x, n in zip(pos["loss"], pos["tokens"], strict=True)) / sum(pos["tokens"])
         assert mean == pytest.approx(e["loss"])
         pk = e["passkey"]
@@ -319,7 +381,10 @@ def test_tiny_gpt_cp2_equals_cp1_and_reports(tmp_path):
         assert np.array(pk["accuracy"]).shape == (2, 2) and 0.0 <= pk["mean_accuracy"] <= 1.0
         assert all(0 < x < 10 for row in pk["answer_nll"] for x in row)
     assert m["position_buckets"] == "0-32 .. 128-256" and "last_passkey_accuracy" in m
-    assert (out / "long_context.png").read_bytes()[:8] == PNG
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "long_context.png").read_bytes()[:8] == PNG
+    else:  # the plot needs matplotlib; the run does without
+        assert not (out / "long_context.png").exists()
 
     # The same weights at CP=1 (step 0, before any update): the same losses by position and passkey scores.
     one = run_forked(load_recipe(cfg, ["parallel.cp=1", "train.steps=1", f"logging.output_dir={tmp_path / 'cp1'}",

@@ -70,7 +70,8 @@ launching: under torchrun/srun (RANK and WORLD_SIZE set) each process is one ran
 tp*cp*dp; otherwise finetune starts tp*cp*(dp or 1) ranks itself: forked gloo workers on CPU, torchrun on GPUs.
 checkpoints: <output_dir>/checkpoints/iter_NNNNNNN (Megatron dist_checkpointing), 'latest' names the newest
 complete one; checkpoint.resume=auto continues from it (exactly: model, optimizer, step, data position, RNG).
-outputs: metrics.json (per-step loss, lr, grad norm, tokens/s; held-out loss) and loss.png in the output dir.
+outputs: metrics.json (per-step loss, lr, grad norm, tokens/s; held-out loss, by position bucket; passkey accuracy
+with passkey.lengths), loss.png and long_context.png in the output dir.
 stopping: Ctrl-C or SIGTERM stops every rank after the current step, saves a checkpoint and prints the command
 that resumes (exit 130 / 143); a second Ctrl-C stops at once. One run per output dir (a lock file); a rank that
 dies stops the run with one line naming it, the last checkpoint and the resume command (exit 1).

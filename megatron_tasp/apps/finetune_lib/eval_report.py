@@ -1,8 +1,8 @@
 """Long-context evaluation in the run's outputs: log lines, summary values and ``long_context.png``.
 
-An evaluation record (``metrics.json``'s ``eval`` list) may carry ``position_loss`` (bucket ``edges``, the mean
-``loss`` and the ``tokens`` of each bucket) and ``passkey`` (the ``accuracy`` table, lengths x depths); see
-:mod:`.evaluation` and :mod:`.passkey`.
+An evaluation record (``metrics.json``'s ``eval`` list) may carry ``position_loss`` (the position ``view``, bucket
+``edges``, the mean ``loss`` and the ``tokens`` of each bucket) and ``passkey`` (the ``accuracy`` table, lengths
+x depths); see :mod:`.evaluation` and :mod:`.passkey`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def eval_line(step: int, result: dict[str, Any]) -> str:
     if pos:
         cells = [f"{lab} {loss:.3f}" for lab, loss in zip(_labels(pos["edges"]), pos["loss"], strict=True)
                  if loss is not None]
-        parts.append("by position: " + ", ".join(cells))
+        where = "document position" if pos.get("view") == "document" else "position"
+        parts.append(f"by {where}: " + ", ".join(cells))
     pk = result.get("passkey")
     if pk:
         parts.append(f"passkey {pk['mean_accuracy']:.0%} ({len(pk['lengths'])} lengths x {len(pk['depths'])} "
@@ -92,7 +93,8 @@ def plot_long_context(path: Path, evals: list[dict[str, Any]], title: str) -> bo
                     label=f"step {e['step']}")
         labels = _labels(pos[-1]["position_loss"]["edges"])
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
-        ax.set_xlabel("position in the sequence (tokens)")
+        doc = pos[-1]["position_loss"].get("view") == "document"
+        ax.set_xlabel(f"position in the {'document' if doc else 'sequence'} (tokens)")
         ax.set_ylabel("held-out loss (nats / token)")
         ax.set_title("loss by position (later evaluations darker)", fontsize=9)
         ax.grid(alpha=0.3)

@@ -1,10 +1,16 @@
-"""Held-out evaluation: the mean loss and the loss by position in the sequence, under context parallelism.
+"""Held-out evaluation: the mean loss and the loss by position, under context parallelism, for windows and for
+packed documents.
 
-Token ``p`` of a sequence carries the loss of predicting token ``p + 1`` from tokens ``0 .. p``. Under CP each
-rank holds the zigzag chunks ``r`` and ``2cp-1-r`` of every sequence, so :func:`sequence_positions` gives the
-global position of every local token (the one place that defines it); :func:`bucket_sums` adds the per-token
-losses into position buckets, and :func:`heldout_loss` reduces the sums and token counts over the DP x CP
-ranks. Later buckets have lower loss when the model uses its longer context.
+Token ``p`` carries the loss of predicting token ``p + 1`` from the tokens before it. Under CP each rank holds
+part of every sequence: of windows the zigzag chunks ``r`` and ``2cp-1-r``, of packed documents those chunks of
+every document (TASP's THD split). :func:`token_positions` gives the position of every local token (the one
+place that defines it), :func:`bucket_sums` adds the per-token losses the loss mask keeps into position buckets,
+and :func:`heldout_loss` reduces the sums and token counts over the DP x CP ranks. Later buckets have lower
+loss when the model uses its longer context.
+
+Two views of a position: ``sequence`` (the token's index in its training sequence) and ``document`` (its index
+in its own document; packed documents only, where attention never crosses a document, so this is the context
+the model actually has).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_tasp.apps.finetune_lib.data import cp_split
 
-_PACKED_KEYS = ("cu_seqlens", "cu_seqlens_padded", "packed_seq_params")
+POSITION_VIEWS = ("sequence", "document")
 
 
 def position_edges(seq_length: int, buckets: int, spacing: str) -> list[int]:
@@ -51,19 +57,39 @@ def bucket_label(lo: int, hi: int) -> str:
     return f"{short(lo)}-{short(hi)}"
 
 
-def sequence_positions(batch: dict[str, Any], cp_group: Any) -> torch.Tensor:
-    """The position in the sequence (global token index, ``[b, s_local]``) of every local token of a
-    :func:`~.data.model_inputs` batch: Megatron's zigzag split applied to ``arange(seq)``, so it is the same
-    split that cut the tokens.
+def _packed_index(batch: dict[str, Any], cp_group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global index in the packed ``[1, b * seq]`` micro-batch of every local token, and the padded start of its
+    document: ``arange`` split by the THD partition that cut the tokens (``packed_model_inputs``)."""
+    from megatron_tasp.megatron.thd_batch import get_thd_batch_on_this_cp_rank
 
-    This is the one source of positions for the loss by position and the passkey scoring. With packed
-    documents the split is per document and the position within a document is another view; such batches
-    are refused here rather than mapped to the wrong positions.
+    cu = batch["packed_seq_params"].cu_seqlens_q_padded.to(torch.long)
+    cp = 1 if cp_group is None else dist.get_world_size(cp_group)
+    labels = batch["labels"]
+    index = torch.arange(labels.shape[1] * cp, device=labels.device)[None]
+    index = get_thd_batch_on_this_cp_rank({"position_ids": index}, cu, cp_group, keys=("position_ids",))["position_ids"]
+    start = cu[torch.searchsorted(cu, index, right=True) - 1]
+    return index, start
+
+
+def token_positions(batch: dict[str, Any], cp_group: Any, seq_length: int, view: str = "sequence") -> torch.Tensor:
+    """The position (``[b, s_local]``) of every local token of a :func:`~.data.model_inputs` batch, found by
+    splitting ``arange`` the way the tokens were split (so it follows the CP layout by construction).
+
+    ``sequence``: the index in the training sequence (windows: Megatron's zigzag split; packed micro-batches,
+    whose samples lie back to back, modulo ``seq_length``). ``document``: the index in the token's own packed
+    document. Both are checked against the batch's ``position_ids`` (window positions; document positions).
     """
-    packed = [k for k in _PACKED_KEYS if batch.get(k) is not None]
-    if packed:
-        raise ValueError(f"loss by position and the passkey check do not map packed batches ({', '.join(packed)}) "
-                         "to sequence positions yet; set train.eval_position_buckets=0 and passkey.lengths=null")
+    if view not in POSITION_VIEWS:
+        raise ValueError(f"position view must be one of {', '.join(POSITION_VIEWS)}, got {view!r}")
+    if batch.get("packed_seq_params") is not None:
+        index, start = _packed_index(batch, cp_group)
+        if not torch.equal(index - start, batch["position_ids"]):
+            raise RuntimeError("the packed batch's position_ids are not the positions in its documents: the THD split "
+                               "changed without token_positions() following it")
+        return index % seq_length if view == "sequence" else index - start
+    if view == "document":
+        raise ValueError("positions in the document need packed documents (data.packing: true); windows mix "
+                         "documents under one causal mask, so use the sequence view")
     labels = batch["labels"]
     cp = 1 if cp_group is None else dist.get_world_size(cp_group)
     b, local = labels.shape
@@ -71,25 +97,33 @@ def sequence_positions(batch: dict[str, Any], cp_group: Any) -> torch.Tensor:
     positions = cp_split({"position_ids": index}, cp_group)["position_ids"]
     if "position_ids" in batch and not torch.equal(positions, batch["position_ids"]):
         raise RuntimeError("the batch's position_ids are not the zigzag split of the sequence positions: the data "
-                           "split changed without sequence_positions() following it")
+                           "split changed without token_positions() following it")
     return positions
 
 
-def bucket_sums(per_token: torch.Tensor, positions: torch.Tensor, edges: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-bucket loss sums (float64) and token counts (int64) of per-token losses at ``positions``."""
+def bucket_sums(per_token: torch.Tensor, positions: torch.Tensor, edges: list[int],
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bucket loss sums (float64) and token counts (int64) of per-token losses at ``positions``; with a 0/1
+    ``mask`` only the tokens it keeps (packed padding and SFT prompts are 0). Positions past the last edge (a
+    padding-only document's) must be masked."""
     bounds = torch.as_tensor(edges[1:-1], dtype=positions.dtype, device=positions.device)
     index = torch.bucketize(positions.reshape(-1), bounds, right=True)
+    keep = torch.ones_like(index, dtype=torch.float64) if mask is None else mask.reshape(-1).to(torch.float64)
+    if bool(((positions.reshape(-1) >= edges[-1]) & (keep > 0)).any()):
+        raise ValueError(f"a kept token lies at a position >= {edges[-1]}, past the last position bucket")
+    index = index.clamp_(max=len(edges) - 2)
     n = len(edges) - 1
     sums = torch.zeros(n, dtype=torch.float64, device=per_token.device)
-    sums.index_add_(0, index, per_token.detach().reshape(-1).to(torch.float64))
-    counts = torch.bincount(index, minlength=n).to(torch.int64)
-    return sums, counts
+    sums.index_add_(0, index, per_token.detach().reshape(-1).to(torch.float64) * keep)
+    counts = torch.zeros(n, dtype=torch.float64, device=per_token.device).index_add_(0, index, keep)
+    return sums, counts.round().to(torch.int64)
 
 
 def heldout_loss(forward: Callable[[dict[str, Any]], torch.Tensor], batches: Iterator[dict[str, Any]],
-                 edges: list[int], cp_group: Any, reduce_group: Any, device: torch.device) -> dict[str, Any]:
-    """Mean held-out loss and its split by position bucket, summed over ``reduce_group`` (DP x CP).
+                 edges: list[int], cp_group: Any, reduce_group: Any, device: torch.device,
+                 view: str = "sequence") -> dict[str, Any]:
+    """Mean held-out loss over the tokens the loss masks keep, and its split by position bucket (``view``),
+    summed over ``reduce_group`` (DP x CP).
 
     ``forward(batch)`` returns the per-token loss ``[b, s_local]`` of a :func:`~.data.model_inputs` batch.
     """
@@ -97,7 +131,8 @@ def heldout_loss(forward: Callable[[dict[str, Any]], torch.Tensor], batches: Ite
     sums = torch.zeros(n, dtype=torch.float64, device=device)
     counts = torch.zeros(n, dtype=torch.int64, device=device)
     for batch in batches:
-        s, c = bucket_sums(forward(batch), sequence_positions(batch, cp_group), edges)
+        s, c = bucket_sums(forward(batch), token_positions(batch, cp_group, edges[-1], view), edges,
+                           batch.get("loss_mask"))
         sums += s
         counts += c
     both = torch.cat([sums, counts.to(torch.float64)])  # one collective; counts are exact in float64
@@ -108,6 +143,7 @@ def heldout_loss(forward: Callable[[dict[str, Any]], torch.Tensor], batches: Ite
     out: dict[str, Any] = {"loss": float(sums.sum()) / total if total else math.nan, "tokens": total}
     if n > 1:
         out["position_loss"] = {
+            "view": view,
             "edges": [int(e) for e in edges],
             "loss": [float(s) / int(c) if c else None for s, c in zip(sums, counts, strict=True)],
             "tokens": [int(c) for c in counts],
@@ -115,4 +151,4 @@ def heldout_loss(forward: Callable[[dict[str, Any]], torch.Tensor], batches: Ite
     return out
 
 
-__all__ = ["bucket_label", "bucket_sums", "heldout_loss", "position_edges", "sequence_positions"]
+__all__ = ["POSITION_VIEWS", "bucket_label", "bucket_sums", "heldout_loss", "position_edges", "token_positions"]

@@ -9,9 +9,9 @@ generation of the answer gives the same verdict: with every earlier answer token
 sees exactly the teacher-forced prefix.
 
 The pieces are tokenized separately and joined as token ids (bytes with the byte tokenizer); the filler starts
-with the tail of a sentence so that whole sentences surround the pass key and precede the question (a
-training window also starts mid-text). Pass keys depend only on ``(seed, length, depth, trial)``, so every
-evaluation of a run scores the same prompts.
+with the tail of a sentence so that whole sentences surround the pass key and precede the question. The
+prompt is one sequence with positions 0 .. length-1 (one document). Pass keys depend only on
+``(seed, length, depth, trial)``, so every evaluation of a run scores the same prompts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_tasp.apps.finetune_lib.data import model_inputs
-from megatron_tasp.apps.finetune_lib.evaluation import sequence_positions
+from megatron_tasp.apps.finetune_lib.evaluation import token_positions
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -97,7 +97,7 @@ def score_passkeys(logits_fn: Callable[[dict[str, Any]], torch.Tensor], prompts:
 
     ``logits_fn(batch)`` returns the logits ``[b, s_local, vocab]`` of a :func:`~.data.model_inputs` batch.
     DP rank ``dp_rank`` scores every ``dp``-th prompt of each length, in micro-batches; each CP rank scores the
-    answer tokens it holds (:func:`~.evaluation.sequence_positions`), and one sum over ``reduce_group`` (DP x CP)
+    answer tokens it holds (:func:`~.evaluation.token_positions`), and one sum over ``reduce_group`` (DP x CP)
     gathers per prompt the wrong answer tokens, their negative log-likelihood and how many were scored.
     Logits beyond ``vocab_limit`` (vocabulary padding) are ignored.
     """
@@ -109,7 +109,7 @@ def score_passkeys(logits_fn: Callable[[dict[str, Any]], torch.Tensor], prompts:
             group = mine[k:k + micro_batch]
             batch = model_inputs(np.stack([prompts[j].ids for j in group]), cp_group, device)
             logits = logits_fn(batch)
-            positions = sequence_positions(batch, cp_group)
+            positions = token_positions(batch, cp_group, n)
             for row, j in enumerate(group):
                 # label q predicts ids[q + 1]: the answer tokens are the labels answer_start - 1 .. length - 1
                 mask = positions[row] >= prompts[j].answer_start - 1

@@ -277,6 +277,9 @@ def _check_evaluation(r: Recipe) -> None:
     if t.eval_position_spacing == "linear" and t.eval_position_buckets > d.seq_length:
         raise RecipeError(f"{src}: train.eval_position_buckets={t.eval_position_buckets} linear buckets exceed "
                           f"data.seq_length={d.seq_length} tokens; use fewer buckets")
+    if t.eval_position_view == "document" and not d.packing:
+        raise RecipeError(f"{src}: train.eval_position_view: document needs data.packing: true (windows mix documents "
+                          "under one causal mask); use eval_position_view: sequence")
     if pk.lengths is None:
         return
     group = 2 * r.parallel.cp

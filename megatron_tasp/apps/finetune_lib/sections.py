@@ -172,6 +172,9 @@ class TrainSection:
     eval_position_spacing: str = option("log2", "bucket edges: log2 (0, seq/2^(n-1), ..., seq/4, seq/2, seq; "
                                         "fewer buckets when seq < 2^(n-1)) or linear (n equal buckets)",
                                         choices=("log2", "linear"))
+    eval_position_view: str = option("sequence", "position of a token: sequence (its index in the training "
+                                     "sequence) or document (its index in its own packed document: the context it "
+                                     "sees; needs data.packing)", choices=("sequence", "document"))
 
 
 @dataclass(frozen=True)

@@ -341,7 +341,7 @@ class Run:
 
     def _per_token_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
-                          labels=batch["labels"])
+                          labels=batch["labels"], packed_seq_params=batch.get("packed_seq_params"))
 
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
@@ -361,7 +361,7 @@ class Run:
                 mine, mb = windows[self.dp_rank::self.dp], t.micro_batch
                 batches = (model_inputs(mine[i:i + mb], self.cp_group, self.device) for i in range(0, len(mine), mb))
                 out.update(heldout_loss(self._per_token_loss, batches, self.eval_edges, self.cp_group,
-                                        self.grad_group, self.device))
+                                        self.grad_group, self.device, t.eval_position_view))
             if self.passkey_prompts:
                 t0 = time.perf_counter()
                 out["passkey"] = score_passkeys(self._logits, self.passkey_prompts, cp_group=self.cp_group,
