@@ -109,9 +109,27 @@ def _find(ids: np.ndarray, part: np.ndarray) -> list[int]:
     return [i for i in range(len(ids) - len(part) + 1) if np.array_equal(ids[i:i + len(part)], part)]
 
 
-@pytest.mark.parametrize("tok", [ByteTokenizer(), WordTokenizer()], ids=["bytes", "words"])
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> Any:
+    """A Hugging Face tokenizer (byte-level BPE of 300 ids, trained here, offline) through finetune's wrapper."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from megatron_tasp.apps.finetune_lib.tokenizer import HFTokenizer
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = [p.read_text(errors="replace") for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+    tok.train_from_iterator(text, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("bpe")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+    return HFTokenizer(str(path))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "words", "bpe"])
 @pytest.mark.parametrize("length", [256, 1000])
-def test_passkey_prompt_layout(tok, length):
+def test_passkey_prompt_layout(kind, length, request):
+    tok = {"bytes": ByteTokenizer, "words": WordTokenizer}[kind]() if kind != "bpe" else request.getfixturevalue("bpe")
     sentence, question = tok.encode(FILLER), tok.encode(QUESTION)
     for depth in (0.0, 0.3, 0.5, 1.0):
         p = build_prompt(tok, length, depth, "40721")
