@@ -164,7 +164,9 @@ def _fork_worker(rank: int, world: int, recipe: Recipe, opts: Any) -> dict[str, 
 
     from megatron_tasp.apps.finetune_lib.trainer import run_training
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # one intra-op thread: an OpenMP thread pool does not survive fork, so a child that runs a parallel op after
+    # its parent already did deadlocks (seen in the test suite); fork_launch already pins its ranks the same way
+    torch.set_num_threads(1)
     quiet_megatron()
     return run_training(recipe, opts)
 
