@@ -25,7 +25,6 @@ variable                           field               values
 ``MEGATRON_TASP_CALIBRATION``      ``calibration``     cost-model calibration JSON for the 'auto' choices
 ``MEGATRON_TASP_AUTO_PROBE``       ``auto_probe``      1: time candidate ring counts once per shape
 ``MEGATRON_TASP_HOSTS``            ``hosts``           comma-separated host of every CP rank (emulation)
-``MEGATRON_TASP_PACKED_SPLIT``     ``packed_split``    ``document`` (default) or ``sequence``
 =================================  ==================  ================================================
 
 One name per concept: ``kernel`` is the block-attention kernel (cudnn, flash, ...); ``transport`` is how
@@ -226,7 +225,9 @@ class TaspOptions:
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TaspOptions))
 _ENV_NAMES = {"keep_kv_cap_mib": "KEEP_KV_MIB"}  # the variable's established name
-ENV_VARS: dict[str, str] = {f"{ENV_PREFIX}{_ENV_NAMES.get(name, name.upper())}": name for name in FIELDS}
+_NOT_FROM_ENV = {"packed_split"}  # a fact of how the caller's data was split, never a process-wide knob
+ENV_VARS: dict[str, str] = {f"{ENV_PREFIX}{_ENV_NAMES.get(name, name.upper())}": name for name in FIELDS
+                            if name not in _NOT_FROM_ENV}
 
 _ENV_CACHE: dict[str, Any] | None = None
 

@@ -15,7 +15,7 @@ from megatron_tasp.kernels.segmented import segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock
 from megatron_tasp.launch import run_workers
 from tests import varlen_reference
-from tests.test_thd import TOL, boundaries, mixes, run_case
+from tests.test_thd import TOL, _sequence_case, boundaries, mixes, run_case
 
 CPU = torch.device("cpu")
 
@@ -104,3 +104,26 @@ def test_engine_through_the_varlen_block_is_exact(reference_ops, monkeypatch, n)
         bad = {k: e for k, e in errs.items() if not e <= TOL}
         assert not bad, bad
         assert launches > 0, "the varlen block must have run"
+
+
+def _sequence_worker(rank, n):
+    import torch.distributed as dist
+
+    total = 2 * n * 9
+    mixes_ = {"tiny": [3] * (total // 3),  # documents shorter than a chunk: blocks without a shared document
+              "crossing": [5, 1, total - 6 - 7, 7]}
+    errs = {}
+    for name, lengths in mixes_.items():
+        for causal in (True, False):
+            errs[(name, causal)] = _sequence_case(dist.group.WORLD, lengths, causal, 2)
+    return errs, varlen_reference.CALLS["forward"]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_sequence_split_through_the_varlen_block_is_exact(reference_ops, monkeypatch, n):
+    """packed_split='sequence' with every block on the varlen path, incl. blocks that share no document."""
+    monkeypatch.setattr(engine_thd, "_use_varlen", lambda kernel, device: True)
+    for errs, launches in run_workers(_sequence_worker, n, timeout_s=300):
+        bad = {k: e for k, e in errs.items() if not e <= TOL}
+        assert not bad, bad
+        assert launches > 0

@@ -60,7 +60,7 @@ VARLEN_KERNELS = frozenset({"cudnn", "flash", "efficient"})
 def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.device) -> SegmentedBlock | VarlenBlock:
     """The document-masked block of ``kernel``: one varlen launch where it can run, else per document."""
     seg = segmented_block(kernel, seg_q, seg_k, device)
-    if not _use_varlen(kernel, device) or seg.full:
+    if not _use_varlen(kernel, device) or seg.full or not seg.pairs:  # no shared document: nothing to launch
         return seg
     return VarlenBlock(seg, device, big_rows=DENSE_SEGMENT_ROWS.get(kernel.name))
 
@@ -110,7 +110,8 @@ def _check_boundaries(cu_pad: tuple[int, ...], cu: tuple[int, ...], n: int, leng
     try:
         check_padded(cu_pad, n)
     except ValueError as exc:
-        raise TaspConfigError(str(exc)) from None
+        raise TaspConfigError(f"{exc}; documents of any length over the sequence split as a whole take "
+                              "options.packed_split='sequence'") from None
     if len(cu) != len(cu_pad) or cu[0] != 0:
         raise TaspConfigError(f"cu_seqlens must start at 0 and have as many entries as cu_seqlens_padded "
                               f"({len(cu_pad)}), got {len(cu)}")
@@ -212,7 +213,7 @@ def thd_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     out = []
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or not (x.dim() == 3 or (x.dim() == 4 and x.shape[1] == 1)):
-            raise TaspConfigError(f"packed documents (cu_seqlens_padded given): {name} must be [t, heads, head_dim] "
+            raise TaspConfigError(f"packed documents (cu_seqlens given): {name} must be [t, heads, head_dim] "
                                   f"or [t, 1, heads, head_dim], got {tuple(getattr(x, 'shape', ()))}")
         out.append(x.unsqueeze(1) if x.dim() == 3 else x)
     return tuple(out)

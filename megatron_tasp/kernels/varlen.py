@@ -92,6 +92,8 @@ def varlen_reason(q: Tensor, k: Tensor) -> str | None:
     if VARLEN_OPS["ops"].forward is _flash_forward:
         if q.device.type != "cuda":
             return "needs CUDA"
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            return "FlashAttention-2 needs compute capability >= 8.0"
         if not has_aten_op("_flash_attention_forward"):
             return f"torch {torch.__version__} has no _flash_attention_forward"
         if q.dtype not in _FLASH_DTYPES:

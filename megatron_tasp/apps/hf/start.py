@@ -59,6 +59,7 @@ def load_pretrained_hf(run: Any) -> str:
         raise _recipe_error(exc) from None
     if notes and run.rank == 0:  # context extension: the weights load as they are, RoPE follows the recipe
         logger.info("[finetune] RoPE differs from %s (context extension): %s", src / "config.json", "; ".join(notes))
+    key = _agree(key)  # ranks with their own copy of the HF directory (other mtimes) use rank 0's cache name
     cache = recipe.output_dir() / "hf_import" / f"{src.name or 'model'}-{key}"
     found = _agree(str(ckpt.find_checkpoint(cache) or "") if cache.is_dir() else "")
     if found:
@@ -66,13 +67,17 @@ def load_pretrained_hf(run: Any) -> str:
         core.load_state_dict(loaded["model"], strict=True)
         logger.info("[finetune] %s: loaded the converted weights cached in %s", recipe.checkpoint.pretrained, found)
         return found
+    error = ""
     if run.rank == 0:
         logger.info("[finetune] converting %s into %s", src, cache)
         try:
             with SafetensorsReader(src) as reader:
                 load_hf_weights(core, reader, info.section, info.vocab_size, log=logger)
-        except HFConfigError as exc:
-            raise _recipe_error(exc) from None
+        except (HFConfigError, OSError) as exc:
+            error = str(exc)
+    error = _agree(error)  # every rank raises, none waits in the broadcast below
+    if error:
+        raise _recipe_error(HFConfigError(error)) from None
     with torch.no_grad():  # every rank holds all weights (TP = 1): rank 0's copy goes to all
         for p in core.parameters():
             if dist.is_initialized() and dist.get_world_size() > 1:
