@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_padded", "engine_order", "engine_segments", "host_bounds", "partition_index",
-           "sequence_segments"]
+__all__ = ["check_padded", "document_segments", "engine_order", "engine_segments", "host_bounds",
+           "partition_index", "sequence_segments"]
 
 
 def host_bounds(cu_seqlens_padded: torch.Tensor | Sequence[int]) -> list[int]:
@@ -102,12 +102,20 @@ def engine_order(cu_pad: Sequence[int], n: int) -> torch.Tensor:
     return torch.cat((local_start[doc] + m, local_start[doc] + chunk[doc] + m))
 
 
+def document_segments(cu_pad: Sequence[int], cu: Sequence[int]) -> torch.Tensor:
+    """Segment id of every token of the packed sequence in its own order: ``2i`` for the real tokens of
+    document i, ``2i + 1`` for its padding (``cu_pad``: padded boundaries, ``cu``: real ones)."""
+    lengths = torch.tensor(cu_pad[1:], dtype=torch.long) - torch.tensor(cu_pad[:-1], dtype=torch.long)
+    real = torch.tensor(cu[1:], dtype=torch.long) - torch.tensor(cu[:-1], dtype=torch.long)
+    doc, pos = _within(lengths)
+    return 2 * doc + (pos >= real[doc]).long()
+
+
 def sequence_segments(cu: Sequence[int], n: int, rank: int) -> torch.Tensor:
     """Segment id (``2i`` for document i) of every token CP rank ``rank`` holds when the packed sequence was
     split as a whole (``packed_split='sequence'``): chunks ``rank`` and ``2n-1-rank`` of ``2n`` equal chunks
     of the sequence, in that order (the dense zigzag layout, which is the engine's order). ``cu``: cumulative
     document lengths, any lengths, ending at the sequence length (a multiple of 2n)."""
-    total = cu[-1]
-    doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu[1:]) - torch.tensor(cu[:-1]))
-    chunk = total // (2 * n)
-    return 2 * torch.cat((doc[rank * chunk:(rank + 1) * chunk], doc[(2 * n - 1 - rank) * chunk:(2 * n - rank) * chunk]))
+    seg = document_segments(cu, cu)
+    chunk = cu[-1] // (2 * n)
+    return torch.cat((seg[rank * chunk:(rank + 1) * chunk], seg[(2 * n - 1 - rank) * chunk:(2 * n - rank) * chunk]))

@@ -35,6 +35,7 @@ from megatron_tasp.megatron.args import (  # noqa: E402
 )
 from megatron_tasp.megatron.core_attention import TaspDotProductAttention, thd_cu_seqlens  # noqa: E402
 from megatron_tasp.options import TaspOptions  # noqa: E402
+from tests.test_megatron_thd_gpt import layout  # noqa: E402  (Transformer Engine's THD split, written out)
 
 CU = torch.tensor([0, 5, 16, 18, 24], dtype=torch.int32)        # real lengths 5, 11, 2, 6
 CU_PAD = torch.tensor([0, 8, 20, 24, 32], dtype=torch.int32)    # each padded to a multiple of 4 (CP 2)
@@ -228,15 +229,6 @@ def test_bad_thd_shapes_and_cross_attention_fail_closed(recorder):
 # --------------------------------------------------------------------------------------------- batch partition
 
 
-def _te_layout(cu_pad: list[int], cp: int, rank: int) -> list[int]:
-    """Transformer Engine's THD split written out: chunks r and 2cp-1-r of every padded document."""
-    out: list[int] = []
-    for a, b in zip(cu_pad[:-1], cu_pad[1:]):
-        c = (b - a) // (2 * cp)
-        out += list(range(a + rank * c, a + (rank + 1) * c)) + list(range(b - (rank + 1) * c, b - rank * c))
-    return out
-
-
 def _packed_batch(total: int) -> dict:
     t = torch.arange(total).view(1, total)
     return {"tokens": t.clone(), "labels": t + 1000, "loss_mask": (t % 3 != 0).float(), "position_ids": t * 7,
@@ -250,12 +242,12 @@ def test_thd_batch_split_plumbing_with_a_given_partition(monkeypatch):
 
     def fake_partition(cu, cp, rank):
         seen.append((cu.tolist(), cp, rank))
-        return torch.tensor(_te_layout(cu.tolist(), cp, rank))
+        return torch.tensor(layout(cu.tolist(), cp, rank))
 
     monkeypatch.setattr(thd_batch, "_partition_index", fake_partition)
     monkeypatch.setattr(thd_batch, "_group_size_rank", lambda group: (2, 1))
     batch = thd_batch.get_thd_batch_on_this_cp_rank(_packed_batch(32), CU_PAD.view(1, -1), object())
-    want = _te_layout(CU_PAD.tolist(), 2, 1)
+    want = layout(CU_PAD.tolist(), 2, 1)
     assert seen == [(CU_PAD.tolist(), 2, 1)]
     assert batch["tokens"].tolist() == [want] and batch["labels"].tolist() == [[w + 1000 for w in want]]
     assert batch["position_ids"].tolist() == [[w * 7 for w in want]] and batch["loss_mask"].shape == (1, 16)
@@ -293,7 +285,7 @@ def test_thd_batch_split_matches_te_layout(cp):
 
     got = run_workers(worker, cp)
     for rank in range(cp):
-        assert got[rank] == _te_layout(cu_pad, cp, rank)
+        assert got[rank] == layout(cu_pad, cp, rank)
     assert sorted(sum(got, [])) == list(range(8 * cp))
 
 
@@ -324,7 +316,7 @@ def test_installed_split_serves_megatron_get_batch_on_this_cp_rank():
             parallel_state.destroy_model_parallel()
 
     for rank, got in enumerate(run_workers(worker, 2)):
-        want = _te_layout(CU_PAD.tolist(), 2, rank)
+        want = layout(CU_PAD.tolist(), 2, rank)
         assert got["tokens"] == [want] and got["labels"] == [[w + 1000 for w in want]]
         assert got["position_ids"] == [[w * 7 for w in want]] and got["cu_seqlens_padded"] == [CU_PAD.tolist()]
 

@@ -46,6 +46,17 @@ def _pad_positions(cu_pad, cu, idx: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(~real[idx]).flatten()
 
 
+def _inputs_and_reference(cu_pad, cu, causal: bool, hkv: int, seed: int):
+    """Random float64 q, k, v, dout of the whole packed sequence and the reference output (with its
+    gradients on the returned leaf copies qr, kr, vr)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(cu_pad[-1], h, D, generator=gen, dtype=torch.float64) for h in (4, hkv, hkv, 4))
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = reference_documents(qr, kr, vr, cu_pad, cu, causal)
+    ref.backward(do)
+    return q, k, v, do, ref, qr, kr, vr
+
+
 def run_case(group, cu_pad, cu, causal: bool, hkv: int, dtype=torch.float32, shape4: bool = False,
              seed: int = 0, **kw) -> float:
     """This rank's max relative error (out, dq, dk, dv) against the reference; asserts exact zeros at pads."""
@@ -53,12 +64,7 @@ def run_case(group, cu_pad, cu, causal: bool, hkv: int, dtype=torch.float32, sha
 
     n = dist.get_world_size(group) if group is not None else 1
     r = dist.get_rank(group) if group is not None else 0
-    s = cu_pad[-1]
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(s, h, D, generator=gen, dtype=torch.float64) for h in (4, hkv, hkv, 4))
-    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    ref = reference_documents(qr, kr, vr, cu_pad, cu, causal)
-    ref.backward(do)
+    q, k, v, do, ref, qr, kr, vr = _inputs_and_reference(cu_pad, cu, causal, hkv, seed)
     idx = partition_index(torch.tensor(cu_pad, dtype=torch.int32), n, r)
     ql, kl, vl = (x[idx].to(dtype).clone() for x in (q, k, v))
     if shape4:
@@ -304,13 +310,8 @@ def _sequence_case(group, lengths, causal, hkv, seed=0, **kw) -> float:
     cu = [0]
     for m in lengths:
         cu.append(cu[-1] + m)
-    s = cu[-1]
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(s, h, D, generator=gen, dtype=torch.float64) for h in (4, hkv, hkv, 4))
-    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    ref = reference_documents(qr, kr, vr, cu, cu, causal)
-    ref.backward(do)
-    idx = zigzag_index(s, n, r)
+    q, k, v, do, ref, qr, kr, vr = _inputs_and_reference(cu, cu, causal, hkv, seed)
+    idx = zigzag_index(cu[-1], n, r)
     ql, kl, vl = (x[idx].float().clone().requires_grad_() for x in (q, k, v))
     opts = parse_options({"packed_split": "sequence", **kw}, use_env=False)
     out = tasp_attention(ql, kl, vl, group, causal=causal, cu_seqlens=torch.tensor(cu, dtype=torch.int32),

@@ -35,7 +35,14 @@ from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import DENSE_SEGMENT_ROWS, VarlenBlock
-from megatron_tasp.thd import check_padded, engine_order, engine_segments, host_bounds, sequence_segments
+from megatron_tasp.thd import (
+    check_padded,
+    document_segments,
+    engine_order,
+    engine_segments,
+    host_bounds,
+    sequence_segments,
+)
 
 __all__ = ["ThdAttention", "ThdLayout", "thd_layout", "thd_views"]
 
@@ -124,14 +131,6 @@ def _check_boundaries(cu_pad: tuple[int, ...], cu: tuple[int, ...], n: int, leng
                               f"tokens hold {length * n}; pass the global padded boundaries and the local tokens")
 
 
-def _padding(cu_pad: tuple[int, ...], cu: tuple[int, ...]) -> torch.Tensor:
-    """1 on the padding tokens of the packed sequence (each document's tail beyond its real length), else 0."""
-    pad = torch.zeros(cu_pad[-1], dtype=torch.long)
-    for i in range(len(cu) - 1):
-        pad[cu_pad[i] + cu[i + 1] - cu[i]:cu_pad[i + 1]] = 1
-    return pad
-
-
 def _check_sequence(cu: tuple[int, ...], n: int, length: int) -> None:
     if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         raise TaspConfigError(f"cu_seqlens must start at 0 and never decrease, got {list(cu)[:8]}")
@@ -194,7 +193,7 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
         layout = ThdLayout(call=_segmented_call(call, segs, device), perm=None, inv=None, pad=None)
         return cache.put(key, layout)
     if n == 1:  # one rank: no pieces to exchange, so no [F ; B] order either; documents stay contiguous
-        segs = [sequence_segments(cu_pad, 1, 0) + _padding(cu_pad, cu)]
+        segs = [document_segments(cu_pad, cu)]
         order = torch.arange(length)
     else:
         segs = [engine_segments(cu_pad, cu, n, s) for s in range(n)]

@@ -106,9 +106,13 @@ def varlen_reason(q: Tensor, k: Tensor) -> str | None:
     return None
 
 
+def _rows(rows: Rows) -> int:
+    return (rows.stop - rows.start) if isinstance(rows, slice) else int(rows.numel())
+
+
 def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tensor, int]:
     """(one slice or LongTensor of the concatenated rows, int32 cu_seqlens, longest segment)."""
-    lengths = [(r.stop - r.start) if isinstance(r, slice) else int(r.numel()) for r in rows]
+    lengths = [_rows(r) for r in rows]
     parts = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows]
     flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
@@ -118,10 +122,6 @@ def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tens
     run = bool(flat.numel()) and bool(torch.equal(flat, torch.arange(first, first + flat.numel())))
     index: slice | Tensor = slice(first, first + flat.numel()) if run else flat.to(device)
     return index, cu.to(device), max(lengths, default=0)
-
-
-def _rows(rows: Rows) -> int:
-    return (rows.stop - rows.start) if isinstance(rows, slice) else int(rows.numel())
 
 
 def _first(rows: Rows) -> int:
@@ -138,12 +138,9 @@ def _unpacked(val: Tensor, index: slice | Tensor, s: int, fill: float = 0.0) -> 
     """Packed ``[rows, h, d]`` back to ``[1, h, s, d]``, other rows ``fill``."""
     if isinstance(index, slice) and index.start == 0 and index.stop == s:
         return val.transpose(0, 1).unsqueeze(0)
-    full = torch.full((s, *val.shape[1:]), fill, dtype=val.dtype, device=val.device)
-    if isinstance(index, slice):
-        full[index] = val
-    else:
-        full.index_copy_(0, index, val)
-    return full.transpose(0, 1).unsqueeze(0)
+    full = torch.full((s, *val.shape[1:]), fill, dtype=val.dtype, device=val.device).transpose(0, 1).unsqueeze(0)
+    _scatter(full, index, val)
+    return full
 
 
 def _scatter(dst: Tensor, index: slice | Tensor, val: Tensor) -> None:
@@ -165,11 +162,11 @@ class VarlenBlock:
         self.full = fallback.full
         # segments with >= big_rows rows on both sides run one call each on the dense kernel (on Hopper cuDNN's
         # kernel outruns FlashAttention-2 by ~1.4x, which repays a launch per large document)
-        big = [i for i, (iq, ik) in enumerate(fallback.pairs)
-               if big_rows is not None and min(_rows(iq), _rows(ik)) >= big_rows]
-        self.big = SegmentedBlock(fallback.kernel, [fallback.pairs[i] for i in big], False) if big else None
+        is_big = [big_rows is not None and min(_rows(iq), _rows(ik)) >= big_rows for iq, ik in fallback.pairs]
+        big = [p for p, b in zip(fallback.pairs, is_big) if b]
+        self.big = SegmentedBlock(fallback.kernel, big, False) if big else None
         # the rest in query-row order, so that rows already packed in place are a view, not a gather
-        pairs = sorted((p for i, p in enumerate(fallback.pairs) if i not in set(big)), key=lambda p: _first(p[0]))
+        pairs = sorted((p for p, b in zip(fallback.pairs, is_big) if not b), key=lambda p: _first(p[0]))
         self.small = bool(pairs)
         self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
         self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
