@@ -1,32 +1,97 @@
-"""Profile one TASP forward+backward on GPUs (torchrun): host syncs, CPU overhead, kernel time.
+"""Profile one TASP forward+backward on GPUs (torchrun) beside the plain kernels of the same block work.
 
-    torchrun --nproc-per-node 2 scripts/gpu_profile_attention.py --tokens 1024,8192 --out-dir DIR
+    torchrun --nproc-per-node 2 scripts/gpu_profile_attention.py --tokens 4096,16384 --out-dir DIR
+
+Per token count, rank 0 writes ``profile_<tokens>.txt`` (host-sync check, host enqueue time, the torch
+profiler's tables) and adds to ``profile.json``: per-kernel CUDA time of TASP and of ``kernel_bound`` (the
+bench impl: the same blocks as plain contiguous-bhsd kernel calls), and how busy the GPU was between the
+first and the last kernel of a call (1.0 = no idle gaps).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import traceback
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
+from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
+from megatron_tasp.kernels import get_kernel
+
+
+def _device_events(prof) -> list:
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _kernel_table(prof, calls: int) -> dict[str, list[float]]:
+    """{kernel name: [launches per call, us per call]} sorted by time, names shortened."""
+    acc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e in _device_events(prof):
+        name = e.name[:90]
+        acc[name][0] += 1 / calls
+        acc[name][1] += (e.time_range.end - e.time_range.start) / calls
+    return {k: [round(c, 2), round(t, 1)] for k, (c, t) in sorted(acc.items(), key=lambda kv: -kv[1][1])}
+
+
+def _busy(prof) -> float:
+    """Fraction of the span from the first to the last kernel in which some kernel ran (any stream)."""
+    iv = sorted((e.time_range.start, e.time_range.end) for e in _device_events(prof))
+    if not iv:
+        return 0.0
+    busy, cur_s, cur_e = 0.0, *iv[0]
+    for s, e in iv[1:]:
+        if s > cur_e:
+            busy, cur_s, cur_e = busy + cur_e - cur_s, s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return busy / max(iv[-1][1] - iv[0][0], 1e-9)
+
+
+def _profile(fn, calls: int):
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof
+
+
+def _timed(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * reps)]
+    times = []
+    for i in range(reps):
+        ev[2 * i].record()
+        fn()
+        ev[2 * i + 1].record()
+        torch.cuda.synchronize()
+        times.append(ev[2 * i].elapsed_time(ev[2 * i + 1]))
+    return sorted(times)[reps // 2]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1024,8192")
     ap.add_argument("--heads", default="32/8")
+    ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--out-dir", default=".")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     hq, hkv = (int(x) for x in args.heads.split("/"))
     g = dist.group.WORLD
+    summary = {}
     for tokens in (int(t) for t in args.tokens.split(",")):
         q = torch.randn(tokens, 1, hq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(tokens, 1, hkv, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -52,20 +117,30 @@ def main() -> None:
         for _ in range(10):
             tasp_attention(q, k, v, g)
         cpu_fwd = (time.perf_counter() - t0) / 10 * 1e3  # host time to enqueue one forward
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
+        kernel = get_kernel("auto", q.device, q.dtype, 128)
+        bhsd = [x.detach().permute(1, 2, 0, 3) for x in (q, k, v, do)]
+        bound = kernel_bound_fn(kernel, *bhsd, block_work(tokens, world, rank, True), "fwd_bwd", 128 ** -0.5)
+        ms = {"tasp": _timed(step), "kernel_bound": _timed(bound)}
+        prof = _profile(step, args.calls)
+        prof_b = _profile(bound, args.calls)
         if rank == 0:
+            summary[tokens] = {"ms": ms, "host_enqueue_fwd_ms": round(cpu_fwd, 3), "host_sync": sync[:300],
+                               "gpu_busy": {"tasp": round(_busy(prof), 3), "kernel_bound": round(_busy(prof_b), 3)},
+                               "kernels_tasp": _kernel_table(prof, args.calls),
+                               "kernels_bound": _kernel_table(prof_b, args.calls)}
             with open(os.path.join(args.out_dir, f"profile_{tokens}.txt"), "w") as f:
                 f.write(f"tokens/GPU {tokens}, heads {hq}/{hkv}; host enqueue time per forward {cpu_fwd:.3f} ms\n")
                 f.write(f"host sync check: {sync}\n\n")
                 f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
                 f.write("\n\n")
                 f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
-            print(f"tokens {tokens}: host enqueue per forward {cpu_fwd:.3f} ms; sync: {sync[:300]}", flush=True)
+            print(f"tokens {tokens}: tasp {ms['tasp']:.3f} ms, bound {ms['kernel_bound']:.3f} ms, "
+                  f"busy {summary[tokens]['gpu_busy']}, host enqueue per forward {cpu_fwd:.3f} ms; "
+                  f"sync: {sync[:200]}", flush=True)
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "profile.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": args.heads,
+                       "shapes": summary}, f, indent=1)
     dist.destroy_process_group()
 
 
