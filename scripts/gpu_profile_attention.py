@@ -99,7 +99,7 @@ def main() -> None:
         do = torch.randn_like(q)
 
         def step(q=q, k=k, v=v, do=do):
-            tasp_attention(q, k, v, g).backward(do)
+            torch.autograd.grad(tasp_attention(q, k, v, g), (q, k, v), do)
 
         for _ in range(3):
             step()

@@ -65,7 +65,9 @@ class Grads:
             for i in rings:
                 m = call.rows_of(j, case, i)
                 dk_i, dv_i = sbhd(dkg[:, :, off:off + m]), sbhd(dvg[:, :, off:off + m])
-                if first:
+                if first and m == acc[i].shape[0] and dk_i.dtype == acc[i].dtype:
+                    torch.stack((dk_i, dv_i), dim=1, out=acc[i])  # one kernel for both
+                elif first:
                     acc[i][:m, 0].copy_(dk_i)
                     acc[i][:m, 1].copy_(dv_i)
                     if m < acc[i].shape[0]:

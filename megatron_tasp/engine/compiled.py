@@ -168,8 +168,7 @@ class CompiledCall:
         """Write local K/V ([s, b, h_kv, d]) into a flat buffer in piece order."""
         shaped = out.view(-1, 2, *k.shape[1:])
         if self.pieces.identity:
-            shaped[:, 0].copy_(k)
-            shaped[:, 1].copy_(v)
+            torch.stack((k, v), dim=1, out=shaped)  # one kernel for both
         else:
             torch.index_select(torch.stack((k, v), dim=1), 0, self.pieces.perm, out=shaped)
 

@@ -31,6 +31,13 @@ def wait_all(pending: list | None) -> None:
         p.wait()
 
 
+def in_output_layout(out0: torch.Tensor, q: torch.Tensor) -> bool:
+    """True when a kernel output ``[b, h, s, d]`` is, seen as ``[s, b, h, d]``, a contiguous tensor of q's shape
+    and dtype (cuDNN allocates its output in the query's stride order, so for Megatron's sbhd inputs it is)."""
+    o = sbhd(out0)
+    return o.dtype == q.dtype and o.shape == q.shape and o.is_contiguous()
+
+
 def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Returns out [s, b, h, d] (input dtype), merged lse [b, h, s] (fp32), the kernels' contexts and the
     kept KV buffers (``kept[t]`` holds the pieces of step t when ``call.keep_kv``, else None).
@@ -58,7 +65,11 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
         call.pack(k, v, chan.current)
         recvd = chan.start(0)  # messages landing in chan.other, one per lane
     chan.advance()
-    if call.single_contribution:  # every row merges at most once: merge straight into the output
+    if call.single_contribution and in_output_layout(out0, q):
+        # every row merges at most once, and the local kernel's output already has the output's layout:
+        # merge in place (rows no remote block touches keep the local result; no allocation, no copy)
+        out, acc, src = sbhd(out0), out0, out0
+    elif call.single_contribution:  # merge straight into a fresh output
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         acc, src = bhsd(out), out0
         if call.unmerged_rows is not None:

@@ -58,8 +58,9 @@ def _layout(t: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def _into_layout(t: Tensor, layout: tuple[tuple[int, ...], tuple[int, ...]], dtype: torch.dtype) -> Tensor:
     """``t`` with the given shape/strides and dtype (copied only when needed)."""
     shape, stride = layout
-    if tuple(t.shape) == shape and tuple(t.stride()) == stride and t.dtype == dtype:
-        return t
+    if tuple(t.shape) == shape and t.dtype == dtype and all(
+            n == 1 or a == b for n, a, b in zip(shape, t.stride(), stride)):
+        return t  # the same memory layout (the stride of a size-1 dimension addresses nothing)
     buf = torch.empty_strided(shape, stride, dtype=dtype, device=t.device)
     buf.copy_(t)
     return buf
