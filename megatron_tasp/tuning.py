@@ -197,7 +197,8 @@ def choose_chunks(topology: Topology, shape_hint: Mapping[str, Any], num_rings: 
     price is c times the kernel launches (host time per step) and ~4 % GPU time per extra lane. The
     predicted saving is ``hideable * (1 - 1/c)`` (transfer beyond the compute it overlaps plus the exposed last
     hop; the interference term stays); c > 1 is chosen only if it beats one chunk by
-    ``margin``. On the measured 2x H100 node this returns 1 for every benchmarked shape, as measured.
+    ``margin``. On the 2-GPU nodes (h100-nv18-2, h200-nv18-2) this returns 1 for every benchmarked shape, as
+    the chunked runs on 2x H100 measured.
     """
     opts = options or default_options()
     transport = transport or _default_transport(topology, opts)

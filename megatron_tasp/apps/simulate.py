@@ -54,7 +54,9 @@ ASSUMPTIONS = [
     "are limited by the GPU's NIC and by the node's NICs together (rings counted as built by the topology).",
     "NIC efficiency is assumed (0.9 of nominal); no inter-node measurement exists.",
     "Kernel rates, memory bandwidth, host overheads and the compute/communication interference are those of the "
-    "calibration machine (H100 + cuDNN + NCCL); for MI300X they are a stand-in (ROCm kernels, RCCL unmeasured).",
+    "calibration machine (the GPU named in the calibration's 'machine', with cuDNN and NCCL); for topologies of "
+    "other GPUs (e.g. the H100 presets under an H200 fit; MI300X: ROCm kernels and RCCL unmeasured) they are a "
+    "stand-in.",
     "Host overhead grows per step and per extra ring with shares measured from host time on CPU; the GPU hides "
     "the host except a fitted prefix.",
     "Rings are what the topology can build today (ring_counts); a k whose construction is missing is skipped.",
@@ -330,7 +332,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"topology to predict (repeatable; default: {', '.join(DEFAULT_TOPOLOGIES)})")
     p.add_argument("--tokens", help="tokens per GPU to predict (comma list; 'k' = 1024; default 1K..64K)")
     p.add_argument("--calib-topology", default=None,
-                   help="topology the benchmark ran on (default: h100-nv18-2 for CP=2 records)")
+                   help="topology the benchmark ran on (default for CP=2 records: the 2-GPU preset of the "
+                        "records' device, h200-nv18-2 for an H200, else h100-nv18-2)")
     p.add_argument("--interference", type=float, default=None,
                    help="override the fitted compute/communication interference gamma (sensitivity studies)")
     p.add_argument("--calibration", metavar="FILE.json", default=None,
