@@ -30,13 +30,24 @@ TFLOPS_RE = re.compile(r"throughput per GPU \(TFLOP/s/GPU\): ([\d.]+)")
 LOSS_RE = re.compile(r"lm loss: ([\d.E+-]+)")
 
 
-def model_args(a: argparse.Namespace, seq: int) -> list[str]:
-    """The GPT model and training flags shared by every layout."""
+def micro_batch(a: argparse.Namespace, cp: int) -> int:
+    """Micro-batch size of a layout: 1, or with ``--micro-batch all`` the whole per-replica batch (one
+    micro-batch per step in every layout, so both layouts pay Megatron's per-micro-batch host cost once)."""
+    if a.micro_batch == "one":
+        return 1
+    dp = a.nproc // (cp * a.tp)
+    if dp < 1 or a.global_batch % dp:
+        raise SystemExit(f"--global-batch {a.global_batch} does not split over {dp} data-parallel replicas")
+    return a.global_batch // dp
+
+
+def model_args(a: argparse.Namespace, seq: int, cp: int) -> list[str]:
+    """The GPT model and training flags shared by every layout (the micro-batch size per ``micro_batch``)."""
     return [
         "--num-layers", str(a.layers), "--hidden-size", str(a.hidden), "--ffn-hidden-size", str(4 * a.hidden),
         "--num-attention-heads", str(a.heads), "--group-query-attention", "--num-query-groups", str(a.groups),
         "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--position-embedding-type", "rope",
-        "--micro-batch-size", "1", "--global-batch-size", str(a.global_batch),
+        "--micro-batch-size", str(micro_batch(a, cp)), "--global-batch-size", str(a.global_batch),
         "--train-iters", str(a.iters), "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "constant",
         "--bf16", "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--seed", "1234",
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(a.vocab),
@@ -58,7 +69,7 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
     entry = ["-m", "megatron_tasp.megatron.pretrain_gpt"] if a.entry == "launcher" else \
         [str(Path(os.environ["MEGATRON_LM_PATH"]) / "pretrain_gpt.py")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
-           "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq), *layout_args(cp, a.tp),
+           "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq, cp), *layout_args(cp, a.tp),
            *a.extra]
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
     log = log_dir / f"megatron-lm-{a.tag}seq{seq}-cp{cp}-tp{a.tp}.log"
@@ -80,7 +91,7 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
             if t:
                 tflops.append(float(t.group(1)))
     rec = {"impl": "megatron_lm", "entry": a.entry, "cp": cp, "tp": a.tp, "dp": a.nproc // (cp * a.tp),
-           "seq_length": seq, "extra_flags": a.extra,
+           "seq_length": seq, "micro_batch_size": micro_batch(a, cp), "extra_flags": a.extra,
            "global_batch": a.global_batch, "layers": a.layers, "hidden": a.hidden, "heads": a.heads,
            "query_groups": a.groups, "rc": rc, "wall_s": round(time.time() - t0, 1), "losses": losses,
            "log": log.name}
@@ -127,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, default=4, help="query groups (KV heads)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--global-batch", type=int, default=2)
+    p.add_argument("--micro-batch", choices=("one", "all"), default="one",
+                   help="micro-batch size 1 (default), or the whole per-replica batch ('all': CP=2 then runs one "
+                        "micro-batch of two sequences per step, as DP=2 runs one of one)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="iterations left out of the medians")
     p.add_argument("--entry", choices=("launcher", "patched"), default="launcher",
