@@ -342,3 +342,25 @@ def test_run_summary_auto_env_and_symm_fails_closed_on_cpu():
     assert res["env"]["chunks"] == 2 and res["env"]["num_rings"] == max_rings(4)
     assert "needs CUDA" in res["errors"][0] and "use 'a2a' or 'p2p'" in res["errors"][0]
     assert "needs one node" in res["errors"][1] and "p2p" in res["errors"][1]
+
+
+def test_cp2_merge_in_place_and_into_a_fresh_output_both_exact():
+    """CP=2 merges in place into the local kernel's output when that has the output's layout (the CPU kernel
+    returns it so), and into a fresh output otherwise (the math kernel returns contiguous bhsd): both paths,
+    causal (rows without a remote block) and not, fp32 within 1e-5 of float64."""
+    from megatron_tasp.engine.compiled import bhsd
+    from megatron_tasp.engine.forward import in_output_layout
+    from megatron_tasp.kernels import get_kernel
+
+    q = torch.randn(16, 2, 4, 8)
+    seen = {}
+    for name in ("cpu", "math"):
+        out0, _, _ = get_kernel(name, q.device, q.dtype, 8).forward_unchecked(
+            bhsd(q), bhsd(q), bhsd(q), causal=True, scale=0.3)
+        seen[name] = in_output_layout(out0, q)
+    assert seen == {"cpu": True, "math": False}, seen  # both paths are exercised below
+    cases = [dict(seed=7 + i, seq=24, b=2, h=4, hkv=2, d=16, dtype=torch.float32, causal=causal, k=1,
+                  options=TaspOptions(kernel=kernel), keep_kv=i % 2 == 0)
+             for i, (kernel, causal) in enumerate((kn, c) for kn in ("cpu", "math") for c in (True, False))]
+    per_rank = run_workers(_case_worker, 2, cases)
+    _check(2, cases, per_rank, lambda _: 1e-5)

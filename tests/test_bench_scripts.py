@@ -1,0 +1,69 @@
+"""The measurement scripts' own logic on CPU: the trace summary and the Megatron-LM bench's micro-batch sizes."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _trace(path: Path, kernels: list[tuple[str, float, float]]) -> None:
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000})  # not a GPU event
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+
+
+def test_trace_summary_categories_busy_and_cli(tmp_path, capsys):
+    ts = _load("trace_summary")
+    path = tmp_path / "rank-0.json.gz"
+    _trace(path, [("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 0, 1000),  # times in us
+                  ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 500, 1000),  # overlaps the first
+                  ("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", 3000, 500),
+                  ("_merge", 4000, 100), ("void at::native::elementwise_kernel<128, 4>", 4200, 200),
+                  ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 10000, 2000)])
+    s = ts.summarise(ts.load(str(path)), steps=2)
+    assert s["kernel_ms_per_step"] == {"attention": 1.5, "gemm": 0.5, "nccl": 0.25, "other": 0.1,
+                                       "tasp_merge": 0.05}
+    assert s["span_ms_per_step"] == 6.0 and s["busy_ms_per_step"] == 2.15  # (1500 + 500 + 100 + 200 + 2000) / 2
+    assert list(s["top_other_ms_per_step"]) == ["void at::native::elementwise_kernel<128, 4>"]
+    out = tmp_path / "s.json"
+    assert ts.main([str(path), "--steps", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == s and '"attention": 1.5' in capsys.readouterr().out
+
+
+def test_trace_summary_without_kernels_is_a_one_line_error(tmp_path, capsys):
+    ts = _load("trace_summary")
+    path = tmp_path / "cpu.json.gz"
+    _trace(path, [])
+    with pytest.raises(SystemExit):
+        ts.main([str(path)])
+    assert "holds no GPU kernel events" in capsys.readouterr().err
+
+
+def test_megatron_lm_bench_micro_batch_sizes():
+    mb = _load("megatron_lm_bench")
+    a = Namespace(micro_batch="one", nproc=2, tp=1, global_batch=2)
+    assert mb.micro_batch(a, 1) == 1 and mb.micro_batch(a, 2) == 1
+    a.micro_batch = "all"  # one micro-batch per step: DP=2 -> 1 sequence, CP=2 -> both sequences
+    assert mb.micro_batch(a, 1) == 1 and mb.micro_batch(a, 2) == 2
+    args = mb.model_args(Namespace(**vars(a), layers=2, hidden=64, heads=4, groups=2, iters=3, vocab=128), 1024, 2)
+    assert args[args.index("--micro-batch-size") + 1] == "2"
+    a.global_batch = 3
+    with pytest.raises(SystemExit, match="does not split"):
+        mb.micro_batch(a, 1)
