@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
+from megatron_tasp.apps.bench.timing import busy_time
 from megatron_tasp.kernels import get_kernel
 
 
@@ -41,17 +42,10 @@ def _kernel_table(prof, calls: int) -> dict[str, list[float]]:
 
 def _busy(prof) -> float:
     """Fraction of the span from the first to the last kernel in which some kernel ran (any stream)."""
-    iv = sorted((e.time_range.start, e.time_range.end) for e in _device_events(prof))
+    iv = [(e.time_range.start, e.time_range.end) for e in _device_events(prof)]
     if not iv:
         return 0.0
-    busy, cur_s, cur_e = 0.0, *iv[0]
-    for s, e in iv[1:]:
-        if s > cur_e:
-            busy, cur_s, cur_e = busy + cur_e - cur_s, s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    return busy / max(iv[-1][1] - iv[0][0], 1e-9)
+    return busy_time(iv) / max(max(e for _, e in iv) - min(s for s, _ in iv), 1e-9)
 
 
 def _profile(fn, calls: int):

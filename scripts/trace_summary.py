@@ -16,6 +16,8 @@ import json
 import re
 from collections import defaultdict
 
+from megatron_tasp.apps.bench.timing import busy_time
+
 CATEGORIES = (("attention", re.compile(r"sdpa|fmha|flash|cudnn", re.I)),
               ("tasp_merge", re.compile(r"^_merge")),
               ("nccl", re.compile(r"nccl", re.I)),
@@ -40,15 +42,9 @@ def summarise(kernels: list[dict], steps: int) -> dict:
         by_cat[cat] += dur
         if cat == "other":
             other[name[:80]] += dur
-    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in kernels)
-    busy, cur_s, cur_e = 0.0, *iv[0]
-    for s, e in iv[1:]:
-        if s > cur_e:
-            busy, cur_s, cur_e = busy + cur_e - cur_s, s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    span = iv[-1][1] - iv[0][0]
+    iv = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in kernels]
+    busy = busy_time(iv)
+    span = max(e for _, e in iv) - min(s for s, _ in iv)
     return {"steps": steps, "span_ms_per_step": round(span / 1e3 / steps, 2),
             "busy_ms_per_step": round(busy / 1e3 / steps, 2),
             "kernel_ms_per_step": {k: round(v / steps, 2) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},

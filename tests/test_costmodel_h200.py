@@ -16,6 +16,7 @@ import pytest
 from megatron_tasp import costmodel as cm
 from megatron_tasp.costmodel.fitting import cp2_topology_for, modelled
 from megatron_tasp.topology import load_topology
+from tests.test_costmodel import _numbers
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 BENCH = BENCHMARKS / "2026-11-30-h200x2-cp2.json"
@@ -29,14 +30,6 @@ def records():
 @pytest.fixture(scope="module")
 def calib(records):
     return cm.calibrate(records)
-
-
-def _numbers(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _numbers(v, f"{prefix}{k}.")
-        elif isinstance(v, float):
-            yield f"{prefix}{k}", v
 
 
 def test_shipped_default_matches_fresh_calibration(calib):

@@ -9,7 +9,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["environment", "max_over_ranks", "sync", "time_fn", "time_round_robin"]
+__all__ = ["busy_time", "environment", "max_over_ranks", "sync", "time_fn", "time_round_robin"]
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: how long some kernel ran, on any stream (profile
+    summaries compare it with the span from the first start to the last end)."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s if cur_e is not None else 0.0)
 
 
 def sync(device) -> None:
