@@ -27,7 +27,10 @@ from megatron_tasp.kernels import get_kernel
 
 
 def _device_events(prof) -> list:
-    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    """The GPU operations of a profile (user annotations such as ``nccl:all_to_all`` left out: they mirror a
+    kernel that is counted already)."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False) and not e.name.startswith("nccl:")]
 
 
 def _kernel_table(prof, calls: int) -> dict[str, list[float]]:

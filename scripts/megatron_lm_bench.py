@@ -72,7 +72,7 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
            "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq, cp), *layout_args(cp, a.tp),
            *a.extra]
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
-    log = log_dir / f"megatron-lm-{a.tag}seq{seq}-cp{cp}-tp{a.tp}.log"
+    log = log_dir / f"megatron-lm-{a.tag}seq{seq}-cp{cp}-tp{a.tp}-mb{micro_batch(a, cp)}.log"
     t0 = time.time()
     with open(log, "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=a.timeout)

@@ -101,6 +101,7 @@ def test_model_tracks_tasp_cost_over_compute_only(records, calib):
 
 def test_calibration_topology_follows_the_records_device(records):
     assert cp2_topology_for(["NVIDIA H200"]) == "h200-nv18-2"
+    assert cp2_topology_for(["NVIDIA GH200 480GB"]) == cp2_topology_for(["NVIDIA H200 NVL"]) == "h100-nv18-2"
     assert cp2_topology_for(["NVIDIA H100 80GB HBM3", ""]) == "h100-nv18-2"
     assert cp2_topology_for([]) == "h100-nv18-2"  # no device named: the former default
     with pytest.raises(cm.CostModelError, match="more than one machine"):

@@ -262,9 +262,10 @@ def _fit_tasp(tasp: Sequence[BenchRecord], calib: Calibration, topo_name: str) -
     return mk(_minimise(lambda u: _sq_log_err(tasp, mk(u), topo_name), u0, step=0.5))
 
 
-#: The shipped 2-GPU preset of each machine the CP=2 records were measured on, by a substring of the device
-#: name the records carry (first match wins); any other device gets :data:`DEFAULT_CP2_TOPOLOGY`.
-CP2_TOPOLOGY_BY_DEVICE: tuple[tuple[str, str], ...] = (("H200", "h200-nv18-2"),)
+#: The shipped 2-GPU preset of each machine the CP=2 records were measured on, by the exact device name the
+#: records carry (``torch.cuda.get_device_name``; "NVIDIA H200" is the SXM part, not H200 NVL or GH200); any
+#: other device gets :data:`DEFAULT_CP2_TOPOLOGY`.
+CP2_TOPOLOGY_BY_DEVICE: tuple[tuple[str, str], ...] = (("NVIDIA H200", "h200-nv18-2"),)
 DEFAULT_CP2_TOPOLOGY = "h100-nv18-2"
 
 
@@ -272,7 +273,7 @@ def cp2_topology_for(devices: Sequence[str]) -> str:
     """The 2-GPU preset of the machine named by ``devices`` (the records' device names): ``h200-nv18-2`` for
     an H200, else ``h100-nv18-2``. Records from more than one kind of device have no single machine."""
     names = sorted({d for d in devices if d})
-    picks = {next((t for key, t in CP2_TOPOLOGY_BY_DEVICE if key in d), DEFAULT_CP2_TOPOLOGY) for d in names}
+    picks = {next((t for key, t in CP2_TOPOLOGY_BY_DEVICE if key == d), DEFAULT_CP2_TOPOLOGY) for d in names}
     if len(picks) > 1:
         raise CostModelError(f"records from more than one machine ({', '.join(names)}); calibrate one machine's "
                              "records at a time or name the machine (calibrate(topology=...), "
