@@ -8,6 +8,7 @@ adapter while ``megatron_tasp.attention`` is missing, and a cross-check afterwar
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import sys
@@ -214,6 +215,23 @@ def max_grad_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tu
     return worst, where
 
 
+#: The smallest recipe the data tests build on: one layer, CP=2, one step; they vary its data section.
+TINY_RECIPE: dict[str, Any] = {
+    "model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 64},
+    "parallel": {"cp": 2},
+    "train": {"steps": 1},
+}
+
+
+def tiny_recipe(base_data: dict[str, Any], **data: Any) -> Any:
+    """:data:`TINY_RECIPE` with the data section ``base_data`` updated by ``data`` (a validated Recipe)."""
+    from megatron_tasp.apps.finetune_lib.recipe import recipe_from_dict
+
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["data"] = {**base_data, **data}
+    return recipe_from_dict(raw)
+
+
 def require_megatron() -> Any:
     """Skip the calling test module unless megatron.core imports; install the CPU shims first."""
     import pytest
@@ -224,6 +242,21 @@ def require_megatron() -> Any:
     core = pytest.importorskip("megatron.core")
     enable_cpu_megatron()
     return core
+
+
+def require_hf_checkpointing() -> Any:
+    """Skip the calling test module unless megatron.core, transformers, safetensors and psutil import and the
+    checkpoint writer works from forked ranks (not on megatron-core 0.16); returns the transformers module."""
+    import pytest
+
+    require_megatron()
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    pytest.importorskip("psutil", reason="megatron.core.dist_checkpointing needs psutil to save checkpoints")
+    if megatron_version().startswith("0.16."):
+        pytest.skip("megatron-core 0.16's checkpoint writer starts worker processes, which the forked test ranks "
+                    "(daemons) cannot", allow_module_level=True)
+    return transformers
 
 
 def has_megatron_training() -> bool:

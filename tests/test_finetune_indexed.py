@@ -3,7 +3,6 @@ packs and windows as the jsonl they came from; multi-sequence documents; blends;
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -17,22 +16,15 @@ pytestmark = pytest.mark.megatron
 from megatron_tasp.apps.finetune_lib import data as D  # noqa: E402
 from megatron_tasp.apps.finetune_lib.blend import Blend  # noqa: E402
 from megatron_tasp.apps.finetune_lib.indexed import open_indexed  # noqa: E402
-from megatron_tasp.apps.finetune_lib.recipe import RecipeError, recipe_from_dict  # noqa: E402
+from megatron_tasp.apps.finetune_lib.recipe import RecipeError  # noqa: E402
 from megatron_tasp.apps.finetune_lib.tokenizer import ByteTokenizer  # noqa: E402
 from megatron_tasp.cli import main as cli_main  # noqa: E402
 
-BASE = {
-    "model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 64},
-    "data": {"seq_length": 32, "eval_fraction": 0.1},
-    "parallel": {"cp": 2},
-    "train": {"steps": 1},
-}
+DATA = {"seq_length": 32, "eval_fraction": 0.1}
 
 
 def _recipe(**data):
-    raw = copy.deepcopy(BASE)
-    raw["data"].update(data)
-    return recipe_from_dict(raw)
+    return H.tiny_recipe(DATA, **data)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and the recipe rules of the data options."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -14,19 +13,13 @@ from megatron_tasp.apps.finetune_lib.blend import Blend, blend_counts
 from megatron_tasp.apps.finetune_lib.packing import Corpus, PackedDataset, pack_documents
 from megatron_tasp.apps.finetune_lib.recipe import RecipeError, recipe_from_dict
 from megatron_tasp.apps.finetune_lib.tokenizer import ByteTokenizer
+from tests import megatron_helpers as H
 
-BASE = {
-    "model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 64},
-    "data": {"seq_length": 64},
-    "parallel": {"cp": 2},
-    "train": {"steps": 1},
-}
+DATA = {"seq_length": 64}
 
 
 def _recipe(**data):
-    raw = copy.deepcopy(BASE)
-    raw["data"].update(data)
-    return recipe_from_dict(raw)
+    return H.tiny_recipe(DATA, **data)
 
 
 def _corpus(lengths, seed=0, mask=False):
@@ -157,8 +150,8 @@ def test_blend_shares_and_order():
 
 def test_pad_multiple_default_and_data_rules(tmp_path):
     assert [_recipe().pad_multiple, _recipe(seq_length=72).pad_multiple] == [16, 4]
-    assert recipe_from_dict({**BASE, "parallel": {"cp": 3}, "data": {"seq_length": 72}}).pad_multiple == 18
-    assert recipe_from_dict({**BASE, "parallel": {"cp": 8}, "data": {"seq_length": 64}}).pad_multiple == 16
+    assert recipe_from_dict({**H.TINY_RECIPE, "parallel": {"cp": 3}, "data": {"seq_length": 72}}).pad_multiple == 18
+    assert recipe_from_dict({**H.TINY_RECIPE, "parallel": {"cp": 8}, "data": {"seq_length": 64}}).pad_multiple == 16
     assert _recipe(pad_multiple=32).pad_multiple == 32
     for data, needle in [
         ({"pad_multiple": 6}, "data.pad_multiple=6 must be a multiple of 2 \\* parallel.cp = 4"),

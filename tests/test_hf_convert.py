@@ -15,14 +15,8 @@ import yaml
 
 from tests import megatron_helpers as H
 
-H.require_megatron()
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
-pytest.importorskip("psutil", reason="megatron.core.dist_checkpointing needs psutil to save checkpoints")
+transformers = H.require_hf_checkpointing()
 pytestmark = pytest.mark.megatron
-if H.megatron_version().startswith("0.16."):
-    pytest.skip("megatron-core 0.16's checkpoint writer starts worker processes, which the forked test ranks "
-                "(daemons) cannot", allow_module_level=True)
 
 from megatron_tasp.apps.hf.config import hf_model, read_config  # noqa: E402
 from megatron_tasp.cli import main as cli_main  # noqa: E402

@@ -14,15 +14,9 @@ import yaml
 
 from tests import megatron_helpers as H
 
-H.require_megatron()
-transformers = pytest.importorskip("transformers")
+transformers = H.require_hf_checkpointing()
 tokenizers = pytest.importorskip("tokenizers")
-pytest.importorskip("safetensors")
-pytest.importorskip("psutil", reason="megatron.core.dist_checkpointing needs psutil to save checkpoints")
 pytestmark = pytest.mark.megatron
-if H.megatron_version().startswith("0.16."):
-    pytest.skip("megatron-core 0.16's checkpoint writer starts worker processes, which the forked test ranks "
-                "(daemons) cannot", allow_module_level=True)
 
 from megatron_tasp.apps.finetune_lib.data import SequenceDataset, load_tokens  # noqa: E402
 from megatron_tasp.apps.finetune_lib.recipe import load_recipe  # noqa: E402
