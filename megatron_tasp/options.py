@@ -25,6 +25,7 @@ variable                           field               values
 ``MEGATRON_TASP_CALIBRATION``      ``calibration``     cost-model calibration JSON for the 'auto' choices
 ``MEGATRON_TASP_AUTO_PROBE``       ``auto_probe``      1: time candidate ring counts once per shape
 ``MEGATRON_TASP_HOSTS``            ``hosts``           comma-separated host of every CP rank (emulation)
+``MEGATRON_TASP_PACKED_DENSE_ROWS`` ``packed_dense_rows`` N: documents of >= N rows on the dense kernel
 =================================  ==================  ================================================
 
 One name per concept: ``kernel`` is the block-attention kernel (cudnn, flash, ...); ``transport`` is how
@@ -103,6 +104,21 @@ def _positive_float(name: str, value: Any) -> float:
     return out
 
 
+def _positive_int_or_none(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none", "off"):
+            return None
+        if not text.isdigit():
+            raise TaspOptionError(f"{name} must be a positive integer or None, got {value!r}")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaspOptionError(f"{name} must be a positive integer or None, got {value!r}")
+    return value
+
+
 def _choice_or_auto(name: str, value: Any, choices: tuple[str, ...]) -> str | None:
     if value is None:
         return None
@@ -138,6 +154,13 @@ class TaspOptions:
         multiple of 2·CP and cut into 2·CP chunks; Megatron-LM's ``--sft``, Transformer Engine's THD) or
         'sequence' (the packed sequence as a whole in 2·CP chunks, documents of any length; Megatron-LM's
         ``--dataloader-inter-document-masking`` without ``--sft``).
+    packed_dense_rows: packed documents on CUDA run as one varlen FlashAttention-2 launch per block; a document
+        segment with at least this many rows on both sides runs as its own call on the dense kernel (``kernel``,
+        e.g. cudnn) instead. None (default): every segment in the varlen launch. cuDNN outruns FlashAttention-2
+        by ~1.4x on a large document on Hopper, but builds an execution plan for every new (rows, keys) shape,
+        ~6 ms of host time each (Megatron-LM's loop, where document lengths change every step, ran 4x slower);
+        the varlen launch has no per-shape plan. Set it (e.g. 1024) only when the same document lengths repeat
+        (fixed packings, benchmarks).
     """
 
     num_rings: int | str | None = None
@@ -155,6 +178,8 @@ class TaspOptions:
     auto_probe: bool = False
     hosts: tuple[str, ...] | None = field(default=None)
     packed_split: str = "document"
+    # off by default: cuDNN plans every new document shape (~6 ms of host time each), see the docstring
+    packed_dense_rows: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -179,6 +204,7 @@ class TaspOptions:
         if split not in PACKED_SPLITS:
             raise TaspOptionError(f"packed_split must be 'document' or 'sequence', got {self.packed_split!r}")
         set_(self, "packed_split", split)
+        set_(self, "packed_dense_rows", _positive_int_or_none("packed_dense_rows", self.packed_dense_rows))
         set_(self, "timeout_s", _positive_float("timeout_s", self.timeout_s))
         set_(self, "fused_merge", parse_bool("fused_merge", self.fused_merge))
         set_(self, "direct_collectives", parse_bool("direct_collectives", self.direct_collectives))

@@ -7,13 +7,15 @@ document-masked attention over the whole sequence on one GPU (relative max error
 block kernel run on one GPU), then times forward+backward (CUDA events, median, max over ranks) of:
 TASP packed at CP, the same packed sequence with the same mask on one GPU (a loop of per-document kernel
 calls, ``one_gpu_packed``, and one varlen flash call, ``one_gpu_varlen``; the ratio uses the faster), and
-dense causal TASP on the same tokens (``dense_causal``). On CPU (gloo) it runs
-as a smoke test with tiny shapes.
+dense causal TASP on the same tokens (``dense_causal``); ``--big-rows`` also times TASP packed with these values
+of ``options.packed_dense_rows`` (large documents on the dense kernel). On CPU (gloo) it runs as a smoke test
+with tiny shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,23 +24,32 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from megatron_tasp import clear_plan_cache, tasp_attention
+from megatron_tasp import tasp_attention
+from megatron_tasp.engine import thd as engine_thd
 from megatron_tasp.kernels import varlen
+from megatron_tasp.options import default_options
 from megatron_tasp.thd import partition_index
 
 LAUNCHES = {"varlen_forward": 0}
-DEFAULT_BIG = varlen.DENSE_SEGMENT_ROWS.get("cudnn")
 
 
 def _count_varlen() -> None:
-    """Count the engine's varlen launches (shows which block kernel served the packed blocks)."""
-    ops = varlen.VARLEN_OPS["ops"]
+    """Count the engine's varlen launches (shows which block kernel served the packed blocks): the engine's ops
+    hook, wrapped once in this process before the first call."""
+    pick = engine_thd._varlen_ops
 
-    def fwd(*args):
-        LAUNCHES["varlen_forward"] += 1
-        return ops.forward(*args)
+    def counted(kernel, device):
+        ops = pick(kernel, device)
+        if ops is None:
+            return None
 
-    varlen.VARLEN_OPS["ops"] = varlen.VarlenOps(fwd, ops.backward)
+        def fwd(*args):
+            LAUNCHES["varlen_forward"] += 1
+            return ops.forward(*args)
+
+        return dataclasses.replace(ops, forward=fwd)
+
+    engine_thd._varlen_ops = counted
 
 
 def doc_lengths(total: int, mean: int, cp: int, seed: int) -> list[int]:
@@ -188,8 +199,9 @@ def main() -> None:
     ap.add_argument("--check-tokens", type=int, default=8192, help="sequence length of the correctness check")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--big-rows", default="", help="also time TASP packed with these DENSE_SEGMENT_ROWS['cudnn'] "
-                    "values (comma list; 'none' = every segment in the varlen launch)")
+    ap.add_argument("--big-rows", default="", help="also time TASP packed with these options.packed_dense_rows "
+                    "values: documents of at least that many rows on the dense kernel (comma list; 'none' = every "
+                    "segment in the varlen launch)")
     ap.add_argument("--profile", default="", help="profile one TASP packed fwd+bwd at this size (e.g. 64k) and "
                     "print the top CUDA kernels (rank 0)")
     ap.add_argument("--out", default=None)
@@ -262,13 +274,10 @@ def main() -> None:
             dol.detach(), a.warmup, a.iters, cuda)
         qs, ks, vs = (x.detach()[zig].unsqueeze(1).requires_grad_(True) for x in (q, k, v))
         for br in [x for x in a.big_rows.split(",") if x]:
-            varlen.DENSE_SEGMENT_ROWS["cudnn"] = None if br == "none" else int(br)
-            clear_plan_cache()
-            rec[f"tasp_packed_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
-                x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
+            opts = default_options().replace(packed_dense_rows=br)  # an options value of its own: its own call
+            rec[f"tasp_packed_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
+                x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu, options=o), ql, kl, vl,
                 dol.detach(), a.warmup, a.iters, cuda)
-        varlen.DENSE_SEGMENT_ROWS["cudnn"] = DEFAULT_BIG
-        clear_plan_cache()
         if a.profile and tok == parse_tokens(a.profile)[0]:
             profile(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
                 x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,

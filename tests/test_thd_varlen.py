@@ -1,7 +1,8 @@
 """The one-launch varlen block (megatron_tasp.kernels.varlen) on CPU with a float64 reference of the varlen
-ops swapped in: it equals the per-document segmented block (forward, lse, backward from merged out/lse) and,
-forced into the engine, packed-document attention stays exact for CP 2 and 3. The real flash op is checked on
-GPU by scripts/gpu_check_thd.py."""
+ops passed in: it equals the per-document segmented block (forward, lse, backward from merged out/lse) and,
+forced into the engine (its one ops hook, ``engine.thd._varlen_ops``, monkeypatched), packed-document attention
+stays exact for CP 1, 2 and 3, with ``options.packed_dense_rows`` sending large segments to the dense kernel.
+The real flash op is checked on GPU by scripts/gpu_check_thd.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import pytest
 import torch
 
 import megatron_tasp.engine.thd as engine_thd
+from megatron_tasp import clear_plan_cache
+from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.kernels import get_kernel
 from megatron_tasp.kernels import varlen as varlen_mod
 from megatron_tasp.kernels.segmented import segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock
 from megatron_tasp.launch import run_workers
+from megatron_tasp.options import TaspOptions
 from tests import varlen_reference
 from tests.test_thd import TOL, _sequence_case, boundaries, mixes, run_case
 
@@ -21,15 +25,39 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def reference_ops(monkeypatch):
-    monkeypatch.setitem(varlen_mod.VARLEN_OPS, "ops", varlen_reference.REFERENCE_OPS)
+def reference_ops():
     varlen_reference.CALLS.update(forward=0, backward=0)
+
+
+@pytest.fixture
+def engine_reference_ops(reference_ops, monkeypatch):
+    """Every packed-document block of the engine on the varlen path, with the float64 reference ops."""
+    monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device: varlen_reference.REFERENCE_OPS)
 
 
 def _pair(seg_q, seg_k, big_rows=None):
     kern = get_kernel("math", "cpu", torch.float32, 8)
     seg = segmented_block(kern, seg_q, seg_k, CPU)
-    return seg, VarlenBlock(seg, CPU, big_rows=big_rows)
+    return seg, VarlenBlock(seg, CPU, big_rows=big_rows, ops=varlen_reference.REFERENCE_OPS)
+
+
+def _varlen_blocks(layout) -> list[VarlenBlock]:
+    """The varlen blocks of a packed-document layout (the local block and every remote one)."""
+    call = layout.call
+    blocks = [call.local_kernel, *(b for lanes in getattr(call, "blocks", [])[1:] for lane in lanes
+                                   for _, _, b in lane)]
+    return [b for b in blocks if isinstance(b, VarlenBlock)]
+
+
+def _dense_segments(blocks: list[VarlenBlock], dense_rows: int | None) -> int:
+    """Segments on the dense kernel; asserts every block got ``dense_rows`` and split its segments by it."""
+    count = 0
+    for b in blocks:
+        assert b.big_rows == dense_rows and b.ops is varlen_reference.REFERENCE_OPS
+        small = [min(int(b.cu_q[i + 1] - b.cu_q[i]), int(b.cu_k[i + 1] - b.cu_k[i])) for i in range(len(b.cu_q) - 1)]
+        assert dense_rows is None or max(small, default=0) < dense_rows, (small, dense_rows)
+        count += len(b.big.pairs) if b.big is not None else 0
+    return count
 
 
 @pytest.mark.parametrize("big_rows", [None, 5, 100])
@@ -79,31 +107,65 @@ def test_contiguous_rows_are_views_and_other_inputs_fall_back(reference_ops):
 def test_the_real_op_declines_cpu_tensors():
     q = torch.randn(1, 2, 4, 8)
     assert "CUDA" in varlen_mod.varlen_reason(q, q)
+    assert varlen_mod.varlen_reason(q, q, varlen_reference.REFERENCE_OPS) is None
+    two_docs = torch.tensor([0, 0, 1, 1])
+    seg = segmented_block(get_kernel("math", "cpu", torch.float32, 8), two_docs, two_docs, CPU)
+    block = VarlenBlock(seg, CPU)  # the flash pair by default: on CPU the block runs per document
+    assert block.ops is varlen_mod.flash_varlen_ops()
+    _, _, ctx = block.forward_unchecked(q, q, q, causal=True, scale=0.5)
+    assert not (isinstance(ctx, tuple) and ctx[0] == "varlen")
+    # the engine picks the flash pair only for CUDA tensors of a kernel that has a varlen form
+    cudnn = type("K", (), {"name": "cudnn"})()
+    assert engine_thd._varlen_ops(cudnn, CPU) is None
+    assert engine_thd._varlen_ops(cudnn, torch.device("cuda", 0)) is varlen_mod.flash_varlen_ops()
+    assert engine_thd._varlen_ops(type("K", (), {"name": "math"})(), torch.device("cuda", 0)) is None
 
 
-def _engine_worker(rank, n):
+def _engine_worker(rank, n, dense_rows):
     import torch.distributed as dist
 
-    errs = {}
+    opts = TaspOptions(packed_dense_rows=dense_rows)
+    scope = PLAN_CACHE.scope(dist.group.WORLD)
+    errs, dense = {}, 0
     for name, lengths in mixes(n, 5).items():
         cu_pad, cu = boundaries(lengths, n)
         for causal in (True, False):
             for hkv, kw in ((4, {"num_rings": 1}), (1, {"transport": "p2p"}), (2, {"chunks": 2, "keep_kv": False})):
-                errs[(name, causal, hkv, tuple(kw))] = run_case(dist.group.WORLD, cu_pad, cu, causal, hkv, **kw)
-    return errs, varlen_reference.CALLS["forward"]
+                errs[(name, causal, hkv, tuple(kw))] = run_case(dist.group.WORLD, cu_pad, cu, causal, hkv,
+                                                                options=opts, **kw)
+                layout = next(reversed(scope.layouts().entries.values()))  # this case's
+                dense += _dense_segments(_varlen_blocks(layout), dense_rows)
+    return errs, varlen_reference.CALLS["forward"], dense
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_engine_through_the_varlen_block_is_exact(reference_ops, monkeypatch, n):
-    """n=2: every block in one varlen launch; n=3: segments of >= 3 rows on the dense kernel, the rest varlen."""
-    monkeypatch.setattr(engine_thd, "_use_varlen", lambda kernel, device: True)
-    if n == 3:
-        for name in ("cpu", "math"):
-            monkeypatch.setitem(varlen_mod.DENSE_SEGMENT_ROWS, name, 3)
-    for errs, launches in run_workers(_engine_worker, n, timeout_s=300):
+def test_engine_through_the_varlen_block_is_exact(engine_reference_ops, n):
+    """n=2: every block in one varlen launch; n=3: options.packed_dense_rows=3, segments of >= 3 rows on both
+    sides on the dense kernel, the rest varlen."""
+    dense_rows = 3 if n == 3 else None
+    for errs, launches, dense in run_workers(_engine_worker, n, dense_rows, timeout_s=300):
         bad = {k: e for k, e in errs.items() if not e <= TOL}
         assert not bad, bad
         assert launches > 0, "the varlen block must have run"
+        assert (dense > 0) == (dense_rows is not None), dense
+
+
+def test_packed_dense_rows_gets_its_own_layout(engine_reference_ops):
+    """CP=1: calls that differ only in packed_dense_rows compile their own call and layout (never a stale one),
+    equal options share them, and each layout's varlen block splits its segments by its own threshold."""
+    clear_plan_cache()
+    cu_pad, cu = boundaries([9, 2, 12, 5], 1)
+    layouts = PLAN_CACHE.local.layouts()
+    got = {}
+    for dense_rows in (None, 6, None, 6, 100):
+        err = run_case(None, cu_pad, cu, True, 2, options=TaspOptions(packed_dense_rows=dense_rows))
+        assert err <= TOL, (dense_rows, err)
+        layout = next(reversed(layouts.entries.values()))
+        (block,) = _varlen_blocks(layout)
+        assert _dense_segments([block], dense_rows) == {None: 0, 6: 2, 100: 0}[dense_rows]
+        assert got.setdefault(dense_rows, layout) is layout  # equal options: the same layout
+    assert len({id(x) for x in got.values()}) == 3 and len(layouts.entries) == 3
+    assert varlen_reference.CALLS["forward"] == 5
 
 
 def _sequence_worker(rank, n):
@@ -120,9 +182,8 @@ def _sequence_worker(rank, n):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_sequence_split_through_the_varlen_block_is_exact(reference_ops, monkeypatch, n):
+def test_sequence_split_through_the_varlen_block_is_exact(engine_reference_ops, n):
     """packed_split='sequence' with every block on the varlen path, incl. blocks that share no document."""
-    monkeypatch.setattr(engine_thd, "_use_varlen", lambda kernel, device: True)
     for errs, launches in run_workers(_sequence_worker, n, timeout_s=300):
         bad = {k: e for k, e in errs.items() if not e <= TOL}
         assert not bad, bad

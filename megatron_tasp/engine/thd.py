@@ -15,8 +15,9 @@ are zeroed at the end and their incoming gradient dropped, so no gradient reache
 case) for each set of boundary values.
 
 Cost. The boundaries are read to the host once per call (a host sync on GPU) and a new set is compiled
-(and agreed across ranks with one all-reduce) once; the segmented kernels loop over the documents of a
-block with one dense kernel call each (correctness first: a varlen or mask-aware GPU kernel is later work).
+(and agreed across ranks with one all-reduce) once. On CUDA a block runs all its documents as one varlen
+launch (:mod:`megatron_tasp.kernels.varlen`; with ``options.packed_dense_rows`` the large ones as dense kernel
+calls); elsewhere the segmented kernels loop over the documents of a block with one dense kernel call each.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from megatron_tasp.engine.compiled import CompiledCall, LocalCall
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
-from megatron_tasp.kernels.varlen import DENSE_SEGMENT_ROWS, VarlenBlock
+from megatron_tasp.kernels.varlen import VarlenBlock, VarlenOps, flash_varlen_ops
 from megatron_tasp.thd import (
     check_padded,
     document_segments,
@@ -64,25 +65,32 @@ class ThdLayout:
 VARLEN_KERNELS = frozenset({"cudnn", "flash", "efficient"})
 
 
-def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.device) -> SegmentedBlock | VarlenBlock:
-    """The document-masked block of ``kernel``: one varlen launch where it can run, else per document."""
+def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.device,
+           dense_rows: int | None) -> SegmentedBlock | VarlenBlock:
+    """The document-masked block of ``kernel``: one varlen launch where it can run (segments of >= ``dense_rows``
+    rows on both sides on ``kernel`` itself, one call each), else per document."""
     seg = segmented_block(kernel, seg_q, seg_k, device)
-    if not _use_varlen(kernel, device) or seg.full or not seg.pairs:  # no shared document: nothing to launch
+    ops = _varlen_ops(kernel, device)
+    if ops is None or seg.full or not seg.pairs:  # no shared document: nothing to launch
         return seg
-    return VarlenBlock(seg, device, big_rows=DENSE_SEGMENT_ROWS.get(kernel.name))
+    return VarlenBlock(seg, device, big_rows=dense_rows, ops=ops)
 
 
-def _use_varlen(kernel, device: torch.device) -> bool:
-    return device.type == "cuda" and kernel.name in VARLEN_KERNELS
+def _varlen_ops(kernel, device: torch.device) -> VarlenOps | None:
+    """The varlen ops the packed-document blocks of ``kernel`` launch on ``device`` (None: one dense call per
+    document). The one place the engine picks them: tests replace this function to run the varlen blocks with
+    a float64 reference on CPU."""
+    return flash_varlen_ops() if device.type == "cuda" and kernel.name in VARLEN_KERNELS else None
 
 
 def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], device: torch.device):
     """A shallow copy of ``call`` whose every block kernel is masked to equal segments (``segs[s]``: the
-    segment ids of CP rank s in engine order)."""
+    segment ids of CP rank s in engine order); large segments per the call's ``packed_dense_rows``."""
     n, r = call.plan.world_size, call.plan.rank
     mine = segs[r]
+    dense_rows = call.packed_dense_rows
     out = copy.copy(call)
-    out.local_kernel = _block(call.kernel, mine, mine, device)
+    out.local_kernel = _block(call.kernel, mine, mine, device, dense_rows)
     if n == 1:
         return out
     pieces = call.pieces
@@ -102,7 +110,7 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
             for case, rings, kern in call.blocks[st.step][j]:
                 keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
                                   for i in rings])
-                block = _block(kern, mine[call.q_rows(case)], keys, device)
+                block = _block(kern, mine[call.q_rows(case)], keys, device, dense_rows)
                 # a block no query may see is left out (no kernel, no merge), except at step 1 where the
                 # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
                 if block.pairs or st.step == 1:
@@ -146,6 +154,8 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
                cu_seqlens: torch.Tensor | Sequence[int] | None, length: int, device: torch.device,
                split: str = "document") -> ThdLayout:
     """The layout of ``call`` for these document boundaries, built once per (call, boundary values, split).
+    The call is compiled per options value, so calls whose options differ (``packed_dense_rows`` among them,
+    which shapes the blocks) never share a layout.
 
     ``split='document'``: every document padded to 2·CP chunks (``cu_seqlens_padded``; ``cu_seqlens`` the
     real lengths). ``split='sequence'``: the sequence as a whole in 2·CP chunks (the dense zigzag layout),

@@ -7,21 +7,24 @@ block. On CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's smal
 tensor (segment after segment; a view, not a copy, when they already form one ascending run), likewise the
 key/value rows, and the output, lse and gradients are scattered back. Rows without keys keep output 0 and
 lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV heads), no expansion. Segments
-large on both sides (``big_rows``, :data:`DENSE_SEGMENT_ROWS`) keep one call each on the dense kernel when
-that kernel is faster than the varlen one; every query row and key row belongs to one segment, so the two
-parts write disjoint rows of the same outputs and gradients.
+large on both sides (``big_rows``; the engine passes ``TaspOptions.packed_dense_rows``, None by default) keep
+one call each on the dense kernel when that kernel is faster than the varlen one; every query row and key row
+belongs to one segment, so the two parts write disjoint rows of the same outputs and gradients.
 
 What it needs, checked per call (otherwise the same block runs on the per-document fallback): a CUDA
 tensor of fp16 or bf16, head dim a multiple of 8 and at most 256, batch 1 (packed documents are ``[t, 1,
 h, d]``), and the op in this torch build. ``causal=True`` appears only on square segments (the own block of
 packed documents: the same rows on both sides), so the op's causal alignment convention does not matter.
 
-The two ops are reached through :data:`VARLEN_OPS`, a pair of functions of plain tensors, so the
-gather/scatter plumbing is testable on any device with a reference implementation swapped in.
+The two ops are a :class:`VarlenOps` (a pair of functions of plain tensors, plus what inputs they refuse),
+an argument of each block: ``ops=None`` is torch's flash pair (:func:`flash_varlen_ops`). There is no
+process-wide switch; the engine picks the ops in one function (``megatron_tasp.engine.thd._varlen_ops``),
+which tests replace (pytest's monkeypatch) with a float64 reference so the gather/scatter plumbing runs on CPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,27 +34,20 @@ from torch import Tensor
 from ._calls import call_aten, has_aten_op, named_returns
 from .segmented import Rows, SegmentedBlock
 
-__all__ = ["DENSE_SEGMENT_ROWS", "VARLEN_OPS", "VarlenBlock", "VarlenOps", "flash_varlen_ops", "varlen_reason"]
+__all__ = ["VarlenBlock", "VarlenOps", "flash_varlen_ops", "varlen_reason"]
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
-
-#: dense kernels worth one call per large segment instead of the varlen launch, and from how many rows (on both
-#: sides) a segment counts as large. Empty by default: on H200 cuDNN runs a large document ~1.4x faster than
-#: torch's FlashAttention-2, but it builds an execution plan for every new (rows, keys) shape, ~6 ms of host
-#: time each (measured in Megatron-LM's loop, where document lengths change every step: 4x slower steps);
-#: FlashAttention-2's varlen launch has no per-shape plan. Set e.g. {"cudnn": 1024} only when the same
-#: document lengths repeat (benchmarks, fixed packing).
-DENSE_SEGMENT_ROWS: dict[str, int] = {}
-
 
 @dataclass(frozen=True)
 class VarlenOps:
     """``forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out [tq,h,d], lse [h,tq] fp32, aux)`` and
     ``backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux) -> (dq, dk, dv)``;
-    tensors packed ``[total, heads, d]``."""
+    tensors packed ``[total, heads, d]``. ``reason(q)``: why these ops cannot take the block's query tensor
+    ``[b, h, s, d]`` (None: they can; ``reason=None``: they take any)."""
 
     forward: Any
     backward: Any
+    reason: Callable[[Tensor], str | None] | None = None
 
 
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
@@ -78,29 +74,35 @@ def _flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     return res[0], res[1], res[2]
 
 
+def _flash_reason(q: Tensor) -> str | None:
+    if q.device.type != "cuda":
+        return "needs CUDA"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "FlashAttention-2 needs compute capability >= 8.0"
+    if not has_aten_op("_flash_attention_forward"):
+        return f"torch {torch.__version__} has no _flash_attention_forward"
+    if q.dtype not in _FLASH_DTYPES:
+        return f"dtype {q.dtype} (flash takes fp16/bf16)"
+    d = q.shape[-1]
+    if d % 8 or d > 256:
+        return f"head dim {d} (flash takes multiples of 8 up to 256)"
+    return None
+
+
+_FLASH_OPS = VarlenOps(_flash_forward, _flash_backward, _flash_reason)  # frozen: shared, never changed
+
+
 def flash_varlen_ops() -> VarlenOps:
     """torch's FlashAttention-2 varlen forward/backward."""
-    return VarlenOps(_flash_forward, _flash_backward)
+    return _FLASH_OPS
 
 
-#: the ops every VarlenBlock calls (tests swap in a reference implementation)
-VARLEN_OPS: dict[str, VarlenOps] = {"ops": flash_varlen_ops()}
-
-
-def varlen_reason(q: Tensor, k: Tensor) -> str | None:
-    """None when the varlen op can run this block's tensors, else why not."""
-    if VARLEN_OPS["ops"].forward is _flash_forward:
-        if q.device.type != "cuda":
-            return "needs CUDA"
-        if torch.cuda.get_device_capability(q.device) < (8, 0):
-            return "FlashAttention-2 needs compute capability >= 8.0"
-        if not has_aten_op("_flash_attention_forward"):
-            return f"torch {torch.__version__} has no _flash_attention_forward"
-        if q.dtype not in _FLASH_DTYPES:
-            return f"dtype {q.dtype} (flash takes fp16/bf16)"
-        d = q.shape[-1]
-        if d % 8 or d > 256:
-            return f"head dim {d} (flash takes multiples of 8 up to 256)"
+def varlen_reason(q: Tensor, k: Tensor, ops: VarlenOps | None = None) -> str | None:
+    """None when ``ops`` (None: the flash pair) can run this block's tensors, else why not."""
+    ops = _FLASH_OPS if ops is None else ops
+    reason = ops.reason(q) if ops.reason is not None else None
+    if reason is not None:
+        return reason
     if q.shape[0] != 1 or k.shape[0] != 1:
         return "batch > 1"
     return None
@@ -154,10 +156,15 @@ def _scatter(dst: Tensor, index: slice | Tensor, val: Tensor) -> None:
 
 class VarlenBlock:
     """One document-masked block as one varlen kernel call (see the module doc); falls back to the
-    per-document :class:`SegmentedBlock` for inputs the varlen op cannot take."""
+    per-document :class:`SegmentedBlock` for inputs the varlen op cannot take. ``big_rows``: segments with at
+    least that many rows on both sides run on the dense kernel (None: none); ``ops``: the varlen pair (None:
+    :func:`flash_varlen_ops`)."""
 
-    def __init__(self, fallback: SegmentedBlock, device: torch.device, big_rows: int | None = None):
+    def __init__(self, fallback: SegmentedBlock, device: torch.device, big_rows: int | None = None,
+                 ops: VarlenOps | None = None):
         self.fallback = fallback
+        self.ops = flash_varlen_ops() if ops is None else ops
+        self.big_rows = big_rows
         self.pairs = fallback.pairs
         self.full = fallback.full
         # segments with >= big_rows rows on both sides run one call each on the dense kernel (on Hopper cuDNN's
@@ -179,7 +186,7 @@ class VarlenBlock:
     def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                           scale: float) -> tuple[Tensor, Tensor, Any]:
         """out ``[1, h, sq, d]``, lse ``[1, h, sq]`` float32 (-inf on rows without keys), ctx."""
-        if self.full or varlen_reason(q, k) is not None:
+        if self.full or varlen_reason(q, k, self.ops) is not None:
             return self.fallback.forward_unchecked(q, k, v, causal=causal, scale=scale)
         sq = q.shape[2]
         out = lse_full = big_ctx = aux = None
@@ -187,8 +194,7 @@ class VarlenBlock:
             out, lse_full, big_ctx = self.big.forward_unchecked(q, k, v, causal=causal, scale=scale)
         if self.small:
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
-            o, lse, aux = VARLEN_OPS["ops"].forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k,
-                                                    causal, scale)
+            o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
             if out is None:
                 out = _unpacked(o, self.q_index, sq)
                 lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
@@ -210,8 +216,8 @@ class VarlenBlock:
             dp = _packed(dout, self.q_index).to(q.dtype).contiguous()
             op_ = _packed(out, self.q_index).to(q.dtype).contiguous()
             lp = _packed(lse.unsqueeze(-1), self.q_index)[..., 0].t().float().contiguous()  # [h, tq]
-            dq, dk, dv = VARLEN_OPS["ops"].backward(dp, qp, kp, vp, op_, lp, self.cu_q, self.cu_k, self.max_q,
-                                                    self.max_k, causal, scale, ctx[1])
+            dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                                           causal, scale, ctx[1])
             if grads is None:
                 return (_unpacked(dq, self.q_index, q.shape[2]), _unpacked(dk, self.k_index, k.shape[2]),
                         _unpacked(dv, self.k_index, v.shape[2]))
