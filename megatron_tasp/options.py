@@ -8,25 +8,25 @@ explicitly is taken as it is. The environment is read in this module only, once 
 
 Environment variables (each overrides the default of one field):
 
-=================================  ==================  ================================================
-variable                           field               values
-=================================  ==================  ================================================
-``MEGATRON_TASP_NUM_RINGS``        ``num_rings``       N or ``auto``
-``MEGATRON_TASP_TOPOLOGY``         ``topology``        preset name or YAML path
-``MEGATRON_TASP_TRANSPORT``        ``transport``       ``a2a``, ``p2p``, ``symm`` or ``auto``
-``MEGATRON_TASP_KERNEL``           ``kernel``          a block-kernel name or ``auto``
-``MEGATRON_TASP_CHUNKS``           ``chunks``          N or ``auto``
-``MEGATRON_TASP_KEEP_KV``          ``keep_kv``         ``auto``, 1/0, true/false, on/off
-``MEGATRON_TASP_KEEP_KV_MIB``      ``keep_kv_cap_mib`` MiB 'auto' keeps per call (default 64)
-``MEGATRON_TASP_DKV_DTYPE``        ``dkv_dtype``       ``fp32`` (default) or ``input``
-``MEGATRON_TASP_TIMEOUT_S``        ``timeout_s``       seconds a CPU exchange waits (default 300)
-``MEGATRON_TASP_FUSED_MERGE``      ``fused_merge``     1 (default) or 0: the torch merge instead of Triton
-``MEGATRON_TASP_DIRECT_COLLECTIVES`` ``direct_collectives`` 1 (default) or 0: public all_to_all_single
-``MEGATRON_TASP_CALIBRATION``      ``calibration``     cost-model calibration JSON for the 'auto' choices
-``MEGATRON_TASP_AUTO_PROBE``       ``auto_probe``      1: time candidate ring counts once per shape
-``MEGATRON_TASP_HOSTS``            ``hosts``           comma-separated host of every CP rank (emulation)
-``MEGATRON_TASP_PACKED_DENSE_ROWS`` ``packed_dense_rows`` N: documents of >= N rows on the dense kernel
-=================================  ==================  ================================================
+====================================  ======================  ===================================================
+variable                              field                   values
+====================================  ======================  ===================================================
+``MEGATRON_TASP_NUM_RINGS``           ``num_rings``           N or ``auto``
+``MEGATRON_TASP_TOPOLOGY``            ``topology``            preset name or YAML path
+``MEGATRON_TASP_TRANSPORT``           ``transport``           ``a2a``, ``p2p``, ``symm`` or ``auto``
+``MEGATRON_TASP_KERNEL``              ``kernel``              a block-kernel name or ``auto``
+``MEGATRON_TASP_CHUNKS``              ``chunks``              N or ``auto``
+``MEGATRON_TASP_KEEP_KV``             ``keep_kv``             ``auto``, 1/0, true/false, on/off
+``MEGATRON_TASP_KEEP_KV_MIB``         ``keep_kv_cap_mib``     MiB 'auto' keeps per call (default 64)
+``MEGATRON_TASP_DKV_DTYPE``           ``dkv_dtype``           ``fp32`` (default) or ``input``
+``MEGATRON_TASP_TIMEOUT_S``           ``timeout_s``           seconds a CPU exchange waits (default 300)
+``MEGATRON_TASP_FUSED_MERGE``         ``fused_merge``         1 (default) or 0: the torch merge instead of Triton
+``MEGATRON_TASP_DIRECT_COLLECTIVES``  ``direct_collectives``  1 (default) or 0: public all_to_all_single
+``MEGATRON_TASP_CALIBRATION``         ``calibration``         cost-model calibration JSON for the 'auto' choices
+``MEGATRON_TASP_AUTO_PROBE``          ``auto_probe``          1: time candidate ring counts once per shape
+``MEGATRON_TASP_HOSTS``               ``hosts``               comma-separated host of every CP rank (emulation)
+``MEGATRON_TASP_PACKED_DENSE_ROWS``   ``packed_dense_rows``   N: documents of >= N rows on the dense kernel
+====================================  ======================  ===================================================
 
 One name per concept: ``kernel`` is the block-attention kernel (cudnn, flash, ...); ``transport`` is how
 pieces move; "backend" is only Megatron's ``--context-parallel-backend`` (tasp or one of TE's rings).

@@ -4,6 +4,8 @@ Small shapes are bound by the host: Python, kernel launches and the exchange's l
 graph replays the whole call without any of that. This script captures ``tasp_attention`` forward +
 ``torch.autograd.grad`` for each transport (``none`` = the compute-only bound), checks that replaying
 the graph gives the eager results, and times eager vs replay (CUDA events, median, max over ranks).
+``kernel_bound`` in ``--transports`` also captures the bench's plain-kernel bound (the same block work on
+contiguous tensors: no engine, no merge, no communication), so graphed TASP is compared with a graphed bound.
 
     torchrun --nproc-per-node 2 scripts/gpu_graph_check.py --out graph.json
 """
@@ -20,6 +22,8 @@ import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench import time_fn
+from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
+from megatron_tasp.kernels import get_kernel
 
 
 def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters: int) -> dict:
@@ -64,6 +68,32 @@ def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters:
             "max_abs_diff": maxdiff, "eager_vs_eager_max_abs_diff": eager_repeat}
 
 
+def kernel_bound_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
+    """Eager and graphed time of ``kernel_bound`` (causal fwd+bwd), max over ranks."""
+    rank, n = dist.get_rank(g), dist.get_world_size(g)
+    gen = torch.Generator(device=dev).manual_seed(tokens + hkv)
+    q, do = (torch.randn(1, 32, tokens, 128, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, hkv, tokens, 128, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    kernel = get_kernel("auto", dev, torch.bfloat16, 128)
+    step = kernel_bound_fn(kernel, q, k, v, do, block_work(tokens, n, rank, True), "fwd_bwd", 128 ** -0.5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+        step()
+    t = torch.tensor([time_fn(step, dev, 0, iters), time_fn(graph.replay, dev, 0, iters)], device=dev,
+                     dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    del graph
+    return {"tokens_per_gpu": tokens, "heads_q": 32, "heads_kv": hkv, "causal": True, "transport": "kernel_bound",
+            "kernel": kernel.name, "eager_ms": float(t[0]), "graph_ms": float(t[1])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1024,2048,4096,8192")
@@ -80,7 +110,8 @@ def main() -> None:
         for hkv in (32, 8):
             for tr in args.transports.split(","):
                 try:
-                    row = one_case(tokens, hkv, True, tr, g, dev, args.iters)
+                    row = (kernel_bound_case(tokens, hkv, g, dev, args.iters) if tr == "kernel_bound"
+                           else one_case(tokens, hkv, True, tr, g, dev, args.iters))
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     row = {"tokens_per_gpu": tokens, "heads_kv": hkv, "transport": tr,
                            "error": "".join(traceback.format_exception_only(exc))[-800:]}
