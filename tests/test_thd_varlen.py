@@ -150,6 +150,37 @@ def test_engine_through_the_varlen_block_is_exact(engine_reference_ops, n):
         assert (dense > 0) == (dense_rows is not None), dense
 
 
+def _natural_worker(rank, n):
+    import torch.distributed as dist
+
+    scope = PLAN_CACHE.scope(dist.group.WORLD)
+    seen = {}
+    cu_pad, cu = boundaries([13, 1, 22, 6, 9], n)
+    for causal in (True, False):
+        for kw in ({}, {"chunks": 2}):
+            err = run_case(dist.group.WORLD, cu_pad, cu, causal, 2, **kw)
+            layout = next(reversed(scope.layouts().entries.values()))
+            local = layout.call.local_kernel
+            seen[(causal, bool(kw))] = {
+                "err": err, "perm": layout.perm is not None, "full_rows": layout.call.full_rows,
+                # the own block reads every row in place: one ascending run on both sides, no gather
+                "local_in_place": isinstance(local, VarlenBlock) and local.q_index == slice(0, cu_pad[-1] // n)
+                and local.k_index == local.q_index}
+    return seen
+
+
+def test_cp2_packed_documents_run_in_their_own_order(engine_reference_ops):
+    """CP=2, one chunk: no permutation into [F ; B] and back, the own block's varlen launch reads its rows in
+    place, the remote block's case lives in its document masks; exact. chunks=2 keeps the [F ; B] layout."""
+    for seen in run_workers(_natural_worker, 2, timeout_s=300):
+        for (causal, chunked), got in seen.items():
+            assert got["err"] <= TOL, (causal, chunked, got)
+            if chunked:
+                assert got["perm"] and not got["full_rows"], got
+            else:
+                assert not got["perm"] and got["full_rows"] and got["local_in_place"], (causal, got)
+
+
 def test_packed_dense_rows_gets_its_own_layout(engine_reference_ops):
     """CP=1: calls that differ only in packed_dense_rows compile their own call and layout (never a stale one),
     equal options share them, and each layout's varlen block splits its segments by its own threshold."""

@@ -123,6 +123,9 @@ class CompiledCall:
         # one merge per row (CP=2, one chunk): the fp32 accumulators can be skipped exactly (one rounding)
         self.single_contribution = plan.world_size == 2 and self.chunks == 1
         self.unmerged_rows: slice | None = None  # rows of the output no remote block touches (CP=2)
+        # every block over all query rows and all rows of its pieces, the case's rows picked by the blocks'
+        # document masks instead (packed documents at CP=2 in their own THD order, megatron_tasp.engine.thd)
+        self.full_rows = False
         if self.single_contribution and causal:
             if not any(c in (EARLIER, FULL) for st in plan.steps[1:] for c, _ in self.groups(st)):
                 self.unmerged_rows = slice(None, pieces.half)
@@ -152,7 +155,7 @@ class CompiledCall:
 
     def rows_of(self, lane: int, case: str, ring: int) -> int:
         """Rows of ring's sub-piece in ``lane`` that a group of ``case`` attends to."""
-        return self.pieces.front[lane][ring] if case == EARLIER else \
+        return self.pieces.front[lane][ring] if case == EARLIER and not self.full_rows else \
             self.pieces.front[lane][ring] + self.pieces.back[lane][ring]
 
     def group_kv(self, views: list[torch.Tensor], lane: int, case: str,
@@ -164,7 +167,7 @@ class CompiledCall:
 
     def q_rows(self, case: str) -> slice:
         """Query rows (local positions) a group attends from."""
-        return slice(self.pieces.half, None) if case == LATER else slice(None)
+        return slice(self.pieces.half, None) if case == LATER and not self.full_rows else slice(None)
 
     def pack(self, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
         """Write local K/V ([s, b, h_kv, d]) into a flat buffer in piece order."""

@@ -31,11 +31,12 @@ import torch
 from megatron_tasp.engine.agree import agree_boundaries, boundaries_digest
 from megatron_tasp.engine.backward import backward
 from megatron_tasp.engine.cache import PLAN_CACHE
-from megatron_tasp.engine.compiled import CompiledCall, LocalCall
+from megatron_tasp.engine.compiled import FULL, CompiledCall, LocalCall
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock, VarlenOps, flash_varlen_ops
+from megatron_tasp.schedule import EARLIER, LATER
 from megatron_tasp.thd import (
     check_padded,
     document_segments,
@@ -117,6 +118,61 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
                     entries.append((case, rings, block))
             lanes.append(entries)
         blocks.append(lanes)
+    out.blocks = blocks
+    return out
+
+
+#: segment ids that match nothing: query rows (-1) and key rows (-2) a block's case leaves out
+_NO_KEYS, _NO_QUERIES = -1, -2
+
+
+def _natural_segments(cu_pad: Sequence[int], cu: Sequence[int], n: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment ids of CP rank ``rank``'s tokens in their own THD order (per document: its chunk ``rank``, then
+    its chunk ``2n-1-rank``), and which of them lie in the back chunk ``2n-1-rank``."""
+    order = engine_order(cu_pad, n)  # engine row -> THD local row
+    seg_e = engine_segments(cu_pad, cu, n, rank)
+    seg = torch.empty_like(seg_e)
+    seg[order] = seg_e
+    back = torch.zeros(order.numel(), dtype=torch.bool)
+    back[order[order.numel() // 2:]] = True  # the engine's [F ; B]: B is the second half
+    return seg, back
+
+
+def natural_order_applies(call: CompiledCall | LocalCall) -> bool:
+    """True when a packed-document call runs in the THD local order itself (no permutation to ``[F ; B]``):
+    CP=2 with one chunk, where the one piece of a rank is its whole KV in that order."""
+    return (isinstance(call, CompiledCall) and call.plan.world_size == 2 and call.chunks == 1
+            and call.pieces.identity)
+
+
+def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torch.Tensor], device: torch.device):
+    """CP=2 packed documents in the THD local order: every document's rows are contiguous on both ranks, so the
+    own block's varlen launch reads its rows in place (no gather, and no permutation into ``[F ; B]`` and back).
+    The remote block runs over all query rows and all rows of the peer's piece (``full_rows``); its case is
+    expressed in the document masks instead: an earlier peer's back-chunk keys, or this rank's front-chunk
+    queries for a later peer, carry ids that match nothing (no launch or FLOPs for them; their output rows get
+    lse -inf, which the merge weighs 0, and zero gradients)."""
+    r = call.plan.rank
+    mine = segs[r]
+    out = copy.copy(call)
+    out.full_rows = True
+    out.unmerged_rows = None  # the remote block's output covers every row (masked ones with lse -inf)
+    out.local_kernel = _block(call.kernel, mine, mine, device, call.packed_dense_rows)
+    blocks: list = [[]]
+    for st in call.plan.steps[1:]:
+        source = {h.ring: h.source for h in st.held}
+        entries = []
+        for case, rings, kern in call.blocks[st.step][0]:
+            src = [source[i] for i in rings]
+            keys = torch.cat([torch.where(backs[s], _NO_QUERIES, segs[s]) if case == EARLIER else segs[s]
+                              for s in src])
+            queries = torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine
+            if case not in (EARLIER, LATER, FULL):
+                raise AssertionError(f"unknown block case {case!r}")
+            block = _block(kern, queries, keys, device, call.packed_dense_rows)
+            if block.pairs or st.step == 1:  # step 1 also starts every held piece's dK/dV accumulator
+                entries.append((case, rings, block))
+        blocks.append([entries])
     out.blocks = blocks
     return out
 
@@ -205,6 +261,13 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
     if n == 1:  # one rank: no pieces to exchange, so no [F ; B] order either; documents stay contiguous
         segs = [document_segments(cu_pad, cu)]
         order = torch.arange(length)
+    elif natural_order_applies(call):
+        nat = [_natural_segments(cu_pad, cu, n, s) for s in range(n)]
+        segs = [x[0] for x in nat]
+        pad = torch.nonzero(segs[call.plan.rank] % 2 == 1).flatten()
+        layout = ThdLayout(call=_natural_call(call, segs, [x[1] for x in nat], device), perm=None, inv=None,
+                           pad=pad.to(device) if pad.numel() else None)
+        return cache.put(key, layout)
     else:
         segs = [engine_segments(cu_pad, cu, n, s) for s in range(n)]
         order = engine_order(cu_pad, n)
