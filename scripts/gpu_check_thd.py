@@ -295,6 +295,13 @@ def main() -> None:
                                                qf, kf, vf, do, a.warmup, a.iters, cuda)
         best = min(rec["one_gpu_packed_ms"], rec["one_gpu_tasp_ms"], rec.get("one_gpu_varlen_ms", float("inf")))
         rec["tasp_over_one_gpu"] = rec["tasp_packed_ms"] / best  # against the faster one-GPU form
+        for br in [x for x in a.big_rows.split(",") if x]:  # the same threshold on one GPU too, then the best
+            opts = default_options().replace(packed_dense_rows=br)
+            rec[f"one_gpu_tasp_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
+                x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu, options=o),
+                *(t.detach().requires_grad_(True) for t in (q, k, v)), do, a.warmup, a.iters, cuda)
+            rec[f"tasp_over_one_gpu_big_rows_{br}"] = rec[f"tasp_packed_ms_big_rows_{br}"] / min(
+                best, rec[f"one_gpu_tasp_ms_big_rows_{br}"])
         rec["tasp_over_dense_causal"] = rec["tasp_packed_ms"] / rec["dense_causal_ms"]
         results["timings"].append(rec)
         if r == 0:
