@@ -14,6 +14,11 @@ are zeroed at the end and their incoming gradient dropped, so no gradient reache
 :func:`thd_layout` precomputes one segmented kernel (:mod:`megatron_tasp.kernels.segmented`) per (step, lane,
 case) for each set of boundary values.
 
+CP=2 with one chunk keeps the THD order instead (:func:`_natural_call`): a rank's one piece is its whole KV in
+any order, so nothing needs ``[F ; B]``; every document's two chunks stay contiguous, the own block's varlen
+launch reads them in place, and the remote block runs over all rows with its case (an earlier source's front
+chunks; a later source seen by the back chunks only) written into the segment ids.
+
 Cost. The boundaries are read to the host once per call (a host sync on GPU) and a new set is compiled
 (and agreed across ranks with one all-reduce) once. On CUDA a block runs all its documents as one varlen
 launch (:mod:`megatron_tasp.kernels.varlen`; with ``options.packed_dense_rows`` the large ones as dense kernel
@@ -52,8 +57,9 @@ __all__ = ["ThdAttention", "ThdLayout", "thd_layout", "thd_views"]
 @dataclass(frozen=True)
 class ThdLayout:
     """A compiled call re-targeted at one set of document boundaries: the permutation between the THD local
-    order and the engine's ``[F ; B]`` order (the dense zigzag layout), the padded rows, and the call whose
-    kernels are segmented (same rings, pieces, exchange and schedule as the dense call)."""
+    order and the engine's ``[F ; B]`` order (the dense zigzag layout; None where the call runs in the THD order
+    itself), the padded rows, and the call whose kernels are segmented (same rings, pieces, exchange and
+    schedule as the dense call)."""
 
     call: CompiledCall | LocalCall
     perm: torch.Tensor | None  # engine row -> THD local row (None: identity)
