@@ -27,13 +27,14 @@ def host_bounds(cu_seqlens_padded: torch.Tensor | Sequence[int]) -> list[int]:
 
 
 def check_padded(cu_pad: Sequence[int], cp_size: int) -> None:
-    """Raise ValueError unless ``cu_pad`` starts at 0 and every document length is a non-negative
-    multiple of 2·cp_size."""
+    """Raise ValueError unless ``cu_pad`` starts at 0 and every document length is a non-negative multiple of
+    2·cp_size. CP size 1 holds every document whole, so there any non-negative length is fine (Megatron-LM's
+    SFT dataset pads documents only when the CP size is above 1)."""
     if len(cu_pad) < 2 or cu_pad[0] != 0:
         raise ValueError(f"cu_seqlens_padded must start at 0 and hold n_docs + 1 boundaries, got {list(cu_pad)[:8]}")
     for i in range(len(cu_pad) - 1):
         n = cu_pad[i + 1] - cu_pad[i]
-        if n < 0 or n % (2 * cp_size):
+        if n < 0 or (cp_size > 1 and n % (2 * cp_size)):
             raise ValueError(f"document {i} has padded length {n}: every padded document length must be a "
                              f"non-negative multiple of 2*CP = {2 * cp_size} (pad each document at its end)")
 
@@ -43,13 +44,15 @@ def partition_index(cu_seqlens_padded: torch.Tensor | Sequence[int], cp_size: in
     of ``cu_seqlens_padded[-1] // cp_size`` entries).
 
     ``cu_seqlens_padded``: cumulative padded document lengths ``[0, P_0, P_0 + P_1, ...]``, every ``P_i`` a
-    multiple of 2·cp_size. Rank r holds chunks r and 2·cp_size-1-r (each ``P_i / (2·cp_size)`` tokens) of
-    every document, documents in order.
+    multiple of 2·cp_size (any length at CP size 1, where the one rank holds every token in order). Rank r
+    holds chunks r and 2·cp_size-1-r (each ``P_i / (2·cp_size)`` tokens) of every document, documents in order.
     """
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
         raise ValueError(f"need 0 <= cp_rank < cp_size, got cp_rank={cp_rank}, cp_size={cp_size}")
     cu = host_bounds(cu_seqlens_padded)
     check_padded(cu, cp_size)
+    if cp_size == 1:
+        return torch.arange(cu[-1], dtype=torch.long)
     starts = torch.tensor(cu[:-1], dtype=torch.long)
     chunk = (torch.tensor(cu[1:], dtype=torch.long) - starts) // (2 * cp_size)
     front = starts + cp_rank * chunk

@@ -2,7 +2,8 @@
 
 Runs Megatron-LM's own ``pretrain_gpt.py`` (through ``megatron_tasp.megatron.pretrain_gpt``, no patch needed,
 or a patched checkout with ``--entry patched``) once per (sequence length, layout), mock data, bf16, and
-records Megatron's own numbers (iteration time, TFLOP/s/GPU, loss) as JSON::
+records Megatron's own numbers (iteration time, TFLOP/s/GPU, loss) as JSON (``--sft-data DIR``: Megatron-LM's
+``--sft`` path on the fixture of ``scripts/make_sft_fixture.py`` instead of mock data)::
 
     export MEGATRON_LM_PATH=/path/to/Megatron-LM          # pretrain_gpt.py, gpt_builders.py, model_provider.py
     python scripts/megatron_lm_bench.py --seq 16384,32768 --out docs/benchmarks/DATE-h200x2-megatron-lm.json
@@ -50,12 +51,35 @@ def model_args(a: argparse.Namespace, seq: int, cp: int) -> list[str]:
         "--micro-batch-size", str(micro_batch(a, cp)), "--global-batch-size", str(a.global_batch),
         "--train-iters", str(a.iters), "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "constant",
         "--bf16", "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--seed", "1234",
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(a.vocab),
+        *data_args(a),
         "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
         "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
         "--log-interval", "1", "--log-throughput", "--eval-iters", "0", "--eval-interval", str(10 * a.iters),
         "--split", "100,0,0", "--distributed-backend", "nccl",
     ]
+
+
+def data_args(a: argparse.Namespace) -> list[str]:
+    """Mock data with a null tokenizer, or with ``--sft-data DIR`` Megatron-LM's SFT path on the fixture of
+    ``scripts/make_sft_fixture.py`` (packed chat conversations, one document each, loss on assistant turns)."""
+    if not a.sft_data:
+        return ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(a.vocab)]
+    d = Path(a.sft_data)
+    return ["--sft", "--data-path", str(d / "train.jsonl"), "--tokenizer-type", "SFTTokenizer",
+            "--tokenizer-model", str(d / "tokenizer"), "--sft-tokenizer-prompt-format", "nemotron-h-aligned"]
+
+
+def sft_env(a: argparse.Namespace) -> dict[str, str]:
+    """Environment additions of an SFT run: the fixture's ``datasets`` stand-in when HF datasets is missing."""
+    if not a.sft_data:
+        return {}
+    try:
+        import datasets  # noqa: F401
+        return {}
+    except ImportError:
+        stub = str(Path(a.sft_data) / "stub")
+        print(f"HF datasets is not installed: the SFT runs read the JSON lines through {stub}/datasets", flush=True)
+        return {"PYTHONPATH": os.pathsep.join(x for x in (stub, os.environ.get("PYTHONPATH", "")) if x)}
 
 
 def layout_args(cp: int, tp: int) -> list[str]:
@@ -71,7 +95,7 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
            "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq, cp), *layout_args(cp, a.tp),
            *a.extra]
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1", **sft_env(a))
     log = log_dir / f"megatron-lm-{a.tag}seq{seq}-cp{cp}-tp{a.tp}-mb{micro_batch(a, cp)}.log"
     t0 = time.time()
     with open(log, "w") as fh:
@@ -93,7 +117,8 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
     rec = {"impl": "megatron_lm", "entry": a.entry, "cp": cp, "tp": a.tp, "dp": a.nproc // (cp * a.tp),
            "seq_length": seq, "micro_batch_size": micro_batch(a, cp), "extra_flags": a.extra,
            "global_batch": a.global_batch, "layers": a.layers, "hidden": a.hidden, "heads": a.heads,
-           "query_groups": a.groups, "rc": rc, "wall_s": round(time.time() - t0, 1), "losses": losses,
+           "query_groups": a.groups, "data": "sft" if a.sft_data else "mock", "rc": rc,
+           "wall_s": round(time.time() - t0, 1), "losses": losses,
            "log": log.name}
     if rc != 0 or not iters:
         rec["error_tail"] = text[-3000:]
@@ -145,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="iterations left out of the medians")
     p.add_argument("--entry", choices=("launcher", "patched"), default="launcher",
                    help="launcher: python -m megatron_tasp.megatron.pretrain_gpt; patched: a patched pretrain_gpt.py")
+    p.add_argument("--sft-data", default=None, metavar="DIR",
+                   help="run Megatron-LM's --sft on the fixture scripts/make_sft_fixture.py wrote to DIR (packed "
+                        "chat conversations, per-document masks) instead of mock data")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--log-dir", default=None, help="where the Megatron logs go (default: beside --out)")
@@ -166,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             if "error_tail" in rec:
                 print(rec["error_tail"][-1500:], flush=True)
     result = {"date": datetime.date.today().isoformat(), "machine": versions(), "records": records}
+    if a.sft_data and (Path(a.sft_data) / "fixture.json").exists():
+        result["sft_fixture"] = json.loads((Path(a.sft_data) / "fixture.json").read_text())
     by = {(r["seq_length"], r["cp"]): r for r in records if "iter_ms" in r}  # one TP size per invocation
     ratios = {}
     for seq in {r["seq_length"] for r in records}:

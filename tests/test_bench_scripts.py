@@ -1,4 +1,5 @@
-"""The measurement scripts' own logic on CPU: the trace summary and the Megatron-LM bench's micro-batch sizes."""
+"""The measurement scripts' own logic on CPU: the trace summary, the Megatron-LM bench's micro-batch sizes and its
+SFT fixture."""
 
 from __future__ import annotations
 
@@ -62,8 +63,50 @@ def test_megatron_lm_bench_micro_batch_sizes():
     assert mb.micro_batch(a, 1) == 1 and mb.micro_batch(a, 2) == 1
     a.micro_batch = "all"  # one micro-batch per step: DP=2 -> 1 sequence, CP=2 -> both sequences
     assert mb.micro_batch(a, 1) == 1 and mb.micro_batch(a, 2) == 2
-    args = mb.model_args(Namespace(**vars(a), layers=2, hidden=64, heads=4, groups=2, iters=3, vocab=128), 1024, 2)
-    assert args[args.index("--micro-batch-size") + 1] == "2"
+    args = mb.model_args(Namespace(**vars(a), layers=2, hidden=64, heads=4, groups=2, iters=3, vocab=128,
+                                   sft_data=None), 1024, 2)
+    assert args[args.index("--micro-batch-size") + 1] == "2" and "--mock-data" in args
     a.global_batch = 3
     with pytest.raises(SystemExit, match="does not split"):
         mb.micro_batch(a, 1)
+
+
+def test_sft_fixture_feeds_megatrons_sft_tokenizer_and_the_bench(tmp_path, monkeypatch):
+    """The fixture's tokenizer tokenizes its conversations through Megatron-Core's SFT tokenizer (system and user
+    turns masked out of the loss), its datasets stand-in reads the lines back, and the bench runs --sft on it."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("megatron") is None:
+        pytest.skip("megatron-core is not installed")
+    from megatron_tasp.megatron.cpu_compat import enable_cpu_megatron
+
+    enable_cpu_megatron()
+    tokenizers_mod = pytest.importorskip("megatron.core.tokenizers")  # megatron-core >= 0.19
+    fx = _load("make_sft_fixture")
+    assert fx.main(["--out", str(tmp_path), "--lines", "3", "--seq", "512", "--mean", "120"]) == 0
+    meta = json.loads((tmp_path / "fixture.json").read_text())
+    assert meta["lines"] == 3 and meta["conversations"] > 3 and meta["vocab"] == len(fx.SPECIALS) + 3 + fx.WORDS
+    monkeypatch.syspath_prepend(str(tmp_path / "stub"))
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    import datasets
+
+    rows = datasets.load_dataset("json", data_files=str(tmp_path / "train.jsonl"), split="all")
+    assert len(rows) == 3 and sum(m["role"] == "system" for m in rows[0]["messages"]) > 1  # several per line
+    with pytest.raises(NotImplementedError):
+        datasets.load_dataset("csv", data_files="x")
+    tok = tokenizers_mod.MegatronTokenizer.from_pretrained(tokenizer_path=str(tmp_path / "tokenizer"),
+                                                           metadata_path={"library": "sft"},
+                                                           prompt_format="nemotron-h-aligned")
+    conv = rows[0]["messages"][:3]
+    ids, target = tok.tokenize_conversation(conv, return_target=True, add_generation_prompt=False)
+    words = [len(m["content"].split()) for m in conv]
+    assert len(ids) == sum(words) + 6  # role markers: "<SPECIAL_10> System", "<SPECIAL_11> User <SPECIAL_11> Assistant"
+    masked = int((target == -100).sum())
+    assert masked == words[0] + words[1] + 6 and tok.pad != tok.eod  # only the assistant turn is learned
+    bench = _load("megatron_lm_bench")
+    a = Namespace(sft_data=str(tmp_path), vocab=128)
+    args = bench.data_args(a)
+    assert "--sft" in args and "--mock-data" not in args
+    assert args[args.index("--tokenizer-model") + 1] == str(tmp_path / "tokenizer")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # HF datasets missing: the stand-in goes on the path
+    assert bench.sft_env(a)["PYTHONPATH"].split(":")[0] == str(tmp_path / "stub")

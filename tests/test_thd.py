@@ -11,7 +11,7 @@ import torch
 
 from megatron_tasp import TaspConfigError, tasp_attention
 from megatron_tasp.launch import run_workers
-from megatron_tasp.thd import partition_index
+from megatron_tasp.thd import check_padded, partition_index
 from megatron_tasp.topology import generic_topology
 from tests.attn_reference import reference_documents, rel_err
 
@@ -219,6 +219,18 @@ def test_cp1_without_group():
         assert run_case(None, cu_pad, cu, causal, 2) <= TOL
 
 
+def test_cp1_takes_documents_of_any_length():
+    """CP=1 holds every document whole: odd lengths need no padding (Megatron-LM's SFT dataset pads documents to
+    multiples of 2*CP only when CP > 1), and the partition is the identity."""
+    lengths = [3, 1, 7, 0, 5]
+    cu = [0]
+    for m in lengths:
+        cu.append(cu[-1] + m)
+    for causal in (True, False):
+        assert run_case(None, cu, cu, causal, 2) <= TOL
+    assert torch.equal(partition_index(cu, 1, 0), torch.arange(cu[-1]))
+
+
 def test_partition_index_matches_a_direct_construction():
     rnd = random.Random(5)
     for n in (1, 2, 3, 4, 8):
@@ -239,8 +251,8 @@ def test_partition_index_matches_a_direct_construction():
 
 def test_bad_boundaries_fail_closed():
     q = torch.randn(8, 4, D)
-    with pytest.raises(TaspConfigError, match="multiple of 2\\*CP"):
-        tasp_attention(q, q, q, None, cu_seqlens_padded=torch.tensor([0, 3, 8]))
+    with pytest.raises(ValueError, match="multiple of 2\\*CP = 4"):  # CP > 1: documents padded to 2*CP
+        check_padded([0, 2, 8], 2)
     with pytest.raises(TaspConfigError, match="local tokens"):
         tasp_attention(q, q, q, None, cu_seqlens_padded=torch.tensor([0, 4]))
     with pytest.raises(TaspConfigError, match="padded length"):
@@ -361,5 +373,8 @@ def test_boundaries_alone_are_never_ignored():
                          options=parse_options({"packed_split": "sequence"}, use_env=False))
     ref = reference_documents(q.double(), q.double(), q.double(), [0, 3, 8], [0, 3, 8], True)
     assert rel_err(out, ref) <= TOL
-    with pytest.raises(TaspConfigError, match="multiple of 2"):  # 'document' split: 3 is no multiple of 2
-        tasp_attention(q, q, q, None, causal=True, cu_seqlens=cu)
+    # the 'document' split at CP=1: any document length, the same document-masked result (not dense attention)
+    out = tasp_attention(q, q, q, None, causal=True, cu_seqlens=cu)
+    assert rel_err(out, ref) <= TOL
+    dense = reference_documents(q.double(), q.double(), q.double(), [0, 8], [0, 8], True)
+    assert rel_err(out, dense) > 1e-3
