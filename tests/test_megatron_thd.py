@@ -139,8 +139,8 @@ def test_packed_seq_params_reach_tasp_attention(recorder, batch_dim):
     (c,) = recorder
     assert c["q"].shape == (32, 4, 16) and c["k"].shape == (32, 2, 16) and c["v"].shape == (32, 2, 16)
     assert c["cp_group"] is None and c["causal"] is True
-    assert c["cu_seqlens"] is packed.cu_seqlens_q and c["cu_seqlens_padded"] is packed.cu_seqlens_q_padded
-    assert c["cu_seqlens"].dtype == torch.int32
+    # host tuples, read once per PackedSeqParams (no host synchronisation in the layers after the first)
+    assert c["cu_seqlens"] == tuple(CU.tolist()) and c["cu_seqlens_padded"] == tuple(CU_PAD.tolist())
     assert c["softmax_scale"] == pytest.approx(1 / math.sqrt(16))
     assert c["options"].num_rings == 1 and c["options"].transport == "p2p"
 
@@ -153,8 +153,8 @@ def test_no_mask_and_unpadded_cu_seqlens(recorder):
     assert attn(q, k, v, None, attn_mask_type=AttnMaskType.no_mask, packed_seq_params=packed).shape == (24, 64)
     (c,) = recorder
     assert c["causal"] is False
-    assert c["cu_seqlens"].dtype == torch.int32 and c["cu_seqlens"].tolist() == [0, 8, 12, 24]
-    assert c["cu_seqlens_padded"].tolist() == [0, 8, 12, 24]  # no padded lengths: every token is real
+    assert c["cu_seqlens"] == (0, 8, 12, 24)
+    assert c["cu_seqlens_padded"] == (0, 8, 12, 24)  # no padded lengths: every token is real
 
 
 def test_megatron_lm_style_params(recorder):
@@ -162,7 +162,27 @@ def test_megatron_lm_style_params(recorder):
     packed = _packed(cu=CU_PAD)
     attn = _make()
     attn(*_qkv(), None, packed_seq_params=packed)
-    assert recorder[0]["cu_seqlens"].tolist() == recorder[0]["cu_seqlens_padded"].tolist() == CU_PAD.tolist()
+    assert recorder[0]["cu_seqlens"] == recorder[0]["cu_seqlens_padded"] == tuple(CU_PAD.tolist())
+
+
+def test_boundaries_are_read_once_per_packed_params_and_never_stale(monkeypatch):
+    """Every layer of a micro-batch gets the same PackedSeqParams: the boundaries are read to the host once;
+    a modified or replaced boundary tensor, or another params object, is read again."""
+    import megatron_tasp.megatron.core_attention as ca
+
+    reads = []
+    real = ca.thd_cu_seqlens
+    monkeypatch.setattr(ca, "thd_cu_seqlens", lambda p, n=1: reads.append(p) or real(p, n))
+    packed = _packed(cu=CU.clone(), cu_pad=CU_PAD.clone())
+    first = ca.thd_host_boundaries(packed)
+    assert first == (tuple(CU.tolist()), tuple(CU_PAD.tolist()))
+    assert ca.thd_host_boundaries(packed) is first and len(reads) == 1  # the next layers: cached
+    packed.cu_seqlens_q[1] += 0  # an in-place write bumps the version: read again, same values
+    assert ca.thd_host_boundaries(packed) == first and len(reads) == 2
+    packed.cu_seqlens_q_padded = packed.cu_seqlens_kv_padded = CU.clone()  # replaced: read again, new values
+    assert ca.thd_host_boundaries(packed)[1] == tuple(CU.tolist()) and len(reads) == 3
+    other = _packed()
+    assert ca.thd_host_boundaries(other) == first and len(reads) == 4
 
 
 def test_mla_head_dims_trimmed(recorder):

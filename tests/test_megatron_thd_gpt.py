@@ -24,6 +24,7 @@ H.require_megatron()
 pytestmark = pytest.mark.megatron
 
 from megatron_tasp.launch import run_workers  # noqa: E402
+from megatron_tasp.thd import host_bounds  # noqa: E402
 
 SEQ = 48
 VOCAB = 128
@@ -87,8 +88,8 @@ def reference_thd_attention(q, k, v, cp_group, *, causal=True, cu_seqlens_padded
     """Exact packed attention on THD shards (fp32): same document, causal within it, padding attends nothing."""
     cp = 1 if cp_group is None else dist.get_world_size(cp_group)
     rank = 0 if cp_group is None else dist.get_rank(cp_group)
-    cu_pad = [int(x) for x in cu_seqlens_padded.tolist()]
-    cu = [int(x) for x in (cu_seqlens if cu_seqlens is not None else cu_seqlens_padded).tolist()]
+    cu_pad = host_bounds(cu_seqlens_padded)  # tensors or the adapter's host tuples
+    cu = host_bounds(cu_seqlens if cu_seqlens is not None else cu_seqlens_padded)
     doc = torch.zeros(cu_pad[-1], dtype=torch.long)
     pos = torch.zeros(cu_pad[-1], dtype=torch.long)
     real = torch.zeros(cu_pad[-1], dtype=torch.bool)

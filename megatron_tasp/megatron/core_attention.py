@@ -205,6 +205,31 @@ def thd_cu_seqlens(packed_seq_params: Any, cp_size: int = 1) -> tuple[torch.Tens
     return cu_q, padded
 
 
+_BOUNDARY_FIELDS = ("cu_seqlens_q", "cu_seqlens_q_padded", "cu_seqlens_kv", "cu_seqlens_kv_padded")
+
+
+def thd_host_boundaries(packed_seq_params: Any, cp_size: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`thd_cu_seqlens` as host tuples ``(cu_seqlens, cu_seqlens_padded)``, read from the device once per
+    PackedSeqParams object.
+
+    Megatron builds one PackedSeqParams per micro-batch and hands it to every layer; reading the boundaries
+    is a host synchronisation, so only the first layer pays it. The values are kept on the object, tied to the
+    very boundary tensors and their in-place version counters: a replaced or modified tensor is read again."""
+    tensors = tuple(getattr(packed_seq_params, f, None) for f in _BOUNDARY_FIELDS)
+    versions = tuple(getattr(t, "_version", None) for t in tensors)
+    cached = getattr(packed_seq_params, "_tasp_host_boundaries", None)
+    if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], tensors)):
+        return cached[2]
+    cu, padded = thd_cu_seqlens(packed_seq_params, cp_size)
+    both = torch.cat((cu.long(), padded.to(cu.device).long())).tolist()  # one host read for both
+    host = (tuple(both[:cu.numel()]), tuple(both[cu.numel():]))
+    try:
+        packed_seq_params._tasp_host_boundaries = (tensors, versions, host)
+    except (AttributeError, TypeError):  # a frozen or slotted params object: read again next time
+        pass
+    return host
+
+
 class TaspDotProductAttention(MegatronModule):
     """Core attention computing TASP (multi-ring) context-parallel attention over ``pg_collection.cp``."""
 
@@ -368,7 +393,7 @@ class TaspDotProductAttention(MegatronModule):
             raise NotImplementedError(f"TaspDotProductAttention supports packed (THD) self-attention only, got "
                                       f"attention_type={self.attention_type!r}: use Transformer Engine's attention "
                                       "for packed cross-attention")
-        cu_seqlens, cu_seqlens_padded = thd_cu_seqlens(packed_seq_params, self.cp_size)
+        cu_seqlens, cu_seqlens_padded = thd_host_boundaries(packed_seq_params, self.cp_size)
         query, key, value = (_as_thd(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
         query, key, value, dv = _pad_head_dims(query, key, value)
         # cp_group None (CP 1 without a group) is packed attention on this rank's tokens in tasp_attention.
@@ -386,4 +411,5 @@ class TaspDotProductAttention(MegatronModule):
                 f"kernel={o.kernel}, chunks={o.chunks}, keep_kv={o.keep_kv}")
 
 
-__all__ = ["TASP_COMM_TYPE", "TaspDotProductAttention", "is_tasp_comm_type", "normalize_comm_type", "thd_cu_seqlens"]
+__all__ = ["TASP_COMM_TYPE", "TaspDotProductAttention", "is_tasp_comm_type", "normalize_comm_type", "thd_cu_seqlens",
+           "thd_host_boundaries"]
