@@ -26,20 +26,8 @@ from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
 from megatron_tasp.kernels import get_kernel
 
 
-def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters: int) -> dict:
-    gen = torch.Generator(device=dev).manual_seed(tokens + hkv)
-    q = torch.randn(tokens, 1, 32, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    k = torch.randn(tokens, 1, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    v = torch.randn(tokens, 1, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    do = torch.randn(tokens, 1, 32, 128, device=dev, dtype=torch.bfloat16, generator=gen)
-
-    def step():
-        out = tasp_attention(q, k, v, g, causal=causal, transport=transport)
-        return (out, *torch.autograd.grad(out, (q, k, v), do))
-
-    eager = [t.clone() for t in step()]
-    again = step()  # control: two eager runs (the fused kernels' backward need not be bitwise repeatable)
-    eager_repeat = max(float((a.float() - b.float()).abs().max()) for a, b in zip(again, eager))
+def capture(step) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm ``step`` up on a side stream, then capture one call of it there; returns (graph, its outputs)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -54,6 +42,24 @@ def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters:
     # inside the capture.
     with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         static = step()
+    return graph, static
+
+
+def one_case(tokens: int, hkv: int, causal: bool, transport: str, g, dev, iters: int) -> dict:
+    gen = torch.Generator(device=dev).manual_seed(tokens + hkv)
+    q = torch.randn(tokens, 1, 32, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    k = torch.randn(tokens, 1, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    v = torch.randn(tokens, 1, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    do = torch.randn(tokens, 1, 32, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+
+    def step():
+        out = tasp_attention(q, k, v, g, causal=causal, transport=transport)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    eager = [t.clone() for t in step()]
+    again = step()  # control: two eager runs (the fused kernels' backward need not be bitwise repeatable)
+    eager_repeat = max(float((a.float() - b.float()).abs().max()) for a, b in zip(again, eager))
+    graph, static = capture(step)
     graph.replay()
     torch.cuda.synchronize()
     same = all(torch.equal(a, b) for a, b in zip(static, eager))
@@ -76,16 +82,7 @@ def kernel_bound_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
     k, v = (torch.randn(1, hkv, tokens, 128, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(2))
     kernel = get_kernel("auto", dev, torch.bfloat16, 128)
     step = kernel_bound_fn(kernel, q, k, v, do, block_work(tokens, n, rank, True), "fwd_bwd", 128 ** -0.5)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-        step()
+    graph, _ = capture(step)
     t = torch.tensor([time_fn(step, dev, 0, iters), time_fn(graph.replay, dev, 0, iters)], device=dev,
                      dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
