@@ -166,23 +166,34 @@ def test_megatron_lm_style_params(recorder):
 
 
 def test_boundaries_are_read_once_per_packed_params_and_never_stale(monkeypatch):
-    """Every layer of a micro-batch gets the same PackedSeqParams: the boundaries are read to the host once;
-    a modified or replaced boundary tensor, or another params object, is read again."""
+    """Every layer of a micro-batch gets the same PackedSeqParams: the boundaries are read to the host by the
+    first layer of a pass only; a new pass, a modified or replaced boundary tensor, or another params object
+    reads them again; inference tensors (no version counter) are read every time."""
     import megatron_tasp.megatron.core_attention as ca
 
     reads = []
     real = ca.thd_cu_seqlens
     monkeypatch.setattr(ca, "thd_cu_seqlens", lambda p, n=1: reads.append(p) or real(p, n))
     packed = _packed(cu=CU.clone(), cu_pad=CU_PAD.clone())
-    first = ca.thd_host_boundaries(packed)
+    first = ca.thd_host_boundaries(packed, 1, 1)
     assert first == (tuple(CU.tolist()), tuple(CU_PAD.tolist()))
-    assert ca.thd_host_boundaries(packed) is first and len(reads) == 1  # the next layers: cached
-    packed.cu_seqlens_q[1] += 0  # an in-place write bumps the version: read again, same values
-    assert ca.thd_host_boundaries(packed) == first and len(reads) == 2
-    packed.cu_seqlens_q_padded = packed.cu_seqlens_kv_padded = CU.clone()  # replaced: read again, new values
-    assert ca.thd_host_boundaries(packed)[1] == tuple(CU.tolist()) and len(reads) == 3
-    other = _packed()
-    assert ca.thd_host_boundaries(other) == first and len(reads) == 4
+    assert ca.thd_host_boundaries(packed, 1, 2) is first and ca.thd_host_boundaries(packed, 1, 3) is first
+    assert len(reads) == 1  # the later layers of the pass: cached
+    packed.cu_seqlens_q[1] += 0  # an in-place write bumps the version: read again
+    assert ca.thd_host_boundaries(packed, 1, 4) == first and len(reads) == 2
+    packed.cu_seqlens_q_padded.data.copy_(CU)  # refilled without a version bump (as a collective would) ...
+    packed.cu_seqlens_kv_padded = packed.cu_seqlens_q_padded
+    assert ca.thd_host_boundaries(packed, 1, 1)[1] == tuple(CU.tolist())  # ... the next pass reads it again
+    assert len(reads) == 3
+    assert ca.thd_host_boundaries(packed, 1, 1) == (tuple(CU.tolist()),) * 2 and len(reads) == 4  # same layer
+    assert ca.thd_host_boundaries(_packed(), 1, 2) == first and len(reads) == 5  # another params object
+    packed.local_cp_size = 2
+    with pytest.raises(NotImplementedError, match="local_cp_size"):  # a cache hit still checks the params
+        ca.thd_host_boundaries(packed, 1, 5)
+    assert len(reads) == 5
+    with torch.inference_mode():
+        inf = _packed(cu=CU.clone(), cu_pad=CU_PAD.clone())
+    assert ca.thd_host_boundaries(inf, 1, 1) == ca.thd_host_boundaries(inf, 1, 2) == first and len(reads) == 7
 
 
 def test_mla_head_dims_trimmed(recorder):

@@ -167,6 +167,21 @@ def _same(q: torch.Tensor | None, kv: torch.Tensor | None) -> bool:
     return q.shape == kv.shape and bool(torch.equal(q, kv.to(q.device)))
 
 
+def _check_packed_params(packed_seq_params: Any, cp_size: int) -> None:
+    """The checks of :func:`thd_cu_seqlens` that read no tensor: THD format, no dynamic CP group or size."""
+    fmt = getattr(packed_seq_params, "qkv_format", None)
+    if fmt != "thd":
+        raise NotImplementedError(f"TaspDotProductAttention serves packed sequences in qkv_format 'thd' only, got "
+                                  f"{fmt!r}: build PackedSeqParams(qkv_format='thd', ...)")
+    if getattr(packed_seq_params, "cp_group", None) is not None:
+        raise NotImplementedError("packed_seq_params.cp_group (dynamic / hybrid context parallelism) is not "
+                                  "supported by TASP: drop --hybrid-context-parallel")
+    local = getattr(packed_seq_params, "local_cp_size", None)
+    if local is not None and int(local) != cp_size:
+        raise NotImplementedError(f"packed_seq_params.local_cp_size={local} differs from the CP size {cp_size}: "
+                                  "dynamic CP sizes (--hybrid-context-parallel) are not supported by TASP")
+
+
 def thd_cu_seqlens(packed_seq_params: Any, cp_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cu_seqlens, cu_seqlens_padded)`` for ``tasp_attention`` from Megatron's PackedSeqParams.
 
@@ -174,10 +189,7 @@ def thd_cu_seqlens(packed_seq_params: Any, cp_size: int = 1) -> tuple[torch.Tens
     Fails closed on anything TASP does not serve: a format other than "thd", different query and key/value
     lengths (cross-attention), a dynamic CP group (hybrid CP) or no cu_seqlens_q.
     """
-    fmt = getattr(packed_seq_params, "qkv_format", None)
-    if fmt != "thd":
-        raise NotImplementedError(f"TaspDotProductAttention serves packed sequences in qkv_format 'thd' only, got "
-                                  f"{fmt!r}: build PackedSeqParams(qkv_format='thd', ...)")
+    _check_packed_params(packed_seq_params, cp_size)
     cu_q = _cu(getattr(packed_seq_params, "cu_seqlens_q", None), "cu_seqlens_q")
     if cu_q is None:
         raise NotImplementedError("packed_seq_params (THD) without cu_seqlens_q is not supported: give the "
@@ -191,13 +203,6 @@ def thd_cu_seqlens(packed_seq_params: Any, cp_size: int = 1) -> tuple[torch.Tens
             "TaspDotProductAttention needs equal query and key/value document lengths in packed_seq_params "
             "(cu_seqlens_q == cu_seqlens_kv, cu_seqlens_q_padded == cu_seqlens_kv_padded): packed "
             "cross-attention is not supported; use Transformer Engine's attention for it")
-    if getattr(packed_seq_params, "cp_group", None) is not None:
-        raise NotImplementedError("packed_seq_params.cp_group (dynamic / hybrid context parallelism) is not "
-                                  "supported by TASP: drop --hybrid-context-parallel")
-    local = getattr(packed_seq_params, "local_cp_size", None)
-    if local is not None and int(local) != cp_size:
-        raise NotImplementedError(f"packed_seq_params.local_cp_size={local} differs from the CP size {cp_size}: "
-                                  "dynamic CP sizes (--hybrid-context-parallel) are not supported by TASP")
     padded = pad_q if pad_q is not None else cu_q
     if padded.shape != cu_q.shape:
         raise ValueError(f"packed_seq_params.cu_seqlens_q_padded has {padded.numel()} entries but cu_seqlens_q has "
@@ -208,25 +213,42 @@ def thd_cu_seqlens(packed_seq_params: Any, cp_size: int = 1) -> tuple[torch.Tens
 _BOUNDARY_FIELDS = ("cu_seqlens_q", "cu_seqlens_q_padded", "cu_seqlens_kv", "cu_seqlens_kv_padded")
 
 
-def thd_host_boundaries(packed_seq_params: Any, cp_size: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """:func:`thd_cu_seqlens` as host tuples ``(cu_seqlens, cu_seqlens_padded)``, read from the device once per
-    PackedSeqParams object.
+def _versions(tensors: tuple) -> tuple | None:
+    """In-place version counters of the boundary tensors (None when one cannot tell: an inference tensor)."""
+    try:
+        return tuple(None if t is None else t._version for t in tensors)
+    except RuntimeError:  # inference-mode tensors track no version counter
+        return None
 
-    Megatron builds one PackedSeqParams per micro-batch and hands it to every layer; reading the boundaries
-    is a host synchronisation, so only the first layer pays it. The values are kept on the object, tied to the
-    very boundary tensors and their in-place version counters: a replaced or modified tensor is read again."""
+
+def thd_host_boundaries(packed_seq_params: Any, cp_size: int = 1,
+                        layer_number: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`thd_cu_seqlens` as host tuples ``(cu_seqlens, cu_seqlens_padded)``, read from the device once per
+    pass over the layers.
+
+    Megatron builds one PackedSeqParams per micro-batch and hands it to every layer in turn; reading the
+    boundaries is a host synchronisation, so the values are kept on the object for the layers after the
+    first. A layer reuses them only when a lower layer stored them in this pass (``layer_number`` above the
+    storing layer's), the boundary tensors are the very same objects and their in-place version counters are
+    unchanged; a new pass (the first layer again, a recomputed layer, or no layer number) reads them again, so
+    a params object refilled in place between micro-batches (even by a collective, which leaves the version
+    counter alone) is never served stale values. The checks that need no device read run on every call."""
     tensors = tuple(getattr(packed_seq_params, f, None) for f in _BOUNDARY_FIELDS)
-    versions = tuple(getattr(t, "_version", None) for t in tensors)
+    versions = _versions(tensors)
     cached = getattr(packed_seq_params, "_tasp_host_boundaries", None)
-    if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], tensors)):
+    if (cached is not None and versions is not None and layer_number is not None and layer_number > cached[3]
+            and cached[1] == versions and all(a is b for a, b in zip(cached[0], tensors))):
+        _check_packed_params(packed_seq_params, cp_size)
+        packed_seq_params._tasp_host_boundaries = (*cached[:3], layer_number)
         return cached[2]
     cu, padded = thd_cu_seqlens(packed_seq_params, cp_size)
     both = torch.cat((cu.long(), padded.to(cu.device).long())).tolist()  # one host read for both
     host = (tuple(both[:cu.numel()]), tuple(both[cu.numel():]))
-    try:
-        packed_seq_params._tasp_host_boundaries = (tensors, versions, host)
-    except (AttributeError, TypeError):  # a frozen or slotted params object: read again next time
-        pass
+    if versions is not None and layer_number is not None:
+        try:
+            packed_seq_params._tasp_host_boundaries = (tensors, versions, host, layer_number)
+        except (AttributeError, TypeError):  # a frozen or slotted params object: read again next time
+            pass
     return host
 
 
@@ -393,7 +415,7 @@ class TaspDotProductAttention(MegatronModule):
             raise NotImplementedError(f"TaspDotProductAttention supports packed (THD) self-attention only, got "
                                       f"attention_type={self.attention_type!r}: use Transformer Engine's attention "
                                       "for packed cross-attention")
-        cu_seqlens, cu_seqlens_padded = thd_host_boundaries(packed_seq_params, self.cp_size)
+        cu_seqlens, cu_seqlens_padded = thd_host_boundaries(packed_seq_params, self.cp_size, self.layer_number)
         query, key, value = (_as_thd(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
         query, key, value, dv = _pad_head_dims(query, key, value)
         # cp_group None (CP 1 without a group) is packed attention on this rank's tokens in tasp_attention.
