@@ -92,7 +92,8 @@ def write_data(path: Path, lines: int, seq: int, mean: int, seed: int) -> dict:
                 docs.append(n)
             fh.write(json.dumps({"messages": msgs}) + "\n")
     docs.sort()
-    return {"conversations": len(docs), "median_words": docs[len(docs) // 2], "max_words": docs[-1]}
+    # what was written: Megatron-LM truncates each line's pack at ``seq`` tokens, so ~1/6 never trains
+    return {"conversations_written": len(docs), "median_words_written": docs[len(docs) // 2], "max_words": docs[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="directory to write (tokenizer/, train.jsonl, stub/)")
     ap.add_argument("--lines", type=int, default=64, help="JSON lines (packed sequences) to write")
     ap.add_argument("--seq", type=int, default=16384, help="sequence length the lines should fill")
-    ap.add_argument("--mean", type=int, default=1500, help="median conversation length in words")
+    ap.add_argument("--mean", type=int, default=1500,
+                    help="median of the log-normal conversation length, in words")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "stub" / "datasets" / "__init__.py").write_text(STUB)
     vocab = write_tokenizer(out / "tokenizer")
     stats = write_data(out / "train.jsonl", a.lines, a.seq, a.mean, a.seed)
-    meta = {"vocab": vocab, "lines": a.lines, "seq": a.seq, "mean_words": a.mean, "seed": a.seed, **stats}
+    meta = {"vocab": vocab, "lines": a.lines, "seq": a.seq, "lognormal_median_words": a.mean, "seed": a.seed,
+            **stats}
     (out / "fixture.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(meta))
     return 0

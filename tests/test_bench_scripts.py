@@ -85,7 +85,7 @@ def test_sft_fixture_feeds_megatrons_sft_tokenizer_and_the_bench(tmp_path, monke
     fx = _load("make_sft_fixture")
     assert fx.main(["--out", str(tmp_path), "--lines", "3", "--seq", "512", "--mean", "120"]) == 0
     meta = json.loads((tmp_path / "fixture.json").read_text())
-    assert meta["lines"] == 3 and meta["conversations"] > 3 and meta["vocab"] == len(fx.SPECIALS) + 3 + fx.WORDS
+    assert meta["lines"] == 3 and meta["conversations_written"] > 3 and meta["vocab"] == len(fx.SPECIALS) + 3 + fx.WORDS
     monkeypatch.syspath_prepend(str(tmp_path / "stub"))
     monkeypatch.delitem(sys.modules, "datasets", raising=False)
     import datasets

@@ -179,6 +179,10 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
             if block.pairs or st.step == 1:  # step 1 also starts every held piece's dK/dV accumulator
                 entries.append((case, rings, block))
         blocks.append([entries])
+    # unmerged_rows is None: the forward relies on a step-1 block (over every query row, full_rows) to write
+    # every output row
+    if len(blocks) < 2 or not blocks[1][0]:
+        raise AssertionError("the CP=2 THD-order layout needs a step-1 block over every query row")
     out.blocks = blocks
     return out
 
@@ -308,8 +312,9 @@ def _from_engine(x: torch.Tensor, layout: ThdLayout, shape: torch.Size) -> torch
 
 
 class ThdAttention(torch.autograd.Function):
-    """Packed-document attention: permute to the engine's order, run the segmented call, zero the padded
-    rows (output, and the incoming gradient, so no gradient reaches or leaves a padded token), permute back."""
+    """Packed-document attention: permute to the engine's order (unless the layout keeps the THD order), run
+    the segmented call, zero the padded rows (output, and the incoming gradient, so no gradient reaches or
+    leaves a padded token), permute back."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: ThdLayout):  # type: ignore[override]
