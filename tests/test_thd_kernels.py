@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_tasp.kernels import get_kernel
-from megatron_tasp.kernels.segmented import segmented_block
+from megatron_tasp.kernels.segmented import segment_rows, segmented_block
 
 
 def _reference(q, k, v, dout, seg_q, seg_k, causal, scale):
@@ -96,3 +96,14 @@ def test_tiny_segments_run_on_the_math_kernel():
         ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows],
                                                                is_causal=True, scale=0.25)
         assert torch.allclose(out[:, :, rows], ref, atol=1e-5)
+
+
+def test_segment_rows_are_slices_for_runs_and_indices_otherwise():
+    """Every id one contiguous run (documents in their own order): slices, found without a per-id pass; an id
+    in two runs (a document's front and back chunks apart): its ascending indices, while the ids that are one
+    run stay slices."""
+    runs = segment_rows(torch.tensor([4, 4, 0, 0, 0, 7, 2, 2]))
+    assert runs == {4: slice(0, 2), 0: slice(2, 5), 7: slice(5, 6), 2: slice(6, 8)}
+    split = segment_rows(torch.tensor([1, 1, 3, 1, 3, 3, 5]))
+    assert split[1].tolist() == [0, 1, 3] and split[3].tolist() == [2, 4, 5] and split[5] == slice(6, 7)
+    assert segment_rows(torch.tensor([], dtype=torch.long)) == {}

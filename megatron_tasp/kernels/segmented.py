@@ -33,20 +33,39 @@ __all__ = ["SegmentedBlock", "segment_rows", "segmented_block"]
 Rows = slice | Tensor
 
 
-def segment_rows(seg: Tensor) -> dict[int, Tensor]:
-    """Segment id -> ascending row indices (CPU LongTensors) of a 1-D tensor of segment ids."""
+def segment_rows(seg: Tensor) -> dict[int, Rows]:
+    """Segment id -> its rows in a 1-D tensor of segment ids: a slice where they form one contiguous run, else
+    ascending CPU LongTensor indices. Documents usually are runs, so the common case costs a few tensor ops
+    for the whole block instead of a few per document (packed batches change their documents every step)."""
     seg = seg.to("cpu", torch.long)
+    n = seg.numel()
+    if n == 0:
+        return {}
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = seg[1:] != seg[:-1]
+    starts = torch.nonzero(change).flatten()
+    ids = seg[starts]
+    runs: dict[int, Rows] = {}
+    if torch.unique(ids).numel() == ids.numel():  # every id is one run
+        bounds = starts.tolist() + [n]
+        for i, gid in enumerate(ids.tolist()):
+            runs[gid] = slice(bounds[i], bounds[i + 1])
+        return runs
     order = torch.sort(seg, stable=True).indices
-    ids, counts = torch.unique_consecutive(seg[order], return_counts=True)
-    return dict(zip(ids.tolist(), order.split(counts.tolist())))
+    uids, counts = torch.unique_consecutive(seg[order], return_counts=True)
+    for gid, idx in zip(uids.tolist(), order.split(counts.tolist())):
+        first, last = int(idx[0]), int(idx[-1])
+        runs[gid] = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
+    return runs
 
 
-def _as_rows(idx: Tensor, device: torch.device) -> Rows:
-    """A slice when the ascending indices are one contiguous run, else a LongTensor on ``device``."""
-    first, last = int(idx[0]), int(idx[-1])
-    if last - first + 1 == idx.numel():
-        return slice(first, last + 1)
-    return idx.to(device)
+def _count(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel())
+
+
+def _as_rows(rows: Rows, device: torch.device) -> Rows:
+    """A slice as it is, else the indices on ``device``."""
+    return rows if isinstance(rows, slice) else rows.to(device)
 
 
 def _take(x: Tensor, rows: Rows) -> Tensor:
@@ -124,5 +143,5 @@ def segmented_block(kernel: BlockAttention, seg_q: Tensor, seg_k: Tensor, device
     shared = [g for g in qs if g in ks]
     full = len(qs) == 1 and len(ks) == 1 and len(shared) == 1
     pairs = [(_as_rows(qs[g], device), _as_rows(ks[g], device)) for g in shared]
-    tiny = [min(qs[g].numel(), ks[g].numel()) < TINY_ROWS and kernel.name != "math" for g in shared]
+    tiny = [min(_count(qs[g]), _count(ks[g])) < TINY_ROWS and kernel.name != "math" for g in shared]
     return SegmentedBlock(kernel, pairs, full, tiny)

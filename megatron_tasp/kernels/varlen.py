@@ -115,11 +115,14 @@ def _rows(rows: Rows) -> int:
 def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tensor, int]:
     """(one slice or LongTensor of the concatenated rows, int32 cu_seqlens, longest segment)."""
     lengths = [_rows(r) for r in rows]
-    parts = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows]
-    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
     if lengths:
         cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    if rows and all(isinstance(r, slice) for r in rows) and all(
+            a.stop == b.start for a, b in zip(rows, rows[1:])):  # back to back: one slice, no index tensor
+        return slice(rows[0].start, rows[-1].stop), cu.to(device), max(lengths)
+    parts = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     first = int(flat[0]) if flat.numel() else 0
     run = bool(flat.numel()) and bool(torch.equal(flat, torch.arange(first, first + flat.numel())))
     index: slice | Tensor = slice(first, first + flat.numel()) if run else flat.to(device)
