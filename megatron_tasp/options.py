@@ -54,23 +54,28 @@ class TaspOptionError(ValueError):
     """An option value TASP cannot take; the message names the option and the accepted values."""
 
 
+def _positive_int(name: str, value: Any, words: dict[str, Any], accepted: str) -> Any:
+    """A positive int from an int or its digits, or the value a word (``words``, lower case) stands for;
+    anything else raises naming ``accepted``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in words:
+            return words[text]
+        if not text.isdigit():
+            raise TaspOptionError(f"{name} must be {accepted}, got {value!r}")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaspOptionError(f"{name} must be {accepted}, got {value!r}")
+    return value
+
+
 def _positive_int_or_auto(name: str, value: Any, *, allow_none: bool) -> int | str | None:
     if value is None:
         if allow_none:
             return None
         raise TaspOptionError(f"{name} must be a positive integer or 'auto', got None")
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        if allow_none and text in ("", "none", "max"):
-            return None
-        if not text.isdigit():
-            raise TaspOptionError(f"{name} must be a positive integer or 'auto', got {value!r}")
-        value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TaspOptionError(f"{name} must be a positive integer or 'auto', got {value!r}")
-    return value
+    words: dict[str, Any] = {"auto": "auto", **({"": None, "none": None, "max": None} if allow_none else {})}
+    return _positive_int(name, value, words, "a positive integer or 'auto'")
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -107,16 +112,7 @@ def _positive_float(name: str, value: Any) -> float:
 def _positive_int_or_none(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "none", "off"):
-            return None
-        if not text.isdigit():
-            raise TaspOptionError(f"{name} must be a positive integer or None, got {value!r}")
-        value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TaspOptionError(f"{name} must be a positive integer or None, got {value!r}")
-    return value
+    return _positive_int(name, value, {"": None, "none": None, "off": None}, "a positive integer or None")
 
 
 def _choice_or_auto(name: str, value: Any, choices: tuple[str, ...]) -> str | None:

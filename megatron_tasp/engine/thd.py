@@ -132,10 +132,11 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
 _NO_KEYS, _NO_QUERIES = -1, -2
 
 
-def _natural_segments(cu_pad: Sequence[int], cu: Sequence[int], n: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _natural_segments(order: torch.Tensor, cu_pad: Sequence[int], cu: Sequence[int], n: int,
+                      rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment ids of CP rank ``rank``'s tokens in their own THD order (per document: its chunk ``rank``, then
-    its chunk ``2n-1-rank``), and which of them lie in the back chunk ``2n-1-rank``."""
-    order = engine_order(cu_pad, n)  # engine row -> THD local row
+    its chunk ``2n-1-rank``), and which of them lie in the back chunk ``2n-1-rank``; ``order``:
+    :func:`~megatron_tasp.thd.engine_order` (engine row -> THD local row, the same on every rank)."""
     seg_e = engine_segments(cu_pad, cu, n, rank)
     seg = torch.empty_like(seg_e)
     seg[order] = seg_e
@@ -169,12 +170,11 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
         source = {h.ring: h.source for h in st.held}
         entries = []
         for case, rings, kern in call.blocks[st.step][0]:
-            src = [source[i] for i in rings]
-            keys = torch.cat([torch.where(backs[s], _NO_QUERIES, segs[s]) if case == EARLIER else segs[s]
-                              for s in src])
-            queries = torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine
             if case not in (EARLIER, LATER, FULL):
                 raise AssertionError(f"unknown block case {case!r}")
+            keys = torch.cat([torch.where(backs[source[i]], _NO_QUERIES, segs[source[i]]) if case == EARLIER
+                              else segs[source[i]] for i in rings])
+            queries = torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine
             block = _block(kern, queries, keys, device, call.packed_dense_rows)
             if block.pairs or st.step == 1:  # step 1 also starts every held piece's dK/dV accumulator
                 entries.append((case, rings, block))
@@ -268,22 +268,22 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
         segs = [sequence_segments(cu, n, s) for s in range(n)]
         layout = ThdLayout(call=_segmented_call(call, segs, device), perm=None, inv=None, pad=None)
         return cache.put(key, layout)
+    order: torch.Tensor | None = None  # engine row -> THD local row (None: the THD order itself)
     if n == 1:  # one rank: no pieces to exchange, so no [F ; B] order either; documents stay contiguous
         segs = [document_segments(cu_pad, cu)]
-        order = torch.arange(length)
+        seg_call = _segmented_call(call, segs, device)
     elif natural_order_applies(call):
-        nat = [_natural_segments(cu_pad, cu, n, s) for s in range(n)]
+        fb_order = engine_order(cu_pad, n)
+        nat = [_natural_segments(fb_order, cu_pad, cu, n, s) for s in range(n)]
         segs = [x[0] for x in nat]
-        pad = torch.nonzero(segs[call.plan.rank] % 2 == 1).flatten()
-        layout = ThdLayout(call=_natural_call(call, segs, [x[1] for x in nat], device), perm=None, inv=None,
-                           pad=pad.to(device) if pad.numel() else None)
-        return cache.put(key, layout)
+        seg_call = _natural_call(call, segs, [x[1] for x in nat], device)
     else:
         segs = [engine_segments(cu_pad, cu, n, s) for s in range(n)]
         order = engine_order(cu_pad, n)
-    identity = bool(torch.equal(order, torch.arange(length)))
+        seg_call = _segmented_call(call, segs, device)
+    identity = order is None or bool(torch.equal(order, torch.arange(length)))
     pad = torch.nonzero(segs[call.plan.rank] % 2 == 1).flatten()
-    layout = ThdLayout(call=_segmented_call(call, segs, device),
+    layout = ThdLayout(call=seg_call,
                        perm=None if identity else order.to(device),
                        inv=None if identity else torch.argsort(order).to(device),
                        pad=pad.to(device) if pad.numel() else None)

@@ -28,7 +28,7 @@ from .math_ref import MathAttention
 # "s_q = s_kv = 1 is not supported") and their launch costs more than the arithmetic.
 TINY_ROWS = 8
 
-__all__ = ["SegmentedBlock", "segment_rows", "segmented_block"]
+__all__ = ["SegmentedBlock", "row_count", "segment_rows", "segmented_block"]
 
 Rows = slice | Tensor
 
@@ -59,7 +59,8 @@ def segment_rows(seg: Tensor) -> dict[int, Rows]:
     return runs
 
 
-def _count(rows: Rows) -> int:
+def row_count(rows: Rows) -> int:
+    """How many rows a slice or an index tensor names."""
     return rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel())
 
 
@@ -143,5 +144,5 @@ def segmented_block(kernel: BlockAttention, seg_q: Tensor, seg_k: Tensor, device
     shared = [g for g in qs if g in ks]
     full = len(qs) == 1 and len(ks) == 1 and len(shared) == 1
     pairs = [(_as_rows(qs[g], device), _as_rows(ks[g], device)) for g in shared]
-    tiny = [min(_count(qs[g]), _count(ks[g])) < TINY_ROWS and kernel.name != "math" for g in shared]
+    tiny = [min(row_count(qs[g]), row_count(ks[g])) < TINY_ROWS and kernel.name != "math" for g in shared]
     return SegmentedBlock(kernel, pairs, full, tiny)

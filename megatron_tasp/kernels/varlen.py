@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._calls import call_aten, has_aten_op, named_returns
-from .segmented import Rows, SegmentedBlock
+from .segmented import Rows, SegmentedBlock, row_count
 
 __all__ = ["VarlenBlock", "VarlenOps", "flash_varlen_ops", "varlen_reason"]
 
@@ -108,25 +108,19 @@ def varlen_reason(q: Tensor, k: Tensor, ops: VarlenOps | None = None) -> str | N
     return None
 
 
-def _rows(rows: Rows) -> int:
-    return (rows.stop - rows.start) if isinstance(rows, slice) else int(rows.numel())
-
-
 def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tensor, int]:
     """(one slice or LongTensor of the concatenated rows, int32 cu_seqlens, longest segment)."""
-    lengths = [_rows(r) for r in rows]
+    lengths = [row_count(r) for r in rows]
     cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
     if lengths:
         cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
     if rows and all(isinstance(r, slice) for r in rows) and all(
             a.stop == b.start for a, b in zip(rows, rows[1:])):  # back to back: one slice, no index tensor
         return slice(rows[0].start, rows[-1].stop), cu.to(device), max(lengths)
+    # otherwise the rows are no single ascending run (segment_rows gives a slice to every contiguous segment)
     parts = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows]
     flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-    first = int(flat[0]) if flat.numel() else 0
-    run = bool(flat.numel()) and bool(torch.equal(flat, torch.arange(first, first + flat.numel())))
-    index: slice | Tensor = slice(first, first + flat.numel()) if run else flat.to(device)
-    return index, cu.to(device), max(lengths, default=0)
+    return flat.to(device), cu.to(device), max(lengths, default=0)
 
 
 def _first(rows: Rows) -> int:
@@ -172,7 +166,7 @@ class VarlenBlock:
         self.full = fallback.full
         # segments with >= big_rows rows on both sides run one call each on the dense kernel (on Hopper cuDNN's
         # kernel outruns FlashAttention-2 by ~1.4x, which repays a launch per large document)
-        is_big = [big_rows is not None and min(_rows(iq), _rows(ik)) >= big_rows for iq, ik in fallback.pairs]
+        is_big = [big_rows is not None and min(row_count(iq), row_count(ik)) >= big_rows for iq, ik in fallback.pairs]
         big = [p for p, b in zip(fallback.pairs, is_big) if b]
         self.big = SegmentedBlock(fallback.kernel, big, False) if big else None
         # the rest in query-row order, so that rows already packed in place are a view, not a gather
