@@ -13,8 +13,10 @@ extra-args provider, so arguments are parsed with ``parse_and_validate_args(extr
 adding the flags, validating them before Megatron's own checks (``args.tasp_options``), and swapping TASP
 core attention with those options into the decoder (and MTP) spec when TASP is selected
 (``megatron_tasp.megatron.lm.install_tasp_model_config``). With TASP selected, packed (THD) batches of
-``get_batch`` are split over CP ranks with TASP's partition instead of Transformer Engine's: the one
-monkeypatch here, ``megatron_tasp.megatron.thd_batch.install_thd_batch_partition`` (same layout, no TE).
+``get_batch`` are split over CP ranks with TASP's partition instead of Transformer Engine's
+(``megatron_tasp.megatron.thd_batch.install_thd_batch_partition``: same layout, no TE), and their RoPE runs
+without host synchronisation (``megatron_tasp.megatron.thd_rope.install_thd_rope``: same result). These two
+are the monkeypatches here.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main() -> None:
 
     from megatron_tasp.megatron.lm import install_tasp_model_config
     from megatron_tasp.megatron.thd_batch import install_thd_batch_partition
+    from megatron_tasp.megatron.thd_rope import install_thd_rope
 
     set_startup_timestamps = getattr(pg, "set_startup_timestamps", None)
     if set_startup_timestamps is not None and hasattr(pg, "_PROGRAM_START_TIME"):
@@ -112,6 +115,7 @@ def main() -> None:
     if args.tasp_enabled:
         install_tasp_model_config(model_cfg, args)
         install_thd_batch_partition()  # packed (--sft) batches: TASP's per-document CP split, no TE needed
+        install_thd_rope()  # packed RoPE without Megatron-Core's per-document host reads (same result)
     full_config = pg.pretrain_cfg_container_from_args(args, model_cfg)
     pretrain(full_config, pg.train_valid_test_datasets_provider, ModelType.encoder_or_decoder, pg.forward_step,
              store=store, get_embedding_ranks=pg.get_embedding_ranks)

@@ -1,0 +1,140 @@
+"""RoPE for packed (THD) batches without a host synchronisation, for Megatron-Core without Transformer Engine.
+
+Megatron-Core's unfused THD RoPE (``rope_utils._apply_rotary_pos_emb_thd``, the path taken without TE's fused
+kernel) reads the document lengths to the host (``.tolist()`` / ``.item()``, up to one read per document) and
+rotates one document at a time. Called for the queries and the keys of every layer, that stalls the host on
+the GPU about a dozen times per call and launches a dozen kernels per document, which leaves the GPU idle in
+packed (``--sft``) training, the more so the smaller the per-rank micro-batch (context parallelism).
+
+:func:`packed_rope` computes the same result in one pass: the freqs row of every local token is found on the
+device (one searchsorted over the local document ends), gathered, and Megatron-Core's own
+``_apply_rotary_pos_emb_bshd`` rotates the whole tensor at once. Every operation is element-wise, so the
+output equals Megatron-Core's bit for bit, forward and backward (tests/test_megatron_thd_rope.py). The
+positions follow Megatron-Core exactly: per-document positions restarting at 0 when ``freqs`` covers the
+longest document, whole-pack positions (each document offset by its start) when ``freqs`` covers the whole
+pack; on CP rank r of size n, document chunks r and 2n-1-r (the THD partition).
+
+:func:`install_thd_rope` routes ``megatron.core.transformer.attention``'s ``apply_rotary_pos_emb`` calls for
+THD tensors through it when the fused TE kernel is not in use; everything else goes to Megatron-Core's
+function unchanged. The launcher and the Megatron-LM patch install it when TASP is selected.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+_MARK = "_megatron_tasp_thd_rope"
+_CALLERS = ("megatron.core.transformer.attention",)
+logger = logging.getLogger("megatron_tasp")
+
+
+def thd_rope_positions(cu_seqlens: torch.Tensor, tokens: int, cp_size: int, cp_rank: int, *,
+                       pack_offsets: bool) -> torch.Tensor:
+    """The freqs row (int64 ``[tokens]``) of each of this rank's ``tokens`` packed tokens, computed on
+    ``cu_seqlens``'s device with no host read.
+
+    ``cu_seqlens``: global cumulative (padded) document lengths ``[n_docs + 1]``; this rank holds
+    ``length // cp_size`` tokens of each document, in order, as chunks ``cp_rank`` and ``2·cp_size-1-cp_rank``
+    of ``2·cp_size`` when ``cp_size > 1``. ``pack_offsets``: add each document's start (positions over the
+    whole pack) instead of restarting at 0 per document. Inputs Megatron-Core's THD RoPE refuses (local
+    lengths not covering ``tokens``; at ``cp_size > 1`` a padded length not a multiple of ``2·cp_size``, which
+    TASP's attention refuses too) fail a device-side assertion.
+    """
+    cu = cu_seqlens.reshape(-1).long()
+    lengths = cu[1:] - cu[:-1]
+    local = lengths // cp_size
+    local_end = local.cumsum(0)
+    torch._assert_async(local_end[-1] == tokens, "THD RoPE: the local document lengths must cover the tokens")
+    token = torch.arange(tokens, device=cu.device)
+    doc = torch.searchsorted(local_end, token, right=True).clamp_(max=local.numel() - 1)
+    within = token - (local_end - local)[doc]
+    if cp_size == 1:
+        pos = within
+    else:
+        torch._assert_async(torch.all(lengths % (2 * cp_size) == 0), "THD RoPE: padded document lengths must be "
+                            "multiples of 2 * CP")
+        chunk = (local // 2)[doc]
+        pos = torch.where(within < chunk, cp_rank * chunk + within,
+                          lengths[doc] - (cp_rank + 2) * chunk + within)
+    if pack_offsets:
+        pos = pos + cu[:-1][doc]
+    return pos
+
+
+def packed_rope(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, *, cp_size: int, cp_rank: int,
+                rotary_interleaved: bool = False, mla_rotary_interleaved: bool = False,
+                mscale: float = 1.0) -> torch.Tensor:
+    """Megatron-Core's ``_apply_rotary_pos_emb_thd`` (``t``: ``[t, h, d]``, ``freqs``: ``[s, 1, 1, d_rot]``),
+    same result, no host synchronisation."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    tokens = t.shape[0]
+    pos = thd_rope_positions(cu_seqlens, tokens, cp_size, cp_rank,
+                             pack_offsets=freqs.dim() >= 1 and freqs.shape[0] == cp_size * tokens)
+    rows = freqs.index_select(0, pos.to(freqs.device))
+    return _apply_rotary_pos_emb_bshd(t.unsqueeze(1), rows, rotary_interleaved=rotary_interleaved,
+                                      mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale).squeeze(1)
+
+
+def _serves(cu_seqlens: Any, config: Any, cp_group: Any) -> bool:
+    """Whether Megatron-Core would take its unfused THD path for this call (and a CP group is given)."""
+    return (cu_seqlens is not None and cp_group is not None
+            and not getattr(config, "apply_rope_fusion", False))
+
+
+def _make_router(original: Any) -> Any:
+    def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, config: Any, cu_seqlens: Any = None,
+                             mscale: float = 1.0, cp_group: Any = None, mla_rotary_interleaved: bool = False):
+        """Megatron-Core's ``apply_rotary_pos_emb``; THD tensors on the unfused path go to
+        :func:`packed_rope` (same result, no host synchronisation)."""
+        if not _serves(cu_seqlens, config, cp_group):
+            return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group,
+                            mla_rotary_interleaved=mla_rotary_interleaved)
+        if mla_rotary_interleaved is None:
+            mla_rotary_interleaved = getattr(config, "multi_latent_attention", False)
+        return packed_rope(t, cu_seqlens, freqs, cp_size=cp_group.size(), cp_rank=cp_group.rank(),
+                           rotary_interleaved=config.rotary_interleaved,
+                           mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale)
+
+    apply_rotary_pos_emb.__dict__[_MARK] = True
+    apply_rotary_pos_emb.__dict__["original"] = original
+    return apply_rotary_pos_emb
+
+
+def install_thd_rope() -> bool:
+    """Route Megatron-Core attention's THD RoPE calls through :func:`packed_rope` (idempotent; True when
+    newly installed). Raises RuntimeError when the attention module has no ``apply_rotary_pos_emb`` to route
+    (a Megatron-Core layout other than 0.16-0.19)."""
+    import importlib
+
+    installed = False
+    for name in _CALLERS:
+        module = importlib.import_module(name)
+        current = getattr(module, "apply_rotary_pos_emb", None)
+        if current is None:
+            raise RuntimeError(f"{name} has no apply_rotary_pos_emb (megatron-core 0.16-0.19 layout expected): "
+                               "packed RoPE cannot be routed; use megatron-core 0.19")
+        if getattr(current, _MARK, False):
+            continue
+        module.apply_rotary_pos_emb = _make_router(current)
+        installed = True
+    if installed:
+        logger.info("packed (THD) RoPE runs without host synchronisation (megatron_tasp.megatron.thd_rope)")
+    return installed
+
+
+def uninstall_thd_rope() -> None:
+    """Undo :func:`install_thd_rope` (tests)."""
+    import importlib
+
+    for name in _CALLERS:
+        module = importlib.import_module(name)
+        current = getattr(module, "apply_rotary_pos_emb", None)
+        if getattr(current, _MARK, False):
+            module.apply_rotary_pos_emb = current.original
+
+
+__all__ = ["install_thd_rope", "packed_rope", "thd_rope_positions", "uninstall_thd_rope"]

@@ -1,0 +1,143 @@
+"""Packed (THD) RoPE without host synchronisation equals Megatron-Core's unfused THD RoPE bit for bit.
+
+``megatron_tasp.megatron.thd_rope.packed_rope`` against ``rope_utils._apply_rotary_pos_emb_thd`` on CPU:
+CP sizes 1-4 and every rank, per-document and whole-pack positions, partial rotary dims, interleaving, mscale,
+fp32 and bf16, forward and the gradient into the input; and the router that ``install_thd_rope`` puts into
+Megatron-Core's attention module.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import megatron_helpers as H
+
+H.require_megatron()
+pytestmark = pytest.mark.megatron
+
+import megatron.core.transformer.attention as mattention  # noqa: E402
+from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
+
+from megatron_tasp.megatron import thd_rope  # noqa: E402
+
+
+class _Group:
+    """The two methods the THD RoPE asks of a CP group."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _freqs(rows: int, rot: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(rows, 1, 1, rot, generator=g, dtype=torch.float64) * 50).float()
+
+
+MIXES = {
+    "mixed": [4, 12, 8, 28, 4, 16],
+    "one": [48],
+    "tiny": [4] * 11,
+    "with_empty": [8, 0, 20, 0, 12],
+}
+
+
+def _padded(lengths: list[int], cp: int) -> list[int]:
+    """Every length a multiple of 2·CP (the THD partition's padding)."""
+    step = 2 * cp if cp > 1 else 1
+    return [-(-n // step) * step for n in lengths]
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("whole_pack", [False, True])
+def test_packed_rope_equals_megatron_bitwise(cp: int, mix: str, whole_pack: bool) -> None:
+    lengths = _padded(MIXES[mix], cp)
+    cu = _cu(lengths)
+    tokens = sum(lengths) // cp
+    freqs = _freqs(sum(lengths) if whole_pack else max(lengths) + 3, 64)
+    for rank in range(cp):
+        t = torch.randn(tokens, 3, 64, generator=torch.Generator().manual_seed(rank))
+        ref = rope_utils._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=_Group(cp, rank))
+        got = thd_rope.packed_rope(t, cu, freqs, cp_size=cp, cp_rank=rank)
+        assert torch.equal(got, ref), (cp, rank, mix, whole_pack)
+
+
+@pytest.mark.parametrize("variant", ["partial_rotary", "interleaved", "mla_interleaved", "mscale", "bf16"])
+def test_packed_rope_variants_and_gradient_bitwise(variant: str) -> None:
+    cp, lengths = 2, [8, 24, 4, 12]
+    cu, tokens = _cu(lengths), sum(lengths) // 2
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    freqs = _freqs(max(lengths), 32 if variant == "partial_rotary" else 64)
+    kwargs = {"rotary_interleaved": variant == "interleaved", "mla_rotary_interleaved": variant == "mla_interleaved",
+              "mscale": 0.7 if variant == "mscale" else 1.0}
+    for rank in range(cp):
+        base = torch.randn(tokens, 2, 64, generator=torch.Generator().manual_seed(7 + rank)).to(dtype)
+        grad_out = torch.randn(tokens, 2, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
+        t_ref, t_got = base.clone().requires_grad_(), base.clone().requires_grad_()
+        ref = rope_utils._apply_rotary_pos_emb_thd(t_ref, cu, freqs, cp_group=_Group(cp, rank), **kwargs)
+        got = thd_rope.packed_rope(t_got, cu, freqs, cp_size=cp, cp_rank=rank, **kwargs)
+        assert torch.equal(got, ref)
+        ref.backward(grad_out)
+        got.backward(grad_out)
+        assert torch.equal(t_got.grad, t_ref.grad)
+
+
+def test_positions_follow_the_thd_partition() -> None:
+    # one document of 16 at CP=2: rank 0 holds chunks 0 and 3 (rows 0-3, 12-15), rank 1 chunks 1 and 2
+    cu = _cu([16, 8])
+    assert thd_rope.thd_rope_positions(cu, 12, 2, 0, pack_offsets=False).tolist() == \
+        [0, 1, 2, 3, 12, 13, 14, 15, 0, 1, 6, 7]
+    assert thd_rope.thd_rope_positions(cu, 12, 2, 1, pack_offsets=True).tolist() == \
+        [4, 5, 6, 7, 8, 9, 10, 11, 18, 19, 20, 21]
+
+
+@pytest.mark.parametrize("lengths,tokens,cp", [([8, 8], 10, 2), ([6, 8], 7, 2), ([5, 4], 8, 1)])
+def test_inputs_megatron_refuses_fail_closed(lengths: list[int], tokens: int, cp: int) -> None:
+    # local lengths not covering the tokens, or (CP > 1) a padded length not a multiple of 2·CP
+    with pytest.raises(RuntimeError, match="THD RoPE"):
+        thd_rope.thd_rope_positions(_cu(lengths), tokens, cp, 0, pack_offsets=False)
+
+
+def test_router_serves_only_the_unfused_thd_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = mattention.apply_rotary_pos_emb
+    calls: list[str] = []
+
+    def spy(*args, **kwargs):
+        calls.append("megatron")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mattention, "apply_rotary_pos_emb", spy)
+    assert thd_rope.install_thd_rope() is True
+    try:
+        assert thd_rope.install_thd_rope() is False  # idempotent
+        router = mattention.apply_rotary_pos_emb
+        assert router is not spy and router.original is spy
+        cfg = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False)
+        cu, freqs, group = _cu([8, 12]), _freqs(12, 64), _Group(2, 1)
+        t = torch.randn(10, 2, 64)
+        out = router(t, freqs, cfg, cu_seqlens=cu, cp_group=group)                # THD, unfused: TASP's
+        assert calls == [] and torch.equal(out, rope_utils._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=group))
+        router(t.unsqueeze(1), freqs[:10], cfg, cu_seqlens=None, cp_group=group)  # bshd
+        with pytest.raises(AssertionError):  # no CP group: Megatron's looks up its global one (none here)
+            router(t, freqs, cfg, cu_seqlens=cu, cp_group=None)
+        assert calls == ["megatron"] * 2
+        with pytest.raises(AssertionError, match="apply_rope_fusion"):  # the fused TE path stays Megatron's
+            router(t, freqs, SimpleNamespace(apply_rope_fusion=True, mrope_section=None), cu_seqlens=cu,
+                   cp_group=group)
+        assert calls == ["megatron"] * 3
+    finally:
+        thd_rope.uninstall_thd_rope()
+    assert mattention.apply_rotary_pos_emb is spy
