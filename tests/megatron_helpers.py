@@ -549,9 +549,11 @@ def patched_thd_probe(patched_root: str) -> dict[str, Any]:
             out[name] = ["accepted", a.cp_comm_type, a.tasp_enabled, a.tasp_options.packed_split]
         except BaseException as exc:  # noqa: BLE001 - SystemExit / AssertionError from Megatron included
             out[name] = [f"{type(exc).__name__}: {exc}"]
+    import megatron.core.transformer.attention as mattention
     import megatron.core.utils as mutils
 
     before = mutils._get_batch_on_this_cp_rank_per_document_balancing.__module__
+    rope_before = mattention.apply_rotary_pos_emb.__module__
     os.environ["WORLD_SIZE"] = "1"
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.global_vars import set_args
@@ -564,13 +566,17 @@ def patched_thd_probe(patched_root: str) -> dict[str, Any]:
     set_args(a)
     out["kinds"] = _build_core_attention_kinds(gpt_config_from_args(a))
     out["split"] = [before, mutils._get_batch_on_this_cp_rank_per_document_balancing.__module__]
+    out["rope"] = [rope_before, mattention.apply_rotary_pos_emb.__module__]
     return out
 
 
 def launcher_thd_probe(fake_root: str, extra: list[str]) -> dict[str, Any]:
-    """:func:`launcher_probe`, plus which module's per-document CP split megatron.core.utils then uses."""
+    """:func:`launcher_probe`, plus which module's per-document CP split megatron.core.utils then uses, and
+    whose RoPE Megatron-Core's attention calls."""
     out = launcher_probe(fake_root, extra)
+    import megatron.core.transformer.attention as mattention
     import megatron.core.utils as mutils
 
     out["split"] = mutils._get_batch_on_this_cp_rank_per_document_balancing.__module__
+    out["rope"] = mattention.apply_rotary_pos_emb.__module__
     return out

@@ -376,7 +376,7 @@ def test_undivisible_documents_fail_closed():
 PATCH = Path(__file__).resolve().parents[1] / "patches" / "megatron-lm-core_v0.19.0-context-parallel-backend.patch"
 
 
-def test_patched_megatron_lm_accepts_sft_and_installs_the_split(tmp_path):
+def test_patched_megatron_lm_accepts_sft_and_installs_the_split_and_rope(tmp_path):
     if not H.has_megatron_training():
         pytest.skip("this megatron-core wheel has no megatron/training")
     import megatron.core
@@ -392,9 +392,10 @@ def test_patched_megatron_lm_accepts_sft_and_installs_the_split(tmp_path):
     assert "learned_absolute" in out["idm_rope"][0]  # Megatron-Core's packed RoPE needs the per-document split
     assert out["kinds"] == ["TaspDotProductAttention", "TaspDotProductAttention"]
     assert out["split"] == ["megatron.core.utils", "megatron_tasp.megatron.thd_batch"]
+    assert out["rope"] == ["megatron.core.models.common.embeddings.rope_utils", "megatron_tasp.megatron.thd_rope"]
 
 
-def test_launcher_installs_the_split(tmp_path):
+def test_launcher_installs_the_split_and_rope(tmp_path):
     if not H.has_megatron_training():
         pytest.skip("this megatron-core wheel has no megatron/training")
     (tmp_path / "pretrain_gpt.py").write_text(H.FAKE_PRETRAIN_GPT)
@@ -402,5 +403,7 @@ def test_launcher_installs_the_split(tmp_path):
                       "'--attention-dropout', '0.0', '--sft'])", timeout=300)
     assert out["tasp_enabled"] is True and out["kinds"] == ["TaspDotProductAttention"] * 2
     assert out["split"] == "megatron_tasp.megatron.thd_batch"
+    assert out["rope"] == "megatron_tasp.megatron.thd_rope"
     out = H.run_probe(f"launcher_thd_probe({str(tmp_path)!r}, ['--attention-dropout', '0.0'])", timeout=300)
     assert out["tasp_enabled"] is False and out["split"] == "megatron.core.utils"  # only with TASP selected
+    assert out["rope"] == "megatron.core.models.common.embeddings.rope_utils"

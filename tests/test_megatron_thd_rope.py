@@ -81,14 +81,17 @@ def test_packed_rope_variants_and_gradient_bitwise(variant: str) -> None:
     cu, tokens = _cu(lengths), sum(lengths) // 2
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     freqs = _freqs(max(lengths), 32 if variant == "partial_rotary" else 64)
-    kwargs = {"rotary_interleaved": variant == "interleaved", "mla_rotary_interleaved": variant == "mla_interleaved",
-              "mscale": 0.7 if variant == "mscale" else 1.0}
+    kwargs = {"rotary_interleaved": variant == "interleaved", "mscale": 0.7 if variant == "mscale" else 1.0}
+    mla = variant == "mla_interleaved"
+    mla_name = "mla_rotary_interleaved" if thd_rope._takes(rope_utils._apply_rotary_pos_emb_thd,
+                                                           "mla_rotary_interleaved") else "multi_latent_attention"
     for rank in range(cp):
         base = torch.randn(tokens, 2, 64, generator=torch.Generator().manual_seed(7 + rank)).to(dtype)
         grad_out = torch.randn(tokens, 2, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
         t_ref, t_got = base.clone().requires_grad_(), base.clone().requires_grad_()
-        ref = rope_utils._apply_rotary_pos_emb_thd(t_ref, cu, freqs, cp_group=_Group(cp, rank), **kwargs)
-        got = thd_rope.packed_rope(t_got, cu, freqs, cp_size=cp, cp_rank=rank, **kwargs)
+        ref = rope_utils._apply_rotary_pos_emb_thd(t_ref, cu, freqs, cp_group=_Group(cp, rank), **kwargs,
+                                                   **{mla_name: mla})
+        got = thd_rope.packed_rope(t_got, cu, freqs, cp_size=cp, cp_rank=rank, mla_rotary_interleaved=mla, **kwargs)
         assert torch.equal(got, ref)
         ref.backward(grad_out)
         got.backward(grad_out)

@@ -21,6 +21,8 @@ function unchanged. The launcher and the Megatron-LM patch install it when TASP 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import Any
 
@@ -64,19 +66,27 @@ def thd_rope_positions(cu_seqlens: torch.Tensor, tokens: int, cp_size: int, cp_r
     return pos
 
 
+@functools.cache
+def _takes(function: Any, name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (megatron-core renamed some between releases)."""
+    return name in inspect.signature(function).parameters
+
+
 def packed_rope(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, *, cp_size: int, cp_rank: int,
                 rotary_interleaved: bool = False, mla_rotary_interleaved: bool = False,
                 mscale: float = 1.0) -> torch.Tensor:
     """Megatron-Core's ``_apply_rotary_pos_emb_thd`` (``t``: ``[t, h, d]``, ``freqs``: ``[s, 1, 1, d_rot]``),
-    same result, no host synchronisation."""
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    same result, no host synchronisation. ``mla_rotary_interleaved`` is megatron-core 0.16's
+    ``multi_latent_attention`` flag of the same meaning."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd as bshd
 
     tokens = t.shape[0]
     pos = thd_rope_positions(cu_seqlens, tokens, cp_size, cp_rank,
                              pack_offsets=freqs.dim() >= 1 and freqs.shape[0] == cp_size * tokens)
     rows = freqs.index_select(0, pos.to(freqs.device))
-    return _apply_rotary_pos_emb_bshd(t.unsqueeze(1), rows, rotary_interleaved=rotary_interleaved,
-                                      mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale).squeeze(1)
+    mla = "mla_rotary_interleaved" if _takes(bshd, "mla_rotary_interleaved") else "multi_latent_attention"
+    return bshd(t.unsqueeze(1), rows, rotary_interleaved=rotary_interleaved, mscale=mscale,
+                **{mla: mla_rotary_interleaved}).squeeze(1)
 
 
 def _serves(cu_seqlens: Any, config: Any, cp_group: Any) -> bool:
@@ -86,18 +96,22 @@ def _serves(cu_seqlens: Any, config: Any, cp_group: Any) -> bool:
 
 
 def _make_router(original: Any) -> Any:
+    # megatron-core 0.19 takes mla_rotary_interleaved (default False, None: the config's
+    # multi_latent_attention); 0.16 has no such argument and always uses multi_latent_attention.
+    has_mla_arg = _takes(original, "mla_rotary_interleaved")
+
     def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, config: Any, cu_seqlens: Any = None,
-                             mscale: float = 1.0, cp_group: Any = None, mla_rotary_interleaved: bool = False):
+                             mscale: float = 1.0, cp_group: Any = None, **kwargs: Any) -> torch.Tensor:
         """Megatron-Core's ``apply_rotary_pos_emb``; THD tensors on the unfused path go to
         :func:`packed_rope` (same result, no host synchronisation)."""
         if not _serves(cu_seqlens, config, cp_group):
-            return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group,
-                            mla_rotary_interleaved=mla_rotary_interleaved)
-        if mla_rotary_interleaved is None:
-            mla_rotary_interleaved = getattr(config, "multi_latent_attention", False)
+            return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kwargs)
+        mla = kwargs.get("mla_rotary_interleaved", False) if has_mla_arg else None
+        if mla is None:
+            mla = getattr(config, "multi_latent_attention", False)
         return packed_rope(t, cu_seqlens, freqs, cp_size=cp_group.size(), cp_rank=cp_group.rank(),
-                           rotary_interleaved=config.rotary_interleaved,
-                           mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale)
+                           rotary_interleaved=config.rotary_interleaved, mla_rotary_interleaved=mla,
+                           mscale=mscale)
 
     apply_rotary_pos_emb.__dict__[_MARK] = True
     apply_rotary_pos_emb.__dict__["original"] = original
