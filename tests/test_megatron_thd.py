@@ -352,6 +352,49 @@ def test_installed_split_serves_megatron_get_batch_on_this_cp_rank():
         assert got["position_ids"] == [[w * 7 for w in want]] and got["cu_seqlens_padded"] == [CU_PAD.tolist()]
 
 
+def test_installed_split_serves_flattened_micro_batches():
+    """needs_thd_partition: micro-batch 2 as Megatron-LM's get_batch runs it: megatron-core flattens the two
+    packs (SFT-style cu_seqlens padded to a fixed length with the pack length) into one THD batch, then the
+    installed split cuts every document of the merged boundaries over the CP ranks."""
+    import megatron.core.utils as mutils0
+
+    if not hasattr(mutils0, "flatten_batch_for_packed_sequences"):
+        pytest.skip("this megatron-core has no flatten_batch_for_packed_sequences (micro-batch > 1 THD)")
+    seq = 32
+    first = [0, 8, 20, 24, 32]       # documents 8, 12, 4, 8 (multiples of 2·CP = 4)
+    second = [0, 12, 16, 32]         # documents 12, 4, 16
+
+    def sft_cu(cu: list[int]) -> list[int]:
+        return cu + [seq] * (seq + 1 - len(cu))  # SFTDataset pads cu_seqlens to a fixed length with seq
+
+    def worker(rank, world):
+        import megatron.core.utils as mutils
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(context_parallel_size=world)
+        try:
+            group = parallel_state.get_context_parallel_group()
+            thd_batch.install_thd_batch_partition()
+            t = torch.arange(2 * seq).view(2, seq)
+            cu = torch.tensor([sft_cu(first), sft_cu(second)], dtype=torch.int32)
+            batch = {"tokens": t.clone(), "labels": t + 1000, "loss_mask": torch.ones(2, seq),
+                     "position_ids": t * 7, "attention_mask": None, "cu_seqlens": cu,
+                     "max_seqlen": torch.tensor([12, 16], dtype=torch.int32)}
+            batch = mutils.flatten_batch_for_packed_sequences(batch)
+            out = mutils.get_batch_on_this_cp_rank(batch, False, cp_group=group)
+            thd_batch.uninstall_thd_batch_partition()
+            return {k: out[k].tolist() for k in ("tokens", "labels", "position_ids", "cu_seqlens")}
+        finally:
+            parallel_state.destroy_model_parallel()
+
+    merged = first + [seq + c for c in second[1:]]
+    for rank, got in enumerate(run_workers(worker, 2)):
+        want = layout(merged, 2, rank)
+        assert got["cu_seqlens"] == [merged]
+        assert got["tokens"] == [want] and got["labels"] == [[w + 1000 for w in want]]
+        assert got["position_ids"] == [[w * 7 for w in want]]
+
+
 def test_undivisible_documents_fail_closed():
     """needs_thd_partition: a padded document that is not a multiple of 2*CP is refused."""
 
