@@ -79,9 +79,10 @@ def host_summary(events: list[dict], steps: int, top: int = 15) -> dict:
             while stack and stack[-1][0] <= ts:
                 stack.pop()
             if e.get("cat") == "python_function":
-                stack.append((end, e.get("name", "")))
-                if OURS.search(e.get("name", "")):
-                    inclusive[e["name"]] += (end - ts) / 1e3
+                name = e.get("name", "")
+                if OURS.search(name) and all(n != name for _, n in stack):  # re-entered frames count once
+                    inclusive[name] += (end - ts) / 1e3
+                stack.append((end, name))
             else:
                 w = waits[f"{e.get('name')} @ {_frames(stack)}"]
                 w[0] += 1

@@ -57,6 +57,31 @@ def test_trace_summary_without_kernels_is_a_one_line_error(tmp_path, capsys):
     assert "holds no GPU kernel events" in capsys.readouterr().err
 
 
+def test_trace_summary_host_view_attributes_waits_and_counts_reentry_once():
+    ts = _load("trace_summary")
+    py = "python_function"
+    events = [
+        {"ph": "X", "cat": py, "name": "megatron/core/transformer/module.py(365): __call__", "ts": 0, "dur": 100},
+        {"ph": "X", "cat": py, "name": "megatron/core/transformer/module.py(365): __call__", "ts": 10, "dur": 80},
+        {"ph": "X", "cat": py, "name": "megatron_tasp/engine/thd.py(219): thd_layout", "ts": 20, "dur": 40},
+        {"ph": "X", "cat": py, "name": "torch/nn/modules/module.py(1): _call_impl", "ts": 25, "dur": 30},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 30, "dur": 20},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 70, "dur": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 200, "dur": 4},  # no frame
+    ]
+    h = ts.host_summary(events, steps=1)
+    assert h["runtime_per_step"]["cudaStreamSynchronize"] == {"calls": 2, "ms": 0.02}  # 24 us
+    assert h["runtime_per_step"]["cudaLaunchKernel"] == {"calls": 1, "ms": 0.01}
+    waits = h["waits_per_step"]
+    inner = ("cudaStreamSynchronize @ megatron_tasp/engine/thd.py(219): thd_layout < "
+             "megatron/core/transformer/module.py(365): __call__ < megatron/core/transformer/module.py(365): __call__")
+    assert waits[inner] == {"calls": 1, "ms": 0.02}
+    assert waits["cudaStreamSynchronize @ (no Megatron frame)"] == {"calls": 1, "ms": 0.0}
+    funcs = h["heaviest_functions_ms_per_step"]
+    assert funcs == {"megatron/core/transformer/module.py(365): __call__": 0.1,  # the outer call only
+                     "megatron_tasp/engine/thd.py(219): thd_layout": 0.04}
+
+
 def test_megatron_lm_bench_micro_batch_sizes():
     mb = _load("megatron_lm_bench")
     a = Namespace(micro_batch="one", nproc=2, tp=1, global_batch=2)

@@ -144,3 +144,69 @@ def test_router_serves_only_the_unfused_thd_path(monkeypatch: pytest.MonkeyPatch
     finally:
         thd_rope.uninstall_thd_rope()
     assert mattention.apply_rotary_pos_emb is spy
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records the tensor methods that read a value to the host."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__index__", "__float__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_rope_reads_nothing_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    cu, freqs, t = _cu([8, 12, 4, 16]), _freqs(16, 64), torch.randn(20, 2, 64)
+    with _HostReads() as megatron_reads:
+        rope_utils._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=_Group(2, 0))
+    assert "tolist" in megatron_reads.seen  # the probe sees host reads where there are some
+    monkeypatch.setattr(torch, "_assert_async", lambda *a, **k: None)  # CPU asserts read their flag
+    with _HostReads() as ours:
+        thd_rope.packed_rope(t, cu, freqs, cp_size=2, cp_rank=0)
+        thd_rope.packed_rope(t, cu, _freqs(40, 64), cp_size=2, cp_rank=1)  # whole-pack positions
+    assert ours.seen == []
+
+
+def test_descending_boundaries_fail_closed() -> None:
+    for cu, tokens, cp in (([0, 8, 4, 12], 12, 1), ([0, 16, 8, 24], 12, 2)):
+        with pytest.raises(RuntimeError, match="THD RoPE"):
+            thd_rope.thd_rope_positions(torch.tensor(cu), tokens, cp, 0, pack_offsets=False)
+
+
+@pytest.mark.parametrize("mscale,interleaved,mla", [(1.0, False, False), (0.7, False, False), (1.0, True, False),
+                                                    (1.0, False, True), (0.5, True, True)])
+def test_router_forwards_every_setting(mscale: float, interleaved: bool, mla: bool) -> None:
+    """The router against megatron-core's own apply_rotary_pos_emb: mscale, the config's interleaving and the
+    MLA flag (0.19: the keyword; 0.16: the config's multi_latent_attention) reach packed_rope."""
+    original = mattention.apply_rotary_pos_emb
+    router = thd_rope._make_router(original)
+    cfg = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=interleaved, multi_latent_attention=mla,
+                          mrope_section=None)
+    kwargs = {"mla_rotary_interleaved": mla} if thd_rope._takes(original, "mla_rotary_interleaved") else {}
+    cu, freqs, group = _cu([8, 12, 4]), _freqs(12, 64), _Group(2, 1)
+    t = torch.randn(12, 2, 64)
+    want = original(t, freqs, cfg, cu_seqlens=cu, mscale=mscale, cp_group=group, **kwargs)
+    got = router(t, freqs, cfg, cu_seqlens=cu, mscale=mscale, cp_group=group, **kwargs)
+    assert torch.equal(got, want)
+
+
+def test_router_defers_unknown_arguments_and_install_checks_megatron(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+    router = thd_rope._make_router(lambda *a, **k: calls.append((len(a), sorted(k))) or "megatron")
+    cfg = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False)
+    t, cu = torch.randn(12, 2, 64), _cu([8, 12, 4])
+    assert router(t, _freqs(12, 64), cfg, cu, 1.0, _Group(2, 0), True) == "megatron"          # extra positional
+    assert router(t, _freqs(12, 64), cfg, cu_seqlens=cu, cp_group=_Group(2, 0), new_flag=1) == "megatron"
+    assert calls == [(7, []), (6, ["new_flag"])]
+    thd_rope.check_matches_megatron()  # the installed megatron-core computes what packed_rope does
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", lambda t, cu, freqs, **k: t * 2)
+    with pytest.raises(RuntimeError, match="other positions"):
+        thd_rope.install_thd_rope()
+    assert not getattr(mattention.apply_rotary_pos_emb, "_megatron_tasp_thd_rope", False)

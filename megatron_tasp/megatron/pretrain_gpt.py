@@ -115,7 +115,7 @@ def main() -> None:
     if args.tasp_enabled:
         install_tasp_model_config(model_cfg, args)
         install_thd_batch_partition()  # packed (--sft) batches: TASP's per-document CP split, no TE needed
-        install_thd_rope()  # packed RoPE without Megatron-Core's per-document host reads (same result)
+        install_thd_rope()  # packed RoPE without Megatron-Core's host reads (same result)
     full_config = pg.pretrain_cfg_container_from_args(args, model_cfg)
     pretrain(full_config, pg.train_valid_test_datasets_provider, ModelType.encoder_or_decoder, pg.forward_step,
              store=store, get_embedding_ranks=pg.get_embedding_ranks)

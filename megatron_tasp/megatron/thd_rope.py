@@ -1,22 +1,31 @@
 """RoPE for packed (THD) batches without a host synchronisation, for Megatron-Core without Transformer Engine.
 
 Megatron-Core's unfused THD RoPE (``rope_utils._apply_rotary_pos_emb_thd``, the path taken without TE's fused
-kernel) reads the document lengths to the host (``.tolist()`` / ``.item()``, up to one read per document) and
-rotates one document at a time. Called for the queries and the keys of every layer, that stalls the host on
-the GPU about a dozen times per call and launches a dozen kernels per document, which leaves the GPU idle in
-packed (``--sft``) training, the more so the smaller the per-rank micro-batch (context parallelism).
+kernel) reads the document lengths to the host (``.tolist()``, and ``.item()`` once more, or once per document
+when ``freqs`` covers the whole pack) and, in 0.19, rotates one document at a time: for a 10-document pack
+about 500-600 aten ops per call (0.16 gathers the freqs per document and rotates once: ~130-190). Called for
+the queries and the keys of every layer, that leaves the GPU idle in packed (``--sft``) training, the more so
+the smaller the per-rank micro-batch (context parallelism).
 
-:func:`packed_rope` computes the same result in one pass: the freqs row of every local token is found on the
-device (one searchsorted over the local document ends), gathered, and Megatron-Core's own
-``_apply_rotary_pos_emb_bshd`` rotates the whole tensor at once. Every operation is element-wise, so the
+:func:`packed_rope` computes the same result in one pass (~90-115 aten ops): the freqs row of every local
+token is found on the device (one searchsorted over the local document ends), gathered, and Megatron-Core's
+own ``_apply_rotary_pos_emb_bshd`` rotates the whole tensor at once. Every operation is element-wise, so the
 output equals Megatron-Core's bit for bit, forward and backward (tests/test_megatron_thd_rope.py). The
 positions follow Megatron-Core exactly: per-document positions restarting at 0 when ``freqs`` covers the
 longest document, whole-pack positions (each document offset by its start) when ``freqs`` covers the whole
-pack; on CP rank r of size n, document chunks r and 2n-1-r (the THD partition).
+pack; on CP rank r of size n, document chunks r and 2n-1-r (the THD partition). One difference: with
+``rotary_interleaved`` megatron-core 0.19 fails on an empty document, which this computes like any other.
+
+The positions are computed again for every call (the queries and the keys of every layer) rather than kept
+between calls: a cache keyed on the boundary tensor could be served stale when that tensor is refilled in
+place by a collective, which does not move its version counter.
 
 :func:`install_thd_rope` routes ``megatron.core.transformer.attention``'s ``apply_rotary_pos_emb`` calls for
-THD tensors through it when the fused TE kernel is not in use; everything else goes to Megatron-Core's
-function unchanged. The launcher and the Megatron-LM patch install it when TASP is selected.
+THD tensors through it when the fused TE kernel is not in use; everything else (and any argument it does not
+know) goes to Megatron-Core's function unchanged. Other callers of ``rope_utils`` (multi-latent attention,
+inference contexts) are not routed. The launcher, the Megatron-LM patch and the fine-tuning app (packed data)
+install it when TASP is selected; installing checks on a small CPU case that this Megatron-Core computes what
+:func:`packed_rope` does, and refuses otherwise.
 """
 
 from __future__ import annotations
@@ -41,23 +50,27 @@ def thd_rope_positions(cu_seqlens: torch.Tensor, tokens: int, cp_size: int, cp_r
     ``cu_seqlens``: global cumulative (padded) document lengths ``[n_docs + 1]``; this rank holds
     ``length // cp_size`` tokens of each document, in order, as chunks ``cp_rank`` and ``2·cp_size-1-cp_rank``
     of ``2·cp_size`` when ``cp_size > 1``. ``pack_offsets``: add each document's start (positions over the
-    whole pack) instead of restarting at 0 per document. Inputs Megatron-Core's THD RoPE refuses (local
-    lengths not covering ``tokens``; at ``cp_size > 1`` a padded length not a multiple of ``2·cp_size``, which
-    TASP's attention refuses too) fail a device-side assertion.
+    whole pack) instead of restarting at 0 per document. Inputs Megatron-Core's THD RoPE refuses (boundaries
+    not ascending, local lengths not covering ``tokens``; at ``cp_size > 1`` a padded length not a multiple of
+    ``2·cp_size``, which TASP's attention refuses too) fail a device-side assertion: a RuntimeError on CPU, on
+    CUDA a device-side assert that ends the process (the batch split and TASP's attention check the same
+    boundaries on the host with a clear message first).
     """
     cu = cu_seqlens.reshape(-1).long()
     lengths = cu[1:] - cu[:-1]
     local = lengths // cp_size
     local_end = local.cumsum(0)
-    torch._assert_async(local_end[-1] == tokens, "THD RoPE: the local document lengths must cover the tokens")
+    valid = (local_end[-1] == tokens) & torch.all(lengths >= 0)
+    if cp_size > 1:
+        valid = valid & torch.all(lengths % (2 * cp_size) == 0)
+    torch._assert_async(valid, "THD RoPE: document boundaries must ascend, cover this rank's tokens and (CP > 1) "
+                        "be multiples of 2 * CP")
     token = torch.arange(tokens, device=cu.device)
     doc = torch.searchsorted(local_end, token, right=True).clamp_(max=local.numel() - 1)
     within = token - (local_end - local)[doc]
     if cp_size == 1:
         pos = within
     else:
-        torch._assert_async(torch.all(lengths % (2 * cp_size) == 0), "THD RoPE: padded document lengths must be "
-                            "multiples of 2 * CP")
         chunk = (local // 2)[doc]
         pos = torch.where(within < chunk, cp_rank * chunk + within,
                           lengths[doc] - (cp_rank + 2) * chunk + within)
@@ -100,12 +113,13 @@ def _make_router(original: Any) -> Any:
     # multi_latent_attention); 0.16 has no such argument and always uses multi_latent_attention.
     has_mla_arg = _takes(original, "mla_rotary_interleaved")
 
+    @functools.wraps(original, assigned=("__name__", "__qualname__"))  # keeps its module: who routes
     def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, config: Any, cu_seqlens: Any = None,
-                             mscale: float = 1.0, cp_group: Any = None, **kwargs: Any) -> torch.Tensor:
+                             mscale: float = 1.0, cp_group: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Megatron-Core's ``apply_rotary_pos_emb``; THD tensors on the unfused path go to
         :func:`packed_rope` (same result, no host synchronisation)."""
-        if not _serves(cu_seqlens, config, cp_group):
-            return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kwargs)
+        if args or set(kwargs) - {"mla_rotary_interleaved"} or not _serves(cu_seqlens, config, cp_group):
+            return original(t, freqs, config, cu_seqlens, mscale, cp_group, *args, **kwargs)
         mla = kwargs.get("mla_rotary_interleaved", False) if has_mla_arg else None
         if mla is None:
             mla = getattr(config, "multi_latent_attention", False)
@@ -118,10 +132,44 @@ def _make_router(original: Any) -> Any:
     return apply_rotary_pos_emb
 
 
+class _Group:
+    """A CP group of the given size and rank, as far as the THD RoPE asks (for the self-check)."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def check_matches_megatron() -> None:
+    """Raise RuntimeError unless :func:`packed_rope` equals this Megatron-Core's ``_apply_rotary_pos_emb_thd``
+    on small CPU cases (CP 1 and 2, per-document and whole-pack freqs): a guard against a release that
+    changes the positions it picks."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    lengths = [4, 12, 8]
+    cu = torch.tensor([0, 4, 16, 24], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    for cp, rank in ((1, 0), (2, 1)):
+        t = torch.randn(sum(lengths) // cp, 2, 8, generator=g, dtype=torch.float64)
+        for rows in (max(lengths) + 1, sum(lengths)):
+            freqs = torch.rand(rows, 1, 1, 8, generator=g, dtype=torch.float64) * 10
+            want = rope_utils._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=_Group(cp, rank))
+            got = packed_rope(t, cu, freqs, cp_size=cp, cp_rank=rank)
+            if not torch.equal(got, want):
+                raise RuntimeError("this megatron-core's THD RoPE picks other positions than megatron_tasp's "
+                                   "packed RoPE (checked against 0.16 and 0.19): do not route it; use "
+                                   "megatron-core 0.19")
+
+
 def install_thd_rope() -> bool:
     """Route Megatron-Core attention's THD RoPE calls through :func:`packed_rope` (idempotent; True when
     newly installed). Raises RuntimeError when the attention module has no ``apply_rotary_pos_emb`` to route
-    (a Megatron-Core layout other than 0.16-0.19)."""
+    or this Megatron-Core's THD RoPE computes something else (:func:`check_matches_megatron`)."""
     import importlib
 
     installed = False
@@ -133,6 +181,7 @@ def install_thd_rope() -> bool:
                                "packed RoPE cannot be routed; use megatron-core 0.19")
         if getattr(current, _MARK, False):
             continue
+        check_matches_megatron()
         module.apply_rotary_pos_emb = _make_router(current)
         installed = True
     if installed:
@@ -151,4 +200,4 @@ def uninstall_thd_rope() -> None:
             module.apply_rotary_pos_emb = current.original
 
 
-__all__ = ["install_thd_rope", "packed_rope", "thd_rope_positions", "uninstall_thd_rope"]
+__all__ = ["check_matches_megatron", "install_thd_rope", "packed_rope", "thd_rope_positions", "uninstall_thd_rope"]

@@ -81,7 +81,7 @@ def build_model(recipe: Recipe, config: Any, vocab_size: int, device: torch.devi
     if rope.llama3:
         scale_llama3(core, rope.llama3)
     core = core.to(device)
-    if d.packing:  # packed documents: RoPE without megatron-core's per-document host reads (same result)
+    if d.packing:  # packed documents: RoPE without megatron-core's host reads (same result)
         from megatron_tasp.megatron.thd_rope import install_thd_rope
 
         install_thd_rope()
