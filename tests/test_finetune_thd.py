@@ -98,6 +98,9 @@ def packed_worker(rank: int, world: int, opts: dict[str, Any]) -> dict[str, Any]
                     alone.append(float((one[0] - full[a:a + n]).abs().max()))
             out[position] = {"loss": full, "mask": torch.from_numpy(np.concatenate([s.loss_mask for s in samples])),
                              "grads": grads if rank == 0 else None, "alone": alone}
+        import megatron.core.transformer.attention as mattention
+
+        out["rope_router"] = mattention.apply_rotary_pos_emb.__module__  # build_model routes packed RoPE
         return out
     finally:
         ps.destroy_model_parallel()
@@ -129,7 +132,9 @@ def test_packed_documents_do_not_see_each_other(position):
 
 def test_packed_micro_batch_at_cp2_equals_cp1():
     ref = _cp1()["rope"]
-    got = run_workers(packed_worker, 2, {"positions": ["rope"], "packs": _packs()}, timeout_s=300)[0]["rope"]
+    out = run_workers(packed_worker, 2, {"positions": ["rope"], "packs": _packs()}, timeout_s=300)[0]
+    assert out["rope_router"] == "megatron_tasp.megatron.thd_rope"  # data.packing: TASP's packed RoPE
+    got = out["rope"]
     real = ref["mask"] > 0
     assert 0 < int(real.sum()) < 2 * SEQ  # padding inside the micro-batch
     err = float((got["loss"][real] - ref["loss"][real]).abs().max()) / float(ref["loss"][real].abs().max())
