@@ -23,18 +23,7 @@ from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
 
 from megatron_tasp.megatron import thd_rope  # noqa: E402
 
-
-class _Group:
-    """The two methods the THD RoPE asks of a CP group."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
+_Group = thd_rope._Group  # the size() and rank() a THD RoPE asks of a CP group
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:
