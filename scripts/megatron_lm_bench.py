@@ -10,7 +10,9 @@ records Megatron's own numbers (iteration time, TFLOP/s/GPU, loss) as JSON (``--
 
 Both layouts process ``global_batch`` sequences of ``seq`` tokens per step on ``nproc`` GPUs, so the tokens per
 GPU per step are equal: CP=2 splits every sequence over the two GPUs, DP=2 gives each GPU whole sequences.
-Medians skip the first ``--warmup`` iterations.
+Medians skip the first ``--warmup`` iterations. ``--code DIR`` runs another copy of megatron_tasp (a directory
+holding the package, e.g. ``git archive REV megatron_tasp | tar -x -C DIR`` for an A/B): the runs start in DIR
+with DIR first on PYTHONPATH, because ``python -m`` imports from the working directory before PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def data_args(a: argparse.Namespace) -> list[str]:
     ``scripts/make_sft_fixture.py`` (packed chat conversations, one document each, loss on assistant turns)."""
     if not a.sft_data:
         return ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(a.vocab)]
-    d = Path(a.sft_data)
+    d = Path(a.sft_data).absolute()
     return ["--sft", "--data-path", str(d / "train.jsonl"), "--tokenizer-type", "SFTTokenizer",
             "--tokenizer-model", str(d / "tokenizer"), "--sft-tokenizer-prompt-format", "nemotron-h-aligned"]
 
@@ -88,18 +90,31 @@ def layout_args(cp: int, tp: int) -> list[str]:
             "--context-parallel-backend", "tasp"]
 
 
+def child_setup(a: argparse.Namespace) -> tuple[dict[str, str], str | None]:
+    """Environment additions and working directory of the Megatron-LM runs: the SFT stand-in (``sft_env``)
+    and, with ``--code DIR``, DIR first on PYTHONPATH and as the working directory."""
+    env = sft_env(a)
+    if not getattr(a, "code", None):
+        return env, None
+    code = str(Path(a.code).absolute())
+    rest = env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (code, rest) if x)
+    return env, code
+
+
 def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
     """One Megatron-LM run; returns its record (or the failure with the log's tail)."""
     entry = ["-m", "megatron_tasp.megatron.pretrain_gpt"] if a.entry == "launcher" else \
-        [str(Path(os.environ["MEGATRON_LM_PATH"]) / "pretrain_gpt.py")]
+        [str(Path(os.environ["MEGATRON_LM_PATH"]).absolute() / "pretrain_gpt.py")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
            "--master-port", str(29500 + cp + seq % 97), *entry, *model_args(a, seq, cp), *layout_args(cp, a.tp),
            *a.extra]
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1", **sft_env(a))
+    extra_env, cwd = child_setup(a)
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1", **extra_env)
     log = log_dir / f"megatron-lm-{a.tag}seq{seq}-cp{cp}-tp{a.tp}-mb{micro_batch(a, cp)}.log"
     t0 = time.time()
     with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=a.timeout)
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=a.timeout, cwd=cwd)
     text = log.read_text(errors="replace")
     iters, tflops, losses = [], [], []
     for line in text.splitlines():
@@ -118,7 +133,7 @@ def run_one(a: argparse.Namespace, seq: int, cp: int, log_dir: Path) -> dict:
            "seq_length": seq, "micro_batch_size": micro_batch(a, cp), "extra_flags": a.extra,
            "global_batch": a.global_batch, "layers": a.layers, "hidden": a.hidden, "heads": a.heads,
            "query_groups": a.groups, "data": "sft" if a.sft_data else "mock", "rc": rc,
-           "wall_s": round(time.time() - t0, 1), "losses": losses,
+           "wall_s": round(time.time() - t0, 1), "losses": losses, "code": cwd,
            "log": log.name}
     if rc != 0 or not iters:
         rec["error_tail"] = text[-3000:]
@@ -174,11 +189,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="run Megatron-LM's --sft on the fixture scripts/make_sft_fixture.py wrote to DIR (packed "
                         "chat conversations, per-document masks) instead of mock data")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
+    p.add_argument("--code", default=None, metavar="DIR",
+                   help="run the megatron_tasp package in DIR (e.g. an A/B baseline) instead of the installed one")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--log-dir", default=None, help="where the Megatron logs go (default: beside --out)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more Megatron-LM flags for every run")
     a = p.parse_args(argv)
     a.extra = [x for x in a.extra if x != "--"]
+    if a.code and not (Path(a.code) / "megatron_tasp" / "__init__.py").is_file():
+        p.error(f"--code {a.code}: no megatron_tasp package there (git archive REV megatron_tasp | tar -x -C DIR)")
     if "MEGATRON_LM_PATH" not in os.environ:
         p.error("set MEGATRON_LM_PATH to a directory with Megatron-LM's pretrain_gpt.py")
     out = Path(a.out)

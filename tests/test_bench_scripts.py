@@ -96,6 +96,13 @@ def test_megatron_lm_bench_micro_batch_sizes():
         mb.micro_batch(a, 1)
 
 
+def test_megatron_lm_bench_code_must_hold_the_package(tmp_path, capsys):
+    mb = _load("megatron_lm_bench")
+    with pytest.raises(SystemExit):
+        mb.main(["--code", str(tmp_path), "--out", str(tmp_path / "out.json")])
+    assert "no megatron_tasp package there" in capsys.readouterr().err
+
+
 def test_sft_fixture_feeds_megatrons_sft_tokenizer_and_the_bench(tmp_path, monkeypatch):
     """The fixture's tokenizer tokenizes its conversations through Megatron-Core's SFT tokenizer (system and user
     turns masked out of the loss), its datasets stand-in reads the lines back, and the bench runs --sft on it."""
@@ -135,3 +142,6 @@ def test_sft_fixture_feeds_megatrons_sft_tokenizer_and_the_bench(tmp_path, monke
     assert args[args.index("--tokenizer-model") + 1] == str(tmp_path / "tokenizer")
     monkeypatch.setitem(sys.modules, "datasets", None)  # HF datasets missing: the stand-in goes on the path
     assert bench.sft_env(a)["PYTHONPATH"].split(":")[0] == str(tmp_path / "stub")
+    a.code = str(tmp_path / "base")  # an A/B baseline: first on the path and the runs' working directory
+    env, cwd = bench.child_setup(a)
+    assert cwd == str(tmp_path / "base") and env["PYTHONPATH"].split(":")[:2] == [cwd, str(tmp_path / "stub")]
