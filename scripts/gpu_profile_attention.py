@@ -6,8 +6,8 @@ Per token count, rank 0 writes ``profile_<tokens>.txt`` (host-sync check, host e
 profiler's tables) and adds to ``profile.json``: per-kernel CUDA time of TASP and of ``kernel_bound`` (the
 bench impl: the same blocks as plain contiguous-bhsd kernel calls), and how busy the GPU was between the
 first and the last kernel of a call (1.0 = no idle gaps).
-TASP and ``kernel_bound`` are timed in alternating order (medians, and the medians by position in each round,
-which expose an order effect such as clock drift).
+TASP and ``kernel_bound`` are timed round-robin twice, TASP first and then the bound first (the mean of the two
+medians, and the medians by position, which expose an order effect such as clock drift).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 import traceback
 from collections import defaultdict
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
-from megatron_tasp.apps.bench.timing import busy_time
+from megatron_tasp.apps.bench.timing import busy_time, time_round_robin
 from megatron_tasp.kernels import get_kernel
 
 
@@ -64,40 +63,18 @@ def _profile(fn, calls: int):
     return prof
 
 
-def _timed(fn, reps: int) -> list[float]:
-    """CUDA-event times (ms) of ``reps`` calls of ``fn``, each timed alone."""
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * reps)]
-    times = []
-    for i in range(reps):
-        ev[2 * i].record()
-        fn()
-        ev[2 * i + 1].record()
-        torch.cuda.synchronize()
-        times.append(ev[2 * i].elapsed_time(ev[2 * i + 1]))
-    return times
-
-
-def _timed_pair(fns: dict, rounds: int = 6, reps: int = 4) -> dict:
-    """Median ms of each of two functions, timed in alternating order (A then B, then B then A, ...), so that
-    clock or thermal drift over the run falls on both alike; also the medians by position (first or second in
-    its round), which show an order effect if there is one."""
-    names = list(fns)
-    for name in names:
+def _timed_both_orders(step, bound, device, iters: int = 24, rounds: int = 6) -> dict:
+    """TASP (``step``) and ``kernel_bound`` timed by the bench's round-robin timer (warmed up here), once with
+    TASP first in every round and once with the bound first: each time the mean of the two medians, and the
+    medians by position, which show an order effect (clock drift) if there is one."""
+    for fn in (step, bound):
         for _ in range(3):
-            fns[name]()
-    torch.cuda.synchronize()
-    times: dict = {n: [] for n in names}
-    by_slot: dict = {(n, slot): [] for n in names for slot in (0, 1)}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for slot, name in enumerate(order):
-            t = _timed(fns[name], reps)
-            times[name] += t
-            by_slot[(name, slot)] += t
-    med = {n: statistics.median(v) for n, v in times.items()}
-    med["by_position"] = {f"{n}_{'first' if slot == 0 else 'second'}": round(statistics.median(v), 3)
-                          for (n, slot), v in by_slot.items()}
-    return med
+            fn()
+    tasp_first = time_round_robin([step, bound], device, iters, rounds)
+    bound_first = time_round_robin([bound, step], device, iters, rounds)
+    return {"tasp": (tasp_first[0] + bound_first[1]) / 2, "kernel_bound": (tasp_first[1] + bound_first[0]) / 2,
+            "by_position": {"tasp_first": round(tasp_first[0], 3), "kernel_bound_second": round(tasp_first[1], 3),
+                            "kernel_bound_first": round(bound_first[0], 3), "tasp_second": round(bound_first[1], 3)}}
 
 
 def main() -> None:
@@ -141,7 +118,7 @@ def main() -> None:
         kernel = get_kernel("auto", q.device, q.dtype, 128)
         bhsd = [x.detach().permute(1, 2, 0, 3) for x in (q, k, v, do)]
         bound = kernel_bound_fn(kernel, *bhsd, block_work(tokens, world, rank, True), "fwd_bwd", 128 ** -0.5)
-        ms = _timed_pair({"tasp": step, "kernel_bound": bound})
+        ms = _timed_both_orders(step, bound, q.device)
         prof = _profile(step, args.calls)
         prof_b = _profile(bound, args.calls)
         if rank == 0:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 _MARK = "_megatron_tasp_thd_rope"
-_CALLERS = ("megatron.core.transformer.attention",)
+_ATTENTION = "megatron.core.transformer.attention"  # the one caller routed
 logger = logging.getLogger("megatron_tasp")
 
 
@@ -79,7 +79,7 @@ def thd_rope_positions(cu_seqlens: torch.Tensor, tokens: int, cp_size: int, cp_r
     return pos
 
 
-@functools.cache
+@functools.cache  # a memo of a fixed property of megatron-core's functions, no state of any run or group
 def _takes(function: Any, name: str) -> bool:
     """Whether ``function`` has a parameter ``name`` (megatron-core renamed some between releases)."""
     return name in inspect.signature(function).parameters
@@ -172,32 +172,27 @@ def install_thd_rope() -> bool:
     or this Megatron-Core's THD RoPE computes something else (:func:`check_matches_megatron`)."""
     import importlib
 
-    installed = False
-    for name in _CALLERS:
-        module = importlib.import_module(name)
-        current = getattr(module, "apply_rotary_pos_emb", None)
-        if current is None:
-            raise RuntimeError(f"{name} has no apply_rotary_pos_emb (megatron-core 0.16-0.19 layout expected): "
-                               "packed RoPE cannot be routed; use megatron-core 0.19")
-        if getattr(current, _MARK, False):
-            continue
-        check_matches_megatron()
-        module.apply_rotary_pos_emb = _make_router(current)
-        installed = True
-    if installed:
-        logger.info("packed (THD) RoPE runs without host synchronisation (megatron_tasp.megatron.thd_rope)")
-    return installed
+    module = importlib.import_module(_ATTENTION)
+    current = getattr(module, "apply_rotary_pos_emb", None)
+    if current is None:
+        raise RuntimeError(f"{_ATTENTION} has no apply_rotary_pos_emb (megatron-core 0.16-0.19 layout expected): "
+                           "packed RoPE cannot be routed; use megatron-core 0.19")
+    if getattr(current, _MARK, False):
+        return False
+    check_matches_megatron()
+    module.apply_rotary_pos_emb = _make_router(current)
+    logger.info("packed (THD) RoPE runs without host synchronisation (megatron_tasp.megatron.thd_rope)")
+    return True
 
 
 def uninstall_thd_rope() -> None:
     """Undo :func:`install_thd_rope` (tests)."""
     import importlib
 
-    for name in _CALLERS:
-        module = importlib.import_module(name)
-        current = getattr(module, "apply_rotary_pos_emb", None)
-        if getattr(current, _MARK, False):
-            module.apply_rotary_pos_emb = current.original
+    module = importlib.import_module(_ATTENTION)
+    current = getattr(module, "apply_rotary_pos_emb", None)
+    if getattr(current, _MARK, False):
+        module.apply_rotary_pos_emb = current.original
 
 
 __all__ = ["check_matches_megatron", "install_thd_rope", "packed_rope", "thd_rope_positions", "uninstall_thd_rope"]
