@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="1024,8192")
     ap.add_argument("--heads", default="32/8")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--transport", default=None, help="TASP transport (default: the options'); 'none' profiles "
+                    "compute_only, the engine without communication")
+    ap.add_argument("--keep-kv", default=None, choices=("auto", "on", "off"), help="keep_kv (default: the options')")
     ap.add_argument("--out-dir", default=".")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -90,6 +93,7 @@ def main() -> None:
     hq, hkv = (int(x) for x in args.heads.split("/"))
     g = dist.group.WORLD
     summary = {}
+    kw = {"transport": args.transport, "keep_kv": {"on": True, "off": False, "auto": "auto", None: None}[args.keep_kv]}
     for tokens in (int(t) for t in args.tokens.split(",")):
         q = torch.randn(tokens, 1, hq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(tokens, 1, hkv, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -97,7 +101,7 @@ def main() -> None:
         do = torch.randn_like(q)
 
         def step(q=q, k=k, v=v, do=do):
-            torch.autograd.grad(tasp_attention(q, k, v, g), (q, k, v), do)
+            torch.autograd.grad(tasp_attention(q, k, v, g, **kw), (q, k, v), do)
 
         for _ in range(3):
             step()
@@ -113,7 +117,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(10):
-            tasp_attention(q, k, v, g)
+            tasp_attention(q, k, v, g, **kw)
         cpu_fwd = (time.perf_counter() - t0) / 10 * 1e3  # host time to enqueue one forward
         kernel = get_kernel("auto", q.device, q.dtype, 128)
         bhsd = [x.detach().permute(1, 2, 0, 3) for x in (q, k, v, do)]
@@ -138,6 +142,7 @@ def main() -> None:
     if rank == 0:
         with open(os.path.join(args.out_dir, "profile.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": args.heads,
+                   "transport": args.transport, "keep_kv": args.keep_kv,
                        "shapes": summary}, f, indent=1)
     dist.destroy_process_group()
 
