@@ -104,6 +104,42 @@ def test_contiguous_rows_are_views_and_other_inputs_fall_back(reference_ops):
     torch.testing.assert_close(o, seg.forward_unchecked(q, k, v, causal=False, scale=0.5)[0])
 
 
+GAPS_Q = [-1] * 2 + [0] * 3 + [-1] * 2 + [1] * 4 + [2] * 2 + [-1]  # -1: queries without keys
+GAPS_K = [0] * 4 + [-2] * 3 + [1] * 2 + [-2] + [2] * 5 + [-2] * 2  # -2: keys without queries
+
+
+@pytest.mark.parametrize("causal,seg_q,seg_k,cu_q,cu_k", [
+    (False, GAPS_Q, GAPS_K, [0, 2, 5, 7, 7, 11, 11, 13, 14, 14], [0, 0, 4, 4, 7, 9, 10, 15, 15, 17]),
+    (True, [0] * 3 + [1] * 4 + [2] * 2, [0] * 3 + [1] * 4 + [2] * 2, [0, 3, 7, 9], [0, 3, 7, 9]),
+])
+def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, cu_k):
+    """Shared segments that are runs ascending on both sides: one launch over EVERY row, no gather; rows
+    between them become segments with an empty partner (queries without keys: output 0, lse -inf although
+    the op gives +inf; keys without queries: dk/dv 0); equal to the segmented block."""
+    seg, var = _pair(torch.tensor(seg_q), torch.tensor(seg_k))
+    t_q, t_k = len(seg_q), len(seg_k)
+    assert var.q_index == slice(0, t_q) and var.k_index == slice(0, t_k), "in place"
+    assert var.cu_q.tolist() == cu_q and var.cu_k.tolist() == cu_k
+    lonely = [x == -1 for x in seg_q]
+    assert (var.lonely_q.tolist() if var.lonely_q is not None else [False] * t_q) == lonely
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, t_q, 8, generator=gen)
+    k, v = (torch.randn(1, 2, t_k, 8, generator=gen) for _ in range(2))
+    dout = torch.randn(q.shape, generator=gen)
+    o1, l1, c1 = seg.forward_unchecked(q, k, v, causal=causal, scale=0.4)
+    o2, l2, c2 = var.forward_unchecked(q, k, v, causal=causal, scale=0.4)
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-6)
+    assert torch.equal(l2 == float("-inf"), l1 == float("-inf")) and not torch.isposinf(l2).any()
+    assert bool((l2[0, :, torch.tensor(lonely)] == float("-inf")).all())
+    torch.testing.assert_close(l2[torch.isfinite(l2)], l1[torch.isfinite(l1)], rtol=1e-5, atol=1e-6)
+    out_m, lse_m = o1 * 0.7, torch.where(torch.isfinite(l1), l1 + 0.25, l1)
+    g1 = seg.backward_unchecked(dout, q, k, v, out_m, lse_m, c1, causal=causal, scale=0.4)
+    g2 = var.backward_unchecked(dout, q, k, v, out_m, lse_m, c2, causal=causal, scale=0.4)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert varlen_reference.CALLS == {"forward": 1, "backward": 1}
+
+
 def test_the_real_op_declines_cpu_tensors():
     q = torch.randn(1, 2, 4, 8)
     assert "CUDA" in varlen_mod.varlen_reason(q, q)
@@ -161,24 +197,36 @@ def _natural_worker(rank, n):
             err = run_case(dist.group.WORLD, cu_pad, cu, causal, 2, **kw)
             layout = next(reversed(scope.layouts().entries.values()))
             local = layout.call.local_kernel
+            t = cu_pad[-1] // n
+            remote = _varlen_blocks(layout)[1:]
             seen[(causal, bool(kw))] = {
                 "err": err, "perm": layout.perm is not None, "full_rows": layout.call.full_rows,
                 # the own block reads every row in place: one ascending run on both sides, no gather
-                "local_in_place": isinstance(local, VarlenBlock) and local.q_index == slice(0, cu_pad[-1] // n)
-                and local.k_index == local.q_index}
+                "local_in_place": isinstance(local, VarlenBlock) and local.q_index == slice(0, t)
+                and local.k_index == local.q_index,
+                # so does the remote block: its masked rows are segments with an empty partner
+                "remote_in_place": bool(remote) and all(b.q_index == slice(0, t) and b.k_index == slice(0, t)
+                                                        for b in remote),
+                "lonely_queries": any(b.lonely_q is not None for b in remote)}
     return seen
 
 
 def test_cp2_packed_documents_run_in_their_own_order(engine_reference_ops):
     """CP=2, one chunk: no permutation into [F ; B] and back, the own block's varlen launch reads its rows in
     place, the remote block's case lives in its document masks; exact. chunks=2 keeps the [F ; B] layout."""
-    for seen in run_workers(_natural_worker, 2, timeout_s=300):
+    ranks = run_workers(_natural_worker, 2, timeout_s=300)
+    for seen in ranks:
         for (causal, chunked), got in seen.items():
             assert got["err"] <= TOL, (causal, chunked, got)
             if chunked:
                 assert got["perm"] and not got["full_rows"], got
             else:
                 assert not got["perm"] and got["full_rows"] and got["local_in_place"], (causal, got)
+                assert got["remote_in_place"], (causal, got)
+    # causal: rank 0's peer holds later chunks, seen from rank 0's back chunks only, so its front rows are
+    # queries without keys (lse set to -inf); rank 1 has such rows only where a padded document's padding
+    # faces no padding on rank 0's front chunk
+    assert ranks[0][(True, False)]["lonely_queries"]
 
 
 def test_packed_dense_rows_gets_its_own_layout(engine_reference_ops):

@@ -1,6 +1,8 @@
 """A float64 reference of the packed varlen attention ops (``megatron_tasp.kernels.varlen.VarlenOps``): the
 same contract as torch's flash varlen forward/backward, per segment in plain torch, so the varlen block's
-gather/scatter plumbing runs on CPU. Causal segments are square (the only kind the engine passes)."""
+gather/scatter plumbing runs on CPU. Causal segments are square (the only kind the engine passes) unless one
+side is empty. A segment empty on one side computes nothing, as in FlashAttention-2: output 0 and lse +inf
+for queries without keys, dq 0 for them and dk/dv 0 for keys without queries."""
 
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32)
     for sq, sk in _segments(cu_q, cu_k):
         assert sq.stop - sq.start <= max_q and sk.stop - sk.start <= max_k
+        if sk.stop == sk.start or sq.stop == sq.start:
+            lse[:, sq] = float("inf")
+            continue
         s, g = _scores(q[sq], k[sk], causal, scale)
         out[sq] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[sk].double().repeat_interleave(g, 1)).to(q.dtype)
         lse[:, sq] = s.logsumexp(-1).float()
@@ -42,6 +47,8 @@ def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, a
     assert aux == ("rng", "unused")
     dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v))
     for sq, sk in _segments(cu_q, cu_k):
+        if sk.stop == sk.start or sq.stop == sq.start:
+            continue
         s, g = _scores(q[sq], k[sk], causal, scale)
         p = torch.exp(s - lse[:, sq].double()[..., None])
         do, o = dout[sq].double(), out[sq].double()

@@ -88,9 +88,10 @@ class SegmentedBlock:
     """One block of segment-masked attention over a dense kernel (see the module doc)."""
 
     def __init__(self, kernel: BlockAttention, pairs: list[tuple[Rows, Rows]], full: bool,
-                 tiny: list[bool] | None = None):
+                 tiny: list[bool] | None = None, rows: tuple[int, int] | None = None):
         self.kernel = kernel
         self.pairs = pairs  # (query rows, key rows) of every segment present on both sides
+        self.rows = rows  # (query rows, key rows) of the whole block, when known
         self.full = full  # one segment covering every row on both sides: the dense kernel as is
         math = MathAttention()
         self.kernels = [math if t else kernel for t in (tiny or [False] * len(pairs))]  # per pair
@@ -145,4 +146,4 @@ def segmented_block(kernel: BlockAttention, seg_q: Tensor, seg_k: Tensor, device
     full = len(qs) == 1 and len(ks) == 1 and len(shared) == 1
     pairs = [(_as_rows(qs[g], device), _as_rows(ks[g], device)) for g in shared]
     tiny = [min(row_count(qs[g]), row_count(ks[g])) < TINY_ROWS and kernel.name != "math" for g in shared]
-    return SegmentedBlock(kernel, pairs, full, tiny)
+    return SegmentedBlock(kernel, pairs, full, tiny, rows=(seg_q.numel(), seg_k.numel()))

@@ -3,13 +3,18 @@
 A :class:`~megatron_tasp.kernels.segmented.SegmentedBlock` runs one dense kernel call per document of a
 block. On CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's small segments as one call of
 ``aten._flash_attention_forward`` / ``_flash_attention_backward`` (FlashAttention-2 inside torch) with
-``cu_seqlens``: the query rows of every shared segment are gathered into one packed ``[total_q, h, d]``
-tensor (segment after segment; a view, not a copy, when they already form one ascending run), likewise the
-key/value rows, and the output, lse and gradients are scattered back. Rows without keys keep output 0 and
-lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV heads), no expansion. Segments
-large on both sides (``big_rows``; the engine passes ``TaspOptions.packed_dense_rows``, None by default) keep
-one call each on the dense kernel when that kernel is faster than the varlen one; every query row and key row
-belongs to one segment, so the two parts write disjoint rows of the same outputs and gradients.
+``cu_seqlens``. When every shared segment is one run of rows on both sides and the segments ascend on both
+sides (the packed-document blocks of CP=2 in THD order), the call reads q/k/v and writes out, lse and the
+gradients IN PLACE: the rows between the shared segments become segments with no partner (queries with no
+keys: output 0, their lse set to -inf here; keys with no queries: dk/dv 0), which FlashAttention-2 serves
+without computing anything (it exits early on an empty side). Otherwise the query rows of every shared segment
+are gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a copy, when
+they already form one ascending run), likewise the key/value rows, and the output, lse and gradients are
+scattered back. Rows without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA
+runs natively (fewer KV heads), no expansion. Segments large on both sides (``big_rows``; the engine passes
+``TaspOptions.packed_dense_rows``, None by default) keep one call each on the dense kernel when that kernel is
+faster than the varlen one; every query row and key row belongs to one segment, so the two parts write
+disjoint rows of the same outputs and gradients (such blocks gather the rest).
 
 What it needs, checked per call (otherwise the same block runs on the per-document fallback): a CUDA
 tensor of fp16 or bf16, head dim a multiple of 8 and at most 256, batch 1 (packed documents are ``[t, 1,
@@ -48,6 +53,10 @@ class VarlenOps:
     forward: Any
     backward: Any
     reason: Callable[[Tensor], str | None] | None = None
+
+    # Segments may be empty on one side (the in-place form): the forward then gives the output 0 for queries
+    # without keys (any lse; the block sets it to -inf) and the backward gives dq 0 for them and dk/dv 0 for
+    # keys without queries, as FlashAttention-2 does.
 
 
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
@@ -123,6 +132,49 @@ def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tens
     return flat.to(device), cu.to(device), max(lengths, default=0)
 
 
+def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
+              device: torch.device) -> tuple[tuple, tuple, Tensor | None] | None:
+    """Segments over EVERY row, for pairs that are slices ascending on both sides: ((slice, cu_q, max_q),
+    (slice, cu_k, max_k), query rows without keys as a bool mask or None). Rows outside the pairs become
+    segments with an empty partner: queries without keys, then keys without queries. None when the pairs do
+    not allow it (a gather is needed) or the block's size is unknown."""
+    if rows is None or not pairs:
+        return None
+    cq, ck, lonely = [0], [0], []
+    at_q = at_k = 0
+    for iq, ik in pairs:
+        if not (isinstance(iq, slice) and isinstance(ik, slice)) or iq.start < at_q or ik.start < at_k:
+            return None
+        if iq.start > at_q:  # queries without keys
+            cq.append(iq.start)
+            ck.append(at_k)
+            lonely.append((at_q, iq.start))
+        if ik.start > at_k:  # keys without queries
+            cq.append(iq.start)
+            ck.append(ik.start)
+        cq.append(iq.stop)
+        ck.append(ik.stop)
+        at_q, at_k = iq.stop, ik.stop
+    if at_q > rows[0] or at_k > rows[1]:
+        return None
+    if at_q < rows[0]:
+        cq.append(rows[0])
+        ck.append(at_k)
+        lonely.append((at_q, rows[0]))
+    if at_k < rows[1]:
+        cq.append(rows[0])
+        ck.append(rows[1])
+    mask = None
+    if lonely:
+        mask = torch.zeros(rows[0], dtype=torch.bool)
+        for a, b in lonely:
+            mask[a:b] = True
+        mask = mask.to(device)
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in (cq, ck))
+    return ((slice(0, rows[0]), cu_q.to(device), int((cu_q[1:] - cu_q[:-1]).max())),
+            (slice(0, rows[1]), cu_k.to(device), int((cu_k[1:] - cu_k[:-1]).max())), mask)
+
+
 def _first(rows: Rows) -> int:
     return rows.start if isinstance(rows, slice) else int(rows[0])
 
@@ -172,8 +224,14 @@ class VarlenBlock:
         # the rest in query-row order, so that rows already packed in place are a view, not a gather
         pairs = sorted((p for p, b in zip(fallback.pairs, is_big) if not b), key=lambda p: _first(p[0]))
         self.small = bool(pairs)
-        self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
-        self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
+        # in place (no gather or scatter) where the pairs allow it and no dense segment shares the outputs
+        whole = None if self.big is not None else _in_place(pairs, getattr(fallback, "rows", None), device)
+        self.lonely_q: Tensor | None = None  # query rows with no keys (their lse is set to -inf)
+        if whole is not None:
+            (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.lonely_q = whole
+        else:
+            self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
+            self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
 
     @property
     def name(self) -> str:
@@ -192,6 +250,8 @@ class VarlenBlock:
         if self.small:
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
             o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
+            if self.lonely_q is not None:  # FlashAttention-2 gives them +inf
+                lse = lse.masked_fill(self.lonely_q, float("-inf"))
             if out is None:
                 out = _unpacked(o, self.q_index, sq)
                 lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
