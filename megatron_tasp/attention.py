@@ -28,6 +28,7 @@ from megatron_tasp.engine.cache import PLAN_CACHE, clear_plan_cache
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, compile_call, run_summary
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
+from megatron_tasp.engine.graphed import graphed
 from megatron_tasp.engine.thd import ThdAttention, thd_layout, thd_views
 from megatron_tasp.options import TaspOptions, default_options
 from megatron_tasp.topology import Topology
@@ -38,9 +39,14 @@ __all__ = ["TaspConfigError", "clear_plan_cache", "tasp_attention", "tasp_run_su
 class _TaspAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call: CompiledCall | LocalCall):  # type: ignore[override]
-        out, lse, kctx, kept = forward(call, q, k, v)
+        runner = graphed(call)  # CUDA graphs (options.cuda_graphs), else None
+        if runner is not None:
+            out, lse, kctx, kept, replayed = runner.forward(q, k, v)
+        else:
+            (out, lse, kctx, kept), replayed = forward(call, q, k, v), False
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.kctx, ctx.kept = call, kctx, kept
+        ctx.graphed = runner if replayed else None  # the backward replays too when the forward did
         return out
 
     @staticmethod
@@ -50,7 +56,10 @@ class _TaspAttention(torch.autograd.Function):
         # exchanges KV again instead of reading the kept pieces
         kept, ctx.kept = ctx.kept, None
         with torch.no_grad():
-            dq, dk, dv = backward(ctx.call, dout.contiguous(), q, k, v, out, lse, ctx.kctx, kept)
+            if ctx.graphed is not None:
+                dq, dk, dv = ctx.graphed.backward(dout.contiguous(), q, k, v, out, lse, kept)
+            else:
+                dq, dk, dv = backward(ctx.call, dout.contiguous(), q, k, v, out, lse, ctx.kctx, kept)
         return dq, dk, dv, None
 
 

@@ -26,6 +26,7 @@ variable                              field                   values
 ``MEGATRON_TASP_AUTO_PROBE``          ``auto_probe``          1: time candidate ring counts once per shape
 ``MEGATRON_TASP_HOSTS``               ``hosts``               comma-separated host of every CP rank (emulation)
 ``MEGATRON_TASP_PACKED_DENSE_ROWS``   ``packed_dense_rows``   N: documents of >= N rows on the dense kernel
+``MEGATRON_TASP_CUDA_GRAPHS``         ``cuda_graphs``         1 or 0 (default): replay calls from CUDA graphs
 ====================================  ======================  ===================================================
 
 One name per concept: ``kernel`` is the block-attention kernel (cudnn, flash, ...); ``transport`` is how
@@ -157,6 +158,12 @@ class TaspOptions:
         ~6 ms of host time each (Megatron-LM's loop, where document lengths change every step, ran 4x slower);
         the varlen launch has no per-shape plan. Set it (e.g. 1024) only when the same document lengths repeat
         (fixed packings, benchmarks).
+    cuda_graphs: replay the forward and backward of every dense call with CP > 1 from CUDA graphs, captured on
+        a signature's second call (``megatron_tasp.engine.graphed``): for short sequences, where launching
+        ~30 kernels per call costs more host time than the GPU work takes. Costs a copy of the inputs in and
+        of the outputs out per call, and one graph memory pool (about one call's workspace) per signature.
+        Packed-document calls and calls made while a stream is being captured (Megatron-LM's own graphs) run
+        eagerly.
     """
 
     num_rings: int | str | None = None
@@ -176,6 +183,7 @@ class TaspOptions:
     packed_split: str = "document"
     # off by default: cuDNN plans every new document shape (~6 ms of host time each), see the docstring
     packed_dense_rows: int | None = None
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -205,6 +213,7 @@ class TaspOptions:
         set_(self, "fused_merge", parse_bool("fused_merge", self.fused_merge))
         set_(self, "direct_collectives", parse_bool("direct_collectives", self.direct_collectives))
         set_(self, "auto_probe", parse_bool("auto_probe", self.auto_probe))
+        set_(self, "cuda_graphs", parse_bool("cuda_graphs", self.cuda_graphs))
         topo = self.topology
         if isinstance(topo, os.PathLike):
             topo = os.fspath(topo)

@@ -8,6 +8,11 @@ the graph gives the eager results, and times eager vs replay (CUDA events, media
 contiguous tensors: no engine, no merge, no communication), so graphed TASP is compared with a graphed bound.
 
     torchrun --nproc-per-node 2 scripts/gpu_graph_check.py --out graph.json
+
+``--internal`` checks TASP's own graphs instead (``TaspOptions(cuda_graphs=True)``, plain eager calls from the
+caller's side): three "layers" of one signature (forward all, then backward all) against eager TASP, no host
+synchronisation in a replayed call, and eager TASP / graphed-internally TASP / the plain kernels (eager), timed
+round-robin in one run.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import torch.distributed as dist
 from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench import time_fn
 from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
+from megatron_tasp.apps.bench.timing import time_round_robin
 from megatron_tasp.kernels import get_kernel
+from megatron_tasp.options import TaspOptions
 
 
 def capture(step) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -91,11 +98,67 @@ def kernel_bound_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
             "kernel": kernel.name, "eager_ms": float(t[0]), "graph_ms": float(t[1])}
 
 
+def internal_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
+    """TASP with options.cuda_graphs against eager TASP: three layers' results, sync check, timings."""
+    rank, n = dist.get_rank(g), dist.get_world_size(g)
+    gen = torch.Generator(device=dev).manual_seed(tokens + hkv)
+    layers = [[torch.randn(tokens, 1, h, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+               for h in (32, hkv, hkv, 32)] for _ in range(3)]
+    graphs = TaspOptions(cuda_graphs=True)
+
+    def run(opts):
+        ins = [[x.clone().requires_grad_(i < 3) for i, x in enumerate(layer)] for layer in layers]
+        outs = [tasp_attention(q, k, v, g, options=opts) for q, k, v, _ in ins]
+        torch.autograd.backward(outs, [layer[3] for layer in ins])
+        return [[o.detach()] + [x.grad for x in layer[:3]] for o, layer in zip(outs, ins)]
+
+    eager, eager2 = run(None), run(None)
+    run(graphs)  # first call of the signature eager, the second captures, the third replays
+    replayed = run(graphs)  # every layer replayed
+    diff = max(float((a.float() - b.float()).abs().max()) for la, lb in zip(replayed, eager) for a, b in zip(la, lb))
+    control = max(float((a.float() - b.float()).abs().max()) for la, lb in zip(eager2, eager) for a, b in zip(la, lb))
+    same = all(torch.equal(a, b) for la, lb in zip(replayed, eager) for a, b in zip(la, lb))
+    q, k, v, do = (x.clone().requires_grad_(i < 3) for i, x in enumerate(layers[0]))
+
+    def step(opts):
+        return torch.autograd.grad(tasp_attention(q, k, v, g, options=opts), (q, k, v), do)
+
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        step(graphs)
+        sync = "none"
+    except RuntimeError as exc:
+        sync = str(exc)[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    kernel = get_kernel("auto", dev, torch.bfloat16, 128)
+    bhsd = [x.detach().permute(1, 2, 0, 3) for x in (q, k, v, do)]
+    bound = kernel_bound_fn(kernel, *bhsd, block_work(tokens, n, rank, True), "fwd_bwd", 128 ** -0.5)
+    fns = [lambda: step(None), lambda: step(graphs), bound]
+    for fn in fns:
+        fn()
+    ms = time_round_robin(fns, dev, iters, rounds=4,
+                          reduce=lambda x: _max(x, dev, g))
+    return {"tokens_per_gpu": tokens, "heads_q": 32, "heads_kv": hkv, "causal": True, "mode": "internal",
+            "eager_ms": ms[0], "graphed_ms": ms[1], "kernel_bound_ms": ms[2],
+            "eager_over_bound": ms[0] / ms[2], "graphed_over_bound": ms[1] / ms[2],
+            "replay_equals_eager": same, "max_abs_diff": diff, "eager_vs_eager_max_abs_diff": control,
+            "host_sync": sync}
+
+
+def _max(x: float, dev, g) -> float:
+    t = torch.tensor([x], device=dev, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
+    return float(t.item())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1024,2048,4096,8192")
     ap.add_argument("--transports", default="a2a,symm,none")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--internal", action="store_true", help="check TASP's own graphs (options.cuda_graphs)")
     ap.add_argument("--out", default="graph.json")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -105,10 +168,14 @@ def main() -> None:
     rows = []
     for tokens in (int(x) for x in args.tokens.split(",")):
         for hkv in (32, 8):
-            for tr in args.transports.split(","):
+            for tr in (["internal"] if args.internal else args.transports.split(",")):
                 try:
-                    row = (kernel_bound_case(tokens, hkv, g, dev, args.iters) if tr == "kernel_bound"
-                           else one_case(tokens, hkv, True, tr, g, dev, args.iters))
+                    if tr == "internal":
+                        row = internal_case(tokens, hkv, g, dev, args.iters)
+                    elif tr == "kernel_bound":
+                        row = kernel_bound_case(tokens, hkv, g, dev, args.iters)
+                    else:
+                        row = one_case(tokens, hkv, True, tr, g, dev, args.iters)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     row = {"tokens_per_gpu": tokens, "heads_kv": hkv, "transport": tr,
                            "error": "".join(traceback.format_exception_only(exc))[-800:]}

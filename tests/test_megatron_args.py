@@ -213,7 +213,7 @@ def test_num_rings_flag_type():
 def test_every_user_facing_field_has_a_flag():
     fields = {field for field, _, _ in TASP_FLAGS.values()}
     assert fields == {"num_rings", "topology", "transport", "kernel", "chunks", "keep_kv", "keep_kv_cap_mib",
-                      "dkv_dtype", "timeout_s"}
+                      "dkv_dtype", "timeout_s", "cuda_graphs"}
     assert fields <= set(O.FIELDS)
     p = _parser()
     for flag in TASP_FLAGS:
@@ -229,6 +229,7 @@ def test_flag_values_follow_the_options_rules():
     assert (a.tasp_keep_kv_mib, a.tasp_dkv_dtype, a.tasp_timeout_s, a.tasp_kernel, a.tasp_transport) == \
         (32.0, "fp32", 60.0, "sdpa", "p2p")
     assert p.parse_args(["--tasp-transport", "auto"]).tasp_transport == "auto"  # explicit auto is kept
+    assert p.parse_args(["--tasp-cuda-graphs", "on"]).tasp_cuda_graphs is True
     for bad in (["--tasp-keep-kv-mib", "0"], ["--tasp-dkv-dtype", "bf16"], ["--tasp-timeout-s", "-1"],
                 ["--tasp-chunks", "1.5"]):
         with pytest.raises(SystemExit):

@@ -109,6 +109,8 @@ class CompiledCall:
         self.keep_kv = keep_kv and plan.world_size > 1
         self.fused_merge = options.fused_merge
         self.packed_dense_rows = options.packed_dense_rows  # packed documents: segments this large on the kernel
+        self.cuda_graphs = options.cuda_graphs  # replay forward and backward from CUDA graphs (engine.graphed)
+        self.graphed: Any = None  # its GraphedCall, made on the first call
         self.dkv_input_dtype = options.dkv_dtype == "input"  # the travelling dK/dV in the input dtype
         self.side = side  # the stream the first exchange of a call is posted on (CUDA)
         b, hkv, d = kv_shape

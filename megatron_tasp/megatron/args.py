@@ -60,6 +60,12 @@ TASP_FLAGS: dict[str, tuple[str, str, str]] = {
         "dkv_dtype", "{fp32,input}",
         "dtype of the travelling dK/dV accumulator: fp32 (default) or input (the input dtype; half the "
         "backward traffic, less exact)."),
+    "--tasp-cuda-graphs": (
+        "cuda_graphs", "{1,0}",
+        "Replay each TASP call's forward and backward from CUDA graphs captured on its second call (1) or launch "
+        "them (0, default). For short sequences, where the host's launches take longer than the GPU work; "
+        "costs a copy of the inputs and outputs per call and one graph memory pool per shape. Not needed "
+        "with Megatron-LM's own CUDA graphs, which capture TASP as part of each layer."),
     "--tasp-timeout-s": (
         "timeout_s", "SECONDS",
         "Seconds a CPU (gloo) exchange waits for a peer before raising (default 300)."),
