@@ -98,21 +98,23 @@ def kernel_bound_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
             "kernel": kernel.name, "eager_ms": float(t[0]), "graph_ms": float(t[1])}
 
 
-def internal_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
+def internal_case(tokens: int, hkv: int, g, dev, iters: int, transport: str | None = None) -> dict:
     """TASP with options.cuda_graphs against eager TASP: three layers' results, sync check, timings."""
     rank, n = dist.get_rank(g), dist.get_world_size(g)
     gen = torch.Generator(device=dev).manual_seed(tokens + hkv)
     layers = [[torch.randn(tokens, 1, h, 128, device=dev, dtype=torch.bfloat16, generator=gen)
                for h in (32, hkv, hkv, 32)] for _ in range(3)]
-    graphs = TaspOptions(cuda_graphs=True)
+    eager_opts = TaspOptions()
+    graphs = eager_opts.replace(cuda_graphs=True)
+    kw = {} if transport is None else {"transport": transport}
 
     def run(opts):
         ins = [[x.clone().requires_grad_(i < 3) for i, x in enumerate(layer)] for layer in layers]
-        outs = [tasp_attention(q, k, v, g, options=opts) for q, k, v, _ in ins]
+        outs = [tasp_attention(q, k, v, g, options=opts, **kw) for q, k, v, _ in ins]
         torch.autograd.backward(outs, [layer[3] for layer in ins])
         return [[o.detach()] + [x.grad for x in layer[:3]] for o, layer in zip(outs, ins)]
 
-    eager, eager2 = run(None), run(None)
+    eager, eager2 = run(eager_opts), run(eager_opts)
     run(graphs)  # first call of the signature eager, the second captures, the third replays
     replayed = run(graphs)  # every layer replayed
     diff = max(float((a.float() - b.float()).abs().max()) for la, lb in zip(replayed, eager) for a, b in zip(la, lb))
@@ -121,7 +123,7 @@ def internal_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
     q, k, v, do = (x.clone().requires_grad_(i < 3) for i, x in enumerate(layers[0]))
 
     def step(opts):
-        return torch.autograd.grad(tasp_attention(q, k, v, g, options=opts), (q, k, v), do)
+        return torch.autograd.grad(tasp_attention(q, k, v, g, options=opts, **kw), (q, k, v), do)
 
     torch.cuda.synchronize()
     try:
@@ -135,12 +137,13 @@ def internal_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
     kernel = get_kernel("auto", dev, torch.bfloat16, 128)
     bhsd = [x.detach().permute(1, 2, 0, 3) for x in (q, k, v, do)]
     bound = kernel_bound_fn(kernel, *bhsd, block_work(tokens, n, rank, True), "fwd_bwd", 128 ** -0.5)
-    fns = [lambda: step(None), lambda: step(graphs), bound]
+    fns = [lambda: step(eager_opts), lambda: step(graphs), bound]
     for fn in fns:
         fn()
     ms = time_round_robin(fns, dev, iters, rounds=4,
                           reduce=lambda x: _max(x, dev, g))
     return {"tokens_per_gpu": tokens, "heads_q": 32, "heads_kv": hkv, "causal": True, "mode": "internal",
+            "transport": transport or "default",
             "eager_ms": ms[0], "graphed_ms": ms[1], "kernel_bound_ms": ms[2],
             "eager_over_bound": ms[0] / ms[2], "graphed_over_bound": ms[1] / ms[2],
             "replay_equals_eager": same, "max_abs_diff": diff, "eager_vs_eager_max_abs_diff": control,
@@ -148,7 +151,7 @@ def internal_case(tokens: int, hkv: int, g, dev, iters: int) -> dict:
 
 
 def _max(x: float, dev, g) -> float:
-    t = torch.tensor([x], device=dev, dtype=torch.float64)
+    t = torch.tensor([x], device=dev if dist.get_backend(g) == "nccl" else "cpu", dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
     return float(t.item())
 
@@ -159,11 +162,16 @@ def main() -> None:
     ap.add_argument("--transports", default="a2a,symm,none")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--internal", action="store_true", help="check TASP's own graphs (options.cuda_graphs)")
+    ap.add_argument("--gloo-one-gpu", action="store_true", help="with --internal: every rank on GPU 0 over a gloo "
+                    "group and transport 'none' (no communication): the capture without NCCL, on one GPU")
     ap.add_argument("--out", default="graph.json")
     args = ap.parse_args()
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     dev = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("nccl", device_id=dev)  # eager communicator: nothing is created during a capture
+    if args.gloo_one_gpu:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("nccl", device_id=dev)  # eager communicator: nothing is created during a capture
     g = dist.group.WORLD
     rows = []
     for tokens in (int(x) for x in args.tokens.split(",")):
@@ -171,7 +179,7 @@ def main() -> None:
             for tr in (["internal"] if args.internal else args.transports.split(",")):
                 try:
                     if tr == "internal":
-                        row = internal_case(tokens, hkv, g, dev, args.iters)
+                        row = internal_case(tokens, hkv, g, dev, args.iters, "none" if args.gloo_one_gpu else None)
                     elif tr == "kernel_bound":
                         row = kernel_bound_case(tokens, hkv, g, dev, args.iters)
                     else:
