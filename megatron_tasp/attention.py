@@ -41,7 +41,7 @@ class _TaspAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, call: CompiledCall | LocalCall):  # type: ignore[override]
         runner = graphed(call)  # CUDA graphs (options.cuda_graphs), else None
         if runner is not None:
-            out, lse, kctx, kept, replayed = runner.forward(q, k, v)
+            out, lse, kctx, kept, replayed = runner.forward(q, k, v, need_backward=any(ctx.needs_input_grad[:3]))
         else:
             (out, lse, kctx, kept), replayed = forward(call, q, k, v), False
         ctx.save_for_backward(q, k, v, out, lse)

@@ -49,7 +49,7 @@ class Rerun:
 @pytest.fixture
 def rerun_capturer(monkeypatch):
     COUNTS.update(captures=0, replays=0, warm=0)
-    monkeypatch.setattr(graphed_mod, "_capturer", lambda device: Rerun())
+    monkeypatch.setattr(graphed_mod, "_new_capturer", lambda device: Rerun())
 
 
 def _layers(rank, n, graphs, causal, hkv, keep_kv):
@@ -96,12 +96,61 @@ def test_graphed_calls_equal_eager_calls(rerun_capturer, causal, hkv, keep_kv):
             assert torch.equal(a, b)
 
 
-def test_nothing_is_graphed_unless_asked_or_where_nothing_captures():
-    """Default options: no GraphedCall; on CPU without the stand-in, asked for, the calls run eagerly."""
+def test_nothing_is_graphed_unless_asked_or_where_nothing_captures(rerun_capturer):
+    """Default options: no GraphedCall; off CUDA nothing captures; under inference_mode nothing captures."""
     assert TaspOptions().cuda_graphs is False
     assert parse_options({"cuda_graphs": "on"}, use_env=False).cuda_graphs is True
-    assert graphed_mod._capturer(torch.device("cpu")) is None
+    assert graphed_mod._new_capturer.__name__ == "<lambda>"  # the stand-in
+    assert isinstance(graphed_mod._capturer(torch.device("cpu")), Rerun)
+    with torch.inference_mode():
+        assert graphed_mod._capturer(torch.device("cpu")) is None
     assert graphed_mod.graphed(object()) is None
+
+
+class FailsOnRank1(Rerun):
+    """Stand-in whose backward capture fails on rank 1 only, at its end (as a CUDA capture fails when it
+    closes; the stand-in runs the function, so raising before it would leave the peer's exchange unmatched)."""
+
+    def capture(self, fn):
+        import torch.distributed as dist
+
+        got = super().capture(fn)
+        if COUNTS["captures"] == 2 and dist.get_rank() == 1:
+            raise RuntimeError("operation failed due to a previous error during capture")
+        return got
+
+
+def _failing(rank, n):
+    import torch.distributed as dist
+
+    clear_plan_cache()
+    gen = torch.Generator().manual_seed(3)
+    idx = zigzag_index(16, n, rank)
+    q, k, v, do = (torch.randn(16, 1, h, 8, generator=gen)[idx].clone() for h in (4, 2, 2, 4))
+    res = []
+    for opts in (TaspOptions(), TaspOptions(cuda_graphs=True)):
+        got = []
+        for _ in range(4):
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            out = tasp_attention(qq, kk, vv, dist.group.WORLD, options=opts)
+            got.append([out.detach(), *torch.autograd.grad(out, (qq, kk, vv), do)])
+        res.append(got)
+    call = next(c for c in PLAN_CACHE.scope(dist.group.WORLD).entries.values()
+                if getattr(c, "cuda_graphs", False))
+    return res, call.graphed.disabled, call.graphed.replay_fwd is None, dict(COUNTS)
+
+
+def test_a_capture_failing_on_one_rank_leaves_every_rank_eager(monkeypatch):
+    """The ranks agree on the capture's outcome: rank 1's failed backward capture disables the graphs on
+    both ranks (no rank replays an exchange its peer does not post), and the calls stay exact."""
+    COUNTS.update(captures=0, replays=0, warm=0)
+    monkeypatch.setattr(graphed_mod, "_new_capturer", lambda device: FailsOnRank1())
+    for eager_and_graphed, disabled, no_graph, counts in run_workers(_failing, 2, timeout_s=60):
+        eager, graphed = eager_and_graphed
+        assert disabled and no_graph and counts["replays"] == 0, counts
+        for a, b in zip(graphed, eager):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
 
 
 def _cpu_asked(rank, n):

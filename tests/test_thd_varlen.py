@@ -140,6 +140,27 @@ def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, 
     assert varlen_reference.CALLS == {"forward": 1, "backward": 1}
 
 
+def test_in_place_declines_what_it_cannot_serve(reference_ops):
+    """Gathers instead of the in-place form: one-row query segments outnumbered by segments (FlashAttention-2's
+    GQA reshape for max_q == 1 would fail), blocks with dense segments, blocks of unknown size; and the in-place
+    block refuses tensors of other row counts than it was built for."""
+    one_row = torch.tensor([0, -1, 1, 2, -1, 3])  # every query segment one row, gaps between
+    keys = torch.tensor([0, 0, 1, -2, 2, 3, 3])
+    _, var = _pair(one_row, keys)
+    assert not isinstance(var.q_index, slice) and var.lonely_q is None and var.max_q == 1
+    _, var = _pair(torch.tensor([0] * 6 + [1] * 6), torch.tensor([0] * 6 + [1] * 6), big_rows=5)
+    assert var.big is not None and var.lonely_q is None
+    kern = get_kernel("math", "cpu", torch.float32, 8)
+    seg = segmented_block(kern, torch.tensor(GAPS_Q), torch.tensor(GAPS_K), CPU)
+    seg.rows = None
+    assert not isinstance(VarlenBlock(seg, CPU, ops=varlen_reference.REFERENCE_OPS).q_index, slice)
+    _, var = _pair(torch.tensor(GAPS_Q), torch.tensor(GAPS_K))
+    q = torch.randn(1, 2, len(GAPS_Q) + 1, 8)
+    k = torch.randn(1, 2, len(GAPS_K), 8)
+    with pytest.raises(RuntimeError, match="query/key rows"):
+        var.forward_unchecked(q, k, k, causal=False, scale=0.5)
+
+
 def test_the_real_op_declines_cpu_tensors():
     q = torch.randn(1, 2, 4, 8)
     assert "CUDA" in varlen_mod.varlen_reason(q, q)

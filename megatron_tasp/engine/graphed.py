@@ -8,18 +8,26 @@ later call copies its inputs into the static buffers, replays, and copies the ou
 model replays the same graph, so nothing handed out may live in the graph's memory (the next layer's replay
 overwrites it). The backward copies in what the forward saved (q, k, v, out, lse, kept KV) for the same reason.
 
-When the current stream is being captured already (Megatron-LM's own per-layer graphs), the call runs eagerly
-and that capture records it. Packed-document calls are never graphed (their layout depends on boundary values
-read to the host). Where this runs, and the memory it holds: one pool per signature (shapes, dtypes, options),
-about one call's workspace, kept as long as the plan cache keeps the call.
+When the current stream is being captured already (Megatron-LM's own per-layer graphs), or under
+``torch.inference_mode``, the call runs eagerly (the first records it; the second would make the static buffers
+inference tensors). Packed-document calls are never graphed (their layout depends on boundary values read to
+the host). A capture that fails on any rank (the first NCCL capture of a process has failed with
+``cudaErrorStreamCaptureInvalidated`` on some machines, docs/PERFORMANCE.md) leaves every rank of the group
+eager for that signature: the ranks agree on the outcome with one all-reduce, so none replays an exchange its
+peer does not post. What it holds: one graph pool per signature (shapes, dtypes, options) with one call's
+workspace plus static copies of q, k, v, dout, out, lse, dq, dk, dv and any kept KV, as long as the plan cache
+keeps the call. The static buffers are shared by every call of the signature, so calls of one signature must
+come from one thread and one stream (as Megatron's layers do).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_tasp.engine.backward import backward
 from megatron_tasp.engine.cache import PLAN_CACHE
@@ -27,6 +35,8 @@ from megatron_tasp.engine.compiled import CompiledCall
 from megatron_tasp.engine.forward import forward
 
 __all__ = ["CudaGraphCapturer", "GraphedCall", "graphed"]
+
+logger = logging.getLogger(__name__)
 
 WARMUP = 2  # eager forward+backward runs on the capture stream before capturing (torch's advice: >= 1)
 
@@ -60,11 +70,20 @@ class CudaGraphCapturer:
 
 
 def _capturer(device: torch.device) -> Any:
-    """What captures a call's graphs on ``device`` (None: nothing can, the call runs eagerly). The one place
-    the engine picks it: tests replace this function to run the graphed path on CPU with a stand-in."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    """What captures a call's graphs now (None: the call runs eagerly): nothing inside another capture, which
+    records the eager call, and nothing under ``torch.inference_mode`` (static buffers made there would be
+    inference tensors that later calls cannot copy into)."""
+    if torch.is_inference_mode_enabled():
         return None
-    return CudaGraphCapturer(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    return _new_capturer(device)
+
+
+def _new_capturer(device: torch.device) -> Any:
+    """A capturer for ``device`` (None off CUDA). The one place the engine makes one: tests replace this
+    function to run the graphed path on CPU with a stand-in."""
+    return CudaGraphCapturer(device) if device.type == "cuda" else None
 
 
 def _clone(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -77,14 +96,16 @@ class GraphedCall:
     def __init__(self, call: CompiledCall):
         self.call = call
         self.calls = 0
+        self.disabled = False  # a capture failed on some rank: eager for good
         self.replay_fwd: Callable[[], None] | None = None
         self.replay_bwd: Callable[[], None] | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_backward: bool = True):
         """(out, lse, kernel contexts, kept KV, replayed): eager on the first call of the signature (and
-        whenever nothing can capture, e.g. inside another capture), replayed afterwards."""
+        whenever nothing can capture, e.g. inside another capture), replayed afterwards. Without
+        ``need_backward`` the kept KV is not copied out (nothing will read it)."""
         self.calls += 1
-        capturer = _capturer(q.device)
+        capturer = None if self.disabled else _capturer(q.device)
         if capturer is not None and self.replay_fwd is None and self.calls >= 2:
             self._capture(capturer, q, k, v)
         if capturer is None or self.replay_fwd is None:
@@ -92,7 +113,7 @@ class GraphedCall:
         for dst, src in zip(self.inputs, (q, k, v)):
             dst.copy_(src)
         self.replay_fwd()
-        kept = None if self.kept is None else [_clone(b) for b in self.kept]
+        kept = None if self.kept is None or not need_backward else [_clone(b) for b in self.kept]
         return self.out.clone(), self.lse.clone(), self.kctx, kept, True
 
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -119,11 +140,29 @@ class GraphedCall:
             out, lse, kctx, kept = forward(call, *self.inputs)
             backward(call, self.dout, *self.inputs, out, lse, kctx, kept)
 
-        capturer.warm(both, WARMUP)
-        self.replay_fwd, (self.out, self.lse, self.kctx, self.kept) = capturer.capture(
-            lambda: forward(call, *self.inputs))
-        self.replay_bwd, self.grads = capturer.capture(
-            lambda: backward(call, self.dout, *self.inputs, self.out, self.lse, self.kctx, self.kept))
+        problem: BaseException | None = None
+        try:
+            capturer.warm(both, WARMUP)
+            replay_fwd, (out, lse, kctx, kept) = capturer.capture(lambda: forward(call, *self.inputs))
+            replay_bwd, grads = capturer.capture(lambda: backward(call, self.dout, *self.inputs, out, lse, kctx, kept))
+        except Exception as exc:  # noqa: BLE001 - agreed on below; every rank then stays eager
+            problem = exc
+        if not self._all_captured(problem is None, q.device):
+            self.disabled = True
+            logger.warning("TASP CUDA graphs: capture failed on %s (%s); this call shape stays eager",
+                           "this rank" if problem is not None else "another CP rank",
+                           "" if problem is None else f"{type(problem).__name__}: {str(problem)[:200]}")
+            return
+        self.out, self.lse, self.kctx, self.kept, self.grads = out, lse, kctx, kept, grads
+        self.replay_fwd, self.replay_bwd = replay_fwd, replay_bwd
+
+    def _all_captured(self, ok: bool, device: torch.device) -> bool:
+        """True when every rank of the call's group captured both graphs (one all-reduce)."""
+        group = self.call.group
+        on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=on)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return int(flag.item()) == 0
 
 
 def graphed(call: Any) -> GraphedCall | None:

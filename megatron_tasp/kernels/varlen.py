@@ -1,20 +1,20 @@
 """Document-masked blocks in ONE kernel launch: torch's variable-length flash attention over gathered rows.
 
-A :class:`~megatron_tasp.kernels.segmented.SegmentedBlock` runs one dense kernel call per document of a
-block. On CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's small segments as one call of
+A :class:`~megatron_tasp.kernels.segmented.SegmentedBlock` runs one dense kernel call per document of a block. On
+CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's small segments as one call of
 ``aten._flash_attention_forward`` / ``_flash_attention_backward`` (FlashAttention-2 inside torch) with
-``cu_seqlens``. When every shared segment is one run of rows on both sides and the segments ascend on both
-sides (the packed-document blocks of CP=2 in THD order), the call reads q/k/v and writes out, lse and the
-gradients IN PLACE: the rows between the shared segments become segments with no partner (queries with no
-keys: output 0, their lse set to -inf here; keys with no queries: dk/dv 0), which FlashAttention-2 serves
-without computing anything (it exits early on an empty side). Otherwise the query rows of every shared segment
-are gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a copy, when
-they already form one ascending run), likewise the key/value rows, and the output, lse and gradients are
-scattered back. Rows without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA
-runs natively (fewer KV heads), no expansion. Segments large on both sides (``big_rows``; the engine passes
+``cu_seqlens``. When every shared segment is one run of rows on both sides and the segments ascend on both sides
+(the own block of packed documents, and the remote block of CP=2 in THD order), the call reads q/k/v and writes
+out, lse and the gradients IN PLACE: the rows between the shared segments become segments with no partner (queries
+with no keys: output 0, their lse set to -inf here; keys with no queries: dk/dv 0), which FlashAttention-2 serves
+without computing anything (it exits early on an empty side). Otherwise the query rows of every shared segment are
+gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a copy, when they already
+form one ascending run), likewise the key/value rows, and the output, lse and gradients are scattered back. Rows
+without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV
+heads), no expansion. Segments large on both sides (``big_rows``; the engine passes
 ``TaspOptions.packed_dense_rows``, None by default) keep one call each on the dense kernel when that kernel is
-faster than the varlen one; every query row and key row belongs to one segment, so the two parts write
-disjoint rows of the same outputs and gradients (such blocks gather the rest).
+faster than the varlen one; every query row and key row belongs to one segment, so the two parts write disjoint
+rows of the same outputs and gradients (such blocks gather the rest).
 
 What it needs, checked per call (otherwise the same block runs on the per-document fallback): a CUDA
 tensor of fp16 or bf16, head dim a multiple of 8 and at most 256, batch 1 (packed documents are ``[t, 1,
@@ -171,7 +171,12 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
             mask[a:b] = True
         mask = mask.to(device)
     cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in (cq, ck))
-    return ((slice(0, rows[0]), cu_q.to(device), int((cu_q[1:] - cu_q[:-1]).max())),
+    max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    if max_q <= 1 and len(cq) - 1 > rows[0]:
+        # FlashAttention-2 (torch's flash_api) reshapes a GQA call whose longest query segment has one row
+        # into [segments, ...], which fails once segments outnumber the query rows: gather instead
+        return None
+    return ((slice(0, rows[0]), cu_q.to(device), max_q),
             (slice(0, rows[1]), cu_k.to(device), int((cu_k[1:] - cu_k[:-1]).max())), mask)
 
 
@@ -225,13 +230,19 @@ class VarlenBlock:
         pairs = sorted((p for p, b in zip(fallback.pairs, is_big) if not b), key=lambda p: _first(p[0]))
         self.small = bool(pairs)
         # in place (no gather or scatter) where the pairs allow it and no dense segment shares the outputs
-        whole = None if self.big is not None else _in_place(pairs, getattr(fallback, "rows", None), device)
+        self.rows = getattr(fallback, "rows", None)
+        whole = None if self.big is not None else _in_place(pairs, self.rows, device)
         self.lonely_q: Tensor | None = None  # query rows with no keys (their lse is set to -inf)
         if whole is not None:
             (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.lonely_q = whole
         else:
             self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
             self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
+
+    def _check_rows(self, q: Tensor, k: Tensor) -> None:
+        """The in-place launch addresses every row by its cu_seqlens: the tensors must have the block's rows."""
+        if self.rows is not None and (q.shape[2], k.shape[2]) != self.rows:
+            raise RuntimeError(f"packed block built for {self.rows} query/key rows got {q.shape[2]}/{k.shape[2]}")
 
     @property
     def name(self) -> str:
@@ -243,6 +254,7 @@ class VarlenBlock:
         """out ``[1, h, sq, d]``, lse ``[1, h, sq]`` float32 (-inf on rows without keys), ctx."""
         if self.full or varlen_reason(q, k, self.ops) is not None:
             return self.fallback.forward_unchecked(q, k, v, causal=causal, scale=scale)
+        self._check_rows(q, k)
         sq = q.shape[2]
         out = lse_full = big_ctx = aux = None
         if self.big is not None:  # zeros / -inf on every other row, filled below
@@ -251,7 +263,7 @@ class VarlenBlock:
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
             o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
             if self.lonely_q is not None:  # FlashAttention-2 gives them +inf
-                lse = lse.masked_fill(self.lonely_q, float("-inf"))
+                lse.masked_fill_(self.lonely_q, float("-inf"))
             if out is None:
                 out = _unpacked(o, self.q_index, sq)
                 lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
@@ -265,6 +277,7 @@ class VarlenBlock:
         """dq, dk, dv of this block from the merged ``out``/``lse`` (zero where no segment is shared)."""
         if not (isinstance(ctx, tuple) and len(ctx) == 3 and ctx[0] == "varlen"):
             return self.fallback.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
+        self._check_rows(q, k)
         grads = None
         if self.big is not None:
             grads = self.big.backward_unchecked(dout, q, k, v, out, lse, ctx[2], causal=causal, scale=scale)
