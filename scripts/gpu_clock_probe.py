@@ -10,7 +10,8 @@ drift falls on every variant alike. Variants:
   copy-engine transport), ``compute_only`` (the engine, nothing sent);
 - ``kernel_bound``: the same block kernels called plainly;
 - ``kernel_bound_traffic``: those kernels while the bytes a default TASP call sends move as plain NCCL
-  send/recv pairs on a side stream (the plain kernels plus the communication: the reference under a power cap).
+  send/recv pairs on a side stream, all posted at the start (the plain kernels plus the communication).
+  Records before 2026-12-02 sent more: dK/dV in fp32 and K/V again at every size.
 
 Rank 0 samples every visible GPU's SM clock, power draw and clock-event reasons (NVML through ``pynvml`` when
 installed, else ``nvidia-smi -lms``) and reports per phase: median ms per call (max over ranks), mean SM clock
@@ -112,12 +113,15 @@ def _summary(samples: list, t0: float, t1: float) -> dict:
 
 def _traffic(tokens: int, hkv: int, world: int, rank: int, group):
     """A wrapper running a callable while the bytes one default TASP fwd+bwd sends at CP=2 move to the peer
-    concurrently as plain NCCL send/recv pairs on a side stream: the forward's K/V pieces, the backward's
-    K/V sent again (not kept at this size) and the fp32 dK/dV returned (bf16 K/V, head dim 128)."""
+    concurrently as plain NCCL send/recv pairs on a side stream: the forward's K/V, the backward's K/V sent
+    again when the default does not keep them (above the 64 MiB cap), and dK/dV sent home in the input dtype
+    (bf16 K/V, head dim 128)."""
+    from megatron_tasp.options import KEEP_KV_AUTO_MIB, keep_kv_auto
+
     peer = (rank + 1) % world
     kv = 2 * tokens * hkv * 128  # K and V elements
-    bufs = [torch.empty(n, device="cuda", dtype=dt) for n, dt in ((kv, torch.bfloat16), (kv, torch.bfloat16),
-                                                                  (kv, torch.float32))]
+    kept = keep_kv_auto(world, kv * 2, "a2a", KEEP_KV_AUTO_MIB * 2**20)
+    bufs = [torch.empty(kv, device="cuda", dtype=torch.bfloat16) for _ in range(2 if kept else 3)]
     recv = [torch.empty_like(b) for b in bufs]
     side = torch.cuda.Stream()
 
