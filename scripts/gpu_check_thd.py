@@ -173,6 +173,39 @@ def time_ms(fn, q, k, v, do, warmup, iters, cuda):
     return float(t)
 
 
+def fresh_mixes(a, S: int, n: int, r: int, q, k, v, do, tok: int, dev, cuda: bool) -> dict:
+    """Per variant (default, each --big-rows value): wall ms per fwd+bwd call (host included, synchronised),
+    over ``a.fresh`` calls that each get a new document mix, variants interleaved per mix; max over ranks."""
+    import time
+
+    variants = [("default", None)] + [(br, default_options().replace(packed_dense_rows=br))
+                                      for br in a.big_rows.split(",") if br]
+    per: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for i in range(a.fresh):
+        lens, padded = doc_lengths(S, a.doc_mean, n, seed=tok + 1000 + i)
+        cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)
+        idx = partition_index(cu_pad, n, r).to(dev)
+        for name, opts in variants:
+            ql, kl, vl = (x[idx].detach().requires_grad_(True) for x in (q, k, v))
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=True, cu_seqlens_padded=cu_pad,
+                                 cu_seqlens=cu, options=opts)
+            out.backward(do[idx])
+            if cuda:
+                torch.cuda.synchronize()
+            per[name].append((time.perf_counter() - t0) * 1e3)
+    res = {}
+    for name, ms in per.items():
+        t = torch.tensor([statistics.median(ms), statistics.mean(ms), statistics.median(ms[len(ms) // 2:])],
+                         device=dev, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        res[name] = {"median_ms": float(t[0]), "mean_ms": float(t[1]), "median_second_half_ms": float(t[2]),
+                     "calls": len(ms)}
+    return res
+
+
 def parse_tokens(text: str) -> list[int]:
     return [int(t.lower().replace("k", "")) * (1024 if "k" in t.lower() else 1) for t in text.split(",")]
 
@@ -204,6 +237,9 @@ def main() -> None:
                     "segment in the varlen launch)")
     ap.add_argument("--profile", default="", help="profile one TASP packed fwd+bwd at this size (e.g. 64k) and "
                     "print the top CUDA kernels (rank 0)")
+    ap.add_argument("--fresh", type=int, default=0, help="also time N calls per size that each get a NEW document "
+                    "mix (as training does), host time included, for the default and each --big-rows value "
+                    "(interleaved per mix): the cost of per-shape kernel plans")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -306,6 +342,8 @@ def main() -> None:
         every = [v for key, v in rec.items() if key.startswith("one_gpu_") and "_ms" in key and "err" not in key]
         rec["tasp_over_best_one_gpu"] = rec["tasp_packed_ms"] / min(every)
         rec["tasp_over_dense_causal"] = rec["tasp_packed_ms"] / rec["dense_causal_ms"]
+        if a.fresh:
+            rec["fresh_mixes"] = fresh_mixes(a, S, n, r, q, k, v, do, tok, dev, cuda)
         results["timings"].append(rec)
         if r == 0:
             print(json.dumps({k_: v_ for k_, v_ in rec.items() if k_ != "doc_lengths"}), flush=True)
