@@ -158,12 +158,13 @@ class TaspOptions:
         ~6 ms of host time each (Megatron-LM's loop, where document lengths change every step, ran 4x slower);
         the varlen launch has no per-shape plan. Set it (e.g. 1024) only when the same document lengths repeat
         (fixed packings, benchmarks).
-    cuda_graphs: replay the forward and backward of every dense call with CP > 1 from CUDA graphs, captured on
-        a signature's second call (``megatron_tasp.engine.graphed``): for short sequences, where launching
-        ~30 kernels per call costs more host time than the GPU work takes. Costs a copy of the inputs in and
-        of the outputs out per call, and one graph memory pool (about one call's workspace) per signature.
-        Packed-document calls and calls made while a stream is being captured (Megatron-LM's own graphs) run
-        eagerly.
+    cuda_graphs: (experimental) replay the forward and backward of every dense call with CP > 1 from CUDA
+        graphs, captured on a signature's second call (``megatron_tasp.engine.graphed``): for short sequences,
+        where launching ~30 kernels per call costs more host time than the GPU work takes. Costs a copy of the
+        inputs in and of the outputs out per call, and per signature one graph memory pool (a call's workspace
+        plus static copies of its inputs, outputs and kept KV). Packed-document calls, calls under
+        inference_mode and calls made while a stream is being captured (Megatron-LM's own graphs) run eagerly;
+        a capture that fails on any rank leaves that signature eager on every rank.
     """
 
     num_rings: int | str | None = None
