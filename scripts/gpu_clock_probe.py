@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
+from megatron_tasp.apps.bench.timing import one_call_ms
 from megatron_tasp.kernels import get_kernel
 
 POWER_CAP, HW_SLOWDOWN, SW_THERMAL, HW_THERMAL, POWER_BRAKE = 0x4, 0x8, 0x20, 0x40, 0x80
@@ -144,12 +145,7 @@ def _phase(fn, seconds: float, group) -> list[float]:
     flag = torch.zeros(1, device="cuda")
     start = time.perf_counter()
     while True:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(one_call_ms(fn, flag.device))
         flag.fill_(float(time.perf_counter() - start >= seconds))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if flag.item() > 0:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["busy_time", "environment", "max_over_ranks", "sync", "time_fn", "time_round_robin"]
+__all__ = ["busy_time", "environment", "max_over_ranks", "one_call_ms", "sync", "time_fn", "time_round_robin"]
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:
@@ -57,7 +57,9 @@ def time_fn(fn: Callable[[], Any], device, warmup: int, iters: int, min_total_ms
     return time_round_robin([fn], device, iters, 1, min_total_ms, agree=agree)[0]
 
 
-def _one_call_ms(fn: Callable[[], Any], device) -> float:
+def one_call_ms(fn: Callable[[], Any], device) -> float:
+    """Milliseconds of one call of ``fn``: between CUDA events with a synchronisation after it (perf_counter on
+    CPU)."""
     import torch
 
     if device.type == "cuda":
@@ -97,7 +99,7 @@ def time_round_robin(fns: list[Callable[[], Any]], device, iters: int, rounds: i
     for r in range(rounds):
         for i, fn in enumerate(fns):
             for _ in range(counts[i] // rounds + (1 if r < counts[i] % rounds else 0)):
-                ms = _one_call_ms(fn, device)
+                ms = one_call_ms(fn, device)
                 samples[i].append(reduce(ms) if reduce is not None else ms)
     return [statistics.median(s) for s in samples]
 
