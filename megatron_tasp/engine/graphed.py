@@ -140,9 +140,9 @@ class GraphedCall:
             out, lse, kctx, kept = forward(call, *self.inputs)
             backward(call, self.dout, *self.inputs, out, lse, kctx, kept)
 
+        capturer.warm(both, WARMUP)  # runs the exchanges: a failure here is an eager call's failure, raised as is
         problem: BaseException | None = None
-        try:
-            capturer.warm(both, WARMUP)
+        try:  # a capture runs nothing, so a rank whose capture fails leaves no exchange unmatched
             replay_fwd, (out, lse, kctx, kept) = capturer.capture(lambda: forward(call, *self.inputs))
             replay_bwd, grads = capturer.capture(lambda: backward(call, self.dout, *self.inputs, out, lse, kctx, kept))
         except Exception as exc:  # noqa: BLE001 - agreed on below; every rank then stays eager
