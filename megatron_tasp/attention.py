@@ -38,10 +38,10 @@ __all__ = ["TaspConfigError", "clear_plan_cache", "tasp_attention", "tasp_run_su
 
 class _TaspAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call: CompiledCall | LocalCall):  # type: ignore[override]
+    def forward(ctx, q, k, v, call: CompiledCall | LocalCall, need_backward: bool):  # type: ignore[override]
         runner = graphed(call)  # CUDA graphs (options.cuda_graphs), else None
         if runner is not None:
-            out, lse, kctx, kept, replayed = runner.forward(q, k, v, need_backward=any(ctx.needs_input_grad[:3]))
+            out, lse, kctx, kept, replayed = runner.forward(q, k, v, need_backward=need_backward)
         else:
             (out, lse, kctx, kept), replayed = forward(call, q, k, v), False
         ctx.save_for_backward(q, k, v, out, lse)
@@ -60,7 +60,7 @@ class _TaspAttention(torch.autograd.Function):
                 dq, dk, dv = ctx.graphed.backward(dout.contiguous(), q, k, v, out, lse, kept)
             else:
                 dq, dk, dv = backward(ctx.call, dout.contiguous(), q, k, v, out, lse, ctx.kctx, kept)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -170,7 +170,9 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
                                                       opts.packed_split))
     call = _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport, chunks,
                  keep_kv)
-    return _TaspAttention.apply(q, k, v, call)
+    # whether a backward can follow (known here, not inside forward, where autograd turns grad mode off)
+    need_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _TaspAttention.apply(q, k, v, call, need_backward)
 
 
 def tasp_run_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,

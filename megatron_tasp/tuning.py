@@ -275,7 +275,8 @@ def probe_num_rings(group: Any, candidates: Sequence[int], shape_hint: Mapping[s
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(s, b, h, d, generator=gen).to(device=device, dtype=dtype).requires_grad_(bwd)
                for h in (hq, hkv, hkv))
-    base = (options or default_options()).replace(topology=topo, auto_probe=False)
+    # the candidates run eagerly: CUDA graphs would capture (and keep a graph pool) for every candidate
+    base = (options or default_options()).replace(topology=topo, auto_probe=False, cuda_graphs=False)
 
     def run(kr: int) -> None:
         out = attention(q, k, v, group, causal=causal, options=base.replace(num_rings=kr))

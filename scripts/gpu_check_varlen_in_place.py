@@ -4,7 +4,8 @@
 
 A packed block whose shared segments ascend as runs on both sides runs as ONE FlashAttention-2 varlen call over
 every row (``megatron_tasp.kernels.varlen``): rows outside the shared segments are segments whose other side is
-empty. That relies on FlashAttention-2 writing output 0 (lse +inf) for queries without keys and dq 0 / dk, dv 0
+empty (causal blocks are square own blocks, which have no gaps in the engine; only non-causal blocks get gaps
+here). That relies on FlashAttention-2 writing output 0 (lse +inf) for queries without keys and dq 0 / dk, dv 0
 for rows without partners. This checks it directly, for random mixes of shared segments and gaps on both sides
 (and every sixth block with one-row query segments, which must gather instead), GQA and MHA, causal (square
 segments) and not, bf16 and fp16: forward, lse and the backward from a perturbed merged out/lse against the per-
@@ -54,6 +55,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
 
 
+def _probe_one_row_gqa(dev: torch.device) -> str:
+    """What torch's flash varlen forward does with GQA, one-row query segments and more segments than query
+    rows (the case the block gathers instead): q [6, 32, 128], k/v [6, 8, 128]."""
+    from megatron_tasp.kernels.varlen import _flash_forward
+
+    q = torch.randn(6, 32, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(6, 8, 128, device=dev, dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, 1, 1, 2, 3, 4, 5, 6], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 0, 1, 2, 2, 4, 4, 6], dtype=torch.int32, device=dev)
+    try:
+        _flash_forward(q, k, k, cu_q, cu_k, 1, 2, False, 0.1)
+        return "no error"
+    except RuntimeError as exc:
+        return f"RuntimeError: {str(exc)[:200]}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=24)
@@ -92,16 +109,21 @@ def main() -> None:
         zero_rows = bool((o2[0, :, lq] == 0).all()) and bool((g2[0][0, :, lq] == 0).all()) and \
             bool((g2[1][0, :, lk] == 0).all()) and bool((g2[2][0, :, lk] == 0).all())
         tol = 0.02 if dtype == torch.bfloat16 else 0.004  # two bf16/fp16 kernels of different tiling
-        good = (in_place or one_row) and lse_ok and zero_rows and all(e <= tol for e in errs.values())
+        runs = torch.unique_consecutive(seg_q, return_counts=True)[1]
+        expect_in_place = int(runs.max()) > 1  # one-row query segments gather (see varlen._in_place)
+        good = in_place == expect_in_place and lse_ok and zero_rows and all(e <= tol for e in errs.values())
         ok &= good
-        row = {"case": i, "one_row_queries": one_row, "causal": causal, "heads_kv": hkv, "dtype": str(dtype),
+        row = {"case": i, "one_row_queries": one_row, "expect_in_place": expect_in_place, "causal": causal,
+               "heads_kv": hkv, "dtype": str(dtype),
                "rows_q": len(seg_q), "rows_k": len(seg_k), "segments": int(var.cu_q.numel() - 1), "in_place": in_place,
                "lse_ok": lse_ok, "partnerless_rows_zero": zero_rows, "errors": errs, "ok": good}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    probe = _probe_one_row_gqa(dev)
+    print(f"probe: flash varlen, GQA, one-row query segments outnumbered by segments: {probe}", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "all_ok": ok, "rows": rows},
-                  f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "all_ok": ok, "rows": rows,
+                   "probe_max_q_1": probe}, f, indent=1)
     print("ALL_OK" if ok else "FAILED", flush=True)
 
 

@@ -47,6 +47,7 @@ class Sampler:
     def __init__(self, period_ms: int) -> None:
         self.samples: list[tuple[float, int, float, float, int]] = []
         self.source = ""
+        self.error: str | None = None
         self._stop = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._run, args=(period_ms,), daemon=True)
@@ -61,6 +62,12 @@ class Sampler:
         self._thread.join(timeout=5)
 
     def _run(self, period_ms: int) -> None:
+        try:
+            self._sample(period_ms)
+        except Exception as exc:  # noqa: BLE001 - reported in the result instead of dying silently
+            self.error = repr(exc)[:300]
+
+    def _sample(self, period_ms: int) -> None:
         try:
             import pynvml
         except ImportError:
@@ -188,11 +195,16 @@ def main() -> None:
                     "tasp_symm": partial(step, transport="symm"), "compute_only": partial(step, transport="none"),
                     "kernel_bound": bound, "kernel_bound_traffic": partial(traffic, bound)}
         for name in list(variants):
+            failed = None
             try:
                 for _ in range(3):
                     variants[name]()
             except Exception as exc:  # noqa: BLE001 - a variant this shape cannot run is left out, named
-                result.setdefault("skipped", {})[f"{tokens}:{name}"] = repr(exc)[:300]
+                failed = repr(exc)[:300]
+            flag = torch.tensor([float(failed is not None)], device="cuda")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g)  # every rank drops it, or none does
+            if flag.item() > 0:
+                result.setdefault("skipped", {})[f"{tokens}:{name}"] = failed or "failed on another rank"
                 del variants[name]
         torch.cuda.synchronize()
         phases = []
@@ -209,15 +221,16 @@ def main() -> None:
             for p in phases:  # skip the first 10% of a phase: the clock settles
                 p["gpus"] = _summary(sampler.samples, p["t0"] + 0.1 * (p["t1"] - p["t0"]), p["t1"])
                 print(f"{tokens} {p['variant']:>13}: {p['median_ms']:.3f} ms  {p['gpus']}", flush=True)
-            bound_ms = statistics.mean(p["median_ms"] for p in phases if p["variant"] == "kernel_bound")
-            result["shapes"][str(tokens)] = {
-                "phases": phases,
-                "over_kernel_bound": {v: round(statistics.mean(p["median_ms"] for p in phases if p["variant"] == v)
-                                               / bound_ms, 4) for v in variants}}
+            means = {v: statistics.mean(p["median_ms"] for p in phases if p["variant"] == v) for v in variants}
+            result["shapes"][str(tokens)] = {"phases": phases, "mean_ms": means}
+            if "kernel_bound" in means:
+                result["shapes"][str(tokens)]["over_kernel_bound"] = {
+                    v: round(m / means["kernel_bound"], 4) for v, m in means.items()}
         del q, k, v, do, bhsd
     if rank == 0:
         sampler.stop()
         result["sampler"] = sampler.source
+        result["sampler_error"] = sampler.error
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     dist.destroy_process_group()

@@ -29,6 +29,7 @@ from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench import time_fn
 from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
 from megatron_tasp.apps.bench.timing import time_round_robin
+from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.kernels import get_kernel
 from megatron_tasp.options import TaspOptions
 
@@ -117,6 +118,8 @@ def internal_case(tokens: int, hkv: int, g, dev, iters: int, transport: str | No
     eager, eager2 = run(eager_opts), run(eager_opts)
     run(graphs)  # first call of the signature eager, the second captures, the third replays
     replayed = run(graphs)  # every layer replayed
+    runners = [c.graphed for c in PLAN_CACHE.scope(g).entries.values() if getattr(c, "graphed", None) is not None]
+    captured = bool(runners) and all(r.replay_fwd is not None and not r.disabled for r in runners)
     diff = max(float((a.float() - b.float()).abs().max()) for la, lb in zip(replayed, eager) for a, b in zip(la, lb))
     control = max(float((a.float() - b.float()).abs().max()) for la, lb in zip(eager2, eager) for a, b in zip(la, lb))
     same = all(torch.equal(a, b) for la, lb in zip(replayed, eager) for a, b in zip(la, lb))
@@ -142,12 +145,17 @@ def internal_case(tokens: int, hkv: int, g, dev, iters: int, transport: str | No
         fn()
     ms = time_round_robin(fns, dev, iters, rounds=4,
                           reduce=lambda x: _max(x, dev, g))
+    # every rank's verdict: the worst of each
+    diff, control = _max(diff, dev, g), _max(control, dev, g)
+    same = _max(float(not same), dev, g) == 0
+    captured = _max(float(not captured), dev, g) == 0
+    synced = _max(float(sync != "none"), dev, g) > 0
     return {"tokens_per_gpu": tokens, "heads_q": 32, "heads_kv": hkv, "causal": True, "mode": "internal",
             "transport": transport or "default",
             "eager_ms": ms[0], "graphed_ms": ms[1], "kernel_bound_ms": ms[2],
             "eager_over_bound": ms[0] / ms[2], "graphed_over_bound": ms[1] / ms[2],
-            "replay_equals_eager": same, "max_abs_diff": diff, "eager_vs_eager_max_abs_diff": control,
-            "host_sync": sync}
+            "captured_on_every_rank": captured, "replay_equals_eager": same, "max_abs_diff": diff,
+            "eager_vs_eager_max_abs_diff": control, "host_sync": sync, "host_sync_on_some_rank": synced}
 
 
 def _max(x: float, dev, g) -> float:

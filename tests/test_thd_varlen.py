@@ -148,6 +148,8 @@ def test_in_place_declines_what_it_cannot_serve(reference_ops):
     keys = torch.tensor([0, 0, 1, -2, 2, 3, 3])
     _, var = _pair(one_row, keys)
     assert not isinstance(var.q_index, slice) and var.lonely_q is None and var.max_q == 1
+    _, var = _pair(torch.tensor([0, -1, 1]), torch.tensor([0, 1]))  # as many segments as rows: gathers too
+    assert not isinstance(var.q_index, slice) and var.lonely_q is None and var.max_q == 1
     _, var = _pair(torch.tensor([0] * 6 + [1] * 6), torch.tensor([0] * 6 + [1] * 6), big_rows=5)
     assert var.big is not None and var.lonely_q is None
     kern = get_kernel("math", "cpu", torch.float32, 8)

@@ -149,6 +149,7 @@ class GraphedCall:
             problem = exc
         if not self._all_captured(problem is None, q.device):
             self.disabled = True
+            self.inputs = self.dout = None  # eager from now on: nothing needs the static buffers
             logger.warning("TASP CUDA graphs: capture failed on %s (%s); this call shape stays eager",
                            "this rank" if problem is not None else "another CP rank",
                            "" if problem is None else f"{type(problem).__name__}: {str(problem)[:200]}")

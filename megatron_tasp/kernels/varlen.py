@@ -172,9 +172,10 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
         mask = mask.to(device)
     cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in (cq, ck))
     max_q = int((cu_q[1:] - cu_q[:-1]).max())
-    if max_q <= 1 and len(cq) - 1 > rows[0]:
-        # FlashAttention-2 (torch's flash_api) reshapes a GQA call whose longest query segment has one row
-        # into [segments, ...], which fails once segments outnumber the query rows: gather instead
+    if max_q <= 1:
+        # FlashAttention-2 (torch's flash_api) runs a GQA call whose longest query segment has one row in a
+        # swapped layout, reshaped by segment count (it fails once segments outnumber the query rows); empty
+        # segments are not checked in that layout on GPU: gather instead
         return None
     return ((slice(0, rows[0]), cu_q.to(device), max_q),
             (slice(0, rows[1]), cu_k.to(device), int((cu_k[1:] - cu_k[:-1]).max())), mask)
