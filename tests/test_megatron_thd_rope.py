@@ -199,3 +199,50 @@ def test_router_defers_unknown_arguments_and_install_checks_megatron(monkeypatch
     with pytest.raises(RuntimeError, match="other positions"):
         thd_rope.install_thd_rope()
     assert not getattr(mattention.apply_rotary_pos_emb, "_megatron_tasp_thd_rope", False)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_keys_call_reuses_the_queries_rows_and_nothing_else_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As one attention forward calls it: the queries, then the keys with the same boundary and freqs tensors.
+    The keys' call reuses the queries' freqs rows (fewer ops, same result); a third call, another tensor of
+    equal values, or a boundary tensor changed in place recompute them; every result equals megatron-core's."""
+    router = thd_rope._make_router(mattention.apply_rotary_pos_emb)
+    cfg = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False,
+                          mrope_section=None)
+    group = _Group(2, 1)
+    cu, freqs = _cu([8, 12, 4, 16]), _freqs(16, 64)
+    q, k = torch.randn(20, 4, 64), torch.randn(20, 2, 64)
+    computed: list[int] = []
+    real = thd_rope.thd_rope_positions
+    monkeypatch.setattr(thd_rope, "thd_rope_positions", lambda *a, **kw: computed.append(1) or real(*a, **kw))
+    monkeypatch.setattr(torch, "_assert_async", lambda *a, **k: None)  # not counted as an op on CPU either
+
+    def ref(t, c):
+        return rope_utils._apply_rotary_pos_emb_thd(t, c, freqs, cp_group=group)
+
+    with _Ops() as first:
+        out_q = router(q, freqs, cfg, cu_seqlens=cu, cp_group=group)
+    with _Ops() as second:
+        out_k = router(k, freqs, cfg, cu_seqlens=cu, cp_group=group)
+    assert len(computed) == 1 and second.count < first.count, (computed, first.count, second.count)
+    assert torch.equal(out_q, ref(q, cu)) and torch.equal(out_k, ref(k, cu))
+    router(k, freqs, cfg, cu_seqlens=cu, cp_group=group)  # a third call: the rows were handed on once
+    assert len(computed) == 2
+    router(k, freqs, cfg, cu_seqlens=cu.clone(), cp_group=group)  # another tensor, equal values
+    assert len(computed) == 3
+    cu2 = _cu([8, 12, 4, 16])
+    router(q, freqs, cfg, cu_seqlens=cu2, cp_group=group)
+    cu2[1:] = _cu([12, 8, 4, 16])[1:]  # refilled in place (a version bump) before the keys' call
+    assert torch.equal(router(k, freqs, cfg, cu_seqlens=cu2, cp_group=group), ref(k, cu2))
+    assert len(computed) == 5

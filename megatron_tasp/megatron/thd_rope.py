@@ -16,9 +16,11 @@ longest document, whole-pack positions (each document offset by its start) when 
 pack; on CP rank r of size n, document chunks r and 2n-1-r (the THD partition). One difference: with
 ``rotary_interleaved`` megatron-core 0.19 fails on an empty document, which this computes like any other.
 
-The positions are computed again for every call (the queries and the keys of every layer) rather than kept
-between calls: a cache keyed on the boundary tensor could be served stale when that tensor is refilled in
-place by a collective, which does not move its version counter.
+The positions are not kept between layers: a cache keyed on the boundary tensor could be served stale when that
+tensor is refilled in place by a collective, which does not move its version counter. Only the call right after
+may reuse them (the keys' call after the queries' in one attention forward, which pass the same boundary and
+freqs tensors): each router keeps the last call's gathered freqs rows with weak references to the tensors they
+came from, their storage and version, and hands them to the next call alone when all of that still matches.
 
 :func:`install_thd_rope` routes ``megatron.core.transformer.attention``'s ``apply_rotary_pos_emb`` calls for
 THD tensors through it when the fused TE kernel is not in use; everything else (and any argument it does not
@@ -33,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -85,18 +88,51 @@ def _takes(function: Any, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
+class _NextCallRows:
+    """The freqs rows of one call, for the call right after it only (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    @staticmethod
+    def _key(cu_seqlens: torch.Tensor, freqs: torch.Tensor, tokens: int, cp_size: int, cp_rank: int) -> tuple:
+        return (cu_seqlens.data_ptr(), cu_seqlens._version, tuple(cu_seqlens.shape), freqs.data_ptr(),
+                freqs._version, tuple(freqs.shape), tokens, cp_size, cp_rank)
+
+    def take(self, cu_seqlens: torch.Tensor, freqs: torch.Tensor, tokens: int, cp_size: int,
+             cp_rank: int) -> torch.Tensor | None:
+        """The rows kept by the previous call when it had these very tensors and values; forgets them."""
+        entry, self._entry = self._entry, None
+        if entry is None:
+            return None
+        cu_ref, freqs_ref, key, rows = entry
+        if cu_ref() is not cu_seqlens or freqs_ref() is not freqs:
+            return None
+        return rows if key == self._key(cu_seqlens, freqs, tokens, cp_size, cp_rank) else None
+
+    def keep(self, cu_seqlens: torch.Tensor, freqs: torch.Tensor, tokens: int, cp_size: int, cp_rank: int,
+             rows: torch.Tensor) -> None:
+        self._entry = (weakref.ref(cu_seqlens), weakref.ref(freqs),
+                       self._key(cu_seqlens, freqs, tokens, cp_size, cp_rank), rows)
+
+
 def packed_rope(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, *, cp_size: int, cp_rank: int,
                 rotary_interleaved: bool = False, mla_rotary_interleaved: bool = False,
-                mscale: float = 1.0) -> torch.Tensor:
+                mscale: float = 1.0, next_call: _NextCallRows | None = None) -> torch.Tensor:
     """Megatron-Core's ``_apply_rotary_pos_emb_thd`` (``t``: ``[t, h, d]``, ``freqs``: ``[s, 1, 1, d_rot]``),
     same result, no host synchronisation. ``mla_rotary_interleaved`` is megatron-core 0.16's
-    ``multi_latent_attention`` flag of the same meaning."""
+    ``multi_latent_attention`` flag of the same meaning. ``next_call``: reuse the previous call's freqs rows
+    when it had the same tensors, and keep this call's for the next one (the router passes its own)."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd as bshd
 
     tokens = t.shape[0]
-    pos = thd_rope_positions(cu_seqlens, tokens, cp_size, cp_rank,
-                             pack_offsets=freqs.dim() >= 1 and freqs.shape[0] == cp_size * tokens)
-    rows = freqs.index_select(0, pos.to(freqs.device))
+    rows = next_call.take(cu_seqlens, freqs, tokens, cp_size, cp_rank) if next_call is not None else None
+    if rows is None:
+        pos = thd_rope_positions(cu_seqlens, tokens, cp_size, cp_rank,
+                                 pack_offsets=freqs.dim() >= 1 and freqs.shape[0] == cp_size * tokens)
+        rows = freqs.index_select(0, pos.to(freqs.device))
+        if next_call is not None:
+            next_call.keep(cu_seqlens, freqs, tokens, cp_size, cp_rank, rows)
     mla = "mla_rotary_interleaved" if _takes(bshd, "mla_rotary_interleaved") else "multi_latent_attention"
     return bshd(t.unsqueeze(1), rows, rotary_interleaved=rotary_interleaved, mscale=mscale,
                 **{mla: mla_rotary_interleaved}).squeeze(1)
@@ -112,6 +148,7 @@ def _make_router(original: Any) -> Any:
     # megatron-core 0.19 takes mla_rotary_interleaved (default False, None: the config's
     # multi_latent_attention); 0.16 has no such argument and always uses multi_latent_attention.
     has_mla_arg = _takes(original, "mla_rotary_interleaved")
+    next_call = _NextCallRows()  # the queries' freqs rows, for the keys' call right after
 
     @functools.wraps(original, assigned=("__name__", "__qualname__"))  # keeps its module: who routes
     def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, config: Any, cu_seqlens: Any = None,
@@ -125,7 +162,7 @@ def _make_router(original: Any) -> Any:
             mla = getattr(config, "multi_latent_attention", False)
         return packed_rope(t, cu_seqlens, freqs, cp_size=cp_group.size(), cp_rank=cp_group.rank(),
                            rotary_interleaved=config.rotary_interleaved, mla_rotary_interleaved=mla,
-                           mscale=mscale)
+                           mscale=mscale, next_call=next_call)
 
     apply_rotary_pos_emb.__dict__[_MARK] = True
     apply_rotary_pos_emb.__dict__["original"] = original
