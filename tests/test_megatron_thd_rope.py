@@ -246,3 +246,7 @@ def test_the_keys_call_reuses_the_queries_rows_and_nothing_else_does(monkeypatch
     cu2[1:] = _cu([12, 8, 4, 16])[1:]  # refilled in place (a version bump) before the keys' call
     assert torch.equal(router(k, freqs, cfg, cu_seqlens=cu2, cp_group=group), ref(k, cu2))
     assert len(computed) == 5
+    router(q, freqs, cfg, cu_seqlens=cu, cp_group=group)
+    router(q.unsqueeze(1), freqs[:20], cfg, cu_seqlens=None, cp_group=group)  # a call in between (bshd, deferred)
+    router(k, freqs, cfg, cu_seqlens=cu, cp_group=group)
+    assert len(computed) == 7

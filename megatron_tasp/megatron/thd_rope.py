@@ -110,6 +110,10 @@ class _NextCallRows:
             return None
         return rows if key == self._key(cu_seqlens, freqs, tokens, cp_size, cp_rank) else None
 
+    def forget(self) -> None:
+        """Drop what the previous call kept (a call in between that did not take it)."""
+        self._entry = None
+
     def keep(self, cu_seqlens: torch.Tensor, freqs: torch.Tensor, tokens: int, cp_size: int, cp_rank: int,
              rows: torch.Tensor) -> None:
         self._entry = (weakref.ref(cu_seqlens), weakref.ref(freqs),
@@ -156,6 +160,7 @@ def _make_router(original: Any) -> Any:
         """Megatron-Core's ``apply_rotary_pos_emb``; THD tensors on the unfused path go to
         :func:`packed_rope` (same result, no host synchronisation)."""
         if args or set(kwargs) - {"mla_rotary_interleaved"} or not _serves(cu_seqlens, config, cp_group):
+            next_call.forget()  # only the very next call may reuse rows
             return original(t, freqs, config, cu_seqlens, mscale, cp_group, *args, **kwargs)
         mla = kwargs.get("mla_rotary_interleaved", False) if has_mla_arg else None
         if mla is None:
