@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench import time_fn
 from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
-from megatron_tasp.apps.bench.timing import time_round_robin
+from megatron_tasp.apps.bench.timing import max_over_ranks, time_round_robin
 from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.kernels import get_kernel
 from megatron_tasp.options import TaspOptions
@@ -144,24 +144,18 @@ def internal_case(tokens: int, hkv: int, g, dev, iters: int, transport: str | No
     for fn in fns:
         fn()
     ms = time_round_robin(fns, dev, iters, rounds=4,
-                          reduce=lambda x: _max(x, dev, g))
+                          reduce=lambda x: max_over_ranks(x, dev, g))
     # every rank's verdict: the worst of each
-    diff, control = _max(diff, dev, g), _max(control, dev, g)
-    same = _max(float(not same), dev, g) == 0
-    captured = _max(float(not captured), dev, g) == 0
-    synced = _max(float(sync != "none"), dev, g) > 0
+    diff, control = max_over_ranks(diff, dev, g), max_over_ranks(control, dev, g)
+    same = max_over_ranks(float(not same), dev, g) == 0
+    captured = max_over_ranks(float(not captured), dev, g) == 0
+    synced = max_over_ranks(float(sync != "none"), dev, g) > 0
     return {"tokens_per_gpu": tokens, "heads_q": 32, "heads_kv": hkv, "causal": True, "mode": "internal",
             "transport": transport or "default",
             "eager_ms": ms[0], "graphed_ms": ms[1], "kernel_bound_ms": ms[2],
             "eager_over_bound": ms[0] / ms[2], "graphed_over_bound": ms[1] / ms[2],
             "captured_on_every_rank": captured, "replay_equals_eager": same, "max_abs_diff": diff,
             "eager_vs_eager_max_abs_diff": control, "host_sync": sync, "host_sync_on_some_rank": synced}
-
-
-def _max(x: float, dev, g) -> float:
-    t = torch.tensor([x], device=dev if dist.get_backend(g) == "nccl" else "cpu", dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
-    return float(t.item())
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from megatron_tasp import tasp_attention
 from megatron_tasp.apps.bench.kernel_bound import block_work, kernel_bound_fn
 from megatron_tasp.apps.bench.timing import busy_time, time_round_robin
 from megatron_tasp.kernels import get_kernel
+from megatron_tasp.options import parse_keep_kv
 
 
 def _device_events(prof) -> list:
@@ -93,7 +94,7 @@ def main() -> None:
     hq, hkv = (int(x) for x in args.heads.split("/"))
     g = dist.group.WORLD
     summary = {}
-    kw = {"transport": args.transport, "keep_kv": {"on": True, "off": False, "auto": "auto", None: None}[args.keep_kv]}
+    kw = {"transport": args.transport, "keep_kv": None if args.keep_kv is None else parse_keep_kv(args.keep_kv)}
     for tokens in (int(t) for t in args.tokens.split(",")):
         q = torch.randn(tokens, 1, hq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(tokens, 1, hkv, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)

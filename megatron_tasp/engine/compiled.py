@@ -203,7 +203,7 @@ def _kernel_source(options: TaspOptions | None, kernel: str | None) -> str:
     return "options.kernel" if options is not None else "the default options (MEGATRON_TASP_KERNEL)"
 
 
-def _collective_device(group) -> torch.device:
+def collective_device(group) -> torch.device:
     """Where a collective's tensor must live when the inputs cannot tell (they are not tensors)."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -239,7 +239,7 @@ def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, soft
     else:
         sig = signature(q, k, causal, options_digest(eff, scale, compute_only)) if problem is None else None
         if sig is None or scope.get(("agreed", sig)) is None:
-            device = q.device if isinstance(q, torch.Tensor) else _collective_device(scope.group)
+            device = q.device if isinstance(q, torch.Tensor) else collective_device(scope.group)
             agree(scope.group, n, scope.group.rank(), sig, device, problem,
                   describe=str(eff.to_dict()) if eff is not None else "")
             scope.put(("agreed", sig), True)

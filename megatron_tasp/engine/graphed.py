@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_tasp.engine.backward import backward
 from megatron_tasp.engine.cache import PLAN_CACHE
-from megatron_tasp.engine.compiled import CompiledCall
+from megatron_tasp.engine.compiled import CompiledCall, collective_device
 from megatron_tasp.engine.forward import forward
 
 __all__ = ["CudaGraphCapturer", "GraphedCall", "graphed"]
@@ -69,15 +69,18 @@ class CudaGraphCapturer:
         return graph.replay, outs
 
 
-def _capturer(device: torch.device) -> Any:
-    """What captures a call's graphs now (None: the call runs eagerly): nothing inside another capture, which
-    records the eager call, and nothing under ``torch.inference_mode`` (static buffers made there would be
-    inference tensors that later calls cannot copy into)."""
+def _can_capture(device: torch.device) -> bool:
+    """Whether a call may capture or replay now: not inside another capture, which records the eager call, and
+    not under ``torch.inference_mode`` (static buffers made there would be inference tensors that later calls
+    cannot copy into)."""
     if torch.is_inference_mode_enabled():
-        return None
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    return _new_capturer(device)
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _capturer(device: torch.device) -> Any:
+    """What captures a call's graphs now (None: the call runs eagerly)."""
+    return _new_capturer(device) if _can_capture(device) else None
 
 
 def _new_capturer(device: torch.device) -> Any:
@@ -105,10 +108,12 @@ class GraphedCall:
         whenever nothing can capture, e.g. inside another capture), replayed afterwards. Without
         ``need_backward`` the kept KV is not copied out (nothing will read it)."""
         self.calls += 1
-        capturer = None if self.disabled else _capturer(q.device)
-        if capturer is not None and self.replay_fwd is None and self.calls >= 2:
-            self._capture(capturer, q, k, v)
-        if capturer is None or self.replay_fwd is None:
+        live = not self.disabled and _can_capture(q.device)
+        if live and self.replay_fwd is None and self.calls >= 2:
+            capturer = _capturer(q.device)  # made only to capture, not on every replayed call
+            if capturer is not None:
+                self._capture(capturer, q, k, v)
+        if not live or self.replay_fwd is None:
             return (*forward(self.call, q, k, v), False)
         for dst, src in zip(self.inputs, (q, k, v)):
             dst.copy_(src)
@@ -131,9 +136,7 @@ class GraphedCall:
 
     def _capture(self, capturer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         call = self.call
-        self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
-        for dst, src in zip(self.inputs, (q, k, v)):
-            dst.copy_(src)
+        self.inputs = [x.detach().clone(memory_format=torch.contiguous_format) for x in (q, k, v)]
         self.dout = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
 
         def both() -> None:
@@ -147,7 +150,7 @@ class GraphedCall:
             replay_bwd, grads = capturer.capture(lambda: backward(call, self.dout, *self.inputs, out, lse, kctx, kept))
         except Exception as exc:  # noqa: BLE001 - agreed on below; every rank then stays eager
             problem = exc
-        if not self._all_captured(problem is None, q.device):
+        if not self._all_captured(problem is None):
             self.disabled = True
             self.inputs = self.dout = None  # eager from now on: nothing needs the static buffers
             logger.warning("TASP CUDA graphs: capture failed on %s (%s); this call shape stays eager",
@@ -157,11 +160,10 @@ class GraphedCall:
         self.out, self.lse, self.kctx, self.kept, self.grads = out, lse, kctx, kept, grads
         self.replay_fwd, self.replay_bwd = replay_fwd, replay_bwd
 
-    def _all_captured(self, ok: bool, device: torch.device) -> bool:
+    def _all_captured(self, ok: bool) -> bool:
         """True when every rank of the call's group captured both graphs (one all-reduce)."""
         group = self.call.group
-        on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=on)
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=collective_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return int(flag.item()) == 0
 

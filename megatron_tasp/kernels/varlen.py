@@ -140,45 +140,45 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
     not allow it (a gather is needed) or the block's size is unknown."""
     if rows is None or not pairs:
         return None
-    cq, ck, lonely = [0], [0], []
+    seg_q: list[Rows] = []
+    seg_k: list[Rows] = []
+    lonely: list[slice] = []
     at_q = at_k = 0
     for iq, ik in pairs:
         if not (isinstance(iq, slice) and isinstance(ik, slice)) or iq.start < at_q or ik.start < at_k:
             return None
         if iq.start > at_q:  # queries without keys
-            cq.append(iq.start)
-            ck.append(at_k)
-            lonely.append((at_q, iq.start))
+            lonely.append(slice(at_q, iq.start))
+            seg_q.append(lonely[-1])
+            seg_k.append(slice(at_k, at_k))
         if ik.start > at_k:  # keys without queries
-            cq.append(iq.start)
-            ck.append(ik.start)
-        cq.append(iq.stop)
-        ck.append(ik.stop)
+            seg_q.append(slice(iq.start, iq.start))
+            seg_k.append(slice(at_k, ik.start))
+        seg_q.append(iq)
+        seg_k.append(ik)
         at_q, at_k = iq.stop, ik.stop
     if at_q > rows[0] or at_k > rows[1]:
         return None
     if at_q < rows[0]:
-        cq.append(rows[0])
-        ck.append(at_k)
-        lonely.append((at_q, rows[0]))
+        lonely.append(slice(at_q, rows[0]))
+        seg_q.append(lonely[-1])
+        seg_k.append(slice(at_k, at_k))
     if at_k < rows[1]:
-        cq.append(rows[0])
-        ck.append(rows[1])
-    mask = None
-    if lonely:
-        mask = torch.zeros(rows[0], dtype=torch.bool)
-        for a, b in lonely:
-            mask[a:b] = True
-        mask = mask.to(device)
-    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in (cq, ck))
-    max_q = int((cu_q[1:] - cu_q[:-1]).max())
-    if max_q <= 1:
+        seg_q.append(slice(rows[0], rows[0]))
+        seg_k.append(slice(at_k, rows[1]))
+    q_side, k_side = _index(seg_q, device), _index(seg_k, device)  # back to back: one slice each side
+    if q_side[2] <= 1:
         # FlashAttention-2 (torch's flash_api) runs a GQA call whose longest query segment has one row in a
         # swapped layout, reshaped by segment count (it fails once segments outnumber the query rows); empty
         # segments are not checked in that layout on GPU: gather instead
         return None
-    return ((slice(0, rows[0]), cu_q.to(device), max_q),
-            (slice(0, rows[1]), cu_k.to(device), int((cu_k[1:] - cu_k[:-1]).max())), mask)
+    mask = None
+    if lonely:
+        mask = torch.zeros(rows[0], dtype=torch.bool)
+        for r in lonely:
+            mask[r] = True
+        mask = mask.to(device)
+    return q_side, k_side, mask
 
 
 def _first(rows: Rows) -> int:

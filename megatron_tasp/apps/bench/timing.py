@@ -35,11 +35,11 @@ def sync(device) -> None:
 
 
 def max_over_ranks(x: float, device, group=None) -> float:
-    """The maximum of ``x`` over the ranks of ``group`` (collective)."""
+    """The maximum of ``x`` over the ranks of ``group`` (collective; on the CPU for a gloo group)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+    t = torch.tensor([x], dtype=torch.float64, device=device if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item())
 
