@@ -1,0 +1,144 @@
+"""Packed documents at CP=2 on ONE GPU: each rank's compute (no communication) timed alone, against the whole
+packed sequence on the same GPU.
+
+Launch two processes on one GPU (``torchrun --nproc-per-node 2 scripts/gpu_thd_rank_probe.py --out x.json``). They
+talk over gloo and run TASP with transport ``none`` (the received K/V is a local copy of the sent one: the kernels,
+merges and copies of the real schedule, no link). Rank 0 times its packed fwd+bwd while rank 1 waits on the host,
+then the other way round, so each rank has the GPU to itself: the larger of the two is the CP=2 per-GPU time with
+perfect overlap. Rank 0 then times the whole packed sequence on the same GPU: one varlen FlashAttention-2 call
+(the same kernel), TASP at CP=1 and a per-document cuDNN loop. The ratio the packed-documents target is about is
+``max_rank_ms / one_gpu_*_ms``; a run on two GPUs adds the communication this one leaves out. ``--profile``
+prints each rank's top CUDA kernels at the first size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check_thd import cumsum, doc_lengths, one_gpu_packed, one_gpu_varlen, parse_tokens  # noqa: E402
+
+from megatron_tasp import tasp_attention  # noqa: E402
+from megatron_tasp.thd import partition_index  # noqa: E402
+
+
+def _median_ms(step, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _fwd_bwd(fn, q, k, v, do):
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        fn(q, k, v).backward(do)
+    return step
+
+
+def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | None = None) -> list[float]:
+    """``step`` timed on each of ``ranks`` (None: all) in turn while the others wait on the host; every rank's
+    time (0 where it did not run)."""
+    t = torch.zeros(1, dtype=torch.float64)
+    for turn in range(dist.get_world_size()):
+        if turn == rank and (ranks is None or rank in ranks):
+            t[0] = _median_ms(step, warmup, iters)
+        dist.barrier()
+    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    return [float(x) for x in every]
+
+
+def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for turn in range(dist.get_world_size()):
+        if turn == rank and (ranks is None or rank in ranks):
+            step()
+            with profile(activities=[ProfilerActivity.CUDA]) as p:
+                step()
+                torch.cuda.synchronize()
+            print(f"== {label}, rank {rank}", flush=True)
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+                  flush=True)
+        dist.barrier()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="32k,64k,128k", help="packed tokens per sequence (comma list; 'k' = 1024)")
+    ap.add_argument("--doc-mean", type=int, default=4096, help="mean document length of the log-normal mix")
+    ap.add_argument("--heads", default="32/8", help="query/KV heads")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="print each rank's top CUDA kernels at the first size, "
+                    "and those of TASP on one GPU")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    n, r = dist.get_world_size(), dist.get_rank()
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    hq, hkv = (int(x) for x in a.heads.split("/"))
+    d, dtype = 128, torch.bfloat16
+    res = {"cp": n, "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "dtype": str(dtype),
+           "heads": a.heads, "head_dim": d, "doc_mean": a.doc_mean, "transport": "none (each rank alone)", "rows": []}
+    for i, tok in enumerate(parse_tokens(a.tokens)):
+        lens, padded = doc_lengths(tok, a.doc_mean, n, seed=tok)
+        g = torch.Generator(device=dev).manual_seed(5)
+        q, k, v, do = (torch.randn(tok, h, d, device=dev, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq))
+        cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)
+        idx = partition_index(cu_pad, n, r).to(dev)
+        ql, kl, vl = (x[idx].detach().requires_grad_(True) for x in (q, k, v))
+
+        def tasp(x, y, z, cp=cu_pad, c=cu):
+            return tasp_attention(x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=c,
+                                  transport="none")
+
+        step = _fwd_bwd(tasp, ql, kl, vl, do[idx])
+        step()  # both ranks together: the layout is built and agreed once
+        dist.barrier()
+        row = {"tokens": tok, "docs": len(lens), "doc_lengths": lens}
+        row["rank_ms"] = _alone(r, step, a.warmup, a.iters)
+        if a.profile and i == 0:
+            _profile(r, step, f"CP=2 packed, {tok} tokens")
+        qf, kf, vf = (x.detach().requires_grad_(True) for x in (q, k, v))
+        m = (lens, padded, True)
+        for name, fn in (("one_gpu_varlen_ms", lambda x, y, z, m=m: one_gpu_varlen(x, y, z, *m)),
+                         ("one_gpu_tasp_ms", lambda x, y, z, cp=cu_pad, c=cu: tasp_attention(
+                             x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=c)),
+                         ("one_gpu_packed_ms", lambda x, y, z, m=m: one_gpu_packed(x, y, z, *m))):
+            row[name] = _alone(r, _fwd_bwd(fn, qf, kf, vf, do), a.warmup, a.iters, ranks=(0,))[0]
+            if a.profile and i == 0 and name == "one_gpu_tasp_ms":
+                _profile(r, _fwd_bwd(fn, qf, kf, vf, do), f"one GPU TASP, {tok} tokens", ranks=(0,))
+        row["max_rank_ms"] = max(row["rank_ms"])
+        for name in ("one_gpu_varlen_ms", "one_gpu_tasp_ms", "one_gpu_packed_ms"):
+            row["max_rank_over_" + name[:-3]] = row["max_rank_ms"] / row[name]
+        res["rows"].append(row)
+        if r == 0:
+            print(json.dumps({key: val for key, val in row.items() if key != "doc_lengths"}), flush=True)
+        del q, k, v, do, ql, kl, vl, qf, kf, vf
+        torch.cuda.empty_cache()
+    if r == 0 and a.out:
+        with open(a.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
