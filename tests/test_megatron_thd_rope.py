@@ -140,6 +140,32 @@ def test_router_serves_only_the_unfused_thd_path(monkeypatch: pytest.MonkeyPatch
     assert mattention.apply_rotary_pos_emb is spy
 
 
+def test_multi_latent_attention_gets_a_router_of_its_own() -> None:
+    """MLA's rotary calls (queries with many heads, keys with one; mla_rotary_interleaved on 0.19, the config's
+    multi_latent_attention on 0.16) are routed too, each module by its own router, bit-identical to
+    Megatron-Core's THD RoPE, and uninstalling restores both modules."""
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    before_att, before_mla = mattention.apply_rotary_pos_emb, mla.apply_rotary_pos_emb
+    assert thd_rope.install_thd_rope() is True
+    try:
+        router = mla.apply_rotary_pos_emb
+        assert getattr(router, "_megatron_tasp_thd_rope", False) and router.original is before_mla
+        assert router is not mattention.apply_rotary_pos_emb
+        cfg = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=True)
+        kw = {"mla_rotary_interleaved": True} if thd_rope._takes(before_mla, "mla_rotary_interleaved") else {}
+        mla_name = "mla_rotary_interleaved" if thd_rope._takes(rope_utils._apply_rotary_pos_emb_thd,
+                                                               "mla_rotary_interleaved") else "multi_latent_attention"
+        cu, freqs, group = _cu([8, 12, 4]), _freqs(24, 16), _Group(2, 1)
+        for t in (torch.randn(12, 4, 16), torch.randn(12, 1, 16)):  # queries, then the one-head keys
+            got = router(t, freqs, cfg, cu_seqlens=cu, mscale=0.8, cp_group=group, **kw)
+            want = rope_utils._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=group, mscale=0.8, **{mla_name: True})
+            assert torch.equal(got, want)
+    finally:
+        thd_rope.uninstall_thd_rope()
+    assert mattention.apply_rotary_pos_emb is before_att and mla.apply_rotary_pos_emb is before_mla
+
+
 class _HostReads(torch.overrides.TorchFunctionMode):
     """Records the tensor methods that read a value to the host."""
 

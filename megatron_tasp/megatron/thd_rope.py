@@ -24,8 +24,9 @@ came from, their storage and version, and hands them to the next call alone when
 
 :func:`install_thd_rope` routes ``megatron.core.transformer.attention``'s ``apply_rotary_pos_emb`` calls for
 THD tensors through it when the fused TE kernel is not in use; everything else (and any argument it does not
-know) goes to Megatron-Core's function unchanged. Other callers of ``rope_utils`` (multi-latent attention,
-inference contexts) are not routed. The launcher, the Megatron-LM patch and the fine-tuning app (packed data)
+know) goes to Megatron-Core's function unchanged; ``megatron.core.transformer.multi_latent_attention``'s calls
+(MLA's rotary part of the queries and keys) get a router of their own. Other callers of ``rope_utils``
+(inference contexts) are not routed. The launcher, the Megatron-LM patch and the fine-tuning app (packed data)
 install it when TASP is selected; installing checks on a small CPU case that this Megatron-Core computes what
 :func:`packed_rope` does, and refuses otherwise.
 """
@@ -41,7 +42,8 @@ from typing import Any
 import torch
 
 _MARK = "_megatron_tasp_thd_rope"
-_ATTENTION = "megatron.core.transformer.attention"  # the one caller routed
+_ATTENTION = "megatron.core.transformer.attention"  # the callers routed: attention, and MLA where it exists
+_MLA = "megatron.core.transformer.multi_latent_attention"
 logger = logging.getLogger("megatron_tasp")
 
 
@@ -208,33 +210,46 @@ def check_matches_megatron() -> None:
                                    "megatron-core 0.19")
 
 
-def install_thd_rope() -> bool:
-    """Route Megatron-Core attention's THD RoPE calls through :func:`packed_rope` (idempotent; True when
-    newly installed). Raises RuntimeError when the attention module has no ``apply_rotary_pos_emb`` to route
-    or this Megatron-Core's THD RoPE computes something else (:func:`check_matches_megatron`)."""
+def _callers() -> list[Any]:
+    """The Megatron-Core modules whose ``apply_rotary_pos_emb`` is routed: attention, and multi-latent attention
+    when this release has it (each gets its own router, so the key call reuses only its own module's rows)."""
     import importlib
 
-    module = importlib.import_module(_ATTENTION)
-    current = getattr(module, "apply_rotary_pos_emb", None)
-    if current is None:
+    modules = [importlib.import_module(_ATTENTION)]
+    try:
+        mla = importlib.import_module(_MLA)
+    except ImportError:  # a release without MLA
+        return modules
+    if getattr(mla, "apply_rotary_pos_emb", None) is not None:
+        modules.append(mla)
+    return modules
+
+
+def install_thd_rope() -> bool:
+    """Route the THD RoPE calls of Megatron-Core's attention (and multi-latent attention) through
+    :func:`packed_rope` (idempotent; True when newly installed anywhere). Raises RuntimeError when the attention
+    module has no ``apply_rotary_pos_emb`` to route or this Megatron-Core's THD RoPE computes something else
+    (:func:`check_matches_megatron`)."""
+    modules = _callers()
+    if getattr(modules[0], "apply_rotary_pos_emb", None) is None:
         raise RuntimeError(f"{_ATTENTION} has no apply_rotary_pos_emb (megatron-core 0.16-0.19 layout expected): "
                            "packed RoPE cannot be routed; use megatron-core 0.19")
-    if getattr(current, _MARK, False):
+    todo = [m for m in modules if not getattr(m.apply_rotary_pos_emb, _MARK, False)]
+    if not todo:
         return False
     check_matches_megatron()
-    module.apply_rotary_pos_emb = _make_router(current)
+    for module in todo:
+        module.apply_rotary_pos_emb = _make_router(module.apply_rotary_pos_emb)
     logger.info("packed (THD) RoPE runs without host synchronisation (megatron_tasp.megatron.thd_rope)")
     return True
 
 
 def uninstall_thd_rope() -> None:
     """Undo :func:`install_thd_rope` (tests)."""
-    import importlib
-
-    module = importlib.import_module(_ATTENTION)
-    current = getattr(module, "apply_rotary_pos_emb", None)
-    if getattr(current, _MARK, False):
-        module.apply_rotary_pos_emb = current.original
+    for module in _callers():
+        current = getattr(module, "apply_rotary_pos_emb", None)
+        if getattr(current, _MARK, False):
+            module.apply_rotary_pos_emb = current.original
 
 
 __all__ = ["check_matches_megatron", "install_thd_rope", "packed_rope", "thd_rope_positions", "uninstall_thd_rope"]
