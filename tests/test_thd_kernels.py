@@ -3,11 +3,18 @@ block's own out/lse, rows without keys, skipped segments, and the dense fast pat
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
+from megatron_tasp.engine import thd as engine_thd
 from megatron_tasp.kernels import get_kernel
+from megatron_tasp.kernels.math_ref import MathAttention
 from megatron_tasp.kernels.segmented import segment_rows, segmented_block
+from megatron_tasp.thd import engine_order, engine_segments
+
+CPU = torch.device("cpu")
 
 
 def _reference(q, k, v, dout, seg_q, seg_k, causal, scale):
@@ -107,3 +114,37 @@ def test_segment_rows_are_slices_for_runs_and_indices_otherwise():
     split = segment_rows(torch.tensor([1, 1, 3, 1, 3, 3, 5]))
     assert split[1].tolist() == [0, 1, 3] and split[3].tolist() == [2, 4, 5] and split[5] == slice(6, 7)
     assert segment_rows(torch.tensor([], dtype=torch.long)) == {}
+
+
+def test_segment_rows_leave_out_negative_ids():
+    """Rows with a negative id match nothing: no entry, and they never force the index path (several runs of
+    -1 beside runs of real ids keep slices); a block whose one shared segment leaves such rows out is not the
+    dense 'full' block."""
+    runs = segment_rows(torch.tensor([-1, -1, 0, 0, -1, 2, 2, -2]))
+    assert runs == {0: slice(2, 4), 2: slice(5, 7)}
+    split = segment_rows(torch.tensor([-1, 1, -1, 1, 3]))
+    assert split[1].tolist() == [1, 3] and split[3] == slice(4, 5) and -1 not in split
+    assert segment_rows(torch.tensor([-1, -1])) == {}
+    block = segmented_block(MathAttention(), torch.tensor([-1, 0, 0]), torch.tensor([0, 0, 0]), CPU)
+    assert not block.full and block.pairs == [(slice(1, 3), slice(0, 3))]
+
+
+def test_natural_segments_equal_the_engine_order_ones():
+    """The CP THD-order segment ids (built directly per document) are the [F ; B] engine ids moved to the THD
+    local order, and the back-chunk flags the engine order's second half, for random paddings at CP 2-4."""
+    rng = random.Random(3)
+    for _ in range(60):
+        n = rng.choice([2, 3, 4])
+        pads = [2 * n * rng.randint(0, 5) for _ in range(rng.randint(1, 9))]
+        cu_pad, cu = [0], [0]
+        for p in pads:
+            cu_pad.append(cu_pad[-1] + p)
+            cu.append(cu[-1] + rng.randint(0, p))
+        order = engine_order(cu_pad, n)
+        for rank in range(n):
+            want = torch.empty(order.numel(), dtype=torch.long)
+            want[order] = engine_segments(cu_pad, cu, n, rank)
+            want_back = torch.zeros(order.numel(), dtype=torch.bool)
+            want_back[order[order.numel() // 2:]] = True
+            seg, back = engine_thd._natural_segments(cu_pad, cu, n, rank)
+            assert torch.equal(seg, want) and torch.equal(back, want_back)

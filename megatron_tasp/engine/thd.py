@@ -132,17 +132,24 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
 _NO_KEYS, _NO_QUERIES = -1, -2
 
 
-def _natural_segments(order: torch.Tensor, cu_pad: Sequence[int], cu: Sequence[int], n: int,
+def _natural_segments(cu_pad: Sequence[int], cu: Sequence[int], n: int,
                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment ids of CP rank ``rank``'s tokens in their own THD order (per document: its chunk ``rank``, then
-    its chunk ``2n-1-rank``), and which of them lie in the back chunk ``2n-1-rank``; ``order``:
-    :func:`~megatron_tasp.thd.engine_order` (engine row -> THD local row, the same on every rank)."""
-    seg_e = engine_segments(cu_pad, cu, n, rank)
-    seg = torch.empty_like(seg_e)
-    seg[order] = seg_e
-    back = torch.zeros(order.numel(), dtype=torch.bool)
-    back[order[order.numel() // 2:]] = True  # the engine's [F ; B]: B is the second half
-    return seg, back
+    its chunk ``2n-1-rank``; ids as :func:`~megatron_tasp.thd.engine_segments` gives them), and which of them
+    lie in the back chunk ``2n-1-rank``."""
+    pad_len = torch.tensor(cu_pad[1:], dtype=torch.long) - torch.tensor(cu_pad[:-1], dtype=torch.long)
+    real = torch.tensor(cu[1:], dtype=torch.long) - torch.tensor(cu[:-1], dtype=torch.long)
+    chunk = pad_len // (2 * n)
+    # per document four runs: the front chunk's real tokens and padding, then the back chunk's (built as runs,
+    # not token by token: this runs on the host for every new set of boundaries)
+    front = torch.minimum((real - rank * chunk).clamp(min=0), chunk)
+    back = torch.minimum((real - (2 * n - 1 - rank) * chunk).clamp(min=0), chunk)
+    doc = 2 * torch.arange(chunk.numel())
+    ids = torch.stack((doc, doc + 1, doc, doc + 1), 1).reshape(-1)
+    lengths = torch.stack((front, chunk - front, back, chunk - back), 1).reshape(-1)
+    in_back = torch.tensor([False, True]).repeat(chunk.numel())
+    return (torch.repeat_interleave(ids, lengths),
+            torch.repeat_interleave(in_back, torch.stack((chunk, chunk), 1).reshape(-1)))
 
 
 def natural_order_applies(call: CompiledCall | LocalCall) -> bool:
@@ -273,8 +280,7 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
         segs = [document_segments(cu_pad, cu)]
         seg_call = _segmented_call(call, segs, device)
     elif natural_order_applies(call):
-        fb_order = engine_order(cu_pad, n)
-        nat = [_natural_segments(fb_order, cu_pad, cu, n, s) for s in range(n)]
+        nat = [_natural_segments(cu_pad, cu, n, s) for s in range(n)]
         segs = [x[0] for x in nat]
         seg_call = _natural_call(call, segs, [x[1] for x in nat], device)
     else:

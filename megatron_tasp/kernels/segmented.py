@@ -35,8 +35,9 @@ Rows = slice | Tensor
 
 def segment_rows(seg: Tensor) -> dict[int, Rows]:
     """Segment id -> its rows in a 1-D tensor of segment ids: a slice where they form one contiguous run, else
-    ascending CPU LongTensor indices. Documents usually are runs, so the common case costs a few tensor ops
-    for the whole block instead of a few per document (packed batches change their documents every step)."""
+    ascending CPU LongTensor indices. Negative ids mark rows that match nothing (rows a block's case leaves out)
+    and get no entry. Documents usually are runs, so the common case costs a few tensor ops for the whole block
+    instead of a few per document (packed batches change their documents every step)."""
     seg = seg.to("cpu", torch.long)
     n = seg.numel()
     if n == 0:
@@ -45,13 +46,16 @@ def segment_rows(seg: Tensor) -> dict[int, Rows]:
     change[1:] = seg[1:] != seg[:-1]
     starts = torch.nonzero(change).flatten()
     ids = seg[starts]
+    kept = ids[ids >= 0]
     runs: dict[int, Rows] = {}
-    if torch.unique(ids).numel() == ids.numel():  # every id is one run
+    if torch.unique(kept).numel() == kept.numel():  # every id is one run
         bounds = starts.tolist() + [n]
         for i, gid in enumerate(ids.tolist()):
-            runs[gid] = slice(bounds[i], bounds[i + 1])
+            if gid >= 0:
+                runs[gid] = slice(bounds[i], bounds[i + 1])
         return runs
-    order = torch.sort(seg, stable=True).indices
+    rows = torch.nonzero(seg >= 0).flatten()
+    order = rows[torch.sort(seg[rows], stable=True).indices]
     uids, counts = torch.unique_consecutive(seg[order], return_counts=True)
     for gid, idx in zip(uids.tolist(), order.split(counts.tolist())):
         first, last = int(idx[0]), int(idx[-1])
@@ -143,7 +147,9 @@ def segmented_block(kernel: BlockAttention, seg_q: Tensor, seg_k: Tensor, device
     1-D integer tensors); index sets live on ``device``."""
     qs, ks = segment_rows(seg_q), segment_rows(seg_k)
     shared = [g for g in qs if g in ks]
-    full = len(qs) == 1 and len(ks) == 1 and len(shared) == 1
+    # one segment over every row on both sides (rows with negative ids have no entry, so count the rows)
+    full = (len(qs) == 1 and len(ks) == 1 and len(shared) == 1 and row_count(qs[shared[0]]) == seg_q.numel()
+            and row_count(ks[shared[0]]) == seg_k.numel())
     pairs = [(_as_rows(qs[g], device), _as_rows(ks[g], device)) for g in shared]
     tiny = [min(row_count(qs[g]), row_count(ks[g])) < TINY_ROWS and kernel.name != "math" for g in shared]
     return SegmentedBlock(kernel, pairs, full, tiny, rows=(seg_q.numel(), seg_k.numel()))
