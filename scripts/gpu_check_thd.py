@@ -147,11 +147,19 @@ def rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
 
 
-def time_ms(fn, q, k, v, do, warmup, iters, cuda):
+def fwd_bwd(fn, q, k, v, do):
+    """One forward+backward of ``fn`` (the inputs' grads cleared first), as a step to time."""
     def step():
         for x in (q, k, v):
             x.grad = None
         fn(q, k, v).backward(do)
+    return step
+
+
+def median_ms(step, warmup: int, iters: int, cuda: bool) -> float:
+    """Median time of ``step`` after ``warmup`` calls: CUDA events on GPU, the host clock on CPU."""
+    import time
+
     for _ in range(warmup):
         step()
     times = []
@@ -164,11 +172,14 @@ def time_ms(fn, q, k, v, do, warmup, iters, cuda):
             b.synchronize()
             times.append(a.elapsed_time(b))
         else:
-            import time
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    t = torch.tensor([statistics.median(times)], device=q.device)
+    return statistics.median(times)
+
+
+def time_ms(fn, q, k, v, do, warmup, iters, cuda):
+    t = torch.tensor([median_ms(fwd_bwd(fn, q, k, v, do), warmup, iters, cuda)], device=q.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 

@@ -16,39 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check_thd import cumsum, doc_lengths, one_gpu_packed, one_gpu_varlen, parse_tokens  # noqa: E402
+from gpu_check_thd import (  # noqa: E402
+    cumsum,
+    doc_lengths,
+    fwd_bwd,
+    median_ms,
+    one_gpu_packed,
+    one_gpu_varlen,
+    parse_tokens,
+)
 
 from megatron_tasp import tasp_attention  # noqa: E402
 from megatron_tasp.thd import partition_index  # noqa: E402
-
-
-def _median_ms(step, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def _fwd_bwd(fn, q, k, v, do):
-    def step():
-        for x in (q, k, v):
-            x.grad = None
-        fn(q, k, v).backward(do)
-    return step
 
 
 def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | None = None) -> list[float]:
@@ -57,7 +42,7 @@ def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | No
     t = torch.zeros(1, dtype=torch.float64)
     for turn in range(dist.get_world_size()):
         if turn == rank and (ranks is None or rank in ranks):
-            t[0] = _median_ms(step, warmup, iters)
+            t[0] = median_ms(step, warmup, iters, True)
         dist.barrier()
     every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(every, t)
@@ -110,7 +95,7 @@ def main() -> None:
             return tasp_attention(x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=c,
                                   transport="none")
 
-        step = _fwd_bwd(tasp, ql, kl, vl, do[idx])
+        step = fwd_bwd(tasp, ql, kl, vl, do[idx])
         step()  # both ranks together: the layout is built and agreed once
         dist.barrier()
         row = {"tokens": tok, "docs": len(lens), "doc_lengths": lens}
@@ -123,9 +108,9 @@ def main() -> None:
                          ("one_gpu_tasp_ms", lambda x, y, z, cp=cu_pad, c=cu: tasp_attention(
                              x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=c)),
                          ("one_gpu_packed_ms", lambda x, y, z, m=m: one_gpu_packed(x, y, z, *m))):
-            row[name] = _alone(r, _fwd_bwd(fn, qf, kf, vf, do), a.warmup, a.iters, ranks=(0,))[0]
+            row[name] = _alone(r, fwd_bwd(fn, qf, kf, vf, do), a.warmup, a.iters, ranks=(0,))[0]
             if a.profile and i == 0 and name == "one_gpu_tasp_ms":
-                _profile(r, _fwd_bwd(fn, qf, kf, vf, do), f"one GPU TASP, {tok} tokens", ranks=(0,))
+                _profile(r, fwd_bwd(fn, qf, kf, vf, do), f"one GPU TASP, {tok} tokens", ranks=(0,))
         row["max_rank_ms"] = max(row["rank_ms"])
         for name in ("one_gpu_varlen_ms", "one_gpu_tasp_ms", "one_gpu_packed_ms"):
             row["max_rank_over_" + name[:-3]] = row["max_rank_ms"] / row[name]
