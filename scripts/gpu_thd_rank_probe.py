@@ -14,6 +14,7 @@ prints each rank's top CUDA kernels at the first size.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -75,7 +76,8 @@ def main() -> None:
                     "and those of TASP on one GPU")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    dist.init_process_group("gloo")
+    # a rank that fails while the other waits in a barrier ends the run within minutes, not the default half hour
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
     n, r = dist.get_world_size(), dist.get_rank()
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)

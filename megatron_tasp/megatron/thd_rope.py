@@ -26,9 +26,10 @@ came from, their storage and version, and hands them to the next call alone when
 THD tensors through it when the fused TE kernel is not in use; everything else (and any argument it does not
 know) goes to Megatron-Core's function unchanged; ``megatron.core.transformer.multi_latent_attention``'s calls
 (MLA's rotary part of the queries and keys) get a router of their own. Other callers of ``rope_utils``
-(inference contexts) are not routed. The launcher, the Megatron-LM patch and the fine-tuning app (packed data)
-install it when TASP is selected; installing checks on a small CPU case that this Megatron-Core computes what
-:func:`packed_rope` does, and refuses otherwise.
+(inference contexts, megatron-core 0.19's experimental attention variants ``absorbed_mla`` and ``dsa``) are not
+routed: they keep megatron-core's host-synchronising THD RoPE (slower, same result). The launcher, the
+Megatron-LM patch and the fine-tuning app (packed data) install it when TASP is selected; installing checks on a
+small CPU case that this Megatron-Core computes what :func:`packed_rope` does, and refuses otherwise.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def _callers() -> list[Any]:
     modules = [importlib.import_module(_ATTENTION)]
     try:
         mla = importlib.import_module(_MLA)
-    except ImportError:  # a release without MLA
+    except Exception as exc:  # noqa: BLE001 - a release without MLA, or one whose MLA module fails to import
+        logger.debug("multi-latent attention's RoPE is not routed: %s", exc)
         return modules
     if getattr(mla, "apply_rotary_pos_emb", None) is not None:
         modules.append(mla)
@@ -238,8 +240,9 @@ def install_thd_rope() -> bool:
     if not todo:
         return False
     check_matches_megatron()
-    for module in todo:
-        module.apply_rotary_pos_emb = _make_router(module.apply_rotary_pos_emb)
+    routers = [_make_router(m.apply_rotary_pos_emb) for m in todo]  # all built before any is installed
+    for module, router in zip(todo, routers):
+        module.apply_rotary_pos_emb = router
     logger.info("packed (THD) RoPE runs without host synchronisation (megatron_tasp.megatron.thd_rope)")
     return True
 
