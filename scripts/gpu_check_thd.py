@@ -251,12 +251,16 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=0, help="also time N calls per size that each get a NEW document "
                     "mix (as training does), host time included, for the default and each --big-rows value "
                     "(interleaved per mix): the cost of per-shape kernel plans")
+    ap.add_argument("--gloo-one-gpu", action="store_true", help="every rank on GPU 0 over a gloo group (its "
+                    "all-to-all stages CUDA tensors through the host): the correctness checks with real kernels and "
+                    "real exchanged data on one GPU, no timings")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda and not a.gloo_one_gpu else "gloo")
     n, r = dist.get_world_size(), dist.get_rank()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    local = 0 if a.gloo_one_gpu else int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -304,7 +308,7 @@ def main() -> None:
         results["checks"].append(rec)
         if r == 0:
             print(json.dumps(rec), flush=True)
-    for tok in parse_tokens(a.tokens):
+    for tok in [] if a.gloo_one_gpu else parse_tokens(a.tokens):
         S = tok // scale
         lens, padded = doc_lengths(S, max(8, a.doc_mean // scale), n, seed=tok)
         g = torch.Generator(device=dev).manual_seed(5)
