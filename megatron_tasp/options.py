@@ -151,13 +151,14 @@ class TaspOptions:
         multiple of 2·CP and cut into 2·CP chunks; Megatron-LM's ``--sft``, Transformer Engine's THD) or
         'sequence' (the packed sequence as a whole in 2·CP chunks, documents of any length; Megatron-LM's
         ``--dataloader-inter-document-masking`` without ``--sft``).
-    packed_dense_rows: packed documents on CUDA run as one varlen FlashAttention-2 launch per block; a document
-        segment with at least this many rows on both sides runs as its own call on the dense kernel (``kernel``,
-        e.g. cudnn) instead. None (default): every segment in the varlen launch. cuDNN outruns FlashAttention-2
-        by ~1.4x on a large document on Hopper, but builds an execution plan for every new (rows, keys) shape,
-        ~6 ms of host time each (Megatron-LM's loop, where document lengths change every step, ran 4x slower);
-        the varlen launch has no per-shape plan. Set it (e.g. 1024) only when the same document lengths repeat
-        (fixed packings, benchmarks).
+    packed_dense_rows: packed documents on CUDA run as one varlen FlashAttention-2 launch per block; in causal
+        calls, a document of at least this many rows in the own block (queries and keys the same rows) runs as
+        its own call on the dense kernel (``kernel``, e.g. cudnn) instead, its rows zero-padded up to one of 8
+        sizes per power of two (exact under the causal mask). None (default): every segment in the varlen
+        launch. cuDNN outruns FlashAttention-2 by ~1.4x on a large document on Hopper but builds an execution
+        plan for every new shape; the padding bounds the shapes, so with document lengths that change every call
+        the plans are built during the first calls only (measured on one H200: CP=1 1.25-1.44x faster after
+        that; CP=2 faster at 128K tokens, not at 32K-64K, where the remote blocks stay varlen).
     cuda_graphs: (experimental) replay the forward and backward of every dense call with CP > 1 from CUDA
         graphs, captured on a signature's second call (``megatron_tasp.engine.graphed``): for short sequences,
         where launching ~30 kernels per call costs more host time than the GPU work takes. Costs a copy of the

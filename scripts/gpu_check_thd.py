@@ -251,6 +251,8 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=0, help="also time N calls per size that each get a NEW document "
                     "mix (as training does), host time included, for the default and each --big-rows value "
                     "(interleaved per mix): the cost of per-shape kernel plans")
+    ap.add_argument("--check-dense-rows", type=int, default=0, help="run the correctness checks with "
+                    "options.packed_dense_rows=N (large causal documents on the dense kernel, bucket-padded)")
     ap.add_argument("--gloo-one-gpu", action="store_true", help="every rank on GPU 0 over a gloo group (its "
                     "all-to-all stages CUDA tensors through the host): the correctness checks with real kernels and "
                     "real exchanged data on one GPU, no timings")
@@ -285,10 +287,13 @@ def main() -> None:
         idx = partition_index(cu_pad, n, r).to(dev)
         # the one-GPU loop runs before AND after TASP: a kernel's cached plans must not leak between them
         one_before = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_packed(x, y, z, *m), q, k, v, do)
-        got = grads(lambda x, y, z, c=causal, cp=cu_pad, cu=cu: tasp_attention(
-            x, y, z, dist.group.WORLD, causal=c, cu_seqlens_padded=cp, cu_seqlens=cu), q[idx], k[idx], v[idx], do[idx])
+        opts = default_options().replace(packed_dense_rows=a.check_dense_rows) if a.check_dense_rows else None
+        got = grads(lambda x, y, z, c=causal, cp=cu_pad, cu=cu, o=opts: tasp_attention(
+            x, y, z, dist.group.WORLD, causal=c, cu_seqlens_padded=cp, cu_seqlens=cu, options=o), q[idx], k[idx],
+            v[idx], do[idx])
         one = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_packed(x, y, z, *m), q, k, v, do)
-        rec = {"causal": causal, "tokens": S, "docs": len(lens), "varlen_launches": LAUNCHES["varlen_forward"]}
+        rec = {"causal": causal, "tokens": S, "docs": len(lens), "varlen_launches": LAUNCHES["varlen_forward"],
+               "packed_dense_rows": a.check_dense_rows or None}
         if cuda:
             vl = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_varlen(x, y, z, *m), q, k, v, do)
             for j, name in enumerate(("out", "dq", "dk", "dv")):

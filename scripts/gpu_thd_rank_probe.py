@@ -8,7 +8,9 @@ then the other way round, so each rank has the GPU to itself: the larger of the 
 perfect overlap. Rank 0 then times the whole packed sequence on the same GPU: one varlen FlashAttention-2 call
 (the same kernel), TASP at CP=1 and a per-document cuDNN loop. The ratio the packed-documents target is about is
 ``max_rank_ms / one_gpu_*_ms``; a run on two GPUs adds the communication this one leaves out. ``--profile``
-prints each rank's top CUDA kernels at the first size.
+prints each rank's top CUDA kernels at the first size; ``--dense-rows N`` times ``options.packed_dense_rows=N``
+beside the default (CP=2 and one GPU); ``--fresh N`` times calls that each get a new document mix (host work and
+kernel plans included).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -34,6 +38,7 @@ from gpu_check_thd import (  # noqa: E402
 )
 
 from megatron_tasp import tasp_attention  # noqa: E402
+from megatron_tasp.options import default_options  # noqa: E402
 from megatron_tasp.thd import partition_index  # noqa: E402
 
 
@@ -65,6 +70,32 @@ def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None) 
         dist.barrier()
 
 
+def _fresh(a, tok: int, n: int, r: int, q, k, v, do, dev, variants) -> dict:
+    """Wall ms per fwd+bwd (host included: layout building and kernel plans) of calls that each get a NEW
+    document mix, both ranks at once on the one GPU (so about twice a rank's GPU work), variants interleaved per
+    mix, the slower rank; medians by quarter of the calls (the first quarter shows the warm-up)."""
+    times: dict[str, list[float]] = {vname: [] for vname, _ in variants}
+    for j in range(a.fresh):
+        lens, padded = doc_lengths(tok, a.doc_mean, n, seed=tok + 1000 + j)
+        cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)
+        idx = partition_index(cu_pad, n, r).to(dev)
+        for vname, opts in variants:
+            ql, kl, vl = (x[idx].detach().requires_grad_(True) for x in (q, k, v))
+            torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            tasp_attention(ql, kl, vl, dist.group.WORLD, causal=True, cu_seqlens_padded=cu_pad, cu_seqlens=cu,
+                           transport="none", options=opts).backward(do[idx])
+            torch.cuda.synchronize()
+            t = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            times[vname].append(float(t))
+    quarter = max(1, a.fresh // 4)
+    return {vname: {"calls": len(ms), "median_ms_by_quarter": [statistics.median(ms[s:s + quarter])
+                                                                for s in range(0, len(ms) - quarter + 1, quarter)]}
+            for vname, ms in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="32k,64k,128k", help="packed tokens per sequence (comma list; 'k' = 1024)")
@@ -74,6 +105,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="print each rank's top CUDA kernels at the first size, "
                     "and those of TASP on one GPU")
+    ap.add_argument("--dense-rows", type=int, default=0, help="also time options.packed_dense_rows=N (square causal "
+                    "documents of >= N rows on the dense kernel, bucket-padded), at CP=2 and on one GPU")
+    ap.add_argument("--fresh", type=int, default=0, help="also time N calls per size that each get a NEW document "
+                    "mix (host included), both ranks at once, every variant interleaved")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     # a rank that fails while the other waits in a barrier ends the run within minutes, not the default half hour
@@ -85,6 +120,9 @@ def main() -> None:
     d, dtype = 128, torch.bfloat16
     res = {"cp": n, "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "dtype": str(dtype),
            "heads": a.heads, "head_dim": d, "doc_mean": a.doc_mean, "transport": "none (each rank alone)", "rows": []}
+    variants = [("default", default_options())]
+    if a.dense_rows:
+        variants.append((f"dense_rows_{a.dense_rows}", default_options().replace(packed_dense_rows=a.dense_rows)))
     for i, tok in enumerate(parse_tokens(a.tokens)):
         lens, padded = doc_lengths(tok, a.doc_mean, n, seed=tok)
         g = torch.Generator(device=dev).manual_seed(5)
@@ -92,30 +130,38 @@ def main() -> None:
         cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)
         idx = partition_index(cu_pad, n, r).to(dev)
         ql, kl, vl = (x[idx].detach().requires_grad_(True) for x in (q, k, v))
-
-        def tasp(x, y, z, cp=cu_pad, c=cu):
-            return tasp_attention(x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=c,
-                                  transport="none")
-
-        step = fwd_bwd(tasp, ql, kl, vl, do[idx])
-        step()  # both ranks together: the layout is built and agreed once
-        dist.barrier()
-        row = {"tokens": tok, "docs": len(lens), "doc_lengths": lens}
-        row["rank_ms"] = _alone(r, step, a.warmup, a.iters)
-        if a.profile and i == 0:
-            _profile(r, step, f"CP=2 packed, {tok} tokens")
         qf, kf, vf = (x.detach().requires_grad_(True) for x in (q, k, v))
+        row = {"tokens": tok, "docs": len(lens), "doc_lengths": lens}
+        for vname, opts in variants:
+            def tasp(x, y, z, cp=cu_pad, c=cu, o=opts):
+                return tasp_attention(x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=c,
+                                      transport="none", options=o)
+
+            step = fwd_bwd(tasp, ql, kl, vl, do[idx])
+            step()  # both ranks together: the layout is built and agreed once
+            dist.barrier()
+            suffix = "" if vname == "default" else "_" + vname
+            row["rank_ms" + suffix] = _alone(r, step, a.warmup, a.iters)
+            row["max_rank_ms" + suffix] = max(row["rank_ms" + suffix])
+            if a.profile and i == 0:
+                _profile(r, step, f"CP=2 packed, {tok} tokens, {vname}")
+            one = fwd_bwd(lambda x, y, z, cp=cu_pad, c=cu, o=opts: tasp_attention(
+                x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=c, options=o), qf, kf, vf, do)
+            row["one_gpu_tasp_ms" + suffix] = _alone(r, one, a.warmup, a.iters, ranks=(0,))[0]
+            if a.profile and i == 0:
+                _profile(r, one, f"one GPU TASP, {tok} tokens, {vname}", ranks=(0,))
+            row["max_rank_over_one_gpu_tasp" + suffix] = row["max_rank_ms" + suffix] / row["one_gpu_tasp_ms" + suffix]
         m = (lens, padded, True)
         for name, fn in (("one_gpu_varlen_ms", lambda x, y, z, m=m: one_gpu_varlen(x, y, z, *m)),
-                         ("one_gpu_tasp_ms", lambda x, y, z, cp=cu_pad, c=cu: tasp_attention(
-                             x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=c)),
                          ("one_gpu_packed_ms", lambda x, y, z, m=m: one_gpu_packed(x, y, z, *m))):
             row[name] = _alone(r, fwd_bwd(fn, qf, kf, vf, do), a.warmup, a.iters, ranks=(0,))[0]
-            if a.profile and i == 0 and name == "one_gpu_tasp_ms":
-                _profile(r, fwd_bwd(fn, qf, kf, vf, do), f"one GPU TASP, {tok} tokens", ranks=(0,))
-        row["max_rank_ms"] = max(row["rank_ms"])
-        for name in ("one_gpu_varlen_ms", "one_gpu_tasp_ms", "one_gpu_packed_ms"):
-            row["max_rank_over_" + name[:-3]] = row["max_rank_ms"] / row[name]
+        best = min(val for key, val in row.items() if key.startswith("one_gpu_") and key.endswith("_ms")
+                   or key.startswith("one_gpu_tasp_ms"))
+        for vname, _ in variants:
+            suffix = "" if vname == "default" else "_" + vname
+            row["max_rank_over_best_one_gpu" + suffix] = row["max_rank_ms" + suffix] / best
+        if a.fresh:
+            row["fresh_mixes"] = _fresh(a, tok, n, r, q, k, v, do, dev, variants)
         res["rows"].append(row)
         if r == 0:
             print(json.dumps({key: val for key, val in row.items() if key != "doc_lengths"}), flush=True)

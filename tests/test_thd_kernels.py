@@ -10,8 +10,9 @@ import torch
 
 from megatron_tasp.engine import thd as engine_thd
 from megatron_tasp.kernels import get_kernel
+from megatron_tasp.kernels.bucketed import BucketedBlock, bucket_rows
 from megatron_tasp.kernels.math_ref import MathAttention
-from megatron_tasp.kernels.segmented import segment_rows, segmented_block
+from megatron_tasp.kernels.segmented import row_count, segment_rows, segmented_block
 from megatron_tasp.thd import engine_order, engine_segments
 
 CPU = torch.device("cpu")
@@ -148,3 +149,47 @@ def test_natural_segments_equal_the_engine_order_ones():
             want_back[order[order.numel() // 2:]] = True
             seg, back = engine_thd._natural_segments(cu_pad, cu, n, rank)
             assert torch.equal(seg, want) and torch.equal(back, want_back)
+
+
+def test_bucket_rows_bound_the_shapes():
+    """Every size rounds up to at most 8 shapes per power of two, multiples of 128, at most 1/8 more rows from
+    1024 on."""
+    sizes = list(range(1, 70_000, 7))
+    buckets = [bucket_rows(n) for n in sizes]
+    assert all(b >= n and b % 128 == 0 for n, b in zip(sizes, buckets))
+    assert all(b <= n * 1.125 for n, b in zip(sizes, buckets) if n >= 1024)
+    for lo in (1024, 4096, 32768):
+        assert len({b for n, b in zip(sizes, buckets) if lo < n <= 2 * lo}) <= 8
+    with pytest.raises(ValueError):
+        bucket_rows(0)
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_bucketed_block_equals_the_segmented_block(hkv):
+    """Square causal segments padded to their bucket give the unpadded block's out, lse and gradients (the
+    backward from a merged out/lse), for runs and scattered rows; a non-causal call fails closed."""
+    gen = torch.Generator().manual_seed(5)
+    seg = torch.tensor([0] * 150 + [1] * 7 + [0] * 40 + [2] * 300 + [3] * 3)  # doc 0 in two runs
+    q = torch.randn(1, 4, len(seg), 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, hkv, len(seg), 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    kern = get_kernel("math", "cpu", torch.float64, 8)
+    ref = segmented_block(kern, seg, seg, CPU)
+    big = [(iq, ik) for iq, ik in ref.pairs if row_count(iq) >= 100]
+    assert len(big) == 2 and any(not isinstance(iq, slice) for iq, _ in big)
+    block = BucketedBlock(kern, big)
+    part = segmented_block(kern, torch.where(seg.eq(0) | seg.eq(2), seg, -1), torch.where(seg.eq(0) | seg.eq(2), seg,
+                                                                                         -2), CPU)
+    o1, l1, c1 = part.forward_unchecked(q, k, v, causal=True, scale=0.3)
+    o2, l2, c2 = block.forward_unchecked(q, k, v, causal=True, scale=0.3)
+    torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.isinf(l1), torch.isinf(l2))
+    torch.testing.assert_close(l2[torch.isfinite(l2)], l1[torch.isfinite(l1)], rtol=1e-10, atol=1e-12)
+    out_m, lse_m = o1 * 0.7, torch.where(torch.isfinite(l1), l1 + 0.25, l1)
+    for a, b in zip(block.backward_unchecked(dout, q, k, v, out_m, lse_m, c2, causal=True, scale=0.3),
+                    part.backward_unchecked(dout, q, k, v, out_m, lse_m, c1, causal=True, scale=0.3)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="causal"):
+        block.forward_unchecked(q, k, v, causal=False, scale=0.3)
+    with pytest.raises(ValueError, match="square"):
+        BucketedBlock(kern, [(slice(0, 4), slice(0, 5))])

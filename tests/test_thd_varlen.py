@@ -49,13 +49,15 @@ def _varlen_blocks(layout) -> list[VarlenBlock]:
     return [b for b in blocks if isinstance(b, VarlenBlock)]
 
 
-def _dense_segments(blocks: list[VarlenBlock], dense_rows: int | None) -> int:
-    """Segments on the dense kernel; asserts every block got ``dense_rows`` and split its segments by it."""
+def _dense_segments(layout, dense_rows: int | None, causal: bool) -> int:
+    """Segments on the dense kernel; asserts that only the own block of a causal call got ``dense_rows`` and that
+    it split its square segments by it (every other block: all segments varlen)."""
     count = 0
-    for b in blocks:
-        assert b.big_rows == dense_rows and b.ops is varlen_reference.REFERENCE_OPS
-        small = [min(int(b.cu_q[i + 1] - b.cu_q[i]), int(b.cu_k[i + 1] - b.cu_k[i])) for i in range(len(b.cu_q) - 1)]
-        assert dense_rows is None or max(small, default=0) < dense_rows, (small, dense_rows)
+    for b in _varlen_blocks(layout):
+        want = dense_rows if (b is layout.call.local_kernel and causal) else None
+        assert b.big_rows == want and b.ops is varlen_reference.REFERENCE_OPS
+        rows = [(int(b.cu_q[i + 1] - b.cu_q[i]), int(b.cu_k[i + 1] - b.cu_k[i])) for i in range(len(b.cu_q) - 1)]
+        assert want is None or all(nq != nk or nq < want for nq, nk in rows), (rows, want)
         count += len(b.big.pairs) if b.big is not None else 0
     return count
 
@@ -72,7 +74,7 @@ def test_varlen_block_equals_the_segmented_block(reference_ops, causal, big_rows
     k, v = (torch.randn(1, 2, len(seg_k), 8, generator=gen) for _ in range(2))
     dout = torch.randn(q.shape, generator=gen)
     seg, var = _pair(seg_q, seg_k, big_rows)
-    assert (var.big is not None) == (big_rows == 5) and var.small
+    assert (var.big is not None) == (big_rows == 5 and causal) and var.small  # square (causal) segments only
     o1, l1, c1 = seg.forward_unchecked(q, k, v, causal=causal, scale=0.3)
     o2, l2, c2 = var.forward_unchecked(q, k, v, causal=causal, scale=0.3)
     assert varlen_reference.CALLS["forward"] == 1, "one launch for the whole block"
@@ -193,14 +195,14 @@ def _engine_worker(rank, n, dense_rows):
                 errs[(name, causal, hkv, tuple(kw))] = run_case(dist.group.WORLD, cu_pad, cu, causal, hkv,
                                                                 options=opts, **kw)
                 layout = next(reversed(scope.layouts().entries.values()))  # this case's
-                dense += _dense_segments(_varlen_blocks(layout), dense_rows)
+                dense += _dense_segments(layout, dense_rows, causal)
     return errs, varlen_reference.CALLS["forward"], dense
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_engine_through_the_varlen_block_is_exact(engine_reference_ops, n):
-    """n=2: every block in one varlen launch; n=3: options.packed_dense_rows=3, segments of >= 3 rows on both
-    sides on the dense kernel, the rest varlen."""
+    """n=2: every block in one varlen launch; n=3: options.packed_dense_rows=3, square segments of >= 3 rows of
+    the own block of causal calls on the dense kernel (bucket-padded), the rest varlen."""
     dense_rows = 3 if n == 3 else None
     for errs, launches, dense in run_workers(_engine_worker, n, dense_rows, timeout_s=300):
         bad = {k: e for k, e in errs.items() if not e <= TOL}
@@ -263,8 +265,8 @@ def test_packed_dense_rows_gets_its_own_layout(engine_reference_ops):
         err = run_case(None, cu_pad, cu, True, 2, options=TaspOptions(packed_dense_rows=dense_rows))
         assert err <= TOL, (dense_rows, err)
         layout = next(reversed(layouts.entries.values()))
-        (block,) = _varlen_blocks(layout)
-        assert _dense_segments([block], dense_rows) == {None: 0, 6: 2, 100: 0}[dense_rows]
+        assert len(_varlen_blocks(layout)) == 1
+        assert _dense_segments(layout, dense_rows, True) == {None: 0, 6: 2, 100: 0}[dense_rows]
         assert got.setdefault(dense_rows, layout) is layout  # equal options: the same layout
     assert len({id(x) for x in got.values()}) == 3 and len(layouts.entries) == 3
     assert varlen_reference.CALLS["forward"] == 5

@@ -74,8 +74,9 @@ VARLEN_KERNELS = frozenset({"cudnn", "flash", "efficient"})
 
 def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.device,
            dense_rows: int | None) -> SegmentedBlock | VarlenBlock:
-    """The document-masked block of ``kernel``: one varlen launch where it can run (segments of >= ``dense_rows``
-    rows on both sides on ``kernel`` itself, one call each), else per document."""
+    """The document-masked block of ``kernel``: one varlen launch where it can run (square segments of >=
+    ``dense_rows`` rows on ``kernel`` itself, one bucket-padded call each: give it for the own block of a causal
+    call only), else per document."""
     seg = segmented_block(kernel, seg_q, seg_k, device)
     ops = _varlen_ops(kernel, device)
     if ops is None or seg.full or not seg.pairs:  # no shared document: nothing to launch
@@ -97,7 +98,7 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
     mine = segs[r]
     dense_rows = call.packed_dense_rows
     out = copy.copy(call)
-    out.local_kernel = _block(call.kernel, mine, mine, device, dense_rows)
+    out.local_kernel = _block(call.kernel, mine, mine, device, dense_rows if call.causal else None)
     if n == 1:
         return out
     pieces = call.pieces
@@ -117,7 +118,7 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
             for case, rings, kern in call.blocks[st.step][j]:
                 keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
                                   for i in rings])
-                block = _block(kern, mine[call.q_rows(case)], keys, device, dense_rows)
+                block = _block(kern, mine[call.q_rows(case)], keys, device, None)
                 # a block no query may see is left out (no kernel, no merge), except at step 1 where the
                 # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
                 if block.pairs or st.step == 1:
@@ -171,7 +172,7 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
     out = copy.copy(call)
     out.full_rows = True
     out.unmerged_rows = None  # the remote block's output covers every row (masked ones with lse -inf)
-    out.local_kernel = _block(call.kernel, mine, mine, device, call.packed_dense_rows)
+    out.local_kernel = _block(call.kernel, mine, mine, device, call.packed_dense_rows if call.causal else None)
     blocks: list = [[]]
     for st in call.plan.steps[1:]:
         source = {h.ring: h.source for h in st.held}
@@ -182,7 +183,7 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
             keys = torch.cat([torch.where(backs[source[i]], _NO_QUERIES, segs[source[i]]) if case == EARLIER
                               else segs[source[i]] for i in rings])
             queries = torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine
-            block = _block(kern, queries, keys, device, call.packed_dense_rows)
+            block = _block(kern, queries, keys, device, None)
             if block.pairs or st.step == 1:  # step 1 also starts every held piece's dK/dV accumulator
                 entries.append((case, rings, block))
         blocks.append([entries])

@@ -11,10 +11,11 @@ without computing anything (it exits early on an empty side). Otherwise the quer
 gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a copy, when they already
 form one ascending run), likewise the key/value rows, and the output, lse and gradients are scattered back. Rows
 without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV
-heads), no expansion. Segments large on both sides (``big_rows``; the engine passes
-``TaspOptions.packed_dense_rows``, None by default) keep one call each on the dense kernel when that kernel is
-faster than the varlen one; every query row and key row belongs to one segment, so the two parts write disjoint
-rows of the same outputs and gradients (such blocks gather the rest).
+heads), no expansion. Square segments of at least ``big_rows`` rows (the engine passes
+``TaspOptions.packed_dense_rows`` for the own block of causal calls only, None otherwise) run one call each on the
+dense kernel, padded to a bounded set of shapes (:mod:`megatron_tasp.kernels.bucketed`: exact under the causal
+mask, and cuDNN plans once per shape); every query row and key row belongs to one segment, so the two parts write
+disjoint rows of the same outputs and gradients (such blocks gather the rest).
 
 What it needs, checked per call (otherwise the same block runs on the per-document fallback): a CUDA
 tensor of fp16 or bf16, head dim a multiple of 8 and at most 256, batch 1 (packed documents are ``[t, 1,
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ._calls import call_aten, has_aten_op, named_returns
+from .bucketed import BucketedBlock
 from .segmented import Rows, SegmentedBlock, row_count
 
 __all__ = ["VarlenBlock", "VarlenOps", "flash_varlen_ops", "varlen_reason"]
@@ -211,9 +213,9 @@ def _scatter(dst: Tensor, index: slice | Tensor, val: Tensor) -> None:
 
 class VarlenBlock:
     """One document-masked block as one varlen kernel call (see the module doc); falls back to the
-    per-document :class:`SegmentedBlock` for inputs the varlen op cannot take. ``big_rows``: segments with at
-    least that many rows on both sides run on the dense kernel (None: none); ``ops``: the varlen pair (None:
-    :func:`flash_varlen_ops`)."""
+    per-document :class:`SegmentedBlock` for inputs the varlen op cannot take. ``big_rows``: square segments of
+    at least that many rows run on the dense kernel, bucket-padded (None: none; only for blocks called with
+    ``causal=True``); ``ops``: the varlen pair (None: :func:`flash_varlen_ops`)."""
 
     def __init__(self, fallback: SegmentedBlock, device: torch.device, big_rows: int | None = None,
                  ops: VarlenOps | None = None):
@@ -222,11 +224,11 @@ class VarlenBlock:
         self.big_rows = big_rows
         self.pairs = fallback.pairs
         self.full = fallback.full
-        # segments with >= big_rows rows on both sides run one call each on the dense kernel (on Hopper cuDNN's
-        # kernel outruns FlashAttention-2 by ~1.4x, which repays a launch per large document)
-        is_big = [big_rows is not None and min(row_count(iq), row_count(ik)) >= big_rows for iq, ik in fallback.pairs]
+        # square segments of >= big_rows rows run one call each on the dense kernel (on Hopper cuDNN's kernel
+        # outruns FlashAttention-2 by ~1.4x, which repays a launch per large document), padded to a bucket
+        is_big = [big_rows is not None and row_count(iq) == row_count(ik) >= big_rows for iq, ik in fallback.pairs]
         big = [p for p, b in zip(fallback.pairs, is_big) if b]
-        self.big = SegmentedBlock(fallback.kernel, big, False) if big else None
+        self.big = BucketedBlock(fallback.kernel, big) if big else None
         # the rest in query-row order, so that rows already packed in place are a view, not a gather
         pairs = sorted((p for p, b in zip(fallback.pairs, is_big) if not b), key=lambda p: _first(p[0]))
         self.small = bool(pairs)

@@ -1,0 +1,116 @@
+"""Large causal documents on the dense kernel at a bounded set of shapes.
+
+cuDNN's attention outruns FlashAttention-2's varlen kernel by ~1.4x on a large document on Hopper, but builds an
+execution plan for every new (rows, keys) shape it sees; with packed documents whose lengths change every step
+that planning costs more than the kernel saves. :class:`BucketedBlock` runs each large segment of a causal block
+whose queries and keys are the same document rows (the own block of packed documents) as its own dense call, with
+the rows zero-padded at their end up to :func:`bucket_rows` (at most ``PER_OCTAVE`` shapes per power of two), so
+the kernel sees a bounded set of shapes whatever the documents.
+
+Exact under the causal mask: the padding follows every real row, so no real query sees a padded key. A padded
+query's output and lse are dropped; in the backward its dout is 0 and its lse +inf (attention weights 0), so it
+adds nothing to dK/dV. Each call pads into fresh contiguous buffers (one layout per shape; see
+``segmented._take`` for why cuDNN must not see strided views of equal shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import BlockAttention, lse_dtype_for
+from .segmented import Rows, row_count
+
+__all__ = ["PER_OCTAVE", "BucketedBlock", "bucket_rows"]
+
+#: padded shapes per power of two: the padding adds at most 1/PER_OCTAVE of the rows (~2x that of causal FLOPs)
+PER_OCTAVE = 8
+_MIN_STEP = 128
+
+
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up to the next of :data:`PER_OCTAVE` evenly spaced sizes between two powers of two (a
+    multiple of 128 at least)."""
+    if n <= 0:
+        raise ValueError(f"bucket_rows needs a positive row count, got {n}")
+    step = max(_MIN_STEP, 1 << max(0, n.bit_length() - 1 - (PER_OCTAVE.bit_length() - 1)))
+    return -(-n // step) * step
+
+
+def _padded(x: Tensor, rows: Rows, size: int, fill: float = 0.0) -> Tensor:
+    """The ``rows`` of ``x`` (``[b, h, s, ...]``, rows on dim 2) in a fresh contiguous tensor of ``size`` rows,
+    the rest ``fill``."""
+    n = row_count(rows)
+    buf = torch.full((*x.shape[:2], size, *x.shape[3:]), fill, dtype=x.dtype, device=x.device)
+    buf[:, :, :n] = x[:, :, rows] if isinstance(rows, slice) else x.index_select(2, rows)
+    return buf
+
+
+def _put(dst: Tensor, rows: Rows, val: Tensor) -> None:
+    if isinstance(rows, slice):
+        dst[:, :, rows].copy_(val)
+    else:
+        dst.index_copy_(2, rows, val.to(dst.dtype))
+
+
+class BucketedBlock:
+    """Square causal segments (the same number of query and key rows, causal within each) as one dense-kernel
+    call each on bucket-padded copies; every other row of the block gets output 0, lse -inf and zero gradients
+    (another kernel covers those rows)."""
+
+    def __init__(self, kernel: BlockAttention, pairs: list[tuple[Rows, Rows]]):
+        for iq, ik in pairs:
+            if row_count(iq) != row_count(ik):
+                raise ValueError(f"bucketed segments must be square (causal own-block documents), got "
+                                 f"{row_count(iq)} query and {row_count(ik)} key rows")
+        self.kernel = kernel
+        self.pairs = pairs
+
+    @property
+    def name(self) -> str:
+        """The dense kernel's name."""
+        return self.kernel.name
+
+    @staticmethod
+    def _check(causal: bool) -> None:
+        if not causal:
+            raise RuntimeError("bucketed document segments are exact only under the causal mask (padded keys "
+                               "would be seen); this block was built for a causal call")
+
+    def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                          scale: float) -> tuple[Tensor, Tensor, Any]:
+        """out ``[b, h, sq, d]`` and lse ``[b, h, sq]`` of the segments' rows (0 / -inf elsewhere), contexts."""
+        self._check(causal)
+        b, h, sq, d = q.shape
+        out = torch.zeros((b, h, sq, d), dtype=q.dtype, device=q.device)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype_for(q.dtype), device=q.device)
+        ctxs = []
+        for iq, ik in self.pairs:
+            n = row_count(iq)
+            size = bucket_rows(n)
+            o, l_, c = self.kernel.forward_unchecked(_padded(q, iq, size), _padded(k, ik, size), _padded(v, ik, size),
+                                                     causal=True, scale=scale)
+            _put(out, iq, o[:, :, :n])
+            _put(lse, iq, l_[:, :, :n])
+            ctxs.append(c)
+        return out, lse, ctxs
+
+    def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """dq, dk, dv of the segments' rows from the merged ``out``/``lse`` (zero elsewhere)."""
+        self._check(causal)
+        grads: list[Tensor] = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        for (iq, ik), c in zip(self.pairs, ctx):
+            n = row_count(iq)
+            size = bucket_rows(n)
+            g = self.kernel.backward_unchecked(
+                _padded(dout, iq, size), _padded(q, iq, size), _padded(k, ik, size), _padded(v, ik, size),
+                _padded(out, iq, size), _padded(lse, iq, size, float("inf")), c, causal=True, scale=scale)
+            # accumulate in the widest dtype the kernel returns (a kernel may return wider gradients)
+            grads = [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
+                     for acc, gx in zip(grads, g)]
+            for dst, rows, val in zip(grads, (iq, ik, ik), g):
+                _put(dst, rows, val[:, :, :n])
+        return grads[0], grads[1], grads[2]
