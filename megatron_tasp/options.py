@@ -157,8 +157,9 @@ class TaspOptions:
         sizes per power of two (exact under the causal mask). None (default): every segment in the varlen
         launch. cuDNN outruns FlashAttention-2 by ~1.4x on a large document on Hopper but builds an execution
         plan for every new shape; the padding bounds the shapes, so with document lengths that change every call
-        the plans are built during the first calls only (measured on one H200: CP=1 1.25-1.44x faster after
-        that; CP=2 faster at 128K tokens, not at 32K-64K, where the remote blocks stay varlen).
+        the plans are built during the first calls only. Measured on one H200 with 1024: CP=1 1.23-1.42x faster
+        at 32K-128K tokens; CP=2 per rank 10% faster at 128K and 3% slower at 32K-64K (only the own block is
+        served; the padded copies cost about what cuDNN saves there).
     cuda_graphs: (experimental) replay the forward and backward of every dense call with CP > 1 from CUDA
         graphs, captured on a signature's second call (``megatron_tasp.engine.graphed``): for short sequences,
         where launching ~30 kernels per call costs more host time than the GPU work takes. Costs a copy of the

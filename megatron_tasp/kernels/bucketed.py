@@ -43,8 +43,9 @@ def _padded(x: Tensor, rows: Rows, size: int, fill: float = 0.0) -> Tensor:
     """The ``rows`` of ``x`` (``[b, h, s, ...]``, rows on dim 2) in a fresh contiguous tensor of ``size`` rows,
     the rest ``fill``."""
     n = row_count(rows)
-    buf = torch.full((*x.shape[:2], size, *x.shape[3:]), fill, dtype=x.dtype, device=x.device)
+    buf = torch.empty((*x.shape[:2], size, *x.shape[3:]), dtype=x.dtype, device=x.device)
     buf[:, :, :n] = x[:, :, rows] if isinstance(rows, slice) else x.index_select(2, rows)
+    buf[:, :, n:] = fill  # only the padding is filled
     return buf
 
 
@@ -79,13 +80,9 @@ class BucketedBlock:
             raise RuntimeError("bucketed document segments are exact only under the causal mask (padded keys "
                                "would be seen); this block was built for a causal call")
 
-    def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
-                          scale: float) -> tuple[Tensor, Tensor, Any]:
-        """out ``[b, h, sq, d]`` and lse ``[b, h, sq]`` of the segments' rows (0 / -inf elsewhere), contexts."""
-        self._check(causal)
-        b, h, sq, d = q.shape
-        out = torch.zeros((b, h, sq, d), dtype=q.dtype, device=q.device)
-        lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype_for(q.dtype), device=q.device)
+    def forward_into(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, scale: float) -> list:
+        """Write the segments' output and lse rows into ``out`` ``[b, h, sq, d]`` and ``lse`` ``[b, h, sq]``
+        (other rows untouched); the per-segment contexts."""
         ctxs = []
         for iq, ik in self.pairs:
             n = row_count(iq)
@@ -95,22 +92,37 @@ class BucketedBlock:
             _put(out, iq, o[:, :, :n])
             _put(lse, iq, l_[:, :, :n])
             ctxs.append(c)
-        return out, lse, ctxs
+        return ctxs
 
-    def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                           ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        """dq, dk, dv of the segments' rows from the merged ``out``/``lse`` (zero elsewhere)."""
-        self._check(causal)
-        grads: list[Tensor] = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+    def backward_into(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, ctx: list,
+                      grads: list[Tensor], *, scale: float) -> list[Tensor]:
+        """Write the segments' dq, dk, dv rows (from the merged ``out``/``lse``) into ``grads`` (other rows
+        untouched; a tensor narrower than the kernel's gradient is replaced by a widened copy); the gradients."""
         for (iq, ik), c in zip(self.pairs, ctx):
             n = row_count(iq)
             size = bucket_rows(n)
             g = self.kernel.backward_unchecked(
                 _padded(dout, iq, size), _padded(q, iq, size), _padded(k, ik, size), _padded(v, ik, size),
                 _padded(out, iq, size), _padded(lse, iq, size, float("inf")), c, causal=True, scale=scale)
-            # accumulate in the widest dtype the kernel returns (a kernel may return wider gradients)
             grads = [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
                      for acc, gx in zip(grads, g)]
             for dst, rows, val in zip(grads, (iq, ik, ik), g):
                 _put(dst, rows, val[:, :, :n])
-        return grads[0], grads[1], grads[2]
+        return grads
+
+    def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                          scale: float) -> tuple[Tensor, Tensor, Any]:
+        """out ``[b, h, sq, d]`` and lse ``[b, h, sq]`` of the segments' rows (0 / -inf elsewhere), contexts."""
+        self._check(causal)
+        b, h, sq, d = q.shape
+        out = torch.zeros((b, h, sq, d), dtype=q.dtype, device=q.device)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype_for(q.dtype), device=q.device)
+        return out, lse, self.forward_into(q, k, v, out, lse, scale=scale)
+
+    def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """dq, dk, dv of the segments' rows from the merged ``out``/``lse`` (zero elsewhere)."""
+        self._check(causal)
+        grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        dq, dk, dv = self.backward_into(dout, q, k, v, out, lse, ctx, grads, scale=scale)
+        return dq, dk, dv

@@ -232,9 +232,10 @@ class VarlenBlock:
         # the rest in query-row order, so that rows already packed in place are a view, not a gather
         pairs = sorted((p for p, b in zip(fallback.pairs, is_big) if not b), key=lambda p: _first(p[0]))
         self.small = bool(pairs)
-        # in place (no gather or scatter) where the pairs allow it and no dense segment shares the outputs
+        # in place (no gather or scatter) where the pairs allow it; the rows of dense segments are then rows
+        # without a partner in the varlen launch, filled by the dense calls afterwards
         self.rows = getattr(fallback, "rows", None)
-        whole = None if self.big is not None else _in_place(pairs, self.rows, device)
+        whole = _in_place(pairs, self.rows, device)
         self.lonely_q: Tensor | None = None  # query rows with no keys (their lse is set to -inf)
         if whole is not None:
             (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.lonely_q = whole
@@ -258,21 +259,21 @@ class VarlenBlock:
         if self.full or varlen_reason(q, k, self.ops) is not None:
             return self.fallback.forward_unchecked(q, k, v, causal=causal, scale=scale)
         self._check_rows(q, k)
+        if self.big is not None:
+            self.big._check(causal)
         sq = q.shape[2]
-        out = lse_full = big_ctx = aux = None
-        if self.big is not None:  # zeros / -inf on every other row, filled below
-            out, lse_full, big_ctx = self.big.forward_unchecked(q, k, v, causal=causal, scale=scale)
-        if self.small:
+        aux = big_ctx = None
+        if self.small:  # first: in place, its output is the block's (the dense rows are rows without keys in it)
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
             o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
             if self.lonely_q is not None:  # FlashAttention-2 gives them +inf
                 lse.masked_fill_(self.lonely_q, float("-inf"))
-            if out is None:
-                out = _unpacked(o, self.q_index, sq)
-                lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
-            else:
-                _scatter(out, self.q_index, o)
-                _scatter(lse_full.unsqueeze(-1), self.q_index, lse.t().unsqueeze(-1).to(lse_full.dtype))
+            out = _unpacked(o, self.q_index, sq)
+            lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
+            if self.big is not None:
+                big_ctx = self.big.forward_into(q, k, v, out, lse_full, scale=scale)
+        else:
+            out, lse_full, big_ctx = self.big.forward_unchecked(q, k, v, causal=causal, scale=scale)
         return out, lse_full.float().contiguous(), ("varlen", aux, big_ctx)
 
     def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -281,19 +282,17 @@ class VarlenBlock:
         if not (isinstance(ctx, tuple) and len(ctx) == 3 and ctx[0] == "varlen"):
             return self.fallback.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
         self._check_rows(q, k)
-        grads = None
-        if self.big is not None:
-            grads = self.big.backward_unchecked(dout, q, k, v, out, lse, ctx[2], causal=causal, scale=scale)
-        if self.small:
-            qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
-            dp = _packed(dout, self.q_index).to(q.dtype).contiguous()
-            op_ = _packed(out, self.q_index).to(q.dtype).contiguous()
-            lp = _packed(lse.unsqueeze(-1), self.q_index)[..., 0].t().float().contiguous()  # [h, tq]
-            dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, self.cu_q, self.cu_k, self.max_q, self.max_k,
-                                           causal, scale, ctx[1])
-            if grads is None:
-                return (_unpacked(dq, self.q_index, q.shape[2]), _unpacked(dk, self.k_index, k.shape[2]),
-                        _unpacked(dv, self.k_index, v.shape[2]))
-            for dst, index, val in zip(grads, (self.q_index, self.k_index, self.k_index), (dq, dk, dv)):
-                _scatter(dst, index, val.to(dst.dtype))  # rows disjoint from the big segments'
+        if not self.small:
+            return self.big.backward_unchecked(dout, q, k, v, out, lse, ctx[2], causal=causal, scale=scale)
+        qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
+        dp = _packed(dout, self.q_index).to(q.dtype).contiguous()
+        op_ = _packed(out, self.q_index).to(q.dtype).contiguous()
+        lp = _packed(lse.unsqueeze(-1), self.q_index)[..., 0].t().float().contiguous()  # [h, tq]
+        dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                                       causal, scale, ctx[1])
+        grads = [_unpacked(dq, self.q_index, q.shape[2]), _unpacked(dk, self.k_index, k.shape[2]),
+                 _unpacked(dv, self.k_index, v.shape[2])]
+        if self.big is not None:  # its rows are disjoint from the varlen segments' (zero there)
+            self.big._check(causal)
+            grads = self.big.backward_into(dout, q, k, v, out, lse, ctx[2], grads, scale=scale)
         return grads[0], grads[1], grads[2]
