@@ -91,6 +91,31 @@ def test_varlen_block_equals_the_segmented_block(reference_ops, causal, big_rows
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_dense_documents_beside_an_in_place_varlen_launch(reference_ops):
+    """Causal own block of contiguous documents with two large ones: the large ones run bucket-padded on the
+    dense kernel, the others in ONE in-place varlen launch where the large ones' rows have no partner; the result
+    equals the per-document block, forward and backward from a merged out/lse."""
+    gen = torch.Generator().manual_seed(4)
+    seg = torch.tensor([0] * 7 + [1] * 3 + [2] * 9 + [3] * 2 + [4] * 1)
+    q = torch.randn(1, 4, len(seg), 8, generator=gen)
+    k, v = (torch.randn(1, 2, len(seg), 8, generator=gen) for _ in range(2))
+    dout = torch.randn(q.shape, generator=gen)
+    ref, var = _pair(seg, seg, big_rows=5)
+    assert var.big is not None and len(var.big.pairs) == 2 and var.small
+    assert var.q_index == slice(0, len(seg)) and var.lonely_q is not None  # in place: nothing gathered
+    o1, l1, c1 = ref.forward_unchecked(q, k, v, causal=True, scale=0.3)
+    o2, l2, c2 = var.forward_unchecked(q, k, v, causal=True, scale=0.3)
+    assert varlen_reference.CALLS["forward"] == 1
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    out_m, lse_m = o1 * 0.7, l1 + 0.25
+    for a, b in zip(var.backward_unchecked(dout, q, k, v, out_m, lse_m, c2, causal=True, scale=0.3),
+                    ref.backward_unchecked(dout, q, k, v, out_m, lse_m, c1, causal=True, scale=0.3)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="causal"):
+        var.forward_unchecked(q, k, v, causal=False, scale=0.3)
+
+
 def test_contiguous_rows_are_views_and_other_inputs_fall_back(reference_ops):
     seg_q = torch.tensor([2] * 3 + [0] * 4 + [1] * 5)  # rows of each shared segment in one ascending run
     seg_k = torch.tensor([0] * 2 + [1] * 2 + [2] * 3)  # gathered in query order: rows 4.., 0.., 2..
