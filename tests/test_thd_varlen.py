@@ -14,7 +14,7 @@ from megatron_tasp import clear_plan_cache
 from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.kernels import get_kernel
 from megatron_tasp.kernels import varlen as varlen_mod
-from megatron_tasp.kernels.segmented import segmented_block
+from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock
 from megatron_tasp.launch import run_workers
 from megatron_tasp.options import TaspOptions
@@ -114,6 +114,26 @@ def test_dense_documents_beside_an_in_place_varlen_launch(reference_ops):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="causal"):
         var.forward_unchecked(q, k, v, causal=False, scale=0.3)
+
+
+def test_one_dense_document_over_every_row_takes_the_bucketed_copy(engine_reference_ops):
+    """A single document filling a causal own block: with dense rows it runs bucket-padded like any dense document
+    (cuDNN must not see a shape both strided and contiguous), without them the dense kernel as is."""
+    seg = torch.tensor([3] * 12)
+    kern = get_kernel("math", "cpu", torch.float32, 8)
+    assert isinstance(engine_thd._block(kern, seg, seg, CPU, None), SegmentedBlock)
+    block = engine_thd._block(kern, seg, seg, CPU, 5)
+    assert isinstance(block, VarlenBlock) and block.big is not None and not block.small and block.full
+    assert isinstance(engine_thd._block(kern, seg, seg, CPU, 13), SegmentedBlock)  # smaller than the threshold
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(1, 2, 12, 8, generator=gen) for _ in range(4))
+    o1, l1, c1 = block.fallback.forward_unchecked(q, k, v, causal=True, scale=0.4)
+    o2, l2, c2 = block.forward_unchecked(q, k, v, causal=True, scale=0.4)
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(block.backward_unchecked(dout, q, k, v, o1, l1, c2, causal=True, scale=0.4),
+                    block.fallback.backward_unchecked(dout, q, k, v, o1, l1, c1, causal=True, scale=0.4)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_contiguous_rows_are_views_and_other_inputs_fall_back(reference_ops):

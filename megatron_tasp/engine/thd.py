@@ -79,7 +79,11 @@ def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.devic
     call only), else per document."""
     seg = segmented_block(kernel, seg_q, seg_k, device)
     ops = _varlen_ops(kernel, device)
-    if ops is None or seg.full or not seg.pairs:  # no shared document: nothing to launch
+    if ops is None or not seg.pairs:  # no shared document: nothing to launch
+        return seg
+    # one document over every row: the dense kernel as is, unless it is a dense (bucketed) document, which takes
+    # the bucketed block's contiguous copy like every other (see VarlenBlock.forward_unchecked)
+    if seg.full and (dense_rows is None or seg_q.numel() != seg_k.numel() or seg_q.numel() < dense_rows):
         return seg
     return VarlenBlock(seg, device, big_rows=dense_rows, ops=ops)
 

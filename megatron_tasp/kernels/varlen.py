@@ -256,7 +256,10 @@ class VarlenBlock:
     def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                           scale: float) -> tuple[Tensor, Tensor, Any]:
         """out ``[1, h, sq, d]``, lse ``[1, h, sq]`` float32 (-inf on rows without keys), ctx."""
-        if self.full or varlen_reason(q, k, self.ops) is not None:
+        # one document over every row runs the dense kernel as is, unless it is a dense (bucketed) document: then
+        # it takes the same contiguous padded copy as every other bucketed document, because cuDNN, given strided
+        # views of a shape it has also seen contiguous, returned wrong gradients (kernels/segmented.py, _take)
+        if (self.full and self.big is None) or varlen_reason(q, k, self.ops) is not None:
             return self.fallback.forward_unchecked(q, k, v, causal=causal, scale=scale)
         self._check_rows(q, k)
         if self.big is not None:
@@ -282,6 +285,8 @@ class VarlenBlock:
         if not (isinstance(ctx, tuple) and len(ctx) == 3 and ctx[0] == "varlen"):
             return self.fallback.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
         self._check_rows(q, k)
+        if self.big is not None:
+            self.big._check(causal)
         if not self.small:
             return self.big.backward_unchecked(dout, q, k, v, out, lse, ctx[2], causal=causal, scale=scale)
         qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
@@ -293,6 +298,5 @@ class VarlenBlock:
         grads = [_unpacked(dq, self.q_index, q.shape[2]), _unpacked(dk, self.k_index, k.shape[2]),
                  _unpacked(dv, self.k_index, v.shape[2])]
         if self.big is not None:  # its rows are disjoint from the varlen segments' (zero there)
-            self.big._check(causal)
             grads = self.big.backward_into(dout, q, k, v, out, lse, ctx[2], grads, scale=scale)
         return grads[0], grads[1], grads[2]
