@@ -184,13 +184,17 @@ def time_ms(fn, q, k, v, do, warmup, iters, cuda):
     return float(t)
 
 
-def fresh_mixes(a, S: int, n: int, r: int, q, k, v, do, tok: int, dev, cuda: bool) -> dict:
-    """Per variant (default, each --big-rows value): wall ms per fwd+bwd call (host included, synchronised),
-    over ``a.fresh`` calls that each get a new document mix, variants interleaved per mix; max over ranks."""
+def fresh_mixes(a, S: int, n: int, r: int, q, k, v, do, tok: int, dev, cuda: bool, variants=None,
+                transport: str | None = None) -> dict:
+    """Per variant (default: the default options and each --big-rows value; or ``variants``, (name, options)
+    pairs): wall ms per fwd+bwd call (host included, synchronised, the ranks started together), over ``a.fresh``
+    calls that each get a new document mix, variants interleaved per mix; medians over all calls, the second
+    half and each quarter (the first shows the warm-up), max over ranks."""
     import time
 
-    variants = [("default", None)] + [(br, default_options().replace(packed_dense_rows=br))
-                                      for br in a.big_rows.split(",") if br]
+    if variants is None:
+        variants = [("default", None)] + [(br, default_options().replace(packed_dense_rows=br))
+                                          for br in a.big_rows.split(",") if br]
     per: dict[str, list[float]] = {name: [] for name, _ in variants}
     for i in range(a.fresh):
         lens, padded = doc_lengths(S, a.doc_mean, n, seed=tok + 1000 + i)
@@ -200,20 +204,23 @@ def fresh_mixes(a, S: int, n: int, r: int, q, k, v, do, tok: int, dev, cuda: boo
             ql, kl, vl = (x[idx].detach().requires_grad_(True) for x in (q, k, v))
             if cuda:
                 torch.cuda.synchronize()
+            dist.barrier()
             t0 = time.perf_counter()
             out = tasp_attention(ql, kl, vl, dist.group.WORLD, causal=True, cu_seqlens_padded=cu_pad,
-                                 cu_seqlens=cu, options=opts)
+                                 cu_seqlens=cu, options=opts, transport=transport)
             out.backward(do[idx])
             if cuda:
                 torch.cuda.synchronize()
             per[name].append((time.perf_counter() - t0) * 1e3)
     res = {}
+    quarter = max(1, a.fresh // 4)
     for name, ms in per.items():
-        t = torch.tensor([statistics.median(ms), statistics.mean(ms), statistics.median(ms[len(ms) // 2:])],
-                         device=dev, dtype=torch.float64)
+        quarters = [statistics.median(ms[s:s + quarter]) for s in range(0, len(ms) - quarter + 1, quarter)]
+        t = torch.tensor([statistics.median(ms), statistics.mean(ms), statistics.median(ms[len(ms) // 2:]),
+                          *quarters], device=dev, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         res[name] = {"median_ms": float(t[0]), "mean_ms": float(t[1]), "median_second_half_ms": float(t[2]),
-                     "calls": len(ms)}
+                     "median_ms_by_quarter": [float(x) for x in t[3:]], "calls": len(ms)}
     return res
 
 

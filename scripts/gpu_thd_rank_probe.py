@@ -19,9 +19,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_thd import (  # noqa: E402
     cumsum,
     doc_lengths,
+    fresh_mixes,
     fwd_bwd,
     median_ms,
     one_gpu_packed,
@@ -68,32 +67,6 @@ def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None) 
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
                   flush=True)
         dist.barrier()
-
-
-def _fresh(a, tok: int, n: int, r: int, q, k, v, do, dev, variants) -> dict:
-    """Wall ms per fwd+bwd (host included: layout building and kernel plans) of calls that each get a NEW
-    document mix, both ranks at once on the one GPU (so about twice a rank's GPU work), variants interleaved per
-    mix, the slower rank; medians by quarter of the calls (the first quarter shows the warm-up)."""
-    times: dict[str, list[float]] = {vname: [] for vname, _ in variants}
-    for j in range(a.fresh):
-        lens, padded = doc_lengths(tok, a.doc_mean, n, seed=tok + 1000 + j)
-        cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)
-        idx = partition_index(cu_pad, n, r).to(dev)
-        for vname, opts in variants:
-            ql, kl, vl = (x[idx].detach().requires_grad_(True) for x in (q, k, v))
-            torch.cuda.synchronize()
-            dist.barrier()
-            t0 = time.perf_counter()
-            tasp_attention(ql, kl, vl, dist.group.WORLD, causal=True, cu_seqlens_padded=cu_pad, cu_seqlens=cu,
-                           transport="none", options=opts).backward(do[idx])
-            torch.cuda.synchronize()
-            t = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            times[vname].append(float(t))
-    quarter = max(1, a.fresh // 4)
-    return {vname: {"calls": len(ms), "median_ms_by_quarter": [statistics.median(ms[s:s + quarter])
-                                                                for s in range(0, len(ms) - quarter + 1, quarter)]}
-            for vname, ms in times.items()}
 
 
 def main() -> None:
@@ -161,7 +134,9 @@ def main() -> None:
             suffix = "" if vname == "default" else "_" + vname
             row["max_rank_over_best_one_gpu" + suffix] = row["max_rank_ms" + suffix] / best
         if a.fresh:
-            row["fresh_mixes"] = _fresh(a, tok, n, r, q, k, v, do, dev, variants)
+            # both ranks at once on the one GPU: about twice a rank's GPU work per call
+            row["fresh_mixes"] = fresh_mixes(a, tok, n, r, q, k, v, do, tok, dev, True, variants=variants,
+                                             transport="none")
         res["rows"].append(row)
         if r == 0:
             print(json.dumps({key: val for key, val in row.items() if key != "doc_lengths"}), flush=True)

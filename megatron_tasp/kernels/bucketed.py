@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import BlockAttention, lse_dtype_for
-from .segmented import Rows, row_count
+from .segmented import Rows, put_rows, row_count
 
 __all__ = ["PER_OCTAVE", "BucketedBlock", "bucket_rows"]
 
@@ -47,13 +47,6 @@ def _padded(x: Tensor, rows: Rows, size: int, fill: float = 0.0) -> Tensor:
     buf[:, :, :n] = x[:, :, rows] if isinstance(rows, slice) else x.index_select(2, rows)
     buf[:, :, n:] = fill  # only the padding is filled
     return buf
-
-
-def _put(dst: Tensor, rows: Rows, val: Tensor) -> None:
-    if isinstance(rows, slice):
-        dst[:, :, rows].copy_(val)
-    else:
-        dst.index_copy_(2, rows, val.to(dst.dtype))
 
 
 class BucketedBlock:
@@ -89,8 +82,8 @@ class BucketedBlock:
             size = bucket_rows(n)
             o, l_, c = self.kernel.forward_unchecked(_padded(q, iq, size), _padded(k, ik, size), _padded(v, ik, size),
                                                      causal=True, scale=scale)
-            _put(out, iq, o[:, :, :n])
-            _put(lse, iq, l_[:, :, :n])
+            put_rows(out, iq, o[:, :, :n])
+            put_rows(lse, iq, l_[:, :, :n])
             ctxs.append(c)
         return ctxs
 
@@ -107,7 +100,7 @@ class BucketedBlock:
             grads = [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
                      for acc, gx in zip(grads, g)]
             for dst, rows, val in zip(grads, (iq, ik, ik), g):
-                _put(dst, rows, val[:, :, :n])
+                put_rows(dst, rows, val[:, :, :n])
         return grads
 
     def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,

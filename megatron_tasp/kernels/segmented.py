@@ -28,7 +28,7 @@ from .math_ref import MathAttention
 # "s_q = s_kv = 1 is not supported") and their launch costs more than the arithmetic.
 TINY_ROWS = 8
 
-__all__ = ["SegmentedBlock", "row_count", "segment_rows", "segmented_block"]
+__all__ = ["SegmentedBlock", "put_rows", "row_count", "segment_rows", "segmented_block"]
 
 Rows = slice | Tensor
 
@@ -81,7 +81,8 @@ def _take(x: Tensor, rows: Rows) -> Tensor:
     return (x[:, :, rows] if isinstance(rows, slice) else x.index_select(2, rows)).contiguous()
 
 
-def _put(dst: Tensor, rows: Rows, val: Tensor) -> None:
+def put_rows(dst: Tensor, rows: Rows, val: Tensor) -> None:
+    """Write ``val`` into the ``rows`` (dim 2) of ``dst``."""
     if isinstance(rows, slice):
         dst[:, :, rows].copy_(val)
     else:
@@ -116,8 +117,8 @@ class SegmentedBlock:
         ctxs = []
         for (iq, ik), kern in zip(self.pairs, self.kernels):
             o, l_, c = kern.forward_unchecked(_take(q, iq), _take(k, ik), _take(v, ik), causal=causal, scale=scale)
-            _put(out, iq, o)
-            _put(lse, iq, l_)
+            put_rows(out, iq, o)
+            put_rows(lse, iq, l_)
             ctxs.append(c)
         return out, lse, ctxs
 
@@ -136,7 +137,7 @@ class SegmentedBlock:
             grads = [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
                      for acc, gx in zip(grads, g)]
             for dst, rows, val in zip(grads, (iq, ik, ik), g):
-                _put(dst, rows, val)
+                put_rows(dst, rows, val)
         if not grads:
             grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
         return grads[0], grads[1], grads[2]
