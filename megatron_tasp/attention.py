@@ -134,8 +134,9 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
             boundary tensor makes the call a packed-documents call. With ``options.packed_split='sequence'``
             the packed sequence was split as a whole (rank r holds chunks r and 2·CP-1-r of the sequence, the
             dense zigzag shard), documents have any length and only ``cu_seqlens`` is given.
-            On CUDA a block runs its documents as one varlen launch; ``options.packed_dense_rows`` sends
-            documents that large to the dense kernel instead (fixed packings only: cuDNN plans every new shape).
+            On CUDA a block runs its documents as one varlen launch; ``options.packed_dense_rows`` sends the
+            own block's documents that large in causal calls to the dense kernel instead, padded to a bounded
+            set of shapes (cuDNN plans once per shape).
         softmax_scale: defaults to 1/sqrt(d).
         options: every knob in one :class:`~megatron_tasp.options.TaspOptions` (None: ``default_options()``,
             the defaults with the ``MEGATRON_TASP_*`` environment applied, read once per process).

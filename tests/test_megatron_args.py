@@ -213,7 +213,7 @@ def test_num_rings_flag_type():
 def test_every_user_facing_field_has_a_flag():
     fields = {field for field, _, _ in TASP_FLAGS.values()}
     assert fields == {"num_rings", "topology", "transport", "kernel", "chunks", "keep_kv", "keep_kv_cap_mib",
-                      "dkv_dtype", "timeout_s", "cuda_graphs"}
+                      "dkv_dtype", "timeout_s", "cuda_graphs", "packed_dense_rows"}
     assert fields <= set(O.FIELDS)
     p = _parser()
     for flag in TASP_FLAGS:
@@ -230,8 +230,12 @@ def test_flag_values_follow_the_options_rules():
         (32.0, "fp32", 60.0, "sdpa", "p2p")
     assert p.parse_args(["--tasp-transport", "auto"]).tasp_transport == "auto"  # explicit auto is kept
     assert p.parse_args(["--tasp-cuda-graphs", "on"]).tasp_cuda_graphs is True
+    assert p.parse_args(["--tasp-packed-dense-rows", "1024"]).tasp_packed_dense_rows == 1024
+    off = p.parse_args(["--tasp-packed-dense-rows", "none"])
+    assert off.tasp_packed_dense_rows == "none"  # kept as given, so that it wins over the environment
+    assert tasp_options_from_args(off).packed_dense_rows is None
     for bad in (["--tasp-keep-kv-mib", "0"], ["--tasp-dkv-dtype", "bf16"], ["--tasp-timeout-s", "-1"],
-                ["--tasp-chunks", "1.5"]):
+                ["--tasp-chunks", "1.5"], ["--tasp-packed-dense-rows", "0"]):
         with pytest.raises(SystemExit):
             _parser().parse_args(bad)
 

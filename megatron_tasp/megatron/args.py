@@ -66,6 +66,12 @@ TASP_FLAGS: dict[str, tuple[str, str, str]] = {
         "them (0, default). For short sequences, where the host's launches take longer than the GPU work; "
         "costs a copy of the inputs and outputs per call and one graph memory pool per shape. Not needed "
         "with Megatron-LM's own CUDA graphs, which capture TASP as part of each layer."),
+    "--tasp-packed-dense-rows": (
+        "packed_dense_rows", "{N,none}",
+        "Packed documents (--sft, THD): in causal attention, run each document of at least N rows of a rank's "
+        "own block on the dense kernel (cuDNN on Hopper), padded to one of 8 sizes per power of two, instead of "
+        "the varlen FlashAttention-2 launch (default none). Faster for long documents at CP=1 and at 128K tokens "
+        "per sequence at CP=2; the first calls plan each new padded shape."),
     "--tasp-timeout-s": (
         "timeout_s", "SECONDS",
         "Seconds a CPU (gloo) exchange waits for a peer before raising (default 300)."),
