@@ -135,6 +135,7 @@ def test_parallel_section_becomes_one_tasp_options():
                                             "chunks": 2}))
     o = r.tasp_options()
     assert (o.num_rings, o.transport, o.keep_kv, o.chunks) == ("auto", "p2p", False, 2)
+    assert recipe_from_dict(_with("parallel.packed_dense_rows", 1024)).tasp_options().packed_dense_rows == 1024
     assert recipe_from_dict(_with("parallel.cp_backend", "ring")).tasp_options().num_rings == 1
     # A combination TASP rejects is reported against the recipe file.
     bad = _with("parallel", {"cp": 2, "transport": "symm", "keep_kv": True})

@@ -8,7 +8,8 @@ from typing import Literal
 
 from megatron_tasp.schema import option
 
-TASP_FIELDS = ("num_rings", "topology", "transport", "chunks", "keep_kv", "kernel")  # -> one TaspOptions
+# -> one TaspOptions
+TASP_FIELDS = ("num_rings", "topology", "transport", "chunks", "keep_kv", "kernel", "packed_dense_rows")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,11 @@ class ParallelSection:
                                                     "exchange in the backward; costs (cp-1) x the local K/V per "
                                                     "layer) or false")
     kernel: str | None = option(None, "TASP block-attention kernel (null = chosen at run time)")
+    packed_dense_rows: int | None = option(None, "data.packing on CUDA: documents of at least this many rows of a "
+                                           "rank's own block run on the dense kernel (cuDNN on Hopper), padded to "
+                                           "one of 8 sizes per power of two, instead of the varlen launch; faster "
+                                           "for long documents at cp 1 and at 128K tokens per sequence at cp 2 "
+                                           "(null = TASP's default: none)", min=1)
     device: str = option("auto", "auto (cuda when available), cuda or cpu", choices=("auto", "cuda", "cpu"))
 
 
