@@ -25,7 +25,8 @@ from .segmented import Rows, put_rows, row_count
 
 __all__ = ["PER_OCTAVE", "BucketedBlock", "bucket_rows"]
 
-#: padded shapes per power of two: the padding adds at most 1/PER_OCTAVE of the rows (~2x that of causal FLOPs)
+#: padded shapes per power of two: from 1024 rows on, the padding adds at most 1/PER_OCTAVE of the rows (about
+#: twice that share of the causal FLOPs); below, rows round up to a multiple of 128
 PER_OCTAVE = 8
 _MIN_STEP = 128
 
