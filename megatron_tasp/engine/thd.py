@@ -39,6 +39,7 @@ from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.engine.compiled import FULL, CompiledCall, LocalCall
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
+from megatron_tasp.kernels.bucketed import is_dense
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock, VarlenOps, flash_varlen_ops
 from megatron_tasp.schedule import EARLIER, LATER
@@ -83,9 +84,15 @@ def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.devic
         return seg
     # one document over every row: the dense kernel as is, unless it is a dense (bucketed) document, which takes
     # the bucketed block's contiguous copy like every other (see VarlenBlock.forward_unchecked)
-    if seg.full and (dense_rows is None or seg_q.numel() != seg_k.numel() or seg_q.numel() < dense_rows):
+    if seg.full and not is_dense(seg_q.numel(), seg_k.numel(), dense_rows):
         return seg
     return VarlenBlock(seg, device, big_rows=dense_rows, ops=ops)
+
+
+def _own_dense_rows(call: CompiledCall | LocalCall) -> int | None:
+    """``packed_dense_rows`` for the own block of ``call``: causal calls only (the bucket padding is exact under
+    the causal mask alone); every other block keeps all its segments in the varlen launch."""
+    return call.packed_dense_rows if call.causal else None
 
 
 def _varlen_ops(kernel, device: torch.device) -> VarlenOps | None:
@@ -100,9 +107,8 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
     segment ids of CP rank s in engine order); large segments per the call's ``packed_dense_rows``."""
     n, r = call.plan.world_size, call.plan.rank
     mine = segs[r]
-    dense_rows = call.packed_dense_rows
     out = copy.copy(call)
-    out.local_kernel = _block(call.kernel, mine, mine, device, dense_rows if call.causal else None)
+    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call))
     if n == 1:
         return out
     pieces = call.pieces
@@ -176,7 +182,7 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
     out = copy.copy(call)
     out.full_rows = True
     out.unmerged_rows = None  # the remote block's output covers every row (masked ones with lse -inf)
-    out.local_kernel = _block(call.kernel, mine, mine, device, call.packed_dense_rows if call.causal else None)
+    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call))
     blocks: list = [[]]
     for st in call.plan.steps[1:]:
         source = {h.ring: h.source for h in st.held}

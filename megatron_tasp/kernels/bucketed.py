@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from .base import BlockAttention, lse_dtype_for
-from .segmented import Rows, put_rows, row_count
+from .segmented import Rows, put_rows, row_count, widened
 
-__all__ = ["PER_OCTAVE", "BucketedBlock", "bucket_rows"]
+__all__ = ["PER_OCTAVE", "BucketedBlock", "bucket_rows", "is_dense"]
 
 #: padded shapes per power of two: from 1024 rows on, the padding adds at most 1/PER_OCTAVE of the rows (about
 #: twice that share of the causal FLOPs); below, rows round up to a multiple of 128
@@ -38,6 +38,12 @@ def bucket_rows(n: int) -> int:
         raise ValueError(f"bucket_rows needs a positive row count, got {n}")
     step = max(_MIN_STEP, 1 << max(0, n.bit_length() - 1 - (PER_OCTAVE.bit_length() - 1)))
     return -(-n // step) * step
+
+
+def is_dense(q_rows: int, k_rows: int, dense_rows: int | None) -> bool:
+    """Whether a segment of a causal own block with these row counts runs bucketed on the dense kernel: square
+    and at least ``dense_rows`` rows (None: never)."""
+    return dense_rows is not None and q_rows == k_rows >= dense_rows
 
 
 def _padded(x: Tensor, rows: Rows, size: int, fill: float = 0.0) -> Tensor:
@@ -69,7 +75,8 @@ class BucketedBlock:
         return self.kernel.name
 
     @staticmethod
-    def _check(causal: bool) -> None:
+    def check(causal: bool) -> None:
+        """Raise unless called causal (the only mask under which the padding is exact)."""
         if not causal:
             raise RuntimeError("bucketed document segments are exact only under the causal mask (padded keys "
                                "would be seen); this block was built for a causal call")
@@ -98,8 +105,7 @@ class BucketedBlock:
             g = self.kernel.backward_unchecked(
                 _padded(dout, iq, size), _padded(q, iq, size), _padded(k, ik, size), _padded(v, ik, size),
                 _padded(out, iq, size), _padded(lse, iq, size, float("inf")), c, causal=True, scale=scale)
-            grads = [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
-                     for acc, gx in zip(grads, g)]
+            grads = widened(grads, g)
             for dst, rows, val in zip(grads, (iq, ik, ik), g):
                 put_rows(dst, rows, val[:, :, :n])
         return grads
@@ -107,7 +113,7 @@ class BucketedBlock:
     def forward_unchecked(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                           scale: float) -> tuple[Tensor, Tensor, Any]:
         """out ``[b, h, sq, d]`` and lse ``[b, h, sq]`` of the segments' rows (0 / -inf elsewhere), contexts."""
-        self._check(causal)
+        self.check(causal)
         b, h, sq, d = q.shape
         out = torch.zeros((b, h, sq, d), dtype=q.dtype, device=q.device)
         lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype_for(q.dtype), device=q.device)
@@ -116,7 +122,7 @@ class BucketedBlock:
     def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """dq, dk, dv of the segments' rows from the merged ``out``/``lse`` (zero elsewhere)."""
-        self._check(causal)
+        self.check(causal)
         grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
         dq, dk, dv = self.backward_into(dout, q, k, v, out, lse, ctx, grads, scale=scale)
         return dq, dk, dv

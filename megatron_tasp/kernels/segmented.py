@@ -28,7 +28,7 @@ from .math_ref import MathAttention
 # "s_q = s_kv = 1 is not supported") and their launch costs more than the arithmetic.
 TINY_ROWS = 8
 
-__all__ = ["SegmentedBlock", "put_rows", "row_count", "segment_rows", "segmented_block"]
+__all__ = ["SegmentedBlock", "put_rows", "row_count", "segment_rows", "segmented_block", "widened"]
 
 Rows = slice | Tensor
 
@@ -89,6 +89,13 @@ def put_rows(dst: Tensor, rows: Rows, val: Tensor) -> None:
         dst.index_copy_(2, rows, val.to(dst.dtype))
 
 
+def widened(grads: list[Tensor], new: tuple[Tensor, ...] | list[Tensor]) -> list[Tensor]:
+    """The accumulators ``grads``, each in the wider dtype of itself and the matching ``new`` gradient (a kernel
+    may return wider gradients than the inputs): accumulate in the widest dtype any segment's kernel returns."""
+    return [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
+            for acc, gx in zip(grads, new)]
+
+
 class SegmentedBlock:
     """One block of segment-masked attention over a dense kernel (see the module doc)."""
 
@@ -133,9 +140,7 @@ class SegmentedBlock:
                                         _take(out, iq), _take(lse, iq), c, causal=causal, scale=scale)
             if not grads:
                 grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
-            # accumulate in the widest dtype any segment's kernel returns (a kernel may return wider ones)
-            grads = [acc if acc.dtype == torch.promote_types(acc.dtype, gx.dtype) else acc.to(gx.dtype)
-                     for acc, gx in zip(grads, g)]
+            grads = widened(grads, g)
             for dst, rows, val in zip(grads, (iq, ik, ik), g):
                 put_rows(dst, rows, val)
         if not grads:

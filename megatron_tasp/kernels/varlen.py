@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._calls import call_aten, has_aten_op, named_returns
-from .bucketed import BucketedBlock
+from .bucketed import BucketedBlock, is_dense
 from .segmented import Rows, SegmentedBlock, row_count
 
 __all__ = ["VarlenBlock", "VarlenOps", "flash_varlen_ops", "varlen_reason"]
@@ -226,7 +226,7 @@ class VarlenBlock:
         self.full = fallback.full
         # square segments of >= big_rows rows run one call each on the dense kernel (on Hopper cuDNN's kernel
         # outruns FlashAttention-2 by ~1.4x, which repays a launch per large document), padded to a bucket
-        is_big = [big_rows is not None and row_count(iq) == row_count(ik) >= big_rows for iq, ik in fallback.pairs]
+        is_big = [is_dense(row_count(iq), row_count(ik), big_rows) for iq, ik in fallback.pairs]
         big = [p for p, b in zip(fallback.pairs, is_big) if b]
         self.big = BucketedBlock(fallback.kernel, big) if big else None
         # the rest in query-row order, so that rows already packed in place are a view, not a gather
@@ -263,7 +263,7 @@ class VarlenBlock:
             return self.fallback.forward_unchecked(q, k, v, causal=causal, scale=scale)
         self._check_rows(q, k)
         if self.big is not None:
-            self.big._check(causal)
+            self.big.check(causal)
         sq = q.shape[2]
         aux = big_ctx = None
         if self.small:  # first: in place, its output is the block's (the dense rows are rows without keys in it)
@@ -286,7 +286,7 @@ class VarlenBlock:
             return self.fallback.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
         self._check_rows(q, k)
         if self.big is not None:
-            self.big._check(causal)
+            self.big.check(causal)
         if not self.small:
             return self.big.backward_unchecked(dout, q, k, v, out, lse, ctx[2], causal=causal, scale=scale)
         qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
