@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tasp import tasp_attention
+from megatron_tasp.apps.bench.timing import time_fn
 from megatron_tasp.engine import thd as engine_thd
 from megatron_tasp.kernels import varlen
 from megatron_tasp.options import default_options
@@ -156,30 +157,8 @@ def fwd_bwd(fn, q, k, v, do):
     return step
 
 
-def median_ms(step, warmup: int, iters: int, cuda: bool) -> float:
-    """Median time of ``step`` after ``warmup`` calls: CUDA events on GPU, the host clock on CPU."""
-    import time
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def time_ms(fn, q, k, v, do, warmup, iters, cuda):
-    t = torch.tensor([median_ms(fwd_bwd(fn, q, k, v, do), warmup, iters, cuda)], device=q.device)
+def time_ms(fn, q, k, v, do, warmup, iters):
+    t = torch.tensor([time_fn(fwd_bwd(fn, q, k, v, do), q.device, warmup, iters)], device=q.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -334,35 +313,35 @@ def main() -> None:
                "masked_area_fraction": sum(x * x for x in lens) / (S * S)}
         rec["tasp_packed_ms"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
             x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
-            dol.detach(), a.warmup, a.iters, cuda)
+            dol.detach(), a.warmup, a.iters)
         qs, ks, vs = (x.detach()[zig].unsqueeze(1).requires_grad_(True) for x in (q, k, v))
         for br in [x for x in a.big_rows.split(",") if x]:
             opts = default_options().replace(packed_dense_rows=br)  # an options value of its own: its own call
             rec[f"tasp_packed_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
                 x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu, options=o), ql, kl, vl,
-                dol.detach(), a.warmup, a.iters, cuda)
+                dol.detach(), a.warmup, a.iters)
         if a.profile and tok == parse_tokens(a.profile)[0]:
             profile(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
                 x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
                 dol.detach(), r)
         rec["one_gpu_tasp_ms"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu: tasp_attention(
             x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), *(t.detach().requires_grad_(True)
-            for t in (q, k, v)), do, a.warmup, a.iters, cuda)
+            for t in (q, k, v)), do, a.warmup, a.iters)
         rec["dense_causal_ms"] = time_ms(lambda x, y, z: tasp_attention(x, y, z, dist.group.WORLD, causal=True),
-                                         qs, ks, vs, do[zig].unsqueeze(1), a.warmup, a.iters, cuda)
+                                         qs, ks, vs, do[zig].unsqueeze(1), a.warmup, a.iters)
         qf, kf, vf = (x.detach().requires_grad_(True) for x in (q, k, v))
         rec["one_gpu_packed_ms"] = time_ms(lambda x, y, z, m=(lens, padded): one_gpu_packed(x, y, z, *m, True),
-                                           qf, kf, vf, do, a.warmup, a.iters, cuda)
+                                           qf, kf, vf, do, a.warmup, a.iters)
         if cuda:
             rec["one_gpu_varlen_ms"] = time_ms(lambda x, y, z, m=(lens, padded): one_gpu_varlen(x, y, z, *m, True),
-                                               qf, kf, vf, do, a.warmup, a.iters, cuda)
+                                               qf, kf, vf, do, a.warmup, a.iters)
         best = min(rec["one_gpu_packed_ms"], rec["one_gpu_tasp_ms"], rec.get("one_gpu_varlen_ms", float("inf")))
         rec["tasp_over_one_gpu"] = rec["tasp_packed_ms"] / best  # against the fastest default-settings one-GPU form
         for br in [x for x in a.big_rows.split(",") if x]:  # the same threshold on one GPU too, then the best
             opts = default_options().replace(packed_dense_rows=br)
             rec[f"one_gpu_tasp_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
                 x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu, options=o),
-                *(t.detach().requires_grad_(True) for t in (q, k, v)), do, a.warmup, a.iters, cuda)
+                *(t.detach().requires_grad_(True) for t in (q, k, v)), do, a.warmup, a.iters)
             rec[f"tasp_over_one_gpu_big_rows_{br}"] = rec[f"tasp_packed_ms_big_rows_{br}"] / min(
                 best, rec[f"one_gpu_tasp_ms_big_rows_{br}"])
         # every one-GPU form measured, thresholds included: the fastest way this machine has to run it alone

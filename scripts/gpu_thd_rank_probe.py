@@ -30,13 +30,13 @@ from gpu_check_thd import (  # noqa: E402
     doc_lengths,
     fresh_mixes,
     fwd_bwd,
-    median_ms,
     one_gpu_packed,
     one_gpu_varlen,
     parse_tokens,
 )
 
 from megatron_tasp import tasp_attention  # noqa: E402
+from megatron_tasp.apps.bench.timing import time_fn  # noqa: E402
 from megatron_tasp.options import default_options  # noqa: E402
 from megatron_tasp.thd import partition_index  # noqa: E402
 
@@ -47,7 +47,7 @@ def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | No
     t = torch.zeros(1, dtype=torch.float64)
     for turn in range(dist.get_world_size()):
         if turn == rank and (ranks is None or rank in ranks):
-            t[0] = median_ms(step, warmup, iters, True)
+            t[0] = time_fn(step, torch.device("cuda", 0), warmup, iters)
         dist.barrier()
     every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(every, t)
