@@ -26,6 +26,7 @@ variable                              field                   values
 ``MEGATRON_TASP_AUTO_PROBE``          ``auto_probe``          1: time candidate ring counts once per shape
 ``MEGATRON_TASP_HOSTS``               ``hosts``               comma-separated host of every CP rank (emulation)
 ``MEGATRON_TASP_PACKED_DENSE_ROWS``   ``packed_dense_rows``   N: documents of >= N rows on the dense kernel
+``MEGATRON_TASP_PACKED_KERNEL``       ``packed_kernel``       ``auto``, ``cudnn`` or ``flash``: packed blocks
 ``MEGATRON_TASP_CUDA_GRAPHS``         ``cuda_graphs``         1 or 0 (default): replay calls from CUDA graphs
 ====================================  ======================  ===================================================
 
@@ -45,6 +46,7 @@ KEEP_KV_AUTO_MIB = 64.0  # default cap of what keep_kv='auto' keeps per call
 TRANSPORTS = ("a2a", "p2p", "symm")
 DKV_DTYPES = ("fp32", "input")
 PACKED_SPLITS = ("document", "sequence")
+PACKED_KERNELS = ("auto", "cudnn", "flash")
 ENV_PREFIX = "MEGATRON_TASP_"
 
 _BOOL_WORDS: dict[str, bool] = {"1": True, "true": True, "yes": True, "on": True,
@@ -160,6 +162,12 @@ class TaspOptions:
         the plans are built during the first calls only. Measured on one H200 with 1024: CP=1 1.23-1.42x faster
         at 32K-128K tokens; CP=2 per rank 10% faster at 128K and 3% slower at 32K-64K (only the own block is
         served; the padded copies cost about what cuDNN saves there).
+    packed_kernel: the varlen kernel of packed-document blocks on CUDA. 'cudnn': cuDNN's fused attention over
+        ragged tensors (Hopper or newer; needs NVIDIA's cuDNN frontend package, ``pip install
+        nvidia-cudnn-frontend``); 'flash': torch's FlashAttention-2 varlen op; 'auto' (default): cuDNN where it
+        can serve (the package installed, Hopper, fp16/bf16, head dim <= 128), else FlashAttention-2. Measured on
+        one H200 (32K-128K tokens, GQA 32/8): cuDNN's takes 0.6x FlashAttention-2's time for the whole packed
+        sequence on one GPU (docs/PERFORMANCE.md, packed item 12).
     cuda_graphs: (experimental) replay the forward and backward of every dense call with CP > 1 from CUDA
         graphs, captured on a signature's second call (``megatron_tasp.engine.graphed``): for short sequences,
         where launching ~30 kernels per call costs more host time than the GPU work takes. Costs a copy of the
@@ -186,6 +194,7 @@ class TaspOptions:
     packed_split: str = "document"
     # off by default: cuDNN plans every new document shape (~6 ms of host time each), see the docstring
     packed_dense_rows: int | None = None
+    packed_kernel: str = "auto"
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
@@ -212,6 +221,10 @@ class TaspOptions:
             raise TaspOptionError(f"packed_split must be 'document' or 'sequence', got {self.packed_split!r}")
         set_(self, "packed_split", split)
         set_(self, "packed_dense_rows", _positive_int_or_none("packed_dense_rows", self.packed_dense_rows))
+        packed_kernel = str(self.packed_kernel).strip().lower()
+        if packed_kernel not in PACKED_KERNELS:
+            raise TaspOptionError(f"packed_kernel must be 'auto', 'cudnn' or 'flash', got {self.packed_kernel!r}")
+        set_(self, "packed_kernel", packed_kernel)
         set_(self, "timeout_s", _positive_float("timeout_s", self.timeout_s))
         set_(self, "fused_merge", parse_bool("fused_merge", self.fused_merge))
         set_(self, "direct_collectives", parse_bool("direct_collectives", self.direct_collectives))
@@ -340,7 +353,7 @@ def keep_kv_auto(world_size: int, local_kv_bytes: int, transport: str, cap_bytes
     return transport != "symm" and (world_size - 1) * local_kv_bytes <= cap
 
 
-__all__ = ["DKV_DTYPES", "ENV_VARS", "FIELDS", "KEEP_KV_AUTO_MIB", "PACKED_SPLITS", "TRANSPORTS", "TaspOptionError",
-           "TaspOptions",
+__all__ = ["DKV_DTYPES", "ENV_VARS", "FIELDS", "KEEP_KV_AUTO_MIB", "PACKED_KERNELS", "PACKED_SPLITS", "TRANSPORTS",
+           "TaspOptionError", "TaspOptions",
            "default_options", "env_flag", "env_options", "keep_kv_auto", "keep_kv_cap_bytes",
            "parse_bool", "parse_keep_kv", "parse_options", "reload_env"]

@@ -39,8 +39,8 @@ def _count_varlen() -> None:
     hook, wrapped once in this process before the first call."""
     pick = engine_thd._varlen_ops
 
-    def counted(kernel, device):
-        ops = pick(kernel, device)
+    def counted(kernel, device, *rest):
+        ops = pick(kernel, device, *rest)
         if ops is None:
             return None
 

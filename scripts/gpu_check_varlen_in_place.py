@@ -2,6 +2,8 @@
 
     python scripts/gpu_check_varlen_in_place.py --out varlen_in_place.json
 
+``--ops cudnn`` checks cuDNN's ragged pair (``megatron_tasp.kernels.cudnn_varlen``) the same way.
+
 A packed block whose shared segments ascend as runs on both sides runs as ONE FlashAttention-2 varlen call over
 every row (``megatron_tasp.kernels.varlen``): rows outside the shared segments are segments whose other side is
 empty (causal blocks are square own blocks, which have no gaps in the engine; only non-causal blocks get gaps
@@ -22,8 +24,9 @@ import random
 import torch
 
 from megatron_tasp.kernels import get_kernel
+from megatron_tasp.kernels.cudnn_varlen import cudnn_varlen_ops
 from megatron_tasp.kernels.segmented import segmented_block
-from megatron_tasp.kernels.varlen import VarlenBlock
+from megatron_tasp.kernels.varlen import VarlenBlock, flash_varlen_ops
 
 
 def _mix(rng: random.Random, causal: bool, one_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +78,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=24)
     ap.add_argument("--out", default="varlen_in_place.json")
+    ap.add_argument("--ops", choices=("flash", "cudnn"), default="flash",
+                    help="the varlen pair under test: FlashAttention-2's or cuDNN's ragged attention (needs the cuDNN "
+                    "frontend package)")
     args = ap.parse_args()
+    ops = cudnn_varlen_ops() if args.ops == "cudnn" else flash_varlen_ops()
     dev = torch.device("cuda")
     rng = random.Random(7)
     rows, ok = [], True
@@ -88,7 +95,7 @@ def main() -> None:
         causal = causal and not one_row
         kern = get_kernel("auto", dev, dtype, 128)
         seg = segmented_block(kern, seg_q, seg_k, dev)
-        var = VarlenBlock(seg, dev)
+        var = VarlenBlock(seg, dev, ops=ops)
         in_place = isinstance(var.q_index, slice) and isinstance(var.k_index, slice) and var.q_index == slice(
             0, len(seg_q)) and var.k_index == slice(0, len(seg_k))
         gen = torch.Generator(device=dev).manual_seed(i)
@@ -122,7 +129,8 @@ def main() -> None:
     probe = _probe_one_row_gqa(dev)
     print(f"probe: flash varlen, GQA, one-row query segments outnumbered by segments: {probe}", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "all_ok": ok, "rows": rows,
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ops": args.ops,
+                   "all_ok": ok, "rows": rows,
                    "probe_max_q_1": probe}, f, indent=1)
     print("ALL_OK" if ok else "FAILED", flush=True)
 

@@ -82,6 +82,8 @@ def main() -> None:
                     "documents of >= N rows on the dense kernel, bucket-padded), at CP=2 and on one GPU")
     ap.add_argument("--fresh", type=int, default=0, help="also time N calls per size that each get a NEW document "
                     "mix (host included), both ranks at once, every variant interleaved")
+    ap.add_argument("--packed-kernels", default="", help="also time these values of options.packed_kernel "
+                    "(comma list of auto, cudnn, flash), at CP=2 and on one GPU")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     # a rank that fails while the other waits in a barrier ends the run within minutes, not the default half hour
@@ -96,6 +98,8 @@ def main() -> None:
     variants = [("default", default_options())]
     if a.dense_rows:
         variants.append((f"dense_rows_{a.dense_rows}", default_options().replace(packed_dense_rows=a.dense_rows)))
+    for name in filter(None, a.packed_kernels.split(",")):
+        variants.append((f"packed_kernel_{name}", default_options().replace(packed_kernel=name)))
     for i, tok in enumerate(parse_tokens(a.tokens)):
         lens, padded = doc_lengths(tok, a.doc_mean, n, seed=tok)
         g = torch.Generator(device=dev).manual_seed(5)

@@ -136,6 +136,9 @@ def test_parallel_section_becomes_one_tasp_options():
     o = r.tasp_options()
     assert (o.num_rings, o.transport, o.keep_kv, o.chunks) == ("auto", "p2p", False, 2)
     assert recipe_from_dict(_with("parallel.packed_dense_rows", 1024)).tasp_options().packed_dense_rows == 1024
+    assert recipe_from_dict(_with("parallel.packed_kernel", "flash")).tasp_options().packed_kernel == "flash"
+    with pytest.raises(RecipeError, match="packed_kernel"):
+        recipe_from_dict(_with("parallel.packed_kernel", "fa3"))
     assert recipe_from_dict(_with("parallel.cp_backend", "ring")).tasp_options().num_rings == 1
     # A combination TASP rejects is reported against the recipe file.
     bad = _with("parallel", {"cp": 2, "transport": "symm", "keep_kv": True})

@@ -213,7 +213,7 @@ def test_num_rings_flag_type():
 def test_every_user_facing_field_has_a_flag():
     fields = {field for field, _, _ in TASP_FLAGS.values()}
     assert fields == {"num_rings", "topology", "transport", "kernel", "chunks", "keep_kv", "keep_kv_cap_mib",
-                      "dkv_dtype", "timeout_s", "cuda_graphs", "packed_dense_rows"}
+                      "dkv_dtype", "timeout_s", "cuda_graphs", "packed_dense_rows", "packed_kernel"}
     assert fields <= set(O.FIELDS)
     p = _parser()
     for flag in TASP_FLAGS:
@@ -234,8 +234,9 @@ def test_flag_values_follow_the_options_rules():
     off = p.parse_args(["--tasp-packed-dense-rows", "none"])
     assert off.tasp_packed_dense_rows == "none"  # kept as given, so that it wins over the environment
     assert tasp_options_from_args(off).packed_dense_rows is None
+    assert tasp_options_from_args(p.parse_args(["--tasp-packed-kernel", "FLASH"])).packed_kernel == "flash"
     for bad in (["--tasp-keep-kv-mib", "0"], ["--tasp-dkv-dtype", "bf16"], ["--tasp-timeout-s", "-1"],
-                ["--tasp-chunks", "1.5"], ["--tasp-packed-dense-rows", "0"]):
+                ["--tasp-chunks", "1.5"], ["--tasp-packed-dense-rows", "0"], ["--tasp-packed-kernel", "fa3"]):
         with pytest.raises(SystemExit):
             _parser().parse_args(bad)
 

@@ -12,7 +12,8 @@ import torch
 import megatron_tasp.engine.thd as engine_thd
 from megatron_tasp import clear_plan_cache
 from megatron_tasp.engine.cache import PLAN_CACHE
-from megatron_tasp.kernels import get_kernel
+from megatron_tasp.engine.errors import TaspConfigError
+from megatron_tasp.kernels import cudnn_varlen, get_kernel
 from megatron_tasp.kernels import varlen as varlen_mod
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock
@@ -32,7 +33,7 @@ def reference_ops():
 @pytest.fixture
 def engine_reference_ops(reference_ops, monkeypatch):
     """Every packed-document block of the engine on the varlen path, with the float64 reference ops."""
-    monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device: varlen_reference.REFERENCE_OPS)
+    monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device, *_: varlen_reference.REFERENCE_OPS)
 
 
 def _pair(seg_q, seg_k, big_rows=None):
@@ -220,11 +221,47 @@ def test_the_real_op_declines_cpu_tensors():
     assert block.ops is varlen_mod.flash_varlen_ops()
     _, _, ctx = block.forward_unchecked(q, q, q, causal=True, scale=0.5)
     assert not (isinstance(ctx, tuple) and ctx[0] == "varlen")
-    # the engine picks the flash pair only for CUDA tensors of a kernel that has a varlen form
+    # the engine picks a varlen pair only for CUDA tensors of a kernel that has a varlen form: options.packed_kernel
+    # names the pair ('auto': per call cuDNN's where it can serve, else FlashAttention-2's)
     cudnn = type("K", (), {"name": "cudnn"})()
-    assert engine_thd._varlen_ops(cudnn, CPU) is None
-    assert engine_thd._varlen_ops(cudnn, torch.device("cuda", 0)) is varlen_mod.flash_varlen_ops()
-    assert engine_thd._varlen_ops(type("K", (), {"name": "math"})(), torch.device("cuda", 0)) is None
+    gpu = torch.device("cuda", 0)
+    for choice in ("auto", "flash", "cudnn"):
+        assert engine_thd._varlen_ops(cudnn, CPU, choice) is None
+    assert engine_thd._varlen_ops(cudnn, gpu) is cudnn_varlen.auto_varlen_ops()
+    assert engine_thd._varlen_ops(cudnn, gpu, "flash") is varlen_mod.flash_varlen_ops()
+    assert engine_thd._varlen_ops(type("K", (), {"name": "math"})(), gpu) is None
+
+
+def test_packed_kernel_cudnn_fails_closed_without_the_frontend(monkeypatch):
+    monkeypatch.setattr(engine_thd, "cudnn_frontend", lambda: None)
+    with pytest.raises(TaspConfigError, match="nvidia-cudnn-frontend"):
+        engine_thd._varlen_ops(type("K", (), {"name": "cudnn"})(), torch.device("cuda", 0), "cudnn")
+
+
+def test_auto_pair_falls_back_per_call_and_says_why():
+    """On CPU (or without the frontend) cuDNN's pair declines with a reason; 'auto' then gives flash's reason."""
+    q = torch.randn(1, 2, 4, 8)
+    assert "CUDA" in cudnn_varlen.cudnn_varlen_reason(q)
+    assert cudnn_varlen.auto_varlen_ops().reason(q) == varlen_mod.flash_varlen_ops().reason(q)
+
+
+def test_cudnn_graph_key_rounds_to_powers_of_two():
+    assert cudnn_varlen.graph_key(1, 1, 1) == (1, 64, 64)
+    assert cudnn_varlen.graph_key(5, 65, 64) == (8, 128, 64)
+    assert cudnn_varlen.graph_key(8, 4096, 4097) == (8, 4096, 8192)
+    # document mixes of one size share a handful of graphs
+    keys = {cudnn_varlen.graph_key(n, m, m) for n in range(3, 40) for m in range(600, 5000, 37)}
+    assert len(keys) == 5 * 4  # segment counts 4..64, longest segments 1024..8192
+
+
+def test_cudnn_columns_pad_with_empty_segments():
+    cols = cudnn_varlen._CudnnRagged()._columns(torch.tensor([0, 3, 3, 7], dtype=torch.int32),
+                                               torch.tensor([0, 2, 5, 5], dtype=torch.int32), 4, 4, 2, 8)
+    assert cols["len_q"].flatten().tolist() == [3, 0, 4, 0]
+    assert cols["len_k"].flatten().tolist() == [2, 3, 0, 0]
+    assert cols["off_q"].flatten().tolist() == [0, 96, 96, 224, 224]  # rows x heads x head dim
+    assert cols["off_k"].flatten().tolist() == [0, 32, 80, 80, 80]
+    assert cols["off_stats"].flatten().tolist() == [0, 12, 12, 28, 28]  # rows x heads
 
 
 def _engine_worker(rank, n, dense_rows):

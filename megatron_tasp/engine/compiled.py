@@ -88,10 +88,12 @@ def resolve_options(options: TaspOptions | None, explicit: tuple) -> tuple[TaspO
 class LocalCall:
     """CP size 1: one kernel, no exchange."""
 
-    def __init__(self, kernel: BlockAttention, causal: bool, scale: float, packed_dense_rows: int | None = None):
+    def __init__(self, kernel: BlockAttention, causal: bool, scale: float, packed_dense_rows: int | None = None,
+                 packed_kernel: str = "auto"):
         self.plan = LOCAL_PLAN
         self.kernel, self.causal, self.scale = kernel, causal, scale
         self.packed_dense_rows = packed_dense_rows  # packed documents: segments this large on the dense kernel
+        self.packed_kernel = packed_kernel  # packed documents: the varlen kernel on CUDA (options.packed_kernel)
         self.local_kernel: Any = kernel  # the step-0 block's kernel (a segmented one for packed documents)
         self.keep_kv = False
         self.chunks = 1
@@ -109,6 +111,7 @@ class CompiledCall:
         self.keep_kv = keep_kv and plan.world_size > 1
         self.fused_merge = options.fused_merge
         self.packed_dense_rows = options.packed_dense_rows  # packed documents: segments this large on the kernel
+        self.packed_kernel = options.packed_kernel  # packed documents: the varlen kernel on CUDA
         self.cuda_graphs = options.cuda_graphs  # replay forward and backward from CUDA graphs (engine.graphed)
         self.graphed: Any = None  # its GraphedCall, made on the first call
         self.dkv_input_dtype = options.dkv_dtype == "input"  # the travelling dK/dV in the input dtype
@@ -235,7 +238,8 @@ def compile_call(scope: Scope, key: Hashable | None, q, k, v, causal: bool, soft
     if n == 1:
         if problem is not None:
             raise problem
-        call: LocalCall | CompiledCall = LocalCall(kernel, causal, scale, eff.packed_dense_rows)
+        call: LocalCall | CompiledCall = LocalCall(kernel, causal, scale, eff.packed_dense_rows,
+                                                     eff.packed_kernel)
     else:
         sig = signature(q, k, causal, options_digest(eff, scale, compute_only)) if problem is None else None
         if sig is None or scope.get(("agreed", sig)) is None:

@@ -40,6 +40,7 @@ from megatron_tasp.engine.compiled import FULL, CompiledCall, LocalCall
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.kernels.bucketed import is_dense
+from megatron_tasp.kernels.cudnn_varlen import CUDNN_FRONTEND_HINT, auto_varlen_ops, cudnn_frontend, cudnn_varlen_ops
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock, VarlenOps, flash_varlen_ops
 from megatron_tasp.schedule import EARLIER, LATER
@@ -74,12 +75,12 @@ VARLEN_KERNELS = frozenset({"cudnn", "flash", "efficient"})
 
 
 def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.device,
-           dense_rows: int | None) -> SegmentedBlock | VarlenBlock:
-    """The document-masked block of ``kernel``: one varlen launch where it can run (square segments of >=
-    ``dense_rows`` rows on ``kernel`` itself, one bucket-padded call each: give it for the own block of a causal
-    call only), else per document."""
+           dense_rows: int | None, packed_kernel: str = "auto") -> SegmentedBlock | VarlenBlock:
+    """The document-masked block of ``kernel``: one varlen launch (``packed_kernel``'s) where it can run (square
+    segments of >= ``dense_rows`` rows on ``kernel`` itself, one bucket-padded call each: give it for the own
+    block of a causal call only), else per document."""
     seg = segmented_block(kernel, seg_q, seg_k, device)
-    ops = _varlen_ops(kernel, device)
+    ops = _varlen_ops(kernel, device, packed_kernel)
     if ops is None or not seg.pairs:  # no shared document: nothing to launch
         return seg
     # one document over every row: the dense kernel as is, unless it is a dense (bucketed) document, which takes
@@ -95,11 +96,24 @@ def _own_dense_rows(call: CompiledCall | LocalCall) -> int | None:
     return call.packed_dense_rows if call.causal else None
 
 
-def _varlen_ops(kernel, device: torch.device) -> VarlenOps | None:
+def _varlen_ops(kernel, device: torch.device, packed_kernel: str = "auto") -> VarlenOps | None:
     """The varlen ops the packed-document blocks of ``kernel`` launch on ``device`` (None: one dense call per
-    document). The one place the engine picks them: tests replace this function to run the varlen blocks with
-    a float64 reference on CPU."""
-    return flash_varlen_ops() if device.type == "cuda" and kernel.name in VARLEN_KERNELS else None
+    document): ``packed_kernel`` (``TaspOptions.packed_kernel``) picks cuDNN's ragged pair, FlashAttention-2's,
+    or per call the first of them that can serve ('auto'). The one place the engine picks them: tests replace
+    this function to run the varlen blocks with a float64 reference on CPU."""
+    if device.type != "cuda" or kernel.name not in VARLEN_KERNELS:
+        return None
+    if packed_kernel == "flash":
+        return flash_varlen_ops()
+    if packed_kernel == "cudnn":
+        if cudnn_frontend() is None:
+            raise TaspConfigError(f"packed_kernel='cudnn' needs NVIDIA's cuDNN frontend ({CUDNN_FRONTEND_HINT}); "
+                                  "or use packed_kernel='auto' or 'flash'")
+        if torch.cuda.get_device_capability(device) < (9, 0):
+            raise TaspConfigError("packed_kernel='cudnn' needs a Hopper or newer GPU (cuDNN's ragged attention); "
+                                  "use packed_kernel='auto' or 'flash'")
+        return cudnn_varlen_ops()
+    return auto_varlen_ops()
 
 
 def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], device: torch.device):
@@ -108,7 +122,7 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
     n, r = call.plan.world_size, call.plan.rank
     mine = segs[r]
     out = copy.copy(call)
-    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call))
+    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call), call.packed_kernel)
     if n == 1:
         return out
     pieces = call.pieces
@@ -128,7 +142,7 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
             for case, rings, kern in call.blocks[st.step][j]:
                 keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
                                   for i in rings])
-                block = _block(kern, mine[call.q_rows(case)], keys, device, None)
+                block = _block(kern, mine[call.q_rows(case)], keys, device, None, call.packed_kernel)
                 # a block no query may see is left out (no kernel, no merge), except at step 1 where the
                 # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
                 if block.pairs or st.step == 1:
@@ -182,7 +196,7 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
     out = copy.copy(call)
     out.full_rows = True
     out.unmerged_rows = None  # the remote block's output covers every row (masked ones with lse -inf)
-    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call))
+    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call), call.packed_kernel)
     blocks: list = [[]]
     for st in call.plan.steps[1:]:
         source = {h.ring: h.source for h in st.held}
@@ -193,7 +207,7 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
             keys = torch.cat([torch.where(backs[source[i]], _NO_QUERIES, segs[source[i]]) if case == EARLIER
                               else segs[source[i]] for i in rings])
             queries = torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine
-            block = _block(kern, queries, keys, device, None)
+            block = _block(kern, queries, keys, device, None, call.packed_kernel)
             if block.pairs or st.step == 1:  # step 1 also starts every held piece's dK/dV accumulator
                 entries.append((case, rings, block))
         blocks.append([entries])

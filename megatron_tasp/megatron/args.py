@@ -72,6 +72,11 @@ TASP_FLAGS: dict[str, tuple[str, str, str]] = {
         "own block on the dense kernel (cuDNN on Hopper), padded to one of 8 sizes per power of two, instead of "
         "the varlen FlashAttention-2 launch (default none). Faster for long documents at CP=1 and at 128K tokens "
         "per sequence at CP=2; the first calls plan each new padded shape."),
+    "--tasp-packed-kernel": (
+        "packed_kernel", "{auto,cudnn,flash}",
+        "Packed documents (--sft, THD) on CUDA: the varlen attention kernel. cudnn: cuDNN's fused attention over "
+        "ragged tensors (Hopper or newer; needs pip install nvidia-cudnn-frontend); flash: FlashAttention-2's "
+        "varlen op; auto (default): cuDNN where it can serve, else FlashAttention-2."),
     "--tasp-timeout-s": (
         "timeout_s", "SECONDS",
         "Seconds a CPU (gloo) exchange waits for a peer before raising (default 300)."),

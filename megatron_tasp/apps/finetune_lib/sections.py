@@ -9,7 +9,8 @@ from typing import Literal
 from megatron_tasp.schema import option
 
 # -> one TaspOptions
-TASP_FIELDS = ("num_rings", "topology", "transport", "chunks", "keep_kv", "kernel", "packed_dense_rows")
+TASP_FIELDS = ("num_rings", "topology", "transport", "chunks", "keep_kv", "kernel", "packed_dense_rows",
+               "packed_kernel")
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ class ParallelSection:
                                            "one of 8 sizes per power of two, instead of the varlen launch; faster "
                                            "for long documents at cp 1 and at 128K tokens per sequence at cp 2 "
                                            "(null = TASP's default: none)", min=1)
+    packed_kernel: Literal["auto", "cudnn", "flash"] | None = option(
+        None, "data.packing on CUDA: the varlen attention kernel: cudnn (cuDNN's ragged attention; Hopper, needs "
+        "nvidia-cudnn-frontend), flash (FlashAttention-2) or auto (cuDNN where it can serve; null = TASP's default: "
+        "auto)")
     device: str = option("auto", "auto (cuda when available), cuda or cpu", choices=("auto", "cuda", "cpu"))
 
 

@@ -1,0 +1,269 @@
+"""Packed-document blocks on cuDNN's fused attention over ragged (THD) tensors: a :class:`VarlenOps` pair.
+
+cuDNN runs variable-length attention natively on Hopper when every tensor is described as ``[b, h, s, d]``
+with a *ragged offset* per segment (where its first row starts in the packed ``[total, h, d]`` tensor) and a
+padding mask (each segment's real length). torch's own cuDNN SDPA does not expose that (its ``cum_seq_q/k``
+path was measured here returning wrong gradients), so this module builds the graphs through NVIDIA's cuDNN
+frontend Python package (``pip install nvidia-cudnn-frontend``; optional, imported lazily, never needed to
+import or test megatron-tasp). It uses the cuDNN library torch already loaded.
+
+Shapes and plans. A cuDNN graph is built per (segment count, longest query / key segment, heads, head dim,
+dtype, causal, total rows); building one takes ~0.15 s. The segment count is rounded up to a power of two
+(the extra segments are empty) and the longest segments up to a power of two (at least 64), so packings whose
+document lengths change every call reuse a handful of graphs. The softmax statistics are ragged as well
+(``[total, h]``), so no ``[b, h, s_max]`` buffer sized by the longest segment is ever allocated.
+
+Contract (:class:`~megatron_tasp.kernels.varlen.VarlenOps`): a segment may be empty on one side. A query
+without keys gets output 0 (the block sets its lse to -inf) and dq 0; a key without queries gets dk/dv 0. The
+forward's lse is ``[h, total_q]`` float32; the backward takes the merged out and lse of the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .varlen import VarlenOps, flash_varlen_ops
+
+__all__ = ["CUDNN_FRONTEND_HINT", "auto_varlen_ops", "cudnn_frontend", "cudnn_varlen_ops", "cudnn_varlen_reason",
+           "graph_key"]
+
+logger = logging.getLogger("megatron_tasp")
+
+CUDNN_FRONTEND_HINT = "pip install nvidia-cudnn-frontend"
+_MIN_BACKEND = 90600  # int64 ragged offsets and ragged softmax statistics
+_DTYPES = (torch.float16, torch.bfloat16)
+_MIN_ROWS = 64  # smallest bucket of the longest segment
+
+
+@functools.lru_cache(maxsize=1)
+def cudnn_frontend() -> Any | None:
+    """The ``cudnn`` frontend module, or None when it is not installed (or cannot load the cuDNN library);
+    looked up once per process."""
+    try:
+        return importlib.import_module("cudnn")
+    except Exception:  # ImportError, or the package failing to find libcudnn (RuntimeError)
+        return None
+
+
+def _pow2(x: int, low: int = 1) -> int:
+    """The smallest power of two >= max(x, low)."""
+    x = max(int(x), low)
+    return 1 << (x - 1).bit_length()
+
+
+def graph_key(segments: int, max_q: int, max_k: int) -> tuple[int, int, int]:
+    """(segment count, longest query segment, longest key segment) as graphs are built for them: each rounded
+    up to a power of two (the segment lengths to at least 64 rows), so the number of graphs stays small when
+    the document lengths change every call."""
+    return _pow2(segments), _pow2(max_q, _MIN_ROWS), _pow2(max_k, _MIN_ROWS)
+
+
+def cudnn_varlen_reason(q: Tensor) -> str | None:
+    """None when the cuDNN ragged pair can take a block whose query tensor is ``q`` (``[b, h, s, d]``), else why
+    not."""
+    if q.device.type != "cuda":
+        return "needs CUDA"
+    if torch.cuda.get_device_capability(q.device) < (9, 0):
+        return "cuDNN's ragged attention needs compute capability >= 9.0 (Hopper)"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (cuDNN ragged attention takes fp16/bf16)"
+    d = q.shape[-1]
+    if d % 8 or d > 128:
+        return f"head dim {d} (this pair takes multiples of 8 up to 128)"
+    cudnn = cudnn_frontend()
+    if cudnn is None:
+        return f"the cuDNN frontend is not installed ({CUDNN_FRONTEND_HINT})"
+    if cudnn.backend_version() < _MIN_BACKEND:
+        return f"cuDNN {cudnn.backend_version_string()} (ragged attention here needs >= 9.6)"
+    return None
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    tensors: dict[str, Any]  # name -> the graph's tensor handle
+    workspace: int
+
+
+def _dense(graph: Any, cudnn: Any, name: str, b: int, h: int, s: int, d: int, dtype: Any) -> Any:
+    """A packed ``[total, h, d]`` tensor described as ``[b, h, s, d]`` (token-major strides)."""
+    return graph.tensor(name=name, dim=[b, h, s, d], stride=[s * h * d, d, h * d, 1], data_type=dtype)
+
+
+def _column(graph: Any, cudnn: Any, name: str, n: int, dtype: Any) -> Any:
+    return graph.tensor(name=name, dim=[n, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dtype)
+
+
+def _finish(graph: Any, cudnn: Any) -> None:
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+
+
+class _CudnnRagged:
+    """The built graphs of this process (per device, shape key, direction) and one cuDNN handle per device:
+    the state cuDNN itself would keep in its plan cache, bounded by :func:`graph_key`'s rounding."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple, _Graph] = {}
+        self.handles: dict[int, Any] = {}
+
+    def _handle(self, cudnn: Any, device: torch.device) -> Any:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self.handles:
+            with torch.cuda.device(index):
+                self.handles[index] = cudnn.create_handle()
+        handle = self.handles[index]
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
+        return handle
+
+    def _build(self, cudnn: Any, handle: Any, backward: bool, key: tuple) -> _Graph:
+        b, sq, sk, hq, hkv, d, tq, tk, dtype, causal, scale = key
+        io = cudnn.data_type.HALF if dtype == torch.float16 else cudnn.data_type.BFLOAT16
+        f32, i32, i64 = cudnn.data_type.FLOAT, cudnn.data_type.INT32, cudnn.data_type.INT64
+        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+        t: dict[str, Any] = {
+            "q": _dense(g, cudnn, "q", b, hq, sq, d, io), "k": _dense(g, cudnn, "k", b, hkv, sk, d, io),
+            "v": _dense(g, cudnn, "v", b, hkv, sk, d, io),
+            "len_q": _column(g, cudnn, "len_q", b, i32), "len_k": _column(g, cudnn, "len_k", b, i32),
+            "off_q": _column(g, cudnn, "off_q", b + 1, i64), "off_k": _column(g, cudnn, "off_k", b + 1, i64),
+            "off_stats": _column(g, cudnn, "off_stats", b + 1, i64),
+        }
+        t["q"].set_ragged_offset(t["off_q"])
+        t["k"].set_ragged_offset(t["off_k"])
+        t["v"].set_ragged_offset(t["off_k"])
+        mask: dict[str, Any] = {"use_padding_mask": True, "seq_len_q": t["len_q"], "seq_len_kv": t["len_k"]}
+        if causal:  # only square segments are causal here (the own block): both alignments agree
+            mask.update(diagonal_band_right_bound=0, diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT)
+        if not backward:
+            o, stats = g.sdpa(name="fwd", q=t["q"], k=t["k"], v=t["v"], generate_stats=True, attn_scale=scale,
+                              **mask)
+            o.set_output(True).set_dim([b, hq, sq, d]).set_stride([sq * hq * d, d, hq * d, 1])
+            o.set_ragged_offset(t["off_q"])
+            stats.set_output(True).set_data_type(f32).set_dim([b, hq, sq, 1]).set_stride([sq * hq, 1, hq, 1])
+            stats.set_ragged_offset(t["off_stats"])
+            t["o"], t["stats"] = o, stats
+        else:
+            t["o"], t["do"] = _dense(g, cudnn, "o", b, hq, sq, d, io), _dense(g, cudnn, "do", b, hq, sq, d, io)
+            t["stats"] = g.tensor(name="stats", dim=[b, hq, sq, 1], stride=[sq * hq, 1, hq, 1], data_type=f32)
+            for name in ("o", "do"):
+                t[name].set_ragged_offset(t["off_q"])
+            t["stats"].set_ragged_offset(t["off_stats"])
+            dq, dk, dv = g.sdpa_backward(name="bwd", q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"],
+                                         stats=t["stats"], attn_scale=scale, max_total_seq_len_q=-(-tq // 64) * 64,
+                                         max_total_seq_len_kv=-(-tk // 64) * 64, **mask)
+            for name, x, h, s, off in (("dq", dq, hq, sq, "off_q"), ("dk", dk, hkv, sk, "off_k"),
+                                       ("dv", dv, hkv, sk, "off_k")):
+                x.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1])
+                x.set_ragged_offset(t[off])
+                t[name] = x
+        _finish(g, cudnn)
+        return _Graph(g, t, g.get_workspace_size())
+
+    def _graph(self, cudnn: Any, q: Tensor, k: Tensor, cu_q: Tensor, max_q: int, max_k: int, causal: bool,
+               scale: float, backward: bool) -> tuple[_Graph, Any, tuple]:
+        b, sq, sk = graph_key(cu_q.numel() - 1, max_q, max_k)
+        key = (b, sq, sk, q.shape[1], k.shape[1], q.shape[2], q.shape[0], k.shape[0], q.dtype, causal, float(scale))
+        handle = self._handle(cudnn, q.device)
+        full = (q.device.index, backward, key)
+        graph = self.graphs.get(full)
+        if graph is None:
+            graph = self.graphs[full] = self._build(cudnn, handle, backward, key)
+            logger.debug("cuDNN ragged attention: built the %s graph for %s", "backward" if backward else "forward",
+                         key[:8])
+        return graph, handle, key
+
+    def _columns(self, cu_q: Tensor, cu_k: Tensor, b: int, hq: int, hkv: int, d: int) -> dict[str, Tensor]:
+        """Lengths and ragged offsets of ``b`` segments (the real ones, then empty ones), on the device."""
+        n = cu_q.numel() - 1
+        cq, ck = cu_q.long(), cu_k.long()
+        if b > n:
+            cq = torch.cat((cq, cq[-1:].expand(b - n)))
+            ck = torch.cat((ck, ck[-1:].expand(b - n)))
+        return {"len_q": (cq[1:] - cq[:-1]).int().view(b, 1, 1, 1),
+                "len_k": (ck[1:] - ck[:-1]).int().view(b, 1, 1, 1),
+                "off_q": (cq * (hq * d)).view(b + 1, 1, 1, 1), "off_k": (ck * (hkv * d)).view(b + 1, 1, 1, 1),
+                "off_stats": (cq * hq).view(b + 1, 1, 1, 1)}
+
+    def _run(self, graph: _Graph, handle: Any, values: dict[str, Tensor], device: torch.device) -> None:
+        workspace = torch.empty(max(graph.workspace, 1), dtype=torch.uint8, device=device)
+        graph.graph.execute({graph.tensors[name]: x for name, x in values.items()}, workspace, handle=handle)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
+        cudnn = cudnn_frontend()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        graph, handle, key = self._graph(cudnn, q, k, cu_q, max_q, max_k, causal, scale, backward=False)
+        cols = self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
+        out = torch.empty_like(q)
+        stats = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)  # [total, h]
+        self._run(graph, handle, {"q": q, "k": k, "v": v, "o": out, "stats": stats, **cols}, q.device)
+        # queries of a segment without keys: output 0 whatever the kernel wrote (0/0 there)
+        lonely = torch.repeat_interleave(cols["len_k"].flatten() == 0, cols["len_q"].flatten().long(),
+                                         output_size=q.shape[0])
+        out.masked_fill_(lonely[:, None, None], 0)
+        return out, stats.t().contiguous(), None
+
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                 cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
+                 aux: Any) -> tuple[Tensor, Tensor, Tensor]:
+        cudnn = cudnn_frontend()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        graph, handle, key = self._graph(cudnn, q, k, cu_q, max_q, max_k, causal, scale, backward=True)
+        cols = self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
+        # rows no segment shares keep 0: the kernel writes the rows of non-empty segments only
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        stats = lse.t().contiguous()  # [total, h]
+        self._run(graph, handle, {"q": q, "k": k, "v": v, "o": out.contiguous(), "do": dout.contiguous(),
+                                  "stats": stats, "dq": dq, "dk": dk, "dv": dv, **cols}, q.device)
+        return dq, dk, dv
+
+
+_STATE = _CudnnRagged()  # process-wide, like cuDNN's own plan cache (see the class)
+_OPS = VarlenOps(_STATE.forward, _STATE.backward, cudnn_varlen_reason)
+
+
+def cudnn_varlen_ops() -> VarlenOps:
+    """cuDNN's ragged fused attention as a varlen pair (its ``reason`` says when it cannot serve)."""
+    return _OPS
+
+
+def _auto_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                  causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
+    if cudnn_varlen_reason(q) is None:
+        out, lse, _ = _STATE.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+        return out, lse, ("cudnn", None)
+    out, lse, aux = flash_varlen_ops().forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    return out, lse, ("flash", aux)
+
+
+def _auto_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                   cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
+                   aux: Any) -> tuple[Tensor, Tensor, Tensor]:
+    ops = _OPS if aux[0] == "cudnn" else flash_varlen_ops()  # the pair that ran the forward
+    return ops.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux[1])
+
+
+def _auto_reason(q: Tensor) -> str | None:
+    if cudnn_varlen_reason(q) is None:
+        return None
+    flash = flash_varlen_ops()
+    return flash.reason(q) if flash.reason is not None else None
+
+
+_AUTO = VarlenOps(_auto_forward, _auto_backward, _auto_reason)
+
+
+def auto_varlen_ops() -> VarlenOps:
+    """Per call, cuDNN's ragged pair where it can serve (Hopper or newer, fp16/bf16, head dim <= 128, the
+    frontend installed), else FlashAttention-2's; the backward runs the pair its forward ran."""
+    return _AUTO
