@@ -47,3 +47,19 @@ def test_packed_dense_rows_is_part_of_the_call_digest():
     assert options_digest(base, 0.125, False) != options_digest(base.replace(packed_dense_rows=1024), 0.125, False)
     assert options_digest(TaspOptions(packed_dense_rows="1024"), 0.125, False) == \
         options_digest(base.replace(packed_dense_rows=1024), 0.125, False)
+
+
+def test_packed_kernel_values_environment_and_digest(no_tasp_env, monkeypatch):
+    assert TaspOptions().packed_kernel == "auto"
+    for given, want in (("cudnn", "cudnn"), (" FLASH ", "flash"), ("Auto", "auto")):
+        assert TaspOptions(packed_kernel=given).packed_kernel == want
+    for bad in ("fa3", "", None, 1):
+        with pytest.raises(TaspOptionError, match="packed_kernel must be 'auto', 'cudnn' or 'flash'"):
+            TaspOptions(packed_kernel=bad)
+    assert O.ENV_VARS["MEGATRON_TASP_PACKED_KERNEL"] == "packed_kernel"
+    monkeypatch.setenv("MEGATRON_TASP_PACKED_KERNEL", "flash")
+    O.reload_env()
+    assert O.default_options().packed_kernel == "flash"
+    assert parse_options({"packed_kernel": "cudnn"}).packed_kernel == "cudnn"  # the caller wins
+    base = TaspOptions()
+    assert options_digest(base, 0.125, False) != options_digest(base.replace(packed_kernel="flash"), 0.125, False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import megatron_tasp.engine.thd as engine_thd
-from megatron_tasp import clear_plan_cache
+from megatron_tasp import clear_plan_cache, tasp_attention
 from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.kernels import cudnn_varlen, get_kernel
@@ -232,17 +232,87 @@ def test_the_real_op_declines_cpu_tensors():
     assert engine_thd._varlen_ops(type("K", (), {"name": "math"})(), gpu) is None
 
 
-def test_packed_kernel_cudnn_fails_closed_without_the_frontend(monkeypatch):
-    monkeypatch.setattr(engine_thd, "cudnn_frontend", lambda: None)
-    with pytest.raises(TaspConfigError, match="nvidia-cudnn-frontend"):
-        engine_thd._varlen_ops(type("K", (), {"name": "cudnn"})(), torch.device("cuda", 0), "cudnn")
+def test_packed_kernel_cudnn_fails_closed(monkeypatch):
+    """An explicit 'cudnn' that cannot run raises (before the ranks agree on a layout, so every rank reports it);
+    'auto' and 'flash' never do; CPU blocks run per document whatever the option says."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(engine_thd, "cudnn_available", lambda device: "the cuDNN frontend is not installed (pip "
+                        "install nvidia-cudnn-frontend)")
+    with pytest.raises(TaspConfigError, match="packed_kernel='cudnn'.*nvidia-cudnn-frontend"):
+        engine_thd._varlen_ops(type("K", (), {"name": "cudnn"})(), gpu, "cudnn")
+    with pytest.raises(TaspConfigError, match="packed_kernel='cudnn'"):
+        engine_thd.check_packed_kernel("cudnn", gpu)
+    for choice in ("auto", "flash"):
+        engine_thd.check_packed_kernel(choice, gpu)
+    engine_thd.check_packed_kernel("cudnn", CPU)
 
 
-def test_auto_pair_falls_back_per_call_and_says_why():
-    """On CPU (or without the frontend) cuDNN's pair declines with a reason; 'auto' then gives flash's reason."""
-    q = torch.randn(1, 2, 4, 8)
-    assert "CUDA" in cudnn_varlen.cudnn_varlen_reason(q)
-    assert cudnn_varlen.auto_varlen_ops().reason(q) == varlen_mod.flash_varlen_ops().reason(q)
+def test_cudnn_available_names_what_is_missing(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    assert "CUDA" in cudnn_varlen.cudnn_available(CPU)
+    monkeypatch.setattr(cudnn_varlen, "cudnn_frontend", lambda: None)
+    assert "nvidia-cudnn-frontend" in cudnn_varlen.cudnn_available(gpu)
+    fake = type("F", (), {"backend_version": staticmethod(lambda: 90500),
+                          "backend_version_string": staticmethod(lambda: "9.5.0")})
+    monkeypatch.setattr(cudnn_varlen, "cudnn_frontend", lambda: fake)
+    assert "9.5.0" in cudnn_varlen.cudnn_available(gpu)
+    fake.backend_version = staticmethod(lambda: 91900)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "Hopper" in cudnn_varlen.cudnn_available(gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert cudnn_varlen.cudnn_available(gpu) is None
+
+
+def test_auto_pair_dispatches_per_call_and_backward_follows_forward(monkeypatch):
+    """'auto': cuDNN's pair where its reason is None, else FlashAttention-2's; the backward runs the pair that
+    ran the forward; its reason is flash's only when cuDNN cannot serve."""
+    calls = []
+
+    def pair(name):
+        return varlen_mod.VarlenOps(lambda *a: (calls.append(name + ".fwd"), a[0], None)[1:] + (name,),
+                                    lambda *a: calls.append(name + ".bwd") or (a[1], a[2], a[3]),
+                                    lambda q: f"{name} cannot")
+
+    flash = pair("flash")
+    cudnn_fake = pair("cudnn")
+    monkeypatch.setattr(cudnn_varlen, "flash_varlen_ops", lambda: flash)
+    monkeypatch.setattr(cudnn_varlen._STATE, "forward", lambda *a: cudnn_fake.forward(*a))
+    monkeypatch.setattr(cudnn_varlen, "_OPS", cudnn_fake)
+    auto = cudnn_varlen.auto_varlen_ops()
+    q = torch.randn(4, 2, 8)
+    for reason, want in ((None, "cudnn"), ("head dim 256", "flash")):
+        calls.clear()
+        monkeypatch.setattr(cudnn_varlen, "cudnn_varlen_reason", lambda q, r=reason: r)
+        _, _, aux = auto.forward(q, q, q, None, None, 4, 4, True, 0.5)
+        auto.backward(q, q, q, q, q, None, None, None, 4, 4, True, 0.5, aux)
+        assert calls == [f"{want}.fwd", f"{want}.bwd"]
+        assert auto.reason(q) == (None if reason is None else "flash cannot")
+
+
+def test_strict_cudnn_pair_raises_instead_of_declining():
+    """An explicit 'cudnn' never sends a block to the per-document loop: a call it cannot serve raises."""
+    strict = cudnn_varlen.strict_cudnn_varlen_ops()
+    assert strict.reason is None
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(cudnn_varlen.CudnnVarlenError, match="packed_kernel='cudnn' cannot serve.*CUDA"):
+        strict.forward(q, q, q, None, None, 4, 4, True, 0.5)
+
+
+def test_packed_kernel_reaches_the_blocks(monkeypatch):
+    """The call's options.packed_kernel is what the engine asks the varlen hook for, on every block."""
+    seen = []
+
+    def hook(kernel, device, packed_kernel="auto"):
+        seen.append(packed_kernel)
+        return varlen_reference.REFERENCE_OPS
+
+    monkeypatch.setattr(engine_thd, "_varlen_ops", hook)
+    clear_plan_cache()
+    q = torch.randn(16, 2, 8, dtype=torch.float64)
+    cu = torch.tensor([0, 6, 16], dtype=torch.int32)
+    tasp_attention(q, q, q, None, causal=True, cu_seqlens_padded=cu, cu_seqlens=cu,
+                   options=TaspOptions(packed_kernel="flash"))
+    assert seen and set(seen) == {"flash"}
 
 
 def test_cudnn_graph_key_rounds_to_powers_of_two():
@@ -262,6 +332,8 @@ def test_cudnn_columns_pad_with_empty_segments():
     assert cols["off_q"].flatten().tolist() == [0, 96, 96, 224, 224]  # rows x heads x head dim
     assert cols["off_k"].flatten().tolist() == [0, 32, 80, 80, 80]
     assert cols["off_stats"].flatten().tolist() == [0, 12, 12, 28, 28]  # rows x heads
+    assert cols["len_q"].dtype == torch.int32 and cols["off_q"].dtype == torch.int64  # what the graphs declare
+    assert cols["off_stats"].dtype == torch.int64
 
 
 def _engine_worker(rank, n, dense_rows):

@@ -40,7 +40,7 @@ from megatron_tasp.engine.compiled import FULL, CompiledCall, LocalCall
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.kernels.bucketed import is_dense
-from megatron_tasp.kernels.cudnn_varlen import CUDNN_FRONTEND_HINT, auto_varlen_ops, cudnn_frontend, cudnn_varlen_ops
+from megatron_tasp.kernels.cudnn_varlen import auto_varlen_ops, cudnn_available, strict_cudnn_varlen_ops
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock, VarlenOps, flash_varlen_ops
 from megatron_tasp.schedule import EARLIER, LATER
@@ -106,14 +106,17 @@ def _varlen_ops(kernel, device: torch.device, packed_kernel: str = "auto") -> Va
     if packed_kernel == "flash":
         return flash_varlen_ops()
     if packed_kernel == "cudnn":
-        if cudnn_frontend() is None:
-            raise TaspConfigError(f"packed_kernel='cudnn' needs NVIDIA's cuDNN frontend ({CUDNN_FRONTEND_HINT}); "
-                                  "or use packed_kernel='auto' or 'flash'")
-        if torch.cuda.get_device_capability(device) < (9, 0):
-            raise TaspConfigError("packed_kernel='cudnn' needs a Hopper or newer GPU (cuDNN's ragged attention); "
-                                  "use packed_kernel='auto' or 'flash'")
-        return cudnn_varlen_ops()
+        check_packed_kernel(packed_kernel, device)
+        return strict_cudnn_varlen_ops()
     return auto_varlen_ops()
+
+
+def check_packed_kernel(packed_kernel: str, device: torch.device) -> None:
+    """Raise when ``packed_kernel='cudnn'`` cannot run on ``device`` (CUDA only: packed blocks elsewhere run per
+    document whatever it says); checked before the ranks agree on a new layout, so every rank reports it."""
+    reason = cudnn_available(device) if packed_kernel == "cudnn" and device.type == "cuda" else None
+    if reason is not None:
+        raise TaspConfigError(f"packed_kernel='cudnn': {reason}; or use packed_kernel='auto' or 'flash'")
 
 
 def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], device: torch.device):
@@ -286,6 +289,7 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
     n = call.plan.world_size
     problem = None
     try:
+        check_packed_kernel(call.packed_kernel, device)
         if split == "sequence":
             _check_sequence(cu, n, length)
         else:

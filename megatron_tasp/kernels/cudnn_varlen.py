@@ -31,15 +31,20 @@ from torch import Tensor
 
 from .varlen import VarlenOps, flash_varlen_ops
 
-__all__ = ["CUDNN_FRONTEND_HINT", "auto_varlen_ops", "cudnn_frontend", "cudnn_varlen_ops", "cudnn_varlen_reason",
-           "graph_key"]
+__all__ = ["CUDNN_FRONTEND_HINT", "CudnnVarlenError", "auto_varlen_ops", "cudnn_available", "cudnn_frontend",
+           "cudnn_varlen_ops", "cudnn_varlen_reason", "graph_key", "strict_cudnn_varlen_ops"]
 
 logger = logging.getLogger("megatron_tasp")
+
+
+class CudnnVarlenError(ValueError):
+    """An explicit ``packed_kernel='cudnn'`` met a call cuDNN's ragged attention cannot serve."""
 
 CUDNN_FRONTEND_HINT = "pip install nvidia-cudnn-frontend"
 _MIN_BACKEND = 90600  # int64 ragged offsets and ragged softmax statistics
 _DTYPES = (torch.float16, torch.bfloat16)
 _MIN_ROWS = 64  # smallest bucket of the longest segment
+_MAX_GRAPHS = 256  # built graphs kept per process (least recently used dropped first)
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,24 +70,30 @@ def graph_key(segments: int, max_q: int, max_k: int) -> tuple[int, int, int]:
     return _pow2(segments), _pow2(max_q, _MIN_ROWS), _pow2(max_k, _MIN_ROWS)
 
 
-def cudnn_varlen_reason(q: Tensor) -> str | None:
-    """None when the cuDNN ragged pair can take a block whose query tensor is ``q`` (``[b, h, s, d]``), else why
-    not."""
-    if q.device.type != "cuda":
+def cudnn_available(device: torch.device) -> str | None:
+    """None when cuDNN's ragged pair can run on ``device`` at all (the frontend installed, cuDNN >= 9.6, a
+    Hopper or newer GPU), else why not."""
+    if device.type != "cuda":
         return "needs CUDA"
-    if torch.cuda.get_device_capability(q.device) < (9, 0):
-        return "cuDNN's ragged attention needs compute capability >= 9.0 (Hopper)"
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (cuDNN ragged attention takes fp16/bf16)"
-    d = q.shape[-1]
-    if d % 8 or d > 128:
-        return f"head dim {d} (this pair takes multiples of 8 up to 128)"
     cudnn = cudnn_frontend()
     if cudnn is None:
         return f"the cuDNN frontend is not installed ({CUDNN_FRONTEND_HINT})"
     if cudnn.backend_version() < _MIN_BACKEND:
         return f"cuDNN {cudnn.backend_version_string()} (ragged attention here needs >= 9.6)"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "cuDNN's ragged attention needs a Hopper or newer GPU (compute capability >= 9.0)"
     return None
+
+
+def cudnn_varlen_reason(q: Tensor) -> str | None:
+    """None when the cuDNN ragged pair can take a block whose query tensor is ``q`` (``[b, h, s, d]``), else why
+    not."""
+    if q.device.type == "cuda" and q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (cuDNN ragged attention takes fp16/bf16)"
+    d = q.shape[-1]
+    if q.device.type == "cuda" and (d % 8 or d > 128):
+        return f"head dim {d} (this pair takes multiples of 8 up to 128)"
+    return cudnn_available(q.device)
 
 
 @dataclass
@@ -172,14 +183,20 @@ class _CudnnRagged:
     def _graph(self, cudnn: Any, q: Tensor, k: Tensor, cu_q: Tensor, max_q: int, max_k: int, causal: bool,
                scale: float, backward: bool) -> tuple[_Graph, Any, tuple]:
         b, sq, sk = graph_key(cu_q.numel() - 1, max_q, max_k)
-        key = (b, sq, sk, q.shape[1], k.shape[1], q.shape[2], q.shape[0], k.shape[0], q.dtype, causal, float(scale))
+        # the backward's dQ accumulator is sized by the total rows: an upper bound, rounded like the rest (the
+        # forward does not depend on them); blocks that gather rows have totals that change with the documents
+        tq, tk = (_pow2(q.shape[0], _MIN_ROWS), _pow2(k.shape[0], _MIN_ROWS)) if backward else (0, 0)
+        key = (b, sq, sk, q.shape[1], k.shape[1], q.shape[2], tq, tk, q.dtype, causal, float(scale))
         handle = self._handle(cudnn, q.device)
         full = (q.device.index, backward, key)
-        graph = self.graphs.get(full)
+        graph = self.graphs.pop(full, None)
         if graph is None:
-            graph = self.graphs[full] = self._build(cudnn, handle, backward, key)
+            graph = self._build(cudnn, handle, backward, key)
             logger.debug("cuDNN ragged attention: built the %s graph for %s", "backward" if backward else "forward",
                          key[:8])
+            while len(self.graphs) >= _MAX_GRAPHS:  # least recently used first
+                self.graphs.pop(next(iter(self.graphs)))
+        self.graphs[full] = graph  # (re)inserted last: the dict's order is the order of use
         return graph, handle, key
 
     def _columns(self, cu_q: Tensor, cu_k: Tensor, b: int, hq: int, hkv: int, d: int) -> dict[str, Tensor]:
@@ -195,8 +212,9 @@ class _CudnnRagged:
                 "off_stats": (cq * hq).view(b + 1, 1, 1, 1)}
 
     def _run(self, graph: _Graph, handle: Any, values: dict[str, Tensor], device: torch.device) -> None:
-        workspace = torch.empty(max(graph.workspace, 1), dtype=torch.uint8, device=device)
-        graph.graph.execute({graph.tensors[name]: x for name, x in values.items()}, workspace, handle=handle)
+        with torch.cuda.device(device):  # the launch goes to the tensors' device whatever device is current
+            workspace = torch.empty(max(graph.workspace, 1), dtype=torch.uint8, device=device)
+            graph.graph.execute({graph.tensors[name]: x for name, x in values.items()}, workspace, handle=handle)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
@@ -204,13 +222,11 @@ class _CudnnRagged:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         graph, handle, key = self._graph(cudnn, q, k, cu_q, max_q, max_k, causal, scale, backward=False)
         cols = self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
-        out = torch.empty_like(q)
+        # the kernel leaves the rows of queries without keys untouched (output and statistics, measured on H200):
+        # the output starts at 0 for them; their statistics stay unset, and the block sets their lse to -inf
+        out = torch.zeros_like(q)
         stats = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)  # [total, h]
         self._run(graph, handle, {"q": q, "k": k, "v": v, "o": out, "stats": stats, **cols}, q.device)
-        # queries of a segment without keys: output 0 whatever the kernel wrote (0/0 there)
-        lonely = torch.repeat_interleave(cols["len_k"].flatten() == 0, cols["len_q"].flatten().long(),
-                                         output_size=q.shape[0])
-        out.masked_fill_(lonely[:, None, None], 0)
         return out, stats.t().contiguous(), None
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
@@ -220,7 +236,8 @@ class _CudnnRagged:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         graph, handle, key = self._graph(cudnn, q, k, cu_q, max_q, max_k, causal, scale, backward=True)
         cols = self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
-        # rows no segment shares keep 0: the kernel writes the rows of non-empty segments only
+        # zeros: the kernel was measured writing 0 to the rows of a side without partners, but the contract asks
+        # for 0 there and a cuDNN release that skips such segments must not leave garbage
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         stats = lse.t().contiguous()  # [total, h]
         self._run(graph, handle, {"q": q, "k": k, "v": v, "o": out.contiguous(), "do": dout.contiguous(),
@@ -235,6 +252,24 @@ _OPS = VarlenOps(_STATE.forward, _STATE.backward, cudnn_varlen_reason)
 def cudnn_varlen_ops() -> VarlenOps:
     """cuDNN's ragged fused attention as a varlen pair (its ``reason`` says when it cannot serve)."""
     return _OPS
+
+
+def _strict_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                    causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
+    reason = cudnn_varlen_reason(q)
+    if reason is not None:
+        raise CudnnVarlenError(f"packed_kernel='cudnn' cannot serve this call: {reason}; use packed_kernel='auto' "
+                               "(FlashAttention-2 where cuDNN cannot serve) or 'flash'")
+    return _STATE.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+_STRICT = VarlenOps(_strict_forward, _STATE.backward, None)
+
+
+def strict_cudnn_varlen_ops() -> VarlenOps:
+    """cuDNN's pair for an explicit ``packed_kernel='cudnn'``: it never declines (which would send the block to
+    the per-document loop); a call it cannot serve raises :class:`CudnnVarlenError` naming why."""
+    return _STRICT
 
 
 def _auto_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
