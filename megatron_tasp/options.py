@@ -153,7 +153,7 @@ class TaspOptions:
         multiple of 2·CP and cut into 2·CP chunks; Megatron-LM's ``--sft``, Transformer Engine's THD) or
         'sequence' (the packed sequence as a whole in 2·CP chunks, documents of any length; Megatron-LM's
         ``--dataloader-inter-document-masking`` without ``--sft``).
-    packed_dense_rows: packed documents on CUDA run as one varlen FlashAttention-2 launch per block; in causal
+    packed_dense_rows: packed documents on CUDA run as one varlen launch per block (``packed_kernel``); in causal
         calls, a document of at least this many rows in the own block (queries and keys the same rows) runs as
         its own call on the dense kernel (``kernel``, e.g. cudnn) instead, its rows zero-padded up to one of 8
         sizes per power of two (exact under the causal mask). None (default): every segment in the varlen
@@ -161,13 +161,14 @@ class TaspOptions:
         plan for every new shape; the padding bounds the shapes, so with document lengths that change every call
         the plans are built during the first calls only. Measured on one H200 with 1024: CP=1 1.23-1.42x faster
         at 32K-128K tokens; CP=2 per rank 10% faster at 128K and 3% slower at 32K-64K (only the own block is
-        served; the padded copies cost about what cuDNN saves there).
+        served; the padded copies cost about what cuDNN saves there). Measured against packed_kernel='flash';
+        cuDNN's ragged varlen form serves such documents without the padded copies.
     packed_kernel: the varlen kernel of packed-document blocks on CUDA. 'cudnn': cuDNN's fused attention over
         ragged tensors (Hopper or newer; needs NVIDIA's cuDNN frontend package, ``pip install
         nvidia-cudnn-frontend``); 'flash': torch's FlashAttention-2 varlen op; 'auto' (default): cuDNN where it
         can serve (the package installed, Hopper, fp16/bf16, head dim <= 128), else FlashAttention-2. Measured on
-        one H200 (32K-128K tokens, GQA 32/8): cuDNN's takes 0.6x FlashAttention-2's time for the whole packed
-        sequence on one GPU (docs/PERFORMANCE.md, packed item 12).
+        one H200 (32K-128K tokens, GQA 32/8, fwd+bwd): cuDNN's takes 0.64-0.65x FlashAttention-2's time for the
+        whole packed sequence on one GPU and 0.66-0.72x per CP=2 rank (docs/PERFORMANCE.md, packed item 12).
     cuda_graphs: (experimental) replay the forward and backward of every dense call with CP > 1 from CUDA
         graphs, captured on a signature's second call (``megatron_tasp.engine.graphed``): for short sequences,
         where launching ~30 kernels per call costs more host time than the GPU work takes. Costs a copy of the

@@ -69,8 +69,8 @@ class ThdLayout:
     pad: torch.Tensor | None  # engine rows of padding tokens (None: no padding)
 
 
-#: dense kernels whose packed-document blocks run as one varlen flash call on CUDA (fp16/bf16; see
-#: megatron_tasp.kernels.varlen); any other kernel, or inputs flash cannot take, loop over the documents
+#: dense kernels whose packed-document blocks run as one varlen call on CUDA (fp16/bf16; cuDNN's ragged pair or
+#: FlashAttention-2's, see _varlen_ops); any other kernel, or inputs no varlen pair takes, loop over the documents
 VARLEN_KERNELS = frozenset({"cudnn", "flash", "efficient"})
 
 

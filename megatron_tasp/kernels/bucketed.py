@@ -1,6 +1,7 @@
 """Large causal documents on the dense kernel at a bounded set of shapes.
 
-cuDNN's attention outruns FlashAttention-2's varlen kernel by ~1.4x on a large document on Hopper, but builds an
+cuDNN's dense attention outruns FlashAttention-2's varlen kernel by ~1.4x on a large document on Hopper (the
+varlen launch may itself run on cuDNN's ragged form now: ``TaspOptions.packed_kernel``), but builds an
 execution plan for every new (rows, keys) shape it sees; with packed documents whose lengths change every step
 that planning costs more than the kernel saves. :class:`BucketedBlock` runs each large segment of a causal block
 whose queries and keys are the same document rows (the own block of packed documents) as its own dense call, with

@@ -1,13 +1,15 @@
-"""Document-masked blocks in ONE kernel launch: torch's variable-length flash attention over gathered rows.
+"""Document-masked blocks in ONE kernel launch: a variable-length attention pair over the block's rows.
 
 A :class:`~megatron_tasp.kernels.segmented.SegmentedBlock` runs one dense kernel call per document of a block. On
-CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's small segments as one call of
-``aten._flash_attention_forward`` / ``_flash_attention_backward`` (FlashAttention-2 inside torch) with
-``cu_seqlens``. When every shared segment is one run of rows on both sides and the segments ascend on both sides
-(the own block of packed documents, and the remote block of CP=2 in THD order), the call reads q/k/v and writes
-out, lse and the gradients IN PLACE: the rows between the shared segments become segments with no partner (queries
-with no keys: output 0, their lse set to -inf here; keys with no queries: dk/dv 0), which FlashAttention-2 serves
-without computing anything (it exits early on an empty side). Otherwise the query rows of every shared segment are
+CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's small segments as one call of a
+:class:`VarlenOps` pair with ``cu_seqlens``: here torch's ``aten._flash_attention_forward`` /
+``_flash_attention_backward`` (FlashAttention-2 inside torch); cuDNN's ragged attention is the other pair
+(:mod:`megatron_tasp.kernels.cudnn_varlen`). When every shared segment is one run of rows on both sides and the
+segments ascend on both sides (the own block of packed documents, and the remote block of CP=2 in THD order), the
+call reads q/k/v and writes out, lse and the gradients IN PLACE: the rows between the shared segments become
+segments with no partner (queries with no keys: output 0, their lse set to -inf here; keys with no queries: dk/dv
+0), which both pairs serve
+without computing anything (they exit early on an empty side). Otherwise the query rows of every shared segment are
 gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a copy, when they already
 form one ascending run), likewise the key/value rows, and the output, lse and gradients are scattered back. Rows
 without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV
@@ -269,7 +271,7 @@ class VarlenBlock:
         if self.small:  # first: in place, its output is the block's (the dense rows are rows without keys in it)
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
             o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
-            if self.lonely_q is not None:  # FlashAttention-2 gives them +inf
+            if self.lonely_q is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
                 lse.masked_fill_(self.lonely_q, float("-inf"))
             out = _unpacked(o, self.q_index, sq)
             lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]

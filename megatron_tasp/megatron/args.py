@@ -70,8 +70,8 @@ TASP_FLAGS: dict[str, tuple[str, str, str]] = {
         "packed_dense_rows", "{N,none}",
         "Packed documents (--sft, THD): in causal attention, run each document of at least N rows of a rank's "
         "own block on the dense kernel (cuDNN on Hopper), padded to one of 8 sizes per power of two, instead of "
-        "the varlen FlashAttention-2 launch (default none). Faster for long documents at CP=1 and at 128K tokens "
-        "per sequence at CP=2; the first calls plan each new padded shape."),
+        "the varlen launch (default none). Measured against --tasp-packed-kernel flash: faster for long documents "
+        "at CP=1 and at 128K tokens per sequence at CP=2; the first calls plan each new padded shape."),
     "--tasp-packed-kernel": (
         "packed_kernel", "{auto,cudnn,flash}",
         "Packed documents (--sft, THD) on CUDA: the varlen attention kernel. cudnn: cuDNN's fused attention over "
