@@ -7,11 +7,15 @@ path was measured here returning wrong gradients), so this module builds the gra
 frontend Python package (``pip install nvidia-cudnn-frontend``; optional, imported lazily, never needed to
 import or test megatron-tasp). It uses the cuDNN library torch already loaded.
 
-Shapes and plans. A cuDNN graph is built per (segment count, longest query / key segment, heads, head dim,
-dtype, causal, total rows); building one takes ~0.15 s. The segment count is rounded up to a power of two
-(the extra segments are empty) and the longest segments up to a power of two (at least 64), so packings whose
-document lengths change every call reuse a handful of graphs. The softmax statistics are ragged as well
-(``[total, h]``), so no ``[b, h, s_max]`` buffer sized by the longest segment is ever allocated.
+Shapes and plans. A cuDNN graph is built per (direction, segment count, longest query / key segment, heads,
+head dim, dtype, causal, scale; the backward also per total rows, which size its dQ accumulator); building one
+takes ~0.15 s. The segment count, the longest segments and the backward's totals are rounded up to powers of two
+(the extra segments are empty; lengths at least 64), so packings whose document lengths change every call reuse
+a handful of graphs, and at most 256 are kept (least recently used dropped). The rounding costs grid work: up to
+about 4x the thread blocks are launched, the extra ones exiting at once, and cuDNN's per-launch kernels (dO.O,
+the dQ conversion, the GQA head sums) seem to run over the rounded grid. The softmax statistics are ragged as
+well (``[total, h]``), so no ``[b, h, s_max]`` buffer sized by the longest segment is ever allocated. Host time:
+one execute through the frontend's Python layer took 0.26-0.34 ms on the H200 machine's host.
 
 Contract (:class:`~megatron_tasp.kernels.varlen.VarlenOps`): a segment may be empty on one side. A query
 without keys gets output 0 (the block sets its lse to -inf) and dq 0; a key without queries gets dk/dv 0. The
@@ -39,6 +43,7 @@ logger = logging.getLogger("megatron_tasp")
 
 class CudnnVarlenError(ValueError):
     """An explicit ``packed_kernel='cudnn'`` met a call cuDNN's ragged attention cannot serve."""
+
 
 CUDNN_FRONTEND_HINT = "pip install nvidia-cudnn-frontend"
 _MIN_BACKEND = 90600  # int64 ragged offsets and ragged softmax statistics
