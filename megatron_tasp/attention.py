@@ -168,7 +168,7 @@ def tasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
         call = _call(qt, kt, vt, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport,
                      chunks, keep_kv)
         return ThdAttention.apply(q, k, v, thd_layout(call, cu_seqlens_padded, cu_seqlens, qt.shape[0], q.device,
-                                                      opts.packed_split))
+                                                      opts.packed_split, dtype=qt.dtype, head_dim=qt.shape[-1]))
     call = _call(q, k, v, cp_group, causal, softmax_scale, options, num_rings, topology, kernel, transport, chunks,
                  keep_kv)
     # whether a backward can follow (known here, not inside forward, where autograd turns grad mode off)

@@ -245,6 +245,41 @@ def test_packed_kernel_cudnn_fails_closed(monkeypatch):
     for choice in ("auto", "flash"):
         engine_thd.check_packed_kernel(choice, gpu)
     engine_thd.check_packed_kernel("cudnn", CPU)
+    # with the frontend there, the inputs decide: fp16/bf16 and head dims up to 128 (multiples of 8)
+    monkeypatch.setattr(engine_thd, "cudnn_available", lambda device: None)
+    engine_thd.check_packed_kernel("cudnn", gpu, torch.bfloat16, 128)
+    for dtype, d, why in ((torch.float32, 64, "dtype"), (torch.bfloat16, 256, "head dim 256"),
+                          (torch.float16, 60, "head dim 60")):
+        with pytest.raises(TaspConfigError, match=f"packed_kernel='cudnn': {why}.*'auto'"):
+            engine_thd.check_packed_kernel("cudnn", gpu, dtype, d)
+
+
+def _check_on_one_rank_worker(rank, n):
+    """The packed-kernel check fails on rank 1 only: the layout's agreement must make every rank raise."""
+    import torch.distributed as dist
+
+    def check(packed_kernel, device, dtype=None, head_dim=None):
+        if dist.get_rank() == 1:
+            raise TaspConfigError("packed_kernel='cudnn': test reason")
+
+    engine_thd.check_packed_kernel = check  # this forked worker's module only
+    cu_pad, cu = boundaries([8, 12], n)
+    try:
+        run_case(dist.group.WORLD, cu_pad, cu, True, 2)
+    except TaspConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_packed_kernel_problem_on_one_rank_fails_every_rank():
+    messages = run_workers(_check_on_one_rank_worker, 2, timeout_s=120)
+    assert "rejected its document boundaries or this packed-documents call" in messages[0], messages
+    assert messages[1] == "packed_kernel='cudnn': test reason", messages
+
+
+def test_backward_capacity_bounds_the_accumulator():
+    assert [cudnn_varlen._capacity(r) for r in (1, 64, 65, 32768, 32769, 65536, 70000)] == \
+        [64, 64, 128, 32768, 65536, 65536, 98304]
 
 
 def test_cudnn_available_names_what_is_missing(monkeypatch):

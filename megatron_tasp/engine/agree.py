@@ -111,8 +111,9 @@ def agree_boundaries(group: dist.ProcessGroup, digest: int, device: torch.device
     if problem is not None:
         raise problem
     if failed:
-        raise TaspConfigError("a CP rank rejected its document boundaries (see the error raised there); every CP "
-                              "rank must pass the same cu_seqlens_padded / cu_seqlens")
+        raise TaspConfigError("a CP rank rejected its document boundaries or this packed-documents call (see the "
+                              "error raised there); every CP rank must pass the same cu_seqlens_padded / cu_seqlens "
+                              "and be able to run the same options")
     if hi != -neg_lo:
         raise TaspConfigError("CP ranks disagree on the document boundaries (cu_seqlens_padded / cu_seqlens); "
                               "every CP rank must pass the same global boundaries")

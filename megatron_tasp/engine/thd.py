@@ -40,7 +40,12 @@ from megatron_tasp.engine.compiled import FULL, CompiledCall, LocalCall
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.engine.forward import forward
 from megatron_tasp.kernels.bucketed import is_dense
-from megatron_tasp.kernels.cudnn_varlen import auto_varlen_ops, cudnn_available, strict_cudnn_varlen_ops
+from megatron_tasp.kernels.cudnn_varlen import (
+    auto_varlen_ops,
+    cudnn_available,
+    cudnn_input_reason,
+    strict_cudnn_varlen_ops,
+)
 from megatron_tasp.kernels.segmented import SegmentedBlock, segmented_block
 from megatron_tasp.kernels.varlen import VarlenBlock, VarlenOps, flash_varlen_ops
 from megatron_tasp.schedule import EARLIER, LATER
@@ -107,16 +112,24 @@ def _varlen_ops(kernel, device: torch.device, packed_kernel: str = "auto") -> Va
         return flash_varlen_ops()
     if packed_kernel == "cudnn":
         check_packed_kernel(packed_kernel, device)
-        return strict_cudnn_varlen_ops()
+        return strict_cudnn_varlen_ops()  # thd_layout checked the inputs: it never declines into the loop
     return auto_varlen_ops()
 
 
-def check_packed_kernel(packed_kernel: str, device: torch.device) -> None:
-    """Raise when ``packed_kernel='cudnn'`` cannot run on ``device`` (CUDA only: packed blocks elsewhere run per
-    document whatever it says); checked before the ranks agree on a new layout, so every rank reports it."""
-    reason = cudnn_available(device) if packed_kernel == "cudnn" and device.type == "cuda" else None
+def check_packed_kernel(packed_kernel: str, device: torch.device, dtype: torch.dtype | None = None,
+                        head_dim: int | None = None) -> None:
+    """Raise when ``packed_kernel='cudnn'`` cannot serve ``device`` (or inputs of ``dtype``/``head_dim`` when
+    given); CUDA only: packed blocks elsewhere run per document whatever it says. :func:`thd_layout` checks before
+    the ranks agree on a new layout, so every rank reports it, including a rank whose own blocks would not
+    have launched a varlen call."""
+    if packed_kernel != "cudnn" or device.type != "cuda":
+        return
+    reason = cudnn_available(device)
+    if reason is None and dtype is not None and head_dim is not None:
+        reason = cudnn_input_reason(dtype, head_dim)
     if reason is not None:
-        raise TaspConfigError(f"packed_kernel='cudnn': {reason}; or use packed_kernel='auto' or 'flash'")
+        raise TaspConfigError(f"packed_kernel='cudnn': {reason}; use packed_kernel='auto' (FlashAttention-2 where "
+                              "cuDNN cannot serve, one call per document where neither can) or 'flash'")
 
 
 def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], device: torch.device):
@@ -253,8 +266,11 @@ def _check_sequence(cu: tuple[int, ...], n: int, length: int) -> None:
 
 def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor | Sequence[int] | None,
                cu_seqlens: torch.Tensor | Sequence[int] | None, length: int, device: torch.device,
-               split: str = "document") -> ThdLayout:
+               split: str = "document", *, dtype: torch.dtype | None = None,
+               head_dim: int | None = None) -> ThdLayout:
     """The layout of ``call`` for these document boundaries, built once per (call, boundary values, split).
+    ``dtype``/``head_dim``: the inputs' (the call is compiled per both), so an explicit
+    ``packed_kernel='cudnn'`` that cannot take them fails on every rank before any exchange.
     The call is compiled per options value, so calls whose options differ (``packed_dense_rows`` among them,
     which shapes the blocks) never share a layout.
 
@@ -289,7 +305,7 @@ def thd_layout(call: CompiledCall | LocalCall, cu_seqlens_padded: torch.Tensor |
     n = call.plan.world_size
     problem = None
     try:
-        check_packed_kernel(call.packed_kernel, device)
+        check_packed_kernel(call.packed_kernel, device, dtype, head_dim)
         if split == "sequence":
             _check_sequence(cu, n, length)
         else:

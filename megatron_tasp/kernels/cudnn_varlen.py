@@ -9,7 +9,8 @@ import or test megatron-tasp). It uses the cuDNN library torch already loaded.
 
 Shapes and plans. A cuDNN graph is built per (direction, segment count, longest query / key segment, heads,
 head dim, dtype, causal, scale; the backward also per total rows, which size its dQ accumulator); building one
-takes ~0.15 s. The segment count, the longest segments and the backward's totals are rounded up to powers of two
+takes ~0.15 s. The segment count, the longest segments and the backward's totals (beyond 32K rows: to multiples
+of 32K) are rounded up to powers of two
 (the extra segments are empty; lengths at least 64), so packings whose document lengths change every call reuse
 a handful of graphs, and at most 256 are kept (least recently used dropped). The rounding costs grid work: up to
 about 4x the thread blocks are launched, the extra ones exiting at once, and cuDNN's per-launch kernels (dO.O,
@@ -36,7 +37,7 @@ from torch import Tensor
 from .varlen import VarlenOps, flash_varlen_ops
 
 __all__ = ["CUDNN_FRONTEND_HINT", "CudnnVarlenError", "auto_varlen_ops", "cudnn_available", "cudnn_frontend",
-           "cudnn_varlen_ops", "cudnn_varlen_reason", "graph_key", "strict_cudnn_varlen_ops"]
+           "cudnn_input_reason", "cudnn_varlen_ops", "cudnn_varlen_reason", "graph_key", "strict_cudnn_varlen_ops"]
 
 logger = logging.getLogger("megatron_tasp")
 
@@ -50,6 +51,7 @@ _MIN_BACKEND = 90600  # int64 ragged offsets and ragged softmax statistics
 _DTYPES = (torch.float16, torch.bfloat16)
 _MIN_ROWS = 64  # smallest bucket of the longest segment
 _MAX_GRAPHS = 256  # built graphs kept per process (least recently used dropped first)
+_BIG_ROWS = 32768  # beyond this, backward capacities grow in steps of this many rows
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,6 +70,12 @@ def _pow2(x: int, low: int = 1) -> int:
     return 1 << (x - 1).bit_length()
 
 
+def _capacity(rows: int) -> int:
+    """The backward's token capacity for ``rows`` rows (it sizes cuDNN's fp32 dQ accumulator): a power of two up
+    to 32768, then a multiple of 32768, so the accumulator stays within 2x (beyond 32K rows, 1.5x) of need."""
+    return _pow2(rows, _MIN_ROWS) if rows <= _BIG_ROWS else -(-rows // _BIG_ROWS) * _BIG_ROWS
+
+
 def graph_key(segments: int, max_q: int, max_k: int) -> tuple[int, int, int]:
     """(segment count, longest query segment, longest key segment) as graphs are built for them: each rounded
     up to a power of two (the segment lengths to at least 64 rows), so the number of graphs stays small when
@@ -83,21 +91,32 @@ def cudnn_available(device: torch.device) -> str | None:
     cudnn = cudnn_frontend()
     if cudnn is None:
         return f"the cuDNN frontend is not installed ({CUDNN_FRONTEND_HINT})"
-    if cudnn.backend_version() < _MIN_BACKEND:
-        return f"cuDNN {cudnn.backend_version_string()} (ragged attention here needs >= 9.6)"
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        return "cuDNN's ragged attention needs a Hopper or newer GPU (compute capability >= 9.0)"
+    try:
+        if cudnn.backend_version() < _MIN_BACKEND:
+            return f"cuDNN {cudnn.backend_version_string()} (ragged attention here needs >= 9.6)"
+        if torch.cuda.get_device_capability(device) < (9, 0):
+            return "cuDNN's ragged attention needs a Hopper or newer GPU (compute capability >= 9.0)"
+    except Exception as exc:  # a broken install answers with a reason, never an exception mid-agreement
+        return f"the cuDNN frontend failed to answer ({type(exc).__name__}: {exc})"
+    return None
+
+
+def cudnn_input_reason(dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when cuDNN's ragged pair takes inputs of ``dtype`` and ``head_dim``, else why not."""
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} (cuDNN ragged attention takes fp16/bf16)"
+    if head_dim % 8 or head_dim > 128:
+        return f"head dim {head_dim} (this pair takes multiples of 8 up to 128)"
     return None
 
 
 def cudnn_varlen_reason(q: Tensor) -> str | None:
     """None when the cuDNN ragged pair can take a block whose query tensor is ``q`` (``[b, h, s, d]``), else why
     not."""
-    if q.device.type == "cuda" and q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (cuDNN ragged attention takes fp16/bf16)"
-    d = q.shape[-1]
-    if q.device.type == "cuda" and (d % 8 or d > 128):
-        return f"head dim {d} (this pair takes multiples of 8 up to 128)"
+    if q.device.type == "cuda":
+        reason = cudnn_input_reason(q.dtype, q.shape[-1])
+        if reason is not None:
+            return reason
     return cudnn_available(q.device)
 
 
@@ -175,8 +194,8 @@ class _CudnnRagged:
                 t[name].set_ragged_offset(t["off_q"])
             t["stats"].set_ragged_offset(t["off_stats"])
             dq, dk, dv = g.sdpa_backward(name="bwd", q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"],
-                                         stats=t["stats"], attn_scale=scale, max_total_seq_len_q=-(-tq // 64) * 64,
-                                         max_total_seq_len_kv=-(-tk // 64) * 64, **mask)
+                                         stats=t["stats"], attn_scale=scale, max_total_seq_len_q=tq,
+                                         max_total_seq_len_kv=tk, **mask)
             for name, x, h, s, off in (("dq", dq, hq, sq, "off_q"), ("dk", dk, hkv, sk, "off_k"),
                                        ("dv", dv, hkv, sk, "off_k")):
                 x.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1])
@@ -190,7 +209,7 @@ class _CudnnRagged:
         b, sq, sk = graph_key(cu_q.numel() - 1, max_q, max_k)
         # the backward's dQ accumulator is sized by the total rows: an upper bound, rounded like the rest (the
         # forward does not depend on them); blocks that gather rows have totals that change with the documents
-        tq, tk = (_pow2(q.shape[0], _MIN_ROWS), _pow2(k.shape[0], _MIN_ROWS)) if backward else (0, 0)
+        tq, tk = (_capacity(q.shape[0]), _capacity(k.shape[0])) if backward else (0, 0)
         key = (b, sq, sk, q.shape[1], k.shape[1], q.shape[2], tq, tk, q.dtype, causal, float(scale))
         handle = self._handle(cudnn, q.device)
         full = (q.device.index, backward, key)
