@@ -8,7 +8,8 @@ block kernel run on one GPU), then times forward+backward (CUDA events, median, 
 TASP packed at CP, the same packed sequence with the same mask on one GPU (a loop of per-document kernel
 calls, ``one_gpu_packed``, and one varlen flash call, ``one_gpu_varlen``; the ratio uses the faster), and
 dense causal TASP on the same tokens (``dense_causal``); ``--big-rows`` also times TASP packed with these values
-of ``options.packed_dense_rows`` (large documents on the dense kernel). On CPU (gloo) it runs as a smoke test
+of ``options.packed_dense_rows`` (large documents on the dense kernel), ``--packed-kernels`` with these values of
+``options.packed_kernel`` (cuDNN's ragged pair or FlashAttention-2's). On CPU (gloo) it runs as a smoke test
 with tiny shapes.
 """
 
@@ -172,8 +173,7 @@ def fresh_mixes(a, S: int, n: int, r: int, q, k, v, do, tok: int, dev, cuda: boo
     import time
 
     if variants is None:
-        variants = [("default", None)] + [(br, default_options().replace(packed_dense_rows=br))
-                                          for br in a.big_rows.split(",") if br]
+        variants = [("default", None)] + option_variants(a)
     per: dict[str, list[float]] = {name: [] for name, _ in variants}
     for i in range(a.fresh):
         lens, padded = doc_lengths(S, a.doc_mean, n, seed=tok + 1000 + i)
@@ -201,6 +201,15 @@ def fresh_mixes(a, S: int, n: int, r: int, q, k, v, do, tok: int, dev, cuda: boo
         res[name] = {"median_ms": float(t[0]), "mean_ms": float(t[1]), "median_second_half_ms": float(t[2]),
                      "median_ms_by_quarter": [float(x) for x in t[3:]], "calls": len(ms)}
     return res
+
+
+def option_variants(a) -> list[tuple[str, object]]:
+    """(suffix, options) of every --big-rows and --packed-kernels value: each an options value of its own, so a
+    compiled call of its own."""
+    out = [(f"big_rows_{br}", default_options().replace(packed_dense_rows=br)) for br in a.big_rows.split(",") if br]
+    out += [(f"packed_kernel_{pk}", default_options().replace(packed_kernel=pk))
+            for pk in a.packed_kernels.split(",") if pk]
+    return out
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -232,6 +241,8 @@ def main() -> None:
     ap.add_argument("--big-rows", default="", help="also time TASP packed with these options.packed_dense_rows "
                     "values: documents of at least that many rows on the dense kernel (comma list; 'none' = every "
                     "segment in the varlen launch)")
+    ap.add_argument("--packed-kernels", default="", help="also time TASP packed with these options.packed_kernel "
+                    "values (comma list of auto, cudnn, flash), at CP and on one GPU")
     ap.add_argument("--profile", default="", help="profile one TASP packed fwd+bwd at this size (e.g. 64k) and "
                     "print the top CUDA kernels (rank 0)")
     ap.add_argument("--fresh", type=int, default=0, help="also time N calls per size that each get a NEW document "
@@ -315,9 +326,8 @@ def main() -> None:
             x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu), ql, kl, vl,
             dol.detach(), a.warmup, a.iters)
         qs, ks, vs = (x.detach()[zig].unsqueeze(1).requires_grad_(True) for x in (q, k, v))
-        for br in [x for x in a.big_rows.split(",") if x]:
-            opts = default_options().replace(packed_dense_rows=br)  # an options value of its own: its own call
-            rec[f"tasp_packed_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
+        for suffix, opts in option_variants(a):
+            rec[f"tasp_packed_ms_{suffix}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
                 x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu, options=o), ql, kl, vl,
                 dol.detach(), a.warmup, a.iters)
         if a.profile and tok == parse_tokens(a.profile)[0]:
@@ -337,13 +347,12 @@ def main() -> None:
                                                qf, kf, vf, do, a.warmup, a.iters)
         best = min(rec["one_gpu_packed_ms"], rec["one_gpu_tasp_ms"], rec.get("one_gpu_varlen_ms", float("inf")))
         rec["tasp_over_one_gpu"] = rec["tasp_packed_ms"] / best  # against the fastest default-settings one-GPU form
-        for br in [x for x in a.big_rows.split(",") if x]:  # the same threshold on one GPU too, then the best
-            opts = default_options().replace(packed_dense_rows=br)
-            rec[f"one_gpu_tasp_ms_big_rows_{br}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
+        for suffix, opts in option_variants(a):  # the same options on one GPU too, then the best
+            rec[f"one_gpu_tasp_ms_{suffix}"] = time_ms(lambda x, y, z, cp=cu_pad, cu=cu, o=opts: tasp_attention(
                 x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=cu, options=o),
                 *(t.detach().requires_grad_(True) for t in (q, k, v)), do, a.warmup, a.iters)
-            rec[f"tasp_over_one_gpu_big_rows_{br}"] = rec[f"tasp_packed_ms_big_rows_{br}"] / min(
-                best, rec[f"one_gpu_tasp_ms_big_rows_{br}"])
+            rec[f"tasp_over_one_gpu_{suffix}"] = rec[f"tasp_packed_ms_{suffix}"] / min(
+                best, rec[f"one_gpu_tasp_ms_{suffix}"])
         # every one-GPU form measured, thresholds included: the fastest way this machine has to run it alone
         every = [v for key, v in rec.items() if key.startswith("one_gpu_") and "_ms" in key and "err" not in key]
         rec["tasp_over_best_one_gpu"] = rec["tasp_packed_ms"] / min(every)
