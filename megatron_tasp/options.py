@@ -118,6 +118,17 @@ def _positive_int_or_none(name: str, value: Any) -> int | None:
     return _positive_int(name, value, {"": None, "none": None, "off": None}, "a positive integer or None")
 
 
+def _choice(name: str, value: Any, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str:
+    """``value`` as one of ``choices`` (case and surrounding blanks ignored; ``aliases`` map other spellings);
+    anything else raises naming them."""
+    text = str(value).strip().lower()
+    text = (aliases or {}).get(text, text)
+    if text not in choices:
+        named = ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
+        raise TaspOptionError(f"{name} must be {named}, got {value!r}")
+    return text
+
+
 def _choice_or_auto(name: str, value: Any, choices: tuple[str, ...]) -> str | None:
     if value is None:
         return None
@@ -212,20 +223,10 @@ class TaspOptions:
         set_(self, "kernel", kernel)
         set_(self, "keep_kv", parse_keep_kv(self.keep_kv))
         set_(self, "keep_kv_cap_mib", _positive_float("keep_kv_cap_mib", self.keep_kv_cap_mib))
-        dkv = str(self.dkv_dtype).strip().lower()
-        dkv = "fp32" if dkv == "float32" else dkv
-        if dkv not in DKV_DTYPES:
-            raise TaspOptionError(f"dkv_dtype must be 'fp32' or 'input', got {self.dkv_dtype!r}")
-        set_(self, "dkv_dtype", dkv)
-        split = str(self.packed_split).strip().lower()
-        if split not in PACKED_SPLITS:
-            raise TaspOptionError(f"packed_split must be 'document' or 'sequence', got {self.packed_split!r}")
-        set_(self, "packed_split", split)
+        set_(self, "dkv_dtype", _choice("dkv_dtype", self.dkv_dtype, DKV_DTYPES, {"float32": "fp32"}))
+        set_(self, "packed_split", _choice("packed_split", self.packed_split, PACKED_SPLITS))
         set_(self, "packed_dense_rows", _positive_int_or_none("packed_dense_rows", self.packed_dense_rows))
-        packed_kernel = str(self.packed_kernel).strip().lower()
-        if packed_kernel not in PACKED_KERNELS:
-            raise TaspOptionError(f"packed_kernel must be 'auto', 'cudnn' or 'flash', got {self.packed_kernel!r}")
-        set_(self, "packed_kernel", packed_kernel)
+        set_(self, "packed_kernel", _choice("packed_kernel", self.packed_kernel, PACKED_KERNELS))
         set_(self, "timeout_s", _positive_float("timeout_s", self.timeout_s))
         set_(self, "fused_merge", parse_bool("fused_merge", self.fused_merge))
         set_(self, "direct_collectives", parse_bool("direct_collectives", self.direct_collectives))

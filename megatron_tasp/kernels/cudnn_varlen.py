@@ -127,12 +127,12 @@ class _Graph:
     workspace: int
 
 
-def _dense(graph: Any, cudnn: Any, name: str, b: int, h: int, s: int, d: int, dtype: Any) -> Any:
+def _dense(graph: Any, name: str, b: int, h: int, s: int, d: int, dtype: Any) -> Any:
     """A packed ``[total, h, d]`` tensor described as ``[b, h, s, d]`` (token-major strides)."""
     return graph.tensor(name=name, dim=[b, h, s, d], stride=[s * h * d, d, h * d, 1], data_type=dtype)
 
 
-def _column(graph: Any, cudnn: Any, name: str, n: int, dtype: Any) -> Any:
+def _column(graph: Any, name: str, n: int, dtype: Any) -> Any:
     return graph.tensor(name=name, dim=[n, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dtype)
 
 
@@ -167,11 +167,11 @@ class _CudnnRagged:
         f32, i32, i64 = cudnn.data_type.FLOAT, cudnn.data_type.INT32, cudnn.data_type.INT64
         g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
         t: dict[str, Any] = {
-            "q": _dense(g, cudnn, "q", b, hq, sq, d, io), "k": _dense(g, cudnn, "k", b, hkv, sk, d, io),
-            "v": _dense(g, cudnn, "v", b, hkv, sk, d, io),
-            "len_q": _column(g, cudnn, "len_q", b, i32), "len_k": _column(g, cudnn, "len_k", b, i32),
-            "off_q": _column(g, cudnn, "off_q", b + 1, i64), "off_k": _column(g, cudnn, "off_k", b + 1, i64),
-            "off_stats": _column(g, cudnn, "off_stats", b + 1, i64),
+            "q": _dense(g, "q", b, hq, sq, d, io), "k": _dense(g, "k", b, hkv, sk, d, io),
+            "v": _dense(g, "v", b, hkv, sk, d, io),
+            "len_q": _column(g, "len_q", b, i32), "len_k": _column(g, "len_k", b, i32),
+            "off_q": _column(g, "off_q", b + 1, i64), "off_k": _column(g, "off_k", b + 1, i64),
+            "off_stats": _column(g, "off_stats", b + 1, i64),
         }
         t["q"].set_ragged_offset(t["off_q"])
         t["k"].set_ragged_offset(t["off_k"])
@@ -188,7 +188,7 @@ class _CudnnRagged:
             stats.set_ragged_offset(t["off_stats"])
             t["o"], t["stats"] = o, stats
         else:
-            t["o"], t["do"] = _dense(g, cudnn, "o", b, hq, sq, d, io), _dense(g, cudnn, "do", b, hq, sq, d, io)
+            t["o"], t["do"] = _dense(g, "o", b, hq, sq, d, io), _dense(g, "do", b, hq, sq, d, io)
             t["stats"] = g.tensor(name="stats", dim=[b, hq, sq, 1], stride=[sq * hq, 1, hq, 1], data_type=f32)
             for name in ("o", "do"):
                 t[name].set_ragged_offset(t["off_q"])
@@ -240,12 +240,16 @@ class _CudnnRagged:
             workspace = torch.empty(max(graph.workspace, 1), dtype=torch.uint8, device=device)
             graph.graph.execute({graph.tensors[name]: x for name, x in values.items()}, workspace, handle=handle)
 
+    def _prepare(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                 causal: bool, scale: float, backward: bool) -> tuple[tuple[Tensor, ...], _Graph, Any, dict]:
+        """(contiguous q, k, v), the direction's graph, the handle on the current stream, the segment columns."""
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        graph, handle, key = self._graph(cudnn_frontend(), q, k, cu_q, max_q, max_k, causal, scale, backward)
+        return (q, k, v), graph, handle, self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
-        cudnn = cudnn_frontend()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        graph, handle, key = self._graph(cudnn, q, k, cu_q, max_q, max_k, causal, scale, backward=False)
-        cols = self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
+        (q, k, v), graph, handle, cols = self._prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, False)
         # the kernel leaves the rows of queries without keys untouched (output and statistics, measured on H200):
         # the output starts at 0 for them; their statistics stay unset, and the block sets their lse to -inf
         out = torch.zeros_like(q)
@@ -256,10 +260,7 @@ class _CudnnRagged:
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                  cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
                  aux: Any) -> tuple[Tensor, Tensor, Tensor]:
-        cudnn = cudnn_frontend()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        graph, handle, key = self._graph(cudnn, q, k, cu_q, max_q, max_k, causal, scale, backward=True)
-        cols = self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
+        (q, k, v), graph, handle, cols = self._prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, True)
         # zeros: the kernel was measured writing 0 to the rows of a side without partners, but the contract asks
         # for 0 there and a cuDNN release that skips such segments must not leave garbage
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
