@@ -10,7 +10,10 @@ perfect overlap. Rank 0 then times the whole packed sequence on the same GPU: on
 ``max_rank_ms / one_gpu_*_ms``; a run on two GPUs adds the communication this one leaves out. ``--profile``
 prints each rank's top CUDA kernels at the first size; ``--dense-rows N`` times ``options.packed_dense_rows=N``
 beside the default (CP=2 and one GPU); ``--fresh N`` times calls that each get a new document mix (host work and
-kernel plans included).
+kernel plans included); ``--host-bounds`` also times the calls with the boundaries given as host integers, as
+the Megatron adapter passes them to every layer after the first of a pass (no host sync per call).
+``--back-to-back`` times calls queued one after another (steady state, as between a model's layers) instead of
+single calls that each start from an idle GPU (which expose the host time of a call's start).
 """
 
 from __future__ import annotations
@@ -36,18 +39,21 @@ from gpu_check_thd import (  # noqa: E402
 )
 
 from megatron_tasp import tasp_attention  # noqa: E402
-from megatron_tasp.apps.bench.timing import time_fn  # noqa: E402
+from megatron_tasp.apps.bench.timing import time_back_to_back, time_fn  # noqa: E402
 from megatron_tasp.options import default_options  # noqa: E402
 from megatron_tasp.thd import partition_index  # noqa: E402
 
 
-def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | None = None) -> list[float]:
+def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | None = None,
+           back_to_back: bool = False) -> list[float]:
     """``step`` timed on each of ``ranks`` (None: all) in turn while the others wait on the host; every rank's
-    time (0 where it did not run)."""
+    time (0 where it did not run): the median of single calls that each start from an idle GPU, or with
+    ``back_to_back`` the time per call of calls queued one after another (steady state)."""
     t = torch.zeros(1, dtype=torch.float64)
+    dev = torch.device("cuda", 0)
     for turn in range(dist.get_world_size()):
         if turn == rank and (ranks is None or rank in ranks):
-            t[0] = time_fn(step, torch.device("cuda", 0), warmup, iters)
+            t[0] = time_back_to_back(step, dev, warmup, iters) if back_to_back else time_fn(step, dev, warmup, iters)
         dist.barrier()
     every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(every, t)
@@ -84,6 +90,12 @@ def main() -> None:
                     "mix (host included), both ranks at once, every variant interleaved")
     ap.add_argument("--packed-kernels", default="", help="also time these values of options.packed_kernel "
                     "(comma list of auto, cudnn, flash), at CP=2 and on one GPU")
+    ap.add_argument("--host-bounds", action="store_true", help="also time the default options with the "
+                    "boundaries as host integers (no host sync per call, as Megatron's later layers), at CP=2 and "
+                    "on one GPU")
+    ap.add_argument("--back-to-back", action="store_true", help="time calls queued back to back (steady state, "
+                    "as between a model's layers: host work overlaps the previous call's GPU work) instead of "
+                    "single calls that each start from an idle GPU")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     # a rank that fails while the other waits in a barrier ends the run within minutes, not the default half hour
@@ -94,12 +106,16 @@ def main() -> None:
     hq, hkv = (int(x) for x in a.heads.split("/"))
     d, dtype = 128, torch.bfloat16
     res = {"cp": n, "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "dtype": str(dtype),
-           "heads": a.heads, "head_dim": d, "doc_mean": a.doc_mean, "transport": "none (each rank alone)", "rows": []}
-    variants = [("default", default_options())]
+           "heads": a.heads, "head_dim": d, "doc_mean": a.doc_mean, "transport": "none (each rank alone)",
+           "timing": "back to back (steady state)" if a.back_to_back else "single calls from an idle GPU", "rows": []}
+    variants = [("default", default_options(), False)]  # (name, options, boundaries as host integers)
+    if a.host_bounds:
+        variants.append(("host_bounds", default_options(), True))
     if a.dense_rows:
-        variants.append((f"dense_rows_{a.dense_rows}", default_options().replace(packed_dense_rows=a.dense_rows)))
+        variants.append((f"dense_rows_{a.dense_rows}", default_options().replace(packed_dense_rows=a.dense_rows),
+                         False))
     for name in filter(None, a.packed_kernels.split(",")):
-        variants.append((f"packed_kernel_{name}", default_options().replace(packed_kernel=name)))
+        variants.append((f"packed_kernel_{name}", default_options().replace(packed_kernel=name), False))
     for i, tok in enumerate(parse_tokens(a.tokens)):
         lens, padded = doc_lengths(tok, a.doc_mean, n, seed=tok)
         g = torch.Generator(device=dev).manual_seed(5)
@@ -109,8 +125,11 @@ def main() -> None:
         ql, kl, vl = (x[idx].detach().requires_grad_(True) for x in (q, k, v))
         qf, kf, vf = (x.detach().requires_grad_(True) for x in (q, k, v))
         row = {"tokens": tok, "docs": len(lens), "doc_lengths": lens}
-        for vname, opts in variants:
-            def tasp(x, y, z, cp=cu_pad, c=cu, o=opts):
+        host = (tuple(cu_pad.tolist()), tuple(cu.tolist()))
+        for vname, opts, on_host in variants:
+            bounds = host if on_host else (cu_pad, cu)
+
+            def tasp(x, y, z, cp=bounds[0], c=bounds[1], o=opts):
                 return tasp_attention(x, y, z, dist.group.WORLD, causal=True, cu_seqlens_padded=cp, cu_seqlens=c,
                                       transport="none", options=o)
 
@@ -118,28 +137,31 @@ def main() -> None:
             step()  # both ranks together: the layout is built and agreed once
             dist.barrier()
             suffix = "" if vname == "default" else "_" + vname
-            row["rank_ms" + suffix] = _alone(r, step, a.warmup, a.iters)
+            row["rank_ms" + suffix] = _alone(r, step, a.warmup, a.iters, back_to_back=a.back_to_back)
             row["max_rank_ms" + suffix] = max(row["rank_ms" + suffix])
             if a.profile and i == 0:
                 _profile(r, step, f"CP=2 packed, {tok} tokens, {vname}")
-            one = fwd_bwd(lambda x, y, z, cp=cu_pad, c=cu, o=opts: tasp_attention(
+            one = fwd_bwd(lambda x, y, z, cp=bounds[0], c=bounds[1], o=opts: tasp_attention(
                 x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=c, options=o), qf, kf, vf, do)
-            row["one_gpu_tasp_ms" + suffix] = _alone(r, one, a.warmup, a.iters, ranks=(0,))[0]
+            row["one_gpu_tasp_ms" + suffix] = _alone(r, one, a.warmup, a.iters, ranks=(0,),
+                                                    back_to_back=a.back_to_back)[0]
             if a.profile and i == 0:
                 _profile(r, one, f"one GPU TASP, {tok} tokens, {vname}", ranks=(0,))
             row["max_rank_over_one_gpu_tasp" + suffix] = row["max_rank_ms" + suffix] / row["one_gpu_tasp_ms" + suffix]
         m = (lens, padded, True)
         for name, fn in (("one_gpu_varlen_ms", lambda x, y, z, m=m: one_gpu_varlen(x, y, z, *m)),
                          ("one_gpu_packed_ms", lambda x, y, z, m=m: one_gpu_packed(x, y, z, *m))):
-            row[name] = _alone(r, fwd_bwd(fn, qf, kf, vf, do), a.warmup, a.iters, ranks=(0,))[0]
+            row[name] = _alone(r, fwd_bwd(fn, qf, kf, vf, do), a.warmup, a.iters, ranks=(0,),
+                              back_to_back=a.back_to_back)[0]
         best = min(val for key, val in row.items() if key.startswith("one_gpu_") and key.endswith("_ms")
                    or key.startswith("one_gpu_tasp_ms"))
-        for vname, _ in variants:
+        for vname, *_ in variants:
             suffix = "" if vname == "default" else "_" + vname
             row["max_rank_over_best_one_gpu" + suffix] = row["max_rank_ms" + suffix] / best
         if a.fresh:
             # both ranks at once on the one GPU: about twice a rank's GPU work per call
-            row["fresh_mixes"] = fresh_mixes(a, tok, n, r, q, k, v, do, tok, dev, True, variants=variants,
+            row["fresh_mixes"] = fresh_mixes(a, tok, n, r, q, k, v, do, tok, dev, True,
+                                             variants=[(nm, o) for nm, o, on_host in variants if not on_host],
                                              transport="none")
         res["rows"].append(row)
         if r == 0:

@@ -60,3 +60,22 @@ def test_variants_are_options_objects_and_skip_what_options_refuse():
 def test_flags_fail_with_the_options_message(flags, needle):
     with pytest.raises(TaspOptionError, match=needle):
         _cfg(**flags)
+
+
+def test_time_back_to_back_counts_every_call():
+    """Back-to-back timing runs warmup + rounds x iters calls and reports the time per call (CPU clock here)."""
+    import time
+
+    import torch
+
+    from megatron_tasp.apps.bench.timing import time_back_to_back
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    ms = time_back_to_back(fn, torch.device("cpu"), warmup=2, iters=5, rounds=3)
+    assert len(calls) == 2 + 5 * 3
+    assert 2.0 <= ms < 50.0

@@ -360,8 +360,8 @@ def test_cudnn_graph_key_rounds_to_powers_of_two():
 
 
 def test_cudnn_columns_pad_with_empty_segments():
-    cols = cudnn_varlen._CudnnRagged()._columns(torch.tensor([0, 3, 3, 7], dtype=torch.int32),
-                                               torch.tensor([0, 2, 5, 5], dtype=torch.int32), 4, 4, 2, 8)
+    cols = cudnn_varlen._CudnnRagged._build_columns(torch.tensor([0, 3, 3, 7], dtype=torch.int32),
+                                                    torch.tensor([0, 2, 5, 5], dtype=torch.int32), 4, 4, 2, 8)
     assert cols["len_q"].flatten().tolist() == [3, 0, 4, 0]
     assert cols["len_k"].flatten().tolist() == [2, 3, 0, 0]
     assert cols["off_q"].flatten().tolist() == [0, 96, 96, 224, 224]  # rows x heads x head dim
@@ -481,3 +481,30 @@ def test_sequence_split_through_the_varlen_block_is_exact(engine_reference_ops, 
         bad = {k: e for k, e in errs.items() if not e <= TOL}
         assert not bad, bad
         assert launches > 0
+
+
+def test_cudnn_columns_are_kept_per_boundary_tensors():
+    """The segment columns (lengths, ragged offsets) are built once per pair of boundary tensors, graph size,
+    heads and stream; an in-place change of a boundary tensor builds them again; they go with the tensors."""
+    import gc
+
+    state = cudnn_varlen._CudnnRagged()
+    cu_q = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 5, 5], dtype=torch.int32)
+    cols = state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=0)
+    want = cudnn_varlen._CudnnRagged._build_columns(cu_q, cu_k, 4, 8, 2, 16)
+    assert set(cols) == set(want) and all(torch.equal(cols[n], want[n]) for n in want)
+    assert state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=0) is cols
+    assert state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=1) is not cols  # another stream: its own copy
+    assert state._columns(cu_q, cu_k, 8, 8, 2, 16, stream=0)["len_q"].numel() == 8
+    cu_q[3] = 6  # in place: the version counter moves
+    again = state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=0)
+    assert again is not cols and again["len_q"].flatten().tolist() == [3, 0, 3, 0]
+    with torch.inference_mode():  # no version counter: built on every call, never kept
+        inf_q = torch.tensor([0, 2], dtype=torch.int32)
+        inf_k = torch.tensor([0, 2], dtype=torch.int32)
+    assert state._columns(inf_q, inf_k, 1, 1, 1, 8, stream=0)["len_q"].flatten().tolist() == [2]
+    assert inf_q not in state.columns
+    del cu_q, cu_k, cols, again, want
+    gc.collect()
+    assert len(state.columns) == 0

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .varlen import VarlenOps, flash_varlen_ops
 
@@ -52,6 +53,7 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _MIN_ROWS = 64  # smallest bucket of the longest segment
 _MAX_GRAPHS = 256  # built graphs kept per process (least recently used dropped first)
 _BIG_ROWS = 32768  # beyond this, backward capacities grow in steps of this many rows
+_MAX_COLUMNS = 16  # segment columns kept per pair of boundary tensors
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,15 +153,18 @@ class _CudnnRagged:
     def __init__(self) -> None:
         self.graphs: dict[tuple, _Graph] = {}
         self.handles: dict[int, Any] = {}
+        self.columns: WeakIdKeyDictionary = WeakIdKeyDictionary()  # cu_q -> cu_k -> key -> (versions, columns)
 
-    def _handle(self, cudnn: Any, device: torch.device) -> Any:
+    def _handle(self, cudnn: Any, device: torch.device) -> tuple[Any, int]:
+        """The device's handle, set to the current stream, and that stream's handle."""
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self.handles:
             with torch.cuda.device(index):
                 self.handles[index] = cudnn.create_handle()
         handle = self.handles[index]
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
-        return handle
+        stream = torch.cuda.current_stream(device).cuda_stream
+        cudnn.set_stream(handle=handle, stream=stream)
+        return handle, stream
 
     def _build(self, cudnn: Any, handle: Any, backward: bool, key: tuple) -> _Graph:
         b, sq, sk, hq, hkv, d, tq, tk, dtype, causal, scale = key
@@ -205,7 +210,7 @@ class _CudnnRagged:
         return _Graph(g, t, g.get_workspace_size())
 
     def _graph(self, cudnn: Any, q: Tensor, k: Tensor, cu_q: Tensor, max_q: int, max_k: int, causal: bool,
-               scale: float, backward: bool) -> tuple[_Graph, Any, tuple]:
+               scale: float, backward: bool) -> tuple[_Graph, tuple[Any, int], tuple]:
         b, sq, sk = graph_key(cu_q.numel() - 1, max_q, max_k)
         # the backward's dQ accumulator is sized by the total rows: an upper bound, rounded like the rest (the
         # forward does not depend on them); blocks that gather rows have totals that change with the documents
@@ -215,7 +220,7 @@ class _CudnnRagged:
         full = (q.device.index, backward, key)
         graph = self.graphs.pop(full, None)
         if graph is None:
-            graph = self._build(cudnn, handle, backward, key)
+            graph = self._build(cudnn, handle[0], backward, key)
             logger.debug("cuDNN ragged attention: built the %s graph for %s", "backward" if backward else "forward",
                          key[:8])
             while len(self.graphs) >= _MAX_GRAPHS:  # least recently used first
@@ -223,7 +228,34 @@ class _CudnnRagged:
         self.graphs[full] = graph  # (re)inserted last: the dict's order is the order of use
         return graph, handle, key
 
-    def _columns(self, cu_q: Tensor, cu_k: Tensor, b: int, hq: int, hkv: int, d: int) -> dict[str, Tensor]:
+    def _columns(self, cu_q: Tensor, cu_k: Tensor, b: int, hq: int, hkv: int, d: int,
+                 stream: int) -> dict[str, Tensor]:
+        """:meth:`_build_columns`, kept per pair of boundary tensors: a block builds its ``cu_q``/``cu_k`` once and
+        launches with them on every call, and building the columns is about ten small kernels and 0.1-0.2 ms of
+        host time, which a packed forward (host-bound at 32K tokens per rank) pays as GPU idle time. Entries go
+        with the tensors (weak keys); an in-place change of either tensor (its version counter) or another
+        stream (``stream``: the launch stream's handle, so a launch never reads columns still being written on
+        another stream) builds them again."""
+        try:
+            versions = (cu_q._version, cu_k._version)
+        except RuntimeError:  # inference tensors track no version: build every time
+            return self._build_columns(cu_q, cu_k, b, hq, hkv, d)
+        per_k = self.columns.get(cu_q)
+        if per_k is None:
+            per_k = self.columns[cu_q] = WeakIdKeyDictionary()
+        per = per_k.get(cu_k)
+        if per is None:
+            per = per_k[cu_k] = {}
+        key = (b, hq, hkv, d, stream)
+        hit = per.get(key)
+        if hit is None or hit[0] != versions:
+            if len(per) >= _MAX_COLUMNS:  # a handful of head counts and graph sizes per block
+                per.clear()
+            hit = per[key] = (versions, self._build_columns(cu_q, cu_k, b, hq, hkv, d))
+        return hit[1]
+
+    @staticmethod
+    def _build_columns(cu_q: Tensor, cu_k: Tensor, b: int, hq: int, hkv: int, d: int) -> dict[str, Tensor]:
         """Lengths and ragged offsets of ``b`` segments (the real ones, then empty ones), on the device."""
         n = cu_q.numel() - 1
         cq, ck = cu_q.long(), cu_k.long()
@@ -244,8 +276,10 @@ class _CudnnRagged:
                  causal: bool, scale: float, backward: bool) -> tuple[tuple[Tensor, ...], _Graph, Any, dict]:
         """(contiguous q, k, v), the direction's graph, the handle on the current stream, the segment columns."""
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        graph, handle, key = self._graph(cudnn_frontend(), q, k, cu_q, max_q, max_k, causal, scale, backward)
-        return (q, k, v), graph, handle, self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2])
+        graph, (handle, stream), key = self._graph(cudnn_frontend(), q, k, cu_q, max_q, max_k, causal, scale,
+                                                   backward)
+        return (q, k, v), graph, handle, self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2],
+                                                        stream)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
