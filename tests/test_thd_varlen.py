@@ -36,10 +36,10 @@ def engine_reference_ops(reference_ops, monkeypatch):
     monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device, *_: varlen_reference.REFERENCE_OPS)
 
 
-def _pair(seg_q, seg_k, big_rows=None):
+def _pair(seg_q, seg_k, big_rows=None, ops=None):
     kern = get_kernel("math", "cpu", torch.float32, 8)
     seg = segmented_block(kern, seg_q, seg_k, CPU)
-    return seg, VarlenBlock(seg, CPU, big_rows=big_rows, ops=varlen_reference.REFERENCE_OPS)
+    return seg, VarlenBlock(seg, CPU, big_rows=big_rows, ops=ops or varlen_reference.REFERENCE_OPS)
 
 
 def _varlen_blocks(layout) -> list[VarlenBlock]:
@@ -156,15 +156,18 @@ GAPS_Q = [-1] * 2 + [0] * 3 + [-1] * 2 + [1] * 4 + [2] * 2 + [-1]  # -1: queries
 GAPS_K = [0] * 4 + [-2] * 3 + [1] * 2 + [-2] + [2] * 5 + [-2] * 2  # -2: keys without queries
 
 
+@pytest.mark.parametrize("unset", [False, True], ids=["zeroing_pair", "unset_pair"])
 @pytest.mark.parametrize("causal,seg_q,seg_k,cu_q,cu_k", [
     (False, GAPS_Q, GAPS_K, [0, 2, 5, 7, 7, 11, 11, 13, 14, 14], [0, 0, 4, 4, 7, 9, 10, 15, 15, 17]),
     (True, [0] * 3 + [1] * 4 + [2] * 2, [0] * 3 + [1] * 4 + [2] * 2, [0, 3, 7, 9], [0, 3, 7, 9]),
 ])
-def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, cu_k):
+def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, cu_k, unset):
     """Shared segments that are runs ascending on both sides: one launch over EVERY row, no gather; rows
     between them become segments with an empty partner (queries without keys: output 0, lse -inf although
-    the op gives +inf; keys without queries: dk/dv 0); equal to the segmented block."""
-    seg, var = _pair(torch.tensor(seg_q), torch.tensor(seg_k))
+    the op gives +inf; keys without queries: dk/dv 0), which the block writes itself, also when the pair
+    leaves them unset (NaN here, as cuDNN leaves the output rows); equal to the segmented block."""
+    ops = varlen_reference.UNSET_OPS if unset else None
+    seg, var = _pair(torch.tensor(seg_q), torch.tensor(seg_k), ops=ops)
     t_q, t_k = len(seg_q), len(seg_k)
     assert var.q_index == slice(0, t_q) and var.k_index == slice(0, t_k), "in place"
     assert var.cu_q.tolist() == cu_q and var.cu_k.tolist() == cu_k
@@ -185,6 +188,7 @@ def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, 
     g2 = var.backward_unchecked(dout, q, k, v, out_m, lse_m, c2, causal=causal, scale=0.4)
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not any(bool(x.isnan().any()) for x in (o2, l2, *g2))
     assert varlen_reference.CALLS == {"forward": 1, "backward": 1}
 
 
@@ -361,7 +365,7 @@ def test_cudnn_graph_key_rounds_to_powers_of_two():
 
 def test_cudnn_columns_pad_with_empty_segments():
     cols = cudnn_varlen._CudnnRagged._build_columns(torch.tensor([0, 3, 3, 7], dtype=torch.int32),
-                                                    torch.tensor([0, 2, 5, 5], dtype=torch.int32), 4, 4, 2, 8)
+                                                    torch.tensor([0, 2, 5, 5], dtype=torch.int32), 4, 4, 32, 16)
     assert cols["len_q"].flatten().tolist() == [3, 0, 4, 0]
     assert cols["len_k"].flatten().tolist() == [2, 3, 0, 0]
     assert cols["off_q"].flatten().tolist() == [0, 96, 96, 224, 224]  # rows x heads x head dim
@@ -443,6 +447,17 @@ def test_cp2_packed_documents_run_in_their_own_order(engine_reference_ops):
     assert ranks[0][(True, False)]["lonely_queries"]
 
 
+def test_cp2_in_place_with_a_pair_that_leaves_partnerless_rows_unset(reference_ops, monkeypatch):
+    """The engine stays exact (and NaN-free) when the varlen pair leaves the rows of segments without a partner
+    unset, as cuDNN's ragged kernel leaves the output rows of queries without keys: the block writes them."""
+    monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device, *_: varlen_reference.UNSET_OPS)
+    ranks = run_workers(_natural_worker, 2, timeout_s=300)
+    for seen in ranks:
+        for key, got in seen.items():
+            assert got["err"] <= TOL, (key, got)
+    assert ranks[0][(True, False)]["lonely_queries"] and ranks[0][(True, False)]["remote_in_place"]
+
+
 def test_packed_dense_rows_gets_its_own_layout(engine_reference_ops):
     """CP=1: calls that differ only in packed_dense_rows compile their own call and layout (never a stale one),
     equal options share them, and each layout's varlen block splits its segments by its own threshold."""
@@ -491,20 +506,35 @@ def test_cudnn_columns_are_kept_per_boundary_tensors():
     state = cudnn_varlen._CudnnRagged()
     cu_q = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
     cu_k = torch.tensor([0, 2, 5, 5], dtype=torch.int32)
-    cols = state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=0)
-    want = cudnn_varlen._CudnnRagged._build_columns(cu_q, cu_k, 4, 8, 2, 16)
+    cols = state._columns(cu_q, cu_k, 4, 8, 128, 32, stream=0)
+    want = cudnn_varlen._CudnnRagged._build_columns(cu_q, cu_k, 4, 8, 128, 32)
     assert set(cols) == set(want) and all(torch.equal(cols[n], want[n]) for n in want)
-    assert state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=0) is cols
-    assert state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=1) is not cols  # another stream: its own copy
-    assert state._columns(cu_q, cu_k, 8, 8, 2, 16, stream=0)["len_q"].numel() == 8
+    assert state._columns(cu_q, cu_k, 4, 8, 128, 32, stream=0) is cols
+    assert state._columns(cu_q, cu_k, 4, 8, 128, 32, stream=1) is not cols  # another stream: its own copy
+    assert state._columns(cu_q, cu_k, 8, 8, 128, 32, stream=0)["len_q"].numel() == 8
     cu_q[3] = 6  # in place: the version counter moves
-    again = state._columns(cu_q, cu_k, 4, 8, 2, 16, stream=0)
+    again = state._columns(cu_q, cu_k, 4, 8, 128, 32, stream=0)
     assert again is not cols and again["len_q"].flatten().tolist() == [3, 0, 3, 0]
     with torch.inference_mode():  # no version counter: built on every call, never kept
         inf_q = torch.tensor([0, 2], dtype=torch.int32)
         inf_k = torch.tensor([0, 2], dtype=torch.int32)
-    assert state._columns(inf_q, inf_k, 1, 1, 1, 8, stream=0)["len_q"].flatten().tolist() == [2]
+    assert state._columns(inf_q, inf_k, 1, 1, 8, 8, stream=0)["len_q"].flatten().tolist() == [2]
     assert inf_q not in state.columns
     del cu_q, cu_k, cols, again, want
     gc.collect()
     assert len(state.columns) == 0
+
+
+def test_cudnn_reads_a_peers_kv_halves_in_place():
+    """K/V as the two halves of one [rows, 2, h_kv, d] buffer (a received piece) are read in place at twice the
+    row stride; contiguous K/V at h_kv*d; any other layout is copied first (None)."""
+    pair = torch.randn(6, 2, 2, 8)
+    assert cudnn_varlen._kv_row_stride(pair[:, 0], pair[:, 1]) == 32
+    k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    assert cudnn_varlen._kv_row_stride(k, v) == 16
+    assert cudnn_varlen._kv_row_stride(pair[:, 1], pair[:, 0]) is None  # V before K: not the engine's layout
+    assert cudnn_varlen._kv_row_stride(pair[:, 0], v) is None  # strides differ
+    t = torch.randn(2, 6, 8).transpose(0, 1)  # heads outermost
+    assert cudnn_varlen._kv_row_stride(t, t) is None
+    assert cudnn_varlen._kv_row_stride(pair[:1, 0], pair[:1, 1]) == 16  # one row: any stride reads alike
+

@@ -65,3 +65,29 @@ def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, a
 
 
 REFERENCE_OPS = VarlenOps(forward, backward)
+
+
+def _unset_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    out, lse, aux = forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    for sq, sk in _segments(cu_q, cu_k):
+        if sk.stop == sk.start:  # queries without keys: left as garbage, as a pair may
+            out[sq] = float("nan")
+            lse[:, sq] = float("nan")
+    return out, lse, aux
+
+
+def _unset_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux):
+    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux)
+    for sq, sk in _segments(cu_q, cu_k):
+        if sk.stop == sk.start:
+            dq[sq] = float("nan")
+        if sq.stop == sq.start:
+            dk[sk] = float("nan")
+            dv[sk] = float("nan")
+    return dq, dk, dv
+
+
+#: the reference, but the rows of segments empty on one side are left NaN (a pair may leave them unset; the
+#: block must write them)
+UNSET_OPS = VarlenOps(_unset_forward, _unset_backward)
+

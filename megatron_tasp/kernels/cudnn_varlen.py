@@ -18,9 +18,11 @@ the dQ conversion, the GQA head sums) seem to run over the rounded grid. The sof
 well (``[total, h]``), so no ``[b, h, s_max]`` buffer sized by the longest segment is ever allocated. Host time:
 one execute through the frontend's Python layer took 0.26-0.34 ms on the H200 machine's host.
 
-Contract (:class:`~megatron_tasp.kernels.varlen.VarlenOps`): a segment may be empty on one side. A query
-without keys gets output 0 (the block sets its lse to -inf) and dq 0; a key without queries gets dk/dv 0. The
-forward's lse is ``[h, total_q]`` float32; the backward takes the merged out and lse of the engine.
+Contract (:class:`~megatron_tasp.kernels.varlen.VarlenOps`): a segment may be empty on one side; the kernel
+computes nothing for it and leaves its rows as they were (measured for the forward's output and statistics), and
+the block writes 0 / -inf there itself, so the outputs here are allocated, not zero-filled (a zero fill of a
+query-sized tensor is ~40 us per launch at 16K rows on the H200). The forward's lse is ``[h, total_q]`` float32;
+the backward takes the merged out and lse of the engine.
 """
 
 from __future__ import annotations
@@ -129,9 +131,26 @@ class _Graph:
     workspace: int
 
 
-def _dense(graph: Any, name: str, b: int, h: int, s: int, d: int, dtype: Any) -> Any:
-    """A packed ``[total, h, d]`` tensor described as ``[b, h, s, d]`` (token-major strides)."""
-    return graph.tensor(name=name, dim=[b, h, s, d], stride=[s * h * d, d, h * d, 1], data_type=dtype)
+def _dense(graph: Any, name: str, b: int, h: int, s: int, d: int, dtype: Any, row: int | None = None) -> Any:
+    """A packed ``[total, h, d]`` tensor described as ``[b, h, s, d]`` (token-major strides; ``row``: elements
+    from one row to the next, default ``h * d``)."""
+    row = h * d if row is None else row
+    return graph.tensor(name=name, dim=[b, h, s, d], stride=[s * row, d, row, 1], data_type=dtype)
+
+
+def _kv_row_stride(k: Tensor, v: Tensor) -> int | None:
+    """The row stride (elements) at which the graphs read ``k`` and ``v`` (``[rows, h_kv, d]``) in place, or None
+    when they must be copied first: contiguous rows, or K and V as the two halves of one ``[rows, 2, h_kv, d]``
+    buffer (how the engine receives a peer's K/V), whose gradients are then written in that layout too."""
+    rows, h, d = k.shape
+    if rows == 0 or k.stride(-1) != 1 or (h > 1 and k.stride(-2) != d) or k.stride() != v.stride():
+        return None
+    row = k.stride(0) if rows > 1 else h * d
+    if row == h * d and k.is_contiguous() and v.is_contiguous():
+        return row
+    if row == 2 * h * d and v.data_ptr() - k.data_ptr() == h * d * k.element_size():
+        return row
+    return None
 
 
 def _column(graph: Any, name: str, n: int, dtype: Any) -> Any:
@@ -167,13 +186,13 @@ class _CudnnRagged:
         return handle, stream
 
     def _build(self, cudnn: Any, handle: Any, backward: bool, key: tuple) -> _Graph:
-        b, sq, sk, hq, hkv, d, tq, tk, dtype, causal, scale = key
+        b, sq, sk, hq, hkv, d, rk, tq, tk, dtype, causal, scale = key
         io = cudnn.data_type.HALF if dtype == torch.float16 else cudnn.data_type.BFLOAT16
         f32, i32, i64 = cudnn.data_type.FLOAT, cudnn.data_type.INT32, cudnn.data_type.INT64
         g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
         t: dict[str, Any] = {
-            "q": _dense(g, "q", b, hq, sq, d, io), "k": _dense(g, "k", b, hkv, sk, d, io),
-            "v": _dense(g, "v", b, hkv, sk, d, io),
+            "q": _dense(g, "q", b, hq, sq, d, io), "k": _dense(g, "k", b, hkv, sk, d, io, rk),
+            "v": _dense(g, "v", b, hkv, sk, d, io, rk),
             "len_q": _column(g, "len_q", b, i32), "len_k": _column(g, "len_k", b, i32),
             "off_q": _column(g, "off_q", b + 1, i64), "off_k": _column(g, "off_k", b + 1, i64),
             "off_stats": _column(g, "off_stats", b + 1, i64),
@@ -201,21 +220,21 @@ class _CudnnRagged:
             dq, dk, dv = g.sdpa_backward(name="bwd", q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"],
                                          stats=t["stats"], attn_scale=scale, max_total_seq_len_q=tq,
                                          max_total_seq_len_kv=tk, **mask)
-            for name, x, h, s, off in (("dq", dq, hq, sq, "off_q"), ("dk", dk, hkv, sk, "off_k"),
-                                       ("dv", dv, hkv, sk, "off_k")):
-                x.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1])
+            for name, x, h, s, row, off in (("dq", dq, hq, sq, hq * d, "off_q"), ("dk", dk, hkv, sk, rk, "off_k"),
+                                            ("dv", dv, hkv, sk, rk, "off_k")):
+                x.set_output(True).set_dim([b, h, s, d]).set_stride([s * row, d, row, 1])
                 x.set_ragged_offset(t[off])
                 t[name] = x
         _finish(g, cudnn)
         return _Graph(g, t, g.get_workspace_size())
 
-    def _graph(self, cudnn: Any, q: Tensor, k: Tensor, cu_q: Tensor, max_q: int, max_k: int, causal: bool,
-               scale: float, backward: bool) -> tuple[_Graph, tuple[Any, int], tuple]:
+    def _graph(self, cudnn: Any, q: Tensor, k: Tensor, row_k: int, cu_q: Tensor, max_q: int, max_k: int,
+               causal: bool, scale: float, backward: bool) -> tuple[_Graph, tuple[Any, int], tuple]:
         b, sq, sk = graph_key(cu_q.numel() - 1, max_q, max_k)
         # the backward's dQ accumulator is sized by the total rows: an upper bound, rounded like the rest (the
         # forward does not depend on them); blocks that gather rows have totals that change with the documents
         tq, tk = (_capacity(q.shape[0]), _capacity(k.shape[0])) if backward else (0, 0)
-        key = (b, sq, sk, q.shape[1], k.shape[1], q.shape[2], tq, tk, q.dtype, causal, float(scale))
+        key = (b, sq, sk, q.shape[1], k.shape[1], q.shape[2], row_k, tq, tk, q.dtype, causal, float(scale))
         handle = self._handle(cudnn, q.device)
         full = (q.device.index, backward, key)
         graph = self.graphs.pop(full, None)
@@ -228,7 +247,7 @@ class _CudnnRagged:
         self.graphs[full] = graph  # (re)inserted last: the dict's order is the order of use
         return graph, handle, key
 
-    def _columns(self, cu_q: Tensor, cu_k: Tensor, b: int, hq: int, hkv: int, d: int,
+    def _columns(self, cu_q: Tensor, cu_k: Tensor, b: int, hq: int, row_q: int, row_k: int,
                  stream: int) -> dict[str, Tensor]:
         """:meth:`_build_columns`, kept per pair of boundary tensors: a block builds its ``cu_q``/``cu_k`` once and
         launches with them on every call, and building the columns is about ten small kernels and 0.1-0.2 ms of
@@ -239,24 +258,25 @@ class _CudnnRagged:
         try:
             versions = (cu_q._version, cu_k._version)
         except RuntimeError:  # inference tensors track no version: build every time
-            return self._build_columns(cu_q, cu_k, b, hq, hkv, d)
+            return self._build_columns(cu_q, cu_k, b, hq, row_q, row_k)
         per_k = self.columns.get(cu_q)
         if per_k is None:
             per_k = self.columns[cu_q] = WeakIdKeyDictionary()
         per = per_k.get(cu_k)
         if per is None:
             per = per_k[cu_k] = {}
-        key = (b, hq, hkv, d, stream)
+        key = (b, hq, row_q, row_k, stream)
         hit = per.get(key)
         if hit is None or hit[0] != versions:
             if len(per) >= _MAX_COLUMNS:  # a handful of head counts and graph sizes per block
                 per.clear()
-            hit = per[key] = (versions, self._build_columns(cu_q, cu_k, b, hq, hkv, d))
+            hit = per[key] = (versions, self._build_columns(cu_q, cu_k, b, hq, row_q, row_k))
         return hit[1]
 
     @staticmethod
-    def _build_columns(cu_q: Tensor, cu_k: Tensor, b: int, hq: int, hkv: int, d: int) -> dict[str, Tensor]:
-        """Lengths and ragged offsets of ``b`` segments (the real ones, then empty ones), on the device."""
+    def _build_columns(cu_q: Tensor, cu_k: Tensor, b: int, hq: int, row_q: int, row_k: int) -> dict[str, Tensor]:
+        """Lengths and ragged offsets of ``b`` segments (the real ones, then empty ones), on the device: rows
+        times ``row_q`` / ``row_k`` elements (q, o, dq; k, v, dk, dv), and times ``hq`` for the statistics."""
         n = cu_q.numel() - 1
         cq, ck = cu_q.long(), cu_k.long()
         if b > n:
@@ -264,7 +284,7 @@ class _CudnnRagged:
             ck = torch.cat((ck, ck[-1:].expand(b - n)))
         return {"len_q": (cq[1:] - cq[:-1]).int().view(b, 1, 1, 1),
                 "len_k": (ck[1:] - ck[:-1]).int().view(b, 1, 1, 1),
-                "off_q": (cq * (hq * d)).view(b + 1, 1, 1, 1), "off_k": (ck * (hkv * d)).view(b + 1, 1, 1, 1),
+                "off_q": (cq * row_q).view(b + 1, 1, 1, 1), "off_k": (ck * row_k).view(b + 1, 1, 1, 1),
                 "off_stats": (cq * hq).view(b + 1, 1, 1, 1)}
 
     def _run(self, graph: _Graph, handle: Any, values: dict[str, Tensor], device: torch.device) -> None:
@@ -273,20 +293,26 @@ class _CudnnRagged:
             graph.graph.execute({graph.tensors[name]: x for name, x in values.items()}, workspace, handle=handle)
 
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                 causal: bool, scale: float, backward: bool) -> tuple[tuple[Tensor, ...], _Graph, Any, dict]:
-        """(contiguous q, k, v), the direction's graph, the handle on the current stream, the segment columns."""
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        graph, (handle, stream), key = self._graph(cudnn_frontend(), q, k, cu_q, max_q, max_k, causal, scale,
-                                                   backward)
-        return (q, k, v), graph, handle, self._columns(cu_q, cu_k, key[0], q.shape[1], k.shape[1], q.shape[2],
-                                                        stream)
+                 causal: bool, scale: float, backward: bool) -> tuple[tuple[Tensor, ...], int, _Graph, Any, dict]:
+        """(contiguous q; k, v as the graphs read them), the k/v row stride, the direction's graph, the handle on
+        the current stream, the segment columns. A peer's K/V arrive as halves of one buffer: read in place,
+        not copied (two K-sized copies per launch otherwise)."""
+        q = q.contiguous()
+        row_k = _kv_row_stride(k, v)
+        if row_k is None:
+            k, v = k.contiguous(), v.contiguous()
+            row_k = k.shape[1] * k.shape[2]
+        graph, (handle, stream), key = self._graph(cudnn_frontend(), q, k, row_k, cu_q, max_q, max_k, causal,
+                                                   scale, backward)
+        cols = self._columns(cu_q, cu_k, key[0], q.shape[1], q.shape[1] * q.shape[2], row_k, stream)
+        return (q, k, v), row_k, graph, handle, cols
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
-        (q, k, v), graph, handle, cols = self._prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, False)
+        (q, k, v), _, graph, handle, cols = self._prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, False)
         # the kernel leaves the rows of queries without keys untouched (output and statistics, measured on H200):
-        # the output starts at 0 for them; their statistics stay unset, and the block sets their lse to -inf
-        out = torch.zeros_like(q)
+        # the block writes 0 and -inf there (VarlenBlock); every other row belongs to a segment the kernel writes
+        out = torch.empty_like(q)
         stats = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)  # [total, h]
         self._run(graph, handle, {"q": q, "k": k, "v": v, "o": out, "stats": stats, **cols}, q.device)
         return out, stats.t().contiguous(), None
@@ -294,10 +320,17 @@ class _CudnnRagged:
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                  cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
                  aux: Any) -> tuple[Tensor, Tensor, Tensor]:
-        (q, k, v), graph, handle, cols = self._prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, True)
-        # zeros: the kernel was measured writing 0 to the rows of a side without partners, but the contract asks
-        # for 0 there and a cuDNN release that skips such segments must not leave garbage
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        (q, k, v), row_k, graph, handle, cols = self._prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale,
+                                                              True)
+        # the kernel was measured writing 0 to the rows of a side without partners; the block zeroes them anyway,
+        # so a cuDNN release that skips such segments cannot leave garbage there
+        dq = torch.empty_like(q)
+        if row_k == k.shape[1] * k.shape[2]:
+            dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype,
+                                                                                      device=v.device)
+        else:  # written in K/V's layout (halves of one [rows, 2, h_kv, d] buffer), as the graph declares
+            pair = torch.empty((k.shape[0], 2, *k.shape[1:]), dtype=k.dtype, device=k.device)
+            dk, dv = pair[:, 0], pair[:, 1]
         stats = lse.t().contiguous()  # [total, h]
         self._run(graph, handle, {"q": q, "k": k, "v": v, "o": out.contiguous(), "do": dout.contiguous(),
                                   "stats": stats, "dq": dq, "dk": dk, "dv": dv, **cols}, q.device)

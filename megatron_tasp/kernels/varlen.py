@@ -7,9 +7,9 @@ CUDA with fp16/bf16 inputs, :class:`VarlenBlock` runs the block's small segments
 (:mod:`megatron_tasp.kernels.cudnn_varlen`). When every shared segment is one run of rows on both sides and the
 segments ascend on both sides (the own block of packed documents, and the remote block of CP=2 in THD order), the
 call reads q/k/v and writes out, lse and the gradients IN PLACE: the rows between the shared segments become
-segments with no partner (queries with no keys: output 0, their lse set to -inf here; keys with no queries: dk/dv
-0), which both pairs serve
-without computing anything (they exit early on an empty side). Otherwise the query rows of every shared segment are
+segments with no partner, which both pairs serve without computing anything (they exit early on an empty side);
+the block itself writes their results (queries with no keys: output 0, lse -inf, dq 0; keys with no queries:
+dk/dv 0), whatever the pair left in those rows. Otherwise the query rows of every shared segment are
 gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a copy, when they already
 form one ascending run), likewise the key/value rows, and the output, lse and gradients are scattered back. Rows
 without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV
@@ -58,9 +58,9 @@ class VarlenOps:
     backward: Any
     reason: Callable[[Tensor], str | None] | None = None
 
-    # Segments may be empty on one side (the in-place form): the forward then gives the output 0 for queries
-    # without keys (any lse; the block sets it to -inf) and the backward gives dq 0 for them and dk/dv 0 for
-    # keys without queries, as FlashAttention-2 does.
+    # Segments may be empty on one side (the in-place form). The pair may leave the rows of such segments unset
+    # (output and lse of queries without keys, dq of them, dk/dv of keys without queries): the block writes 0
+    # there (lse -inf) itself. FlashAttention-2 writes 0 (lse +inf); cuDNN leaves the output rows untouched.
 
 
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
@@ -136,17 +136,33 @@ def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tens
     return flat.to(device), cu.to(device), max(lengths, default=0)
 
 
+@dataclass(frozen=True)
+class _Partnerless:
+    """Rows of an in-place launch whose segment is empty on the other side, which the block zeroes itself:
+    queries without keys (a bool mask for the lse, and their row indices) and keys without queries (row
+    indices, or None when there are none)."""
+
+    q_mask: Tensor | None
+    q_rows: Tensor | None
+    k_rows: Tensor | None
+
+
+def _rows_of(slices: list[slice], device: torch.device) -> Tensor | None:
+    return torch.cat([torch.arange(r.start, r.stop) for r in slices]).to(device) if slices else None
+
+
 def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
-              device: torch.device) -> tuple[tuple, tuple, Tensor | None] | None:
+              device: torch.device) -> tuple[tuple, tuple, _Partnerless] | None:
     """Segments over EVERY row, for pairs that are slices ascending on both sides: ((slice, cu_q, max_q),
-    (slice, cu_k, max_k), query rows without keys as a bool mask or None). Rows outside the pairs become
-    segments with an empty partner: queries without keys, then keys without queries. None when the pairs do
-    not allow it (a gather is needed) or the block's size is unknown."""
+    (slice, cu_k, max_k), the rows without a partner). Rows outside the pairs become segments with an empty
+    partner: queries without keys, then keys without queries. None when the pairs do not allow it (a gather is
+    needed) or the block's size is unknown."""
     if rows is None or not pairs:
         return None
     seg_q: list[Rows] = []
     seg_k: list[Rows] = []
     lonely: list[slice] = []
+    lonely_k: list[slice] = []
     at_q = at_k = 0
     for iq, ik in pairs:
         if not (isinstance(iq, slice) and isinstance(ik, slice)) or iq.start < at_q or ik.start < at_k:
@@ -156,8 +172,9 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
             seg_q.append(lonely[-1])
             seg_k.append(slice(at_k, at_k))
         if ik.start > at_k:  # keys without queries
+            lonely_k.append(slice(at_k, ik.start))
             seg_q.append(slice(iq.start, iq.start))
-            seg_k.append(slice(at_k, ik.start))
+            seg_k.append(lonely_k[-1])
         seg_q.append(iq)
         seg_k.append(ik)
         at_q, at_k = iq.stop, ik.stop
@@ -168,8 +185,9 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
         seg_q.append(lonely[-1])
         seg_k.append(slice(at_k, at_k))
     if at_k < rows[1]:
+        lonely_k.append(slice(at_k, rows[1]))
         seg_q.append(slice(rows[0], rows[0]))
-        seg_k.append(slice(at_k, rows[1]))
+        seg_k.append(lonely_k[-1])
     q_side, k_side = _index(seg_q, device), _index(seg_k, device)  # back to back: one slice each side
     if q_side[2] <= 1:
         # FlashAttention-2 (torch's flash_api) runs a GQA call whose longest query segment has one row in a
@@ -182,7 +200,7 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
         for r in lonely:
             mask[r] = True
         mask = mask.to(device)
-    return q_side, k_side, mask
+    return q_side, k_side, _Partnerless(mask, _rows_of(lonely, device), _rows_of(lonely_k, device))
 
 
 def _first(rows: Rows) -> int:
@@ -238,9 +256,9 @@ class VarlenBlock:
         # without a partner in the varlen launch, filled by the dense calls afterwards
         self.rows = getattr(fallback, "rows", None)
         whole = _in_place(pairs, self.rows, device)
-        self.lonely_q: Tensor | None = None  # query rows with no keys (their lse is set to -inf)
+        self.partnerless = _Partnerless(None, None, None)  # rows the block zeroes itself (in place only)
         if whole is not None:
-            (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.lonely_q = whole
+            (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.partnerless = whole
         else:
             self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
             self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
@@ -249,6 +267,11 @@ class VarlenBlock:
         """The in-place launch addresses every row by its cu_seqlens: the tensors must have the block's rows."""
         if self.rows is not None and (q.shape[2], k.shape[2]) != self.rows:
             raise RuntimeError(f"packed block built for {self.rows} query/key rows got {q.shape[2]}/{k.shape[2]}")
+
+    @property
+    def lonely_q(self) -> Tensor | None:
+        """Query rows with no keys as a bool mask (in-place blocks only; None: none)."""
+        return self.partnerless.q_mask
 
     @property
     def name(self) -> str:
@@ -271,8 +294,10 @@ class VarlenBlock:
         if self.small:  # first: in place, its output is the block's (the dense rows are rows without keys in it)
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
             o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
-            if self.lonely_q is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
-                lse.masked_fill_(self.lonely_q, float("-inf"))
+            lonely = self.partnerless
+            if lonely.q_mask is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
+                lse.masked_fill_(lonely.q_mask, float("-inf"))
+                o.index_fill_(0, lonely.q_rows, 0)
             out = _unpacked(o, self.q_index, sq)
             lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
             if self.big is not None:
@@ -297,6 +322,12 @@ class VarlenBlock:
         lp = _packed(lse.unsqueeze(-1), self.q_index)[..., 0].t().float().contiguous()  # [h, tq]
         dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, self.cu_q, self.cu_k, self.max_q, self.max_k,
                                        causal, scale, ctx[1])
+        lonely = self.partnerless
+        if lonely.q_rows is not None:
+            dq.index_fill_(0, lonely.q_rows, 0)
+        if lonely.k_rows is not None:
+            dk.index_fill_(0, lonely.k_rows, 0)
+            dv.index_fill_(0, lonely.k_rows, 0)
         grads = [_unpacked(dq, self.q_index, q.shape[2]), _unpacked(dk, self.k_index, k.shape[2]),
                  _unpacked(dv, self.k_index, v.shape[2])]
         if self.big is not None:  # its rows are disjoint from the varlen segments' (zero there)
