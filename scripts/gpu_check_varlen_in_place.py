@@ -7,8 +7,9 @@
 A packed block whose shared segments ascend as runs on both sides runs as ONE FlashAttention-2 varlen call over
 every row (``megatron_tasp.kernels.varlen``): rows outside the shared segments are segments whose other side is
 empty (causal blocks are square own blocks, which have no gaps in the engine; only non-causal blocks get gaps
-here). That relies on FlashAttention-2 writing output 0 (lse +inf) for queries without keys and dq 0 / dk, dv 0
-for rows without partners. This checks it directly, for random mixes of shared segments and gaps on both sides
+here). The block writes output 0 (lse -inf) for queries without keys and dq 0 / dk, dv 0 for rows without
+partners itself, whatever the pair leaves there (cuDNN leaves the output rows unset). This checks the block with
+the real pair, for random mixes of shared segments and gaps on both sides
 (and every sixth block with one-row query segments, which must gather instead), GQA and MHA, causal (square
 segments) and not, bf16 and fp16: forward, lse and the backward from a perturbed merged out/lse against the per-
 document block on the dense kernel within fixed relative tolerances (bf16 0.02, fp16 0.004); partnerless rows

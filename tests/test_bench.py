@@ -79,3 +79,5 @@ def test_time_back_to_back_counts_every_call():
     ms = time_back_to_back(fn, torch.device("cpu"), warmup=2, iters=5, rounds=3)
     assert len(calls) == 2 + 5 * 3
     assert 2.0 <= ms < 50.0
+    with pytest.raises(ValueError, match="iters"):
+        time_back_to_back(fn, torch.device("cpu"), warmup=0, iters=0)

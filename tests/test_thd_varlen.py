@@ -525,6 +525,18 @@ def test_cudnn_columns_are_kept_per_boundary_tensors():
     assert len(state.columns) == 0
 
 
+def test_cudnn_columns_are_not_kept_during_graph_capture(monkeypatch):
+    """Columns built while a CUDA graph is being captured are recorded, not written: never kept or served."""
+    state = cudnn_varlen._CudnnRagged()
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    monkeypatch.setattr(cudnn_varlen, "_capturing", lambda t: True)
+    first = state._columns(cu, cu, 1, 2, 16, 16, stream=0)
+    assert state._columns(cu, cu, 1, 2, 16, 16, stream=0) is not first and len(state.columns) == 0
+    monkeypatch.setattr(cudnn_varlen, "_capturing", lambda t: False)
+    kept = state._columns(cu, cu, 1, 2, 16, 16, stream=0)
+    assert state._columns(cu, cu, 1, 2, 16, 16, stream=0) is kept
+
+
 def test_cudnn_reads_a_peers_kv_halves_in_place():
     """K/V as the two halves of one [rows, 2, h_kv, d] buffer (a received piece) are read in place at twice the
     row stride; contiguous K/V at h_kv*d; any other layout is copied first (None)."""

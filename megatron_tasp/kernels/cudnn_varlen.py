@@ -125,6 +125,11 @@ def cudnn_varlen_reason(q: Tensor) -> str | None:
     return cudnn_available(q.device)
 
 
+def _capturing(t: Tensor) -> bool:
+    """True while the current stream of ``t``'s (CUDA) device is being captured into a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @dataclass
 class _Graph:
     graph: Any
@@ -242,7 +247,7 @@ class _CudnnRagged:
         if graph is None:
             graph = self._build(cudnn, handle[0], backward, key)
             logger.debug("cuDNN ragged attention: built the %s graph for %s", "backward" if backward else "forward",
-                         key[:8])
+                         key[:9])
             while len(self.graphs) >= _MAX_GRAPHS:  # least recently used first
                 self.graphs.pop(next(iter(self.graphs)))
         self.graphs[full] = graph  # (re)inserted last: the dict's order is the order of use
@@ -255,7 +260,12 @@ class _CudnnRagged:
         host time, which a packed forward (host-bound at 32K tokens per rank) pays as GPU idle time. Entries go
         with the tensors (weak keys); an in-place change of either tensor (its version counter) or another
         stream (``stream``: the launch stream's handle, so a launch never reads columns still being written on
-        another stream) builds them again."""
+        another stream) builds them again. While a stream is being captured into a CUDA graph nothing is kept or
+        served: columns recorded in a capture are not yet written, and the graph must own what it reads.
+        ``cu_q``/``cu_k`` must change, if ever, only through in-place ops that move the version counter (not
+        through ``.data`` or a raw pointer); the blocks never change theirs."""
+        if _capturing(cu_q):
+            return self._build_columns(cu_q, cu_k, b, hq, row_q, row_k)
         try:
             versions = (cu_q._version, cu_k._version)
         except RuntimeError:  # inference tensors track no version: build every time
@@ -343,7 +353,11 @@ _OPS = VarlenOps(_STATE.forward, _STATE.backward, cudnn_varlen_reason)
 
 
 def cudnn_varlen_ops() -> VarlenOps:
-    """cuDNN's ragged fused attention as a varlen pair (its ``reason`` says when it cannot serve)."""
+    """cuDNN's ragged fused attention as a varlen pair (its ``reason`` says when it cannot serve). Unlike
+    FlashAttention-2's pair it leaves the rows of segments empty on one side unset (the varlen block writes them),
+    and for K/V given as the halves of one ``[rows, 2, h_kv, d]`` buffer it returns dK/dV as the halves of a new
+    one (strided views). ``cu_q``/``cu_k`` must not be changed in place behind the version counter (the segment
+    columns are kept per tensor pair)."""
     return _OPS
 
 

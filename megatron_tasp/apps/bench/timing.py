@@ -80,6 +80,8 @@ def time_back_to_back(fn: Callable[[], Any], device, warmup: int, iters: int, ro
     (one synchronisation per round, perf_counter on CPU), the median over ``rounds`` rounds. Unlike
     :func:`time_fn`, whose every sample starts from an idle device, host work that a call overlaps with the
     device work of the call before it is hidden here, as it is between the layers of a model."""
+    if iters < 1:
+        raise ValueError(f"iters must be at least 1, got {iters}")
     for _ in range(warmup):
         fn()
     per_call = []
@@ -88,12 +90,13 @@ def time_back_to_back(fn: Callable[[], Any], device, warmup: int, iters: int, ro
         if device.type == "cuda":
             import torch
 
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(iters):
-                fn()
-            b.record()
-            b.synchronize()
+            with torch.cuda.device(device):  # events on the timed device's current stream
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(iters):
+                    fn()
+                b.record()
+                b.synchronize()
             per_call.append(a.elapsed_time(b) / iters)
         else:
             t0 = time.perf_counter()
