@@ -336,9 +336,8 @@ class _CudnnRagged:
         # the kernel was measured writing 0 to the rows of a side without partners; the block zeroes them anyway,
         # so a cuDNN release that skips such segments cannot leave garbage there
         dq = torch.empty_like(q)
-        if row_k == k.shape[1] * k.shape[2]:
-            dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype,
-                                                                                      device=v.device)
+        if row_k == k.shape[1] * k.shape[2]:  # contiguous K/V (as _prepare left them): contiguous gradients
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
         else:  # written in K/V's layout (halves of one [rows, 2, h_kv, d] buffer), as the graph declares
             pair = torch.empty((k.shape[0], 2, *k.shape[1:]), dtype=k.dtype, device=k.device)
             dk, dv = pair[:, 0], pair[:, 1]

@@ -138,11 +138,9 @@ def _index(rows: list[Rows], device: torch.device) -> tuple[slice | Tensor, Tens
 
 @dataclass(frozen=True)
 class _Partnerless:
-    """Rows of an in-place launch whose segment is empty on the other side, which the block zeroes itself:
-    queries without keys (a bool mask for the lse, and their row indices) and keys without queries (row
-    indices, or None when there are none)."""
+    """Rows of an in-place launch whose segment is empty on the other side, which the block writes itself:
+    queries without keys and keys without queries (row indices, or None when there are none)."""
 
-    q_mask: Tensor | None
     q_rows: Tensor | None
     k_rows: Tensor | None
 
@@ -194,13 +192,7 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
         # swapped layout, reshaped by segment count (it fails once segments outnumber the query rows); empty
         # segments are not checked in that layout on GPU: gather instead
         return None
-    mask = None
-    if lonely:
-        mask = torch.zeros(rows[0], dtype=torch.bool)
-        for r in lonely:
-            mask[r] = True
-        mask = mask.to(device)
-    return q_side, k_side, _Partnerless(mask, _rows_of(lonely, device), _rows_of(lonely_k, device))
+    return q_side, k_side, _Partnerless(_rows_of(lonely, device), _rows_of(lonely_k, device))
 
 
 def _first(rows: Rows) -> int:
@@ -256,7 +248,7 @@ class VarlenBlock:
         # without a partner in the varlen launch, filled by the dense calls afterwards
         self.rows = getattr(fallback, "rows", None)
         whole = _in_place(pairs, self.rows, device)
-        self.partnerless = _Partnerless(None, None, None)  # rows the block zeroes itself (in place only)
+        self.partnerless = _Partnerless(None, None)  # rows the block writes itself (in place only)
         if whole is not None:
             (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.partnerless = whole
         else:
@@ -270,8 +262,14 @@ class VarlenBlock:
 
     @property
     def lonely_q(self) -> Tensor | None:
-        """Query rows with no keys as a bool mask (in-place blocks only; None: none)."""
-        return self.partnerless.q_mask
+        """Query rows with no keys as a bool mask over the block's query rows (in-place blocks only; None:
+        none)."""
+        rows = self.partnerless.q_rows
+        if rows is None:
+            return None
+        mask = torch.zeros(self.rows[0], dtype=torch.bool, device=rows.device)
+        mask[rows] = True
+        return mask
 
     @property
     def name(self) -> str:
@@ -295,8 +293,8 @@ class VarlenBlock:
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
             o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
             lonely = self.partnerless
-            if lonely.q_mask is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
-                lse.masked_fill_(lonely.q_mask, float("-inf"))
+            if lonely.q_rows is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
+                lse.index_fill_(1, lonely.q_rows, float("-inf"))  # lse is [h, tq]
                 o.index_fill_(0, lonely.q_rows, 0)
             out = _unpacked(o, self.q_index, sq)
             lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
