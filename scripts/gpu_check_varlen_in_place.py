@@ -2,7 +2,8 @@
 
     python scripts/gpu_check_varlen_in_place.py --out varlen_in_place.json
 
-``--ops cudnn`` checks cuDNN's ragged pair (``megatron_tasp.kernels.cudnn_varlen``) the same way.
+``--ops cudnn`` checks cuDNN's ragged pair (``megatron_tasp.kernels.cudnn_varlen``) the same way; it takes spans,
+so its in-place blocks launch the shared segments alone (every other row left to the block).
 
 A packed block whose shared segments ascend as runs on both sides runs as ONE FlashAttention-2 varlen call over
 every row (``megatron_tasp.kernels.varlen``): rows outside the shared segments are segments whose other side is
@@ -119,12 +120,15 @@ def main() -> None:
         tol = 0.02 if dtype == torch.bfloat16 else 0.004  # two bf16/fp16 kernels of different tiling
         runs = torch.unique_consecutive(seg_q, return_counts=True)[1]
         expect_in_place = int(runs.max()) > 1  # one-row query segments gather (see varlen._in_place)
-        good = in_place == expect_in_place and lse_ok and zero_rows and all(e <= tol for e in errs.values())
+        # a pair that takes spans (cuDNN's) gets the shared segments alone wherever the block runs in place
+        spans = bool(isinstance(c2, tuple) and len(c2) == 4 and c2[3])
+        good = in_place == expect_in_place and lse_ok and zero_rows and all(e <= tol for e in errs.values()) \
+            and spans == (in_place and ops.takes_spans(q[0].transpose(0, 1)))
         ok &= good
         row = {"case": i, "one_row_queries": one_row, "expect_in_place": expect_in_place, "causal": causal,
                "heads_kv": hkv, "dtype": str(dtype),
                "rows_q": len(seg_q), "rows_k": len(seg_k), "segments": int(var.cu_q.numel() - 1), "in_place": in_place,
-               "lse_ok": lse_ok, "partnerless_rows_zero": zero_rows, "errors": errs, "ok": good}
+               "spans": spans, "lse_ok": lse_ok, "partnerless_rows_zero": zero_rows, "errors": errs, "ok": good}
         rows.append(row)
         print(json.dumps(row), flush=True)
     probe = _probe_one_row_gqa(dev)

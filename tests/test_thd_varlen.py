@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def reference_ops():
-    varlen_reference.CALLS.update(forward=0, backward=0)
+    varlen_reference.CALLS.update(forward=0, backward=0, spans=0)
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ GAPS_Q = [-1] * 2 + [0] * 3 + [-1] * 2 + [1] * 4 + [2] * 2 + [-1]  # -1: queries
 GAPS_K = [0] * 4 + [-2] * 3 + [1] * 2 + [-2] + [2] * 5 + [-2] * 2  # -2: keys without queries
 
 
-@pytest.mark.parametrize("unset", [False, True], ids=["zeroing_pair", "unset_pair"])
+@pytest.mark.parametrize("unset", [False, True, "spans"], ids=["zeroing_pair", "unset_pair", "spans_pair"])
 @pytest.mark.parametrize("causal,seg_q,seg_k,cu_q,cu_k", [
     (False, GAPS_Q, GAPS_K, [0, 2, 5, 7, 7, 11, 11, 13, 14, 14], [0, 0, 4, 4, 7, 9, 10, 15, 15, 17]),
     (True, [0] * 3 + [1] * 4 + [2] * 2, [0] * 3 + [1] * 4 + [2] * 2, [0, 3, 7, 9], [0, 3, 7, 9]),
@@ -165,8 +165,9 @@ def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, 
     """Shared segments that are runs ascending on both sides: one launch over EVERY row, no gather; rows
     between them become segments with an empty partner (queries without keys: output 0, lse -inf although
     the op gives +inf; keys without queries: dk/dv 0), which the block writes itself, also when the pair
-    leaves them unset (NaN here, as cuDNN leaves the output rows); equal to the segmented block."""
-    ops = varlen_reference.UNSET_OPS if unset else None
+    leaves them unset (NaN here, as cuDNN leaves the output rows), and when the pair takes spans (the shared
+    segments alone; every other row left NaN); equal to the segmented block."""
+    ops = {False: None, True: varlen_reference.UNSET_OPS, "spans": varlen_reference.SPANS_OPS}[unset]
     seg, var = _pair(torch.tensor(seg_q), torch.tensor(seg_k), ops=ops)
     t_q, t_k = len(seg_q), len(seg_k)
     assert var.q_index == slice(0, t_q) and var.k_index == slice(0, t_k), "in place"
@@ -189,7 +190,9 @@ def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, 
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not any(bool(x.isnan().any()) for x in (o2, l2, *g2))
-    assert varlen_reference.CALLS == {"forward": 1, "backward": 1}
+    assert varlen_reference.CALLS == {"forward": 1, "backward": 1, "spans": int(unset == "spans")}
+    shared = [(a, b) for a, b in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])) if a[0] < a[1] and b[0] < b[1]]
+    assert var.spans.q.tolist() == [list(a) for a, _ in shared] and var.spans.k.tolist() == [list(b) for _, b in shared]
 
 
 def test_in_place_declines_what_it_cannot_serve(reference_ops):
@@ -375,6 +378,40 @@ def test_cudnn_columns_pad_with_empty_segments():
     assert cols["off_stats"].dtype == torch.int64
 
 
+def test_cudnn_columns_from_spans():
+    """Spans (segments anywhere, gaps between them): offsets at each span's first row, the empty segments and
+    the offset past the last at the end of the last span; the same columns as cu_seqlens where no gap."""
+    spans_q = torch.tensor([[2, 5], [7, 11]], dtype=torch.int32)
+    spans_k = torch.tensor([[0, 4], [6, 9]], dtype=torch.int32)
+    cols = cudnn_varlen._CudnnRagged._build_columns(spans_q, spans_k, 4, 4, 32, 16)
+    assert cols["len_q"].flatten().tolist() == [3, 4, 0, 0] and cols["len_k"].flatten().tolist() == [4, 3, 0, 0]
+    assert cols["off_q"].flatten().tolist() == [64, 224, 352, 352, 352]
+    assert cols["off_k"].flatten().tolist() == [0, 96, 144, 144, 144]
+    assert cols["off_stats"].flatten().tolist() == [8, 28, 44, 44, 44]
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    back_to_back = torch.tensor([[0, 3], [3, 7]], dtype=torch.int32)
+    a = cudnn_varlen._CudnnRagged._build_columns(cu, cu, 2, 2, 8, 8)
+    b = cudnn_varlen._CudnnRagged._build_columns(back_to_back, back_to_back, 2, 2, 8, 8)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert cudnn_varlen._segment_count(spans_q) == 2 and cudnn_varlen._segment_count(cu) == 2
+
+
+def test_auto_pair_takes_spans_only_where_cudnn_serves(monkeypatch):
+    """'auto' takes spans exactly when it would run cuDNN's pair (flash's needs cu_seqlens), and refuses spans on
+    a call cuDNN cannot serve rather than hand them to flash; the explicit pairs say so statically."""
+    auto = cudnn_varlen.auto_varlen_ops()
+    q = torch.randn(4, 2, 8)
+    monkeypatch.setattr(cudnn_varlen, "cudnn_varlen_reason", lambda q: None)
+    assert auto.takes_spans(q)
+    monkeypatch.setattr(cudnn_varlen, "cudnn_varlen_reason", lambda q: "head dim 256")
+    assert not auto.takes_spans(q)
+    with pytest.raises(RuntimeError, match="spans"):
+        auto.forward(q, q, q, torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32), 1, 1,
+                     False, 0.5)
+    assert cudnn_varlen.cudnn_varlen_ops().takes_spans(q) and cudnn_varlen.strict_cudnn_varlen_ops().takes_spans(q)
+    assert not varlen_mod.flash_varlen_ops().takes_spans(q)
+
+
 def _engine_worker(rank, n, dense_rows):
     import torch.distributed as dist
 
@@ -412,6 +449,7 @@ def _natural_worker(rank, n):
     cu_pad, cu = boundaries([13, 1, 22, 6, 9], n)
     for causal in (True, False):
         for kw in ({}, {"chunks": 2}):
+            varlen_reference.CALLS["spans"] = 0
             err = run_case(dist.group.WORLD, cu_pad, cu, causal, 2, **kw)
             layout = next(reversed(scope.layouts().entries.values()))
             local = layout.call.local_kernel
@@ -425,7 +463,8 @@ def _natural_worker(rank, n):
                 # so does the remote block: its masked rows are segments with an empty partner
                 "remote_in_place": bool(remote) and all(b.q_index == slice(0, t) and b.k_index == slice(0, t)
                                                         for b in remote),
-                "lonely_queries": any(b.lonely_q is not None for b in remote)}
+                "lonely_queries": any(b.lonely_q is not None for b in remote),
+                "spans_calls": varlen_reference.CALLS["spans"]}
     return seen
 
 
@@ -455,6 +494,18 @@ def test_cp2_in_place_with_a_pair_that_leaves_partnerless_rows_unset(reference_o
     for seen in ranks:
         for key, got in seen.items():
             assert got["err"] <= TOL, (key, got)
+    assert ranks[0][(True, False)]["lonely_queries"] and ranks[0][(True, False)]["remote_in_place"]
+
+
+def test_cp2_in_place_with_a_pair_that_takes_spans(reference_ops, monkeypatch):
+    """A pair that takes spans (cuDNN's) gets only the shared segments of the in-place blocks; it leaves every
+    other row untouched (NaN here) and the engine stays exact and NaN-free at CP=2, causal and not."""
+    monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device, *_: varlen_reference.SPANS_OPS)
+    ranks = run_workers(_natural_worker, 2, timeout_s=300)
+    for seen in ranks:
+        for key, got in seen.items():
+            assert got["err"] <= TOL, (key, got)
+            assert got["spans_calls"] > 0 or key[1], key  # chunks=2 ([F ; B] order) gathers: cu_seqlens
     assert ranks[0][(True, False)]["lonely_queries"] and ranks[0][(True, False)]["remote_in_place"]
 
 

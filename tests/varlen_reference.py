@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from megatron_tasp.kernels.varlen import VarlenOps
+from megatron_tasp.kernels.varlen import VarlenOps, spans_of
 
-CALLS = {"forward": 0, "backward": 0}
+CALLS = {"forward": 0, "backward": 0, "spans": 0}
 
 
 def _segments(cu_q, cu_k):
-    for b in range(cu_q.numel() - 1):
-        yield slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+    """(query rows, key rows) per segment of ``cu_seqlens`` or of spans."""
+    (fq, lq), (fk, lk) = spans_of(cu_q), spans_of(cu_k)
+    for a, n, b, m in zip(fq.tolist(), lq.tolist(), fk.tolist(), lk.tolist()):
+        yield slice(a, a + n), slice(b, b + m)
 
 
 def _scores(q, k, causal, scale):
@@ -91,3 +93,40 @@ def _unset_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, s
 #: block must write them)
 UNSET_OPS = VarlenOps(_unset_forward, _unset_backward)
 
+
+
+def _outside(rows: int, spans) -> torch.Tensor:
+    """Rows in no span (bool mask)."""
+    out = torch.ones(rows, dtype=torch.bool)
+    for a, b in spans.tolist():
+        out[a:b] = False
+    return out
+
+
+def _spans_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    assert cu_q.dim() == cu_k.dim(), "spans on both sides or on neither"
+    if cu_q.dim() == 1:  # a block that gathers its rows gives cu_seqlens
+        return _unset_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    CALLS["spans"] += 1
+    out, lse, aux = forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    free = _outside(q.shape[0], cu_q)
+    out[free] = float("nan")
+    lse[:, free] = float("nan")
+    return out, lse, aux
+
+
+def _spans_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux):
+    assert cu_q.dim() == cu_k.dim()
+    if cu_q.dim() == 1:
+        return _unset_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, aux)
+    dq[_outside(q.shape[0], cu_q)] = float("nan")
+    free = _outside(k.shape[0], cu_k)
+    dk[free] = float("nan")
+    dv[free] = float("nan")
+    return dq, dk, dv
+
+
+#: a pair that takes spans, as cuDNN's does, and leaves every row outside them NaN (never touched); given
+#: cu_seqlens (blocks that gather), it acts as UNSET_OPS
+SPANS_OPS = VarlenOps(_spans_forward, _spans_backward, spans=lambda q: True)

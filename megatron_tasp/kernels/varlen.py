@@ -9,11 +9,13 @@ segments ascend on both sides (the own block of packed documents, and the remote
 call reads q/k/v and writes out, lse and the gradients IN PLACE: the rows between the shared segments become
 segments with no partner, which both pairs serve without computing anything (they exit early on an empty side);
 the block itself writes their results (queries with no keys: output 0, lse -inf, dq 0; keys with no queries:
-dk/dv 0), whatever the pair left in those rows. Otherwise the query rows of every shared segment are
-gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a copy, when they already
-form one ascending run), likewise the key/value rows, and the output, lse and gradients are scattered back. Rows
-without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA runs natively (fewer KV
-heads), no expansion. Square segments of at least ``big_rows`` rows (the engine passes
+dk/dv 0), whatever the pair left in those rows. A pair that takes *spans* (:attr:`VarlenOps.spans`: cuDNN's,
+whose segments may start at any row) gets the shared segments alone instead, so it does no per-row work for
+the rows without a partner (about half the rows of a CP=2 remote block). Otherwise the query rows of every
+shared segment are gathered into one packed ``[total_q, h, d]`` tensor (segment after segment; a view, not a
+copy, when they already form one ascending run), likewise the key/value rows, and the output, lse and gradients
+are scattered back. Rows without keys keep output 0 and lse -inf, exactly as in the segmented block. GQA/MQA
+runs natively (fewer KV heads), no expansion. Square segments of at least ``big_rows`` rows (the engine passes
 ``TaspOptions.packed_dense_rows`` for the own block of causal calls only, None otherwise) run one call each on the
 dense kernel, padded to a bounded set of shapes (:mod:`megatron_tasp.kernels.bucketed`: exact under the causal
 mask, and cuDNN plans once per shape); every query row and key row belongs to one segment, so the two parts write
@@ -43,7 +45,7 @@ from ._calls import call_aten, has_aten_op, named_returns
 from .bucketed import BucketedBlock, is_dense
 from .segmented import Rows, SegmentedBlock, row_count
 
-__all__ = ["VarlenBlock", "VarlenOps", "flash_varlen_ops", "varlen_reason"]
+__all__ = ["VarlenBlock", "VarlenOps", "flash_varlen_ops", "spans_of", "varlen_reason"]
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -57,10 +59,28 @@ class VarlenOps:
     forward: Any
     backward: Any
     reason: Callable[[Tensor], str | None] | None = None
+    #: None: the pair takes ``cu_seqlens`` only. Else, per query tensor ``[rows, h, d]``: whether the pair takes
+    #: *spans* in their place, int32 ``[n, 2]`` (first row, row past the last) per segment and side, which need
+    #: not be back to back: an in-place block then lists its shared segments only, and rows outside every span
+    #: are never touched (see :func:`spans_of`)
+    spans: Callable[[Tensor], bool] | None = None
 
     # Segments may be empty on one side (the in-place form). The pair may leave the rows of such segments unset
     # (output and lse of queries without keys, dq of them, dk/dv of keys without queries): the block writes 0
     # there (lse -inf) itself. FlashAttention-2 writes 0 (lse +inf); cuDNN leaves the output rows untouched.
+
+    def takes_spans(self, q: Tensor) -> bool:
+        """True when this call (query tensor ``q``) takes spans instead of ``cu_seqlens``."""
+        return self.spans is not None and bool(self.spans(q))
+
+
+def spans_of(bounds: Tensor) -> tuple[Tensor, Tensor]:
+    """(first rows, lengths) of the segments of ``bounds``: ``cu_seqlens`` ``[n + 1]`` (back to back) or spans
+    ``[n, 2]`` (first row, row past the last)."""
+    b = bounds.long()
+    if b.dim() == 2:
+        return b[:, 0], b[:, 1] - b[:, 0]
+    return b[:-1], b[1:] - b[:-1]
 
 
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
@@ -149,12 +169,30 @@ def _rows_of(slices: list[slice], device: torch.device) -> Tensor | None:
     return torch.cat([torch.arange(r.start, r.stop) for r in slices]).to(device) if slices else None
 
 
+@dataclass(frozen=True)
+class _Spans:
+    """The shared segments of an in-place block alone, as spans (:attr:`VarlenOps.spans`): no segments for the
+    rows without a partner, so a pair that takes spans does no per-row work for them."""
+
+    q: Tensor  # [n, 2] int32 (first row, row past the last)
+    k: Tensor
+    max_q: int
+    max_k: int
+
+
+def _spans(pairs: list[tuple[slice, slice]], device: torch.device) -> _Spans:
+    q = torch.tensor([[iq.start, iq.stop] for iq, _ in pairs], dtype=torch.int32).reshape(-1, 2)
+    k = torch.tensor([[ik.start, ik.stop] for _, ik in pairs], dtype=torch.int32).reshape(-1, 2)
+    return _Spans(q.to(device), k.to(device), max(iq.stop - iq.start for iq, _ in pairs),
+                  max(ik.stop - ik.start for _, ik in pairs))
+
+
 def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
-              device: torch.device) -> tuple[tuple, tuple, _Partnerless] | None:
+              device: torch.device) -> tuple[tuple, tuple, _Partnerless, _Spans] | None:
     """Segments over EVERY row, for pairs that are slices ascending on both sides: ((slice, cu_q, max_q),
-    (slice, cu_k, max_k), the rows without a partner). Rows outside the pairs become segments with an empty
-    partner: queries without keys, then keys without queries. None when the pairs do not allow it (a gather is
-    needed) or the block's size is unknown."""
+    (slice, cu_k, max_k), the rows without a partner, the pairs alone as spans). Rows outside the pairs become
+    segments with an empty partner: queries without keys, then keys without queries. None when the pairs do not
+    allow it (a gather is needed) or the block's size is unknown."""
     if rows is None or not pairs:
         return None
     seg_q: list[Rows] = []
@@ -192,7 +230,8 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
         # swapped layout, reshaped by segment count (it fails once segments outnumber the query rows); empty
         # segments are not checked in that layout on GPU: gather instead
         return None
-    return q_side, k_side, _Partnerless(_rows_of(lonely, device), _rows_of(lonely_k, device))
+    return (q_side, k_side, _Partnerless(_rows_of(lonely, device), _rows_of(lonely_k, device)),
+            _spans(pairs, device))
 
 
 def _first(rows: Rows) -> int:
@@ -249,8 +288,10 @@ class VarlenBlock:
         self.rows = getattr(fallback, "rows", None)
         whole = _in_place(pairs, self.rows, device)
         self.partnerless = _Partnerless(None, None)  # rows the block writes itself (in place only)
+        self.spans: _Spans | None = None  # the shared segments alone, for pairs that take spans (in place only)
         if whole is not None:
-            (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.partnerless = whole
+            (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.partnerless, \
+                self.spans = whole
         else:
             self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
             self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
@@ -289,9 +330,11 @@ class VarlenBlock:
             self.big.check(causal)
         sq = q.shape[2]
         aux = big_ctx = None
+        spans = False
         if self.small:  # first: in place, its output is the block's (the dense rows are rows without keys in it)
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
-            o, lse, aux = self.ops.forward(qp, kp, vp, self.cu_q, self.cu_k, self.max_q, self.max_k, causal, scale)
+            spans = self.spans is not None and self.ops.takes_spans(qp)
+            o, lse, aux = self.ops.forward(qp, kp, vp, *self._segments(spans), causal, scale)
             lonely = self.partnerless
             if lonely.q_rows is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
                 lse.index_fill_(1, lonely.q_rows, float("-inf"))  # lse is [h, tq]
@@ -302,12 +345,21 @@ class VarlenBlock:
                 big_ctx = self.big.forward_into(q, k, v, out, lse_full, scale=scale)
         else:
             out, lse_full, big_ctx = self.big.forward_unchecked(q, k, v, causal=causal, scale=scale)
-        return out, lse_full.float().contiguous(), ("varlen", aux, big_ctx)
+        return out, lse_full.float().contiguous(), ("varlen", aux, big_ctx, spans)
+
+    def _segments(self, spans: bool) -> tuple[Tensor, Tensor, int, int]:
+        """(q side, k side, longest query segment, longest key segment) of the varlen launch: every row's segment
+        as ``cu_seqlens``, or with ``spans`` the shared segments alone (the rows without a partner are the
+        block's to write either way)."""
+        if spans:
+            s = self.spans
+            return s.q, s.k, s.max_q, s.max_k
+        return self.cu_q, self.cu_k, self.max_q, self.max_k
 
     def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            ctx: Any, *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """dq, dk, dv of this block from the merged ``out``/``lse`` (zero where no segment is shared)."""
-        if not (isinstance(ctx, tuple) and len(ctx) == 3 and ctx[0] == "varlen"):
+        if not (isinstance(ctx, tuple) and len(ctx) == 4 and ctx[0] == "varlen"):
             return self.fallback.backward_unchecked(dout, q, k, v, out, lse, ctx, causal=causal, scale=scale)
         self._check_rows(q, k)
         if self.big is not None:
@@ -318,8 +370,7 @@ class VarlenBlock:
         dp = _packed(dout, self.q_index).to(q.dtype).contiguous()
         op_ = _packed(out, self.q_index).to(q.dtype).contiguous()
         lp = _packed(lse.unsqueeze(-1), self.q_index)[..., 0].t().float().contiguous()  # [h, tq]
-        dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, self.cu_q, self.cu_k, self.max_q, self.max_k,
-                                       causal, scale, ctx[1])
+        dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, *self._segments(ctx[3]), causal, scale, ctx[1])
         lonely = self.partnerless
         if lonely.q_rows is not None:
             dq.index_fill_(0, lonely.q_rows, 0)
