@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import megatron_tasp.engine.backward as engine_backward
 import megatron_tasp.engine.thd as engine_thd
 from megatron_tasp import clear_plan_cache, tasp_attention
+from megatron_tasp.engine.backward import halves_of_one_buffer
 from megatron_tasp.engine.cache import PLAN_CACHE
 from megatron_tasp.engine.errors import TaspConfigError
 from megatron_tasp.kernels import cudnn_varlen, get_kernel
@@ -23,6 +25,7 @@ from tests import varlen_reference
 from tests.test_thd import TOL, _sequence_case, boundaries, mixes, run_case
 
 CPU = torch.device("cpu")
+PAIR_COPIES: list[int] = []  # dK/dV sent on as one buffer's halves (see the spans test)
 
 
 @pytest.fixture
@@ -378,6 +381,32 @@ def test_cudnn_columns_pad_with_empty_segments():
     assert cols["off_stats"].dtype == torch.int64
 
 
+def test_halves_of_one_buffer():
+    """dK/dV written as the halves of one [m, 2, b, h, d] buffer are recognised (a view of that buffer, equal to
+    stacking them); separate tensors, V before K, or other strides are not."""
+    buf = torch.randn(5, 2, 1, 3, 4)
+    dk, dv = buf[:, 0], buf[:, 1]
+    pair = halves_of_one_buffer(dk, dv)
+    assert pair is not None and pair.data_ptr() == buf.data_ptr() and torch.equal(pair, torch.stack((dk, dv), 1))
+    assert halves_of_one_buffer(dv, dk) is None
+    assert halves_of_one_buffer(dk.clone(), dv.clone()) is None
+    assert halves_of_one_buffer(buf[::2, 0], buf[::2, 1]) is None
+    one = torch.randn(1, 2, 1, 3, 4)
+    assert torch.equal(halves_of_one_buffer(one[:, 0], one[:, 1]), one)
+
+
+def test_fill_rows_off_cuda_is_index_fill():
+    """Off CUDA (and for layouts the Triton kernel does not take) the row fill is torch's index_fill_."""
+    from megatron_tasp.kernels.rowfill import fill_rows_
+
+    rows = torch.tensor([4, 1])
+    for x in (torch.randn(6, 3, 2), torch.randn(6, 2, 3, 2)[:, 1], torch.randn(3, 6).t()):
+        want = x.clone().index_fill_(0, rows, 0.5)
+        assert fill_rows_(x, rows, 0.5) is x and torch.equal(x, want)
+    empty = torch.randn(3, 2)
+    assert torch.equal(fill_rows_(empty.clone(), torch.zeros(0, dtype=torch.long), 1.0), empty)
+
+
 def test_cudnn_columns_from_spans():
     """Spans (segments anywhere, gaps between them): offsets at each span's first row, the empty segments and
     the offset past the last at the end of the last span; the same columns as cu_seqlens where no gap."""
@@ -450,6 +479,7 @@ def _natural_worker(rank, n):
     for causal in (True, False):
         for kw in ({}, {"chunks": 2}):
             varlen_reference.CALLS["spans"] = 0
+            PAIR_COPIES.clear()
             err = run_case(dist.group.WORLD, cu_pad, cu, causal, 2, **kw)
             layout = next(reversed(scope.layouts().entries.values()))
             local = layout.call.local_kernel
@@ -464,7 +494,7 @@ def _natural_worker(rank, n):
                 "remote_in_place": bool(remote) and all(b.q_index == slice(0, t) and b.k_index == slice(0, t)
                                                         for b in remote),
                 "lonely_queries": any(b.lonely_q is not None for b in remote),
-                "spans_calls": varlen_reference.CALLS["spans"]}
+                "spans_calls": varlen_reference.CALLS["spans"], "pair_copies": len(PAIR_COPIES)}
     return seen
 
 
@@ -499,13 +529,23 @@ def test_cp2_in_place_with_a_pair_that_leaves_partnerless_rows_unset(reference_o
 
 def test_cp2_in_place_with_a_pair_that_takes_spans(reference_ops, monkeypatch):
     """A pair that takes spans (cuDNN's) gets only the shared segments of the in-place blocks; it leaves every
-    other row untouched (NaN here) and the engine stays exact and NaN-free at CP=2, causal and not."""
+    other row untouched (NaN here) and the engine stays exact and NaN-free at CP=2, causal and not. Its dK/dV of
+    a received piece come as the halves of one buffer (as cuDNN's), which the backward sends on with one copy."""
     monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device, *_: varlen_reference.SPANS_OPS)
+
+    def recorded(dk, dv):
+        pair = halves_of_one_buffer(dk, dv)
+        if pair is not None:
+            PAIR_COPIES.append(1)
+        return pair
+
+    monkeypatch.setattr(engine_backward, "halves_of_one_buffer", recorded)
     ranks = run_workers(_natural_worker, 2, timeout_s=300)
     for seen in ranks:
         for key, got in seen.items():
             assert got["err"] <= TOL, (key, got)
             assert got["spans_calls"] > 0 or key[1], key  # chunks=2 ([F ; B] order) gathers: cu_seqlens
+            assert got["pair_copies"] > 0 or key[1], key
     assert ranks[0][(True, False)]["lonely_queries"] and ranks[0][(True, False)]["remote_in_place"]
 
 

@@ -124,9 +124,13 @@ def _spans_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, s
     free = _outside(k.shape[0], cu_k)
     dk[free] = float("nan")
     dv[free] = float("nan")
+    if k.stride(0) == 2 * k[0].numel() and v.data_ptr() - k.data_ptr() == k[0].numel() * k.element_size():
+        pair = torch.stack((dk, dv), dim=1)  # K/V are the halves of a received piece: so are dK/dV (as cuDNN's)
+        dk, dv = pair[:, 0], pair[:, 1]
     return dq, dk, dv
 
 
-#: a pair that takes spans, as cuDNN's does, and leaves every row outside them NaN (never touched); given
-#: cu_seqlens (blocks that gather), it acts as UNSET_OPS
+#: a pair that takes spans, as cuDNN's does, and leaves every row outside them NaN (never touched); for K/V
+#: given as the halves of one buffer it returns dK/dV likewise; given cu_seqlens (blocks that gather), it acts
+#: as UNSET_OPS
 SPANS_OPS = VarlenOps(_spans_forward, _spans_backward, spans=lambda q: True)

@@ -24,6 +24,18 @@ from megatron_tasp.engine.forward import wait_all
 from megatron_tasp.schedule import RankStep
 
 
+def halves_of_one_buffer(dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor | None:
+    """The ``[m, 2, ...]`` tensor whose two halves along dim 1 are ``dk`` and ``dv`` (how cuDNN's ragged pair
+    writes the gradients of a received piece, in the piece's own layout), or None when they are not."""
+    if dk.shape != dv.shape or dk.stride() != dv.stride() or dk.dtype != dv.dtype or dk.dim() < 2 \
+            or dk.device != dv.device or dk.numel() == 0 or not dk[0].is_contiguous():
+        return None
+    n = dk[0].numel()
+    if (dk.shape[0] > 1 and dk.stride(0) != 2 * n) or dv.data_ptr() - dk.data_ptr() != n * dk.element_size():
+        return None
+    return dk.as_strided((dk.shape[0], 2, *dk.shape[1:]), (2 * n, n, *dk.stride()[1:]))
+
+
 class Grads:
     """Backward accumulators of one call: dQ (rows of every remote block) and the traveling dK/dV."""
 
@@ -65,7 +77,10 @@ class Grads:
             for i in rings:
                 m = call.rows_of(j, case, i)
                 dk_i, dv_i = sbhd(dkg[:, :, off:off + m]), sbhd(dvg[:, :, off:off + m])
-                if first and m == acc[i].shape[0] and dk_i.dtype == acc[i].dtype:
+                pair = halves_of_one_buffer(dk_i, dv_i) if first else None
+                if first and m == acc[i].shape[0] and dk_i.dtype == acc[i].dtype and pair is not None:
+                    acc[i].copy_(pair)  # one contiguous copy (a strided stack ran ~4x slower on the H200)
+                elif first and m == acc[i].shape[0] and dk_i.dtype == acc[i].dtype:
                     torch.stack((dk_i, dv_i), dim=1, out=acc[i])  # one kernel for both
                 elif first:
                     acc[i][:m, 0].copy_(dk_i)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ._calls import call_aten, has_aten_op, named_returns
 from .bucketed import BucketedBlock, is_dense
+from .rowfill import fill_rows_
 from .segmented import Rows, SegmentedBlock, row_count
 
 __all__ = ["VarlenBlock", "VarlenOps", "flash_varlen_ops", "spans_of", "varlen_reason"]
@@ -338,7 +339,7 @@ class VarlenBlock:
             lonely = self.partnerless
             if lonely.q_rows is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
                 lse.index_fill_(1, lonely.q_rows, float("-inf"))  # lse is [h, tq]
-                o.index_fill_(0, lonely.q_rows, 0)
+                fill_rows_(o, lonely.q_rows, 0)
             out = _unpacked(o, self.q_index, sq)
             lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
             if self.big is not None:
@@ -373,10 +374,10 @@ class VarlenBlock:
         dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, *self._segments(ctx[3]), causal, scale, ctx[1])
         lonely = self.partnerless
         if lonely.q_rows is not None:
-            dq.index_fill_(0, lonely.q_rows, 0)
+            fill_rows_(dq, lonely.q_rows, 0)
         if lonely.k_rows is not None:
-            dk.index_fill_(0, lonely.k_rows, 0)
-            dv.index_fill_(0, lonely.k_rows, 0)
+            fill_rows_(dk, lonely.k_rows, 0)
+            fill_rows_(dv, lonely.k_rows, 0)
         grads = [_unpacked(dq, self.q_index, q.shape[2]), _unpacked(dk, self.k_index, k.shape[2]),
                  _unpacked(dv, self.k_index, v.shape[2])]
         if self.big is not None:  # its rows are disjoint from the varlen segments' (zero there)

@@ -266,3 +266,20 @@ def test_fused_merge_triton_matches_torch_path(dtype, d):
     merge_to(a, la[:, :, 150:], b, lb, a, la[:, :, 150:])  # in place
     assert (a.float() - ref_o.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 2 ** -7) * ref_o.abs().max()
     assert (la[:, :, 150:] - ref_l).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fill_rows_triton_equals_index_fill(dtype):
+    """The row fill of the varlen blocks (Triton) writes exactly what index_fill_ writes: contiguous rows, the
+    strided halves of a [rows, 2, h, d] buffer, unsorted indices, rows wider than one program's block."""
+    from megatron_tasp.kernels.rowfill import fill_rows_
+
+    dev = torch.device("cuda")
+    rows = torch.tensor([7, 0, 3, 12, 5], device=dev)
+    pair = torch.randn(13, 2, 8, 128, device=dev).to(dtype)
+    other = pair[:, 1].clone()
+    for x in (torch.randn(13, 32, 128, device=dev).to(dtype), pair[:, 0], torch.randn(13, 3, device=dev)):
+        want = x.clone().index_fill_(0, rows, -2.5)
+        fill_rows_(x, rows, -2.5)
+        assert torch.equal(x, want)
+    assert torch.equal(pair[:, 1], other), "the other half of the buffer is left alone"
