@@ -14,6 +14,10 @@ kernel plans included); ``--host-bounds`` also times the calls with the boundari
 the Megatron adapter passes them to every layer after the first of a pass (no host sync per call).
 ``--back-to-back`` times calls queued one after another (steady state, as between a model's layers) instead of
 single calls that each start from an idle GPU (which expose the host time of a call's start).
+``--paired N`` also times each rank's call against the whole sequence on one GPU in N alternating rounds
+(back to back), so both meet the same clocks: the H200 runs power-capped and its clock drifts over seconds,
+which moved the separately timed ratio by several percent. ``--profile-trace`` writes the profiles' chrome
+traces for ``scripts/trace_summary.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -60,18 +65,50 @@ def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | No
     return [float(x) for x in every]
 
 
-def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None) -> None:
+def _paired(rank: int, step, one, warmup: int, iters: int, rounds: int) -> list[list[float]]:
+    """On each rank in turn (the others wait on the host): ``rounds`` rounds of ``iters`` calls of ``step``
+    then ``iters`` of ``one`` (the whole sequence on this GPU), each queued back to back, so both meet the
+    same clocks (the H200 runs power-capped, and its clock drifts over seconds). Every rank's
+    ``[step ms, one ms, ratio]`` per round, medians over the rounds (zeros where it did not run)."""
+    t = torch.zeros(3, dtype=torch.float64)
+    dev = torch.device("cuda", 0)
+    for turn in range(dist.get_world_size()):
+        if turn == rank:
+            for fn in (step, one):
+                for _ in range(warmup):
+                    fn()
+            rows = []
+            for _ in range(rounds):
+                a = time_back_to_back(step, dev, 0, iters, rounds=1)
+                b = time_back_to_back(one, dev, 0, iters, rounds=1)
+                rows.append((a, b, a / b))
+            t[:] = torch.tensor([statistics.median(x) for x in zip(*rows)], dtype=torch.float64)
+        dist.barrier()
+    every = [torch.zeros(3, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    return [[float(v) for v in x] for x in every]
+
+
+def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None, trace: str | None = None,
+             steps: int = 5) -> None:
+    """Profile ``steps`` calls of ``step`` queued back to back on each of ``ranks`` in turn: print the top CUDA
+    kernels and write a chrome trace to ``trace`` (``{rank}`` in it is replaced) for scripts/trace_summary.py,
+    which also tells how much of the span some kernel ran."""
     from torch.profiler import ProfilerActivity, profile
 
     for turn in range(dist.get_world_size()):
         if turn == rank and (ranks is None or rank in ranks):
             step()
+            torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as p:
-                step()
+                for _ in range(steps):
+                    step()
                 torch.cuda.synchronize()
-            print(f"== {label}, rank {rank}", flush=True)
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+            print(f"== {label}, rank {rank}, {steps} calls back to back", flush=True)
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60),
                   flush=True)
+            if trace:
+                p.export_chrome_trace(trace.format(rank=rank))
         dist.barrier()
 
 
@@ -82,6 +119,8 @@ def main() -> None:
     ap.add_argument("--heads", default="32/8", help="query/KV heads")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile-trace", default=None, help="with --profile: write each profile's chrome trace here "
+                    "('{rank}' and '{what}' are replaced)")
     ap.add_argument("--profile", action="store_true", help="print each rank's top CUDA kernels at the first size, "
                     "and those of TASP on one GPU")
     ap.add_argument("--dense-rows", type=int, default=0, help="also time options.packed_dense_rows=N (square causal "
@@ -93,6 +132,9 @@ def main() -> None:
     ap.add_argument("--host-bounds", action="store_true", help="also time the default options with the "
                     "boundaries as host integers (no host sync per call, as Megatron's later layers), at CP=2 and "
                     "on one GPU")
+    ap.add_argument("--paired", type=int, default=0, help="also time each rank's call and the whole sequence on "
+                    "one GPU in N alternating rounds of --iters calls back to back (same clocks for both): "
+                    "per-rank medians of the times and of their ratio")
     ap.add_argument("--back-to-back", action="store_true", help="time calls queued back to back (steady state, "
                     "as between a model's layers: host work overlaps the previous call's GPU work) instead of "
                     "single calls that each start from an idle GPU")
@@ -140,13 +182,19 @@ def main() -> None:
             row["rank_ms" + suffix] = _alone(r, step, a.warmup, a.iters, back_to_back=a.back_to_back)
             row["max_rank_ms" + suffix] = max(row["rank_ms" + suffix])
             if a.profile and i == 0:
-                _profile(r, step, f"CP=2 packed, {tok} tokens, {vname}")
+                _profile(r, step, f"CP=2 packed, {tok} tokens, {vname}",
+                         trace=a.profile_trace and a.profile_trace.replace("{what}", f"cp2_{vname}"))
             one = fwd_bwd(lambda x, y, z, cp=bounds[0], c=bounds[1], o=opts: tasp_attention(
                 x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=c, options=o), qf, kf, vf, do)
             row["one_gpu_tasp_ms" + suffix] = _alone(r, one, a.warmup, a.iters, ranks=(0,),
                                                     back_to_back=a.back_to_back)[0]
+            if a.paired:
+                paired = _paired(r, step, one, a.warmup, a.iters, a.paired)
+                row["paired" + suffix] = {"rank_ms": [x[0] for x in paired], "one_gpu_ms": [x[1] for x in paired],
+                                          "ratio": [x[2] for x in paired], "max_ratio": max(x[2] for x in paired)}
             if a.profile and i == 0:
-                _profile(r, one, f"one GPU TASP, {tok} tokens, {vname}", ranks=(0,))
+                _profile(r, one, f"one GPU TASP, {tok} tokens, {vname}", ranks=(0,),
+                         trace=a.profile_trace and a.profile_trace.replace("{what}", f"one_{vname}"))
             row["max_rank_over_one_gpu_tasp" + suffix] = row["max_rank_ms" + suffix] / row["one_gpu_tasp_ms" + suffix]
         m = (lens, padded, True)
         for name, fn in (("one_gpu_varlen_ms", lambda x, y, z, m=m: one_gpu_varlen(x, y, z, *m)),

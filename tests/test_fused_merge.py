@@ -61,3 +61,23 @@ def test_merge_finite_is_merge_to_in_place(dtype):
     merge_finite_(a, la, b, lb)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert (a - ref_out).abs().max() <= tol * ref_out.abs().max() and (la - ref_lse).abs().max() <= 1e3 * tol
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_merge_to_reads_no_row_without_keys(in_place):
+    """Rows where b's lse is -inf are a's exactly, whatever b_out holds there (NaN, inf: rows a block left
+    unset), in place and into another tensor."""
+    a, la, b, lb = _parts(2, torch.float32)
+    lb[1, 2, 10:30] = float("-inf")
+    gone = torch.isinf(lb)
+    b[gone] = torch.tensor([float("nan"), float("inf")]).repeat(int(gone.sum()) * b.shape[-1] // 2 + 1)[
+        :int(gone.sum()) * b.shape[-1]].view(-1, b.shape[-1])
+    ref_out, ref_lse = a.clone(), la.clone()
+    clean = torch.where(gone.unsqueeze(-1), torch.zeros_like(b), b)
+    merge_into(ref_out, ref_lse, clean, lb)
+    dst, dlse = (a, la) if in_place else (torch.empty_like(a), torch.empty_like(la))
+    keep = a[gone].clone()
+    merge_to(a, la, b, lb, dst, dlse)
+    assert torch.isfinite(dst).all() and torch.equal(dst[gone], keep)
+    torch.testing.assert_close(dst, ref_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dlse, ref_lse, rtol=1e-6, atol=1e-6)

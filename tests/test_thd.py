@@ -58,8 +58,10 @@ def _inputs_and_reference(cu_pad, cu, causal: bool, hkv: int, seed: int):
 
 
 def run_case(group, cu_pad, cu, causal: bool, hkv: int, dtype=torch.float32, shape4: bool = False,
-             seed: int = 0, **kw) -> float:
-    """This rank's max relative error (out, dq, dk, dv) against the reference; asserts exact zeros at pads."""
+             seed: int = 0, poison_pads: bool = False, **kw) -> float:
+    """This rank's max relative error (out, dq, dk, dv) against the reference; asserts exact zeros at pads.
+    ``poison_pads``: the incoming gradient holds NaN and inf at padded positions (the reference's does not):
+    nothing of it may reach any gradient."""
     import torch.distributed as dist
 
     n = dist.get_world_size(group) if group is not None else 1
@@ -73,9 +75,12 @@ def run_case(group, cu_pad, cu, causal: bool, hkv: int, dtype=torch.float32, sha
     out = tasp_attention(ql, kl, vl, group, causal=causal, cu_seqlens_padded=torch.tensor(cu_pad, dtype=torch.int32),
                          cu_seqlens=torch.tensor(cu, dtype=torch.int32), **kw)
     assert out.shape == ql.shape and out.dtype == dtype
-    out.backward(do[idx].to(dtype).reshape(out.shape))
-    got = [x.reshape(len(idx), -1, D) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
     pads = _pad_positions(cu_pad, cu, idx)
+    dout = do[idx].to(dtype)
+    if poison_pads:
+        dout[pads] = torch.tensor([float("nan"), float("inf")], dtype=dtype).repeat(len(pads))[:len(pads), None, None]
+    out.backward(dout.reshape(out.shape))
+    got = [x.reshape(len(idx), -1, D) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
     for g in got:
         assert torch.all(g[pads] == 0), "padded positions must be exactly 0 in the output and the gradients"
     # relative to the whole reference tensor (a rank's share may be exactly 0, e.g. dq of 1-token documents;
@@ -121,6 +126,7 @@ def _options_worker(rank, n):
     errs = [run_case(dist.group.WORLD, cu_pad, cu, causal, 2, chunks=2, keep_kv=keep)
             for causal in (True, False) for keep in (True, False)]
     errs.append(run_case(dist.group.WORLD, cu_pad, cu, True, 2, shape4=True))  # Megatron's [t, 1, h, d]
+    errs += [run_case(dist.group.WORLD, cu_pad, cu, causal, 2, poison_pads=True) for causal in (True, False)]
     errs.append(run_case(dist.group.WORLD, cu_pad, cu, True, 2, dtype=torch.float64))
     bf16 = run_case(dist.group.WORLD, cu_pad, cu, True, 2, dtype=torch.bfloat16)
     return errs, bf16
@@ -128,7 +134,8 @@ def _options_worker(rank, n):
 
 @pytest.mark.parametrize("n", [3, 6])
 def test_chunks_kept_kv_shapes_dtypes(n):
-    """Lanes (chunks=2), kept or re-exchanged KV, [t, 1, h, d] inputs, fp64 and bf16."""
+    """Lanes (chunks=2), kept or re-exchanged KV, [t, 1, h, d] inputs, fp64 and bf16; NaN/inf in the incoming
+    gradient at padded positions reaches no gradient."""
     for errs, bf16 in run_workers(_options_worker, n, timeout_s=300):
         assert max(errs) <= TOL, errs
         assert bf16 <= 3e-2, bf16

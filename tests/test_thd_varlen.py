@@ -407,6 +407,17 @@ def test_fill_rows_off_cuda_is_index_fill():
     assert torch.equal(fill_rows_(empty.clone(), torch.zeros(0, dtype=torch.long), 1.0), empty)
 
 
+def test_add_halves_off_cuda_is_torch_add():
+    """Off CUDA (and for tensors the Triton kernel does not take) the hop home's add is torch.add of each half."""
+    from megatron_tasp.kernels.pairadd import add_halves
+
+    pair = torch.randn(5, 2, 3, 4)
+    for a0, a1 in ((torch.randn(5, 3, 4), torch.randn(5, 3, 4)),
+                   (torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 3, 4, dtype=torch.float64))):
+        o0, o1 = add_halves(a0, a1, pair)
+        assert torch.equal(o0, a0 + pair[:, 0]) and torch.equal(o1, a1 + pair[:, 1])
+
+
 def test_cudnn_columns_from_spans():
     """Spans (segments anywhere, gaps between them): offsets at each span's first row, the empty segments and
     the offset past the last at the end of the last span; the same columns as cu_seqlens where no gap."""
@@ -480,7 +491,7 @@ def _natural_worker(rank, n):
         for kw in ({}, {"chunks": 2}):
             varlen_reference.CALLS["spans"] = 0
             PAIR_COPIES.clear()
-            err = run_case(dist.group.WORLD, cu_pad, cu, causal, 2, **kw)
+            err = run_case(dist.group.WORLD, cu_pad, cu, causal, 2, poison_pads=True, **kw)
             layout = next(reversed(scope.layouts().entries.values()))
             local = layout.call.local_kernel
             t = cu_pad[-1] // n
@@ -494,6 +505,8 @@ def _natural_worker(rank, n):
                 "remote_in_place": bool(remote) and all(b.q_index == slice(0, t) and b.k_index == slice(0, t)
                                                         for b in remote),
                 "lonely_queries": any(b.lonely_q is not None for b in remote),
+                # remote outputs only go to the merge: the rows of queries without keys are left unset
+                "remote_merged": bool(remote) and all(b.merged for b in remote) and not getattr(local, "merged", False),
                 "spans_calls": varlen_reference.CALLS["spans"], "pair_copies": len(PAIR_COPIES)}
     return seen
 
@@ -546,6 +559,7 @@ def test_cp2_in_place_with_a_pair_that_takes_spans(reference_ops, monkeypatch):
             assert got["err"] <= TOL, (key, got)
             assert got["spans_calls"] > 0 or key[1], key  # chunks=2 ([F ; B] order) gathers: cu_seqlens
             assert got["pair_copies"] > 0 or key[1], key
+            assert got["remote_merged"], key
     assert ranks[0][(True, False)]["lonely_queries"] and ranks[0][(True, False)]["remote_in_place"]
 
 

@@ -21,6 +21,7 @@ import torch
 from megatron_tasp.engine.channel import Channel, detached, mark
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, acc_dtype, bhsd, sbhd
 from megatron_tasp.engine.forward import wait_all
+from megatron_tasp.kernels.pairadd import add_halves
 from megatron_tasp.schedule import RankStep
 
 
@@ -116,8 +117,12 @@ def home_sum(call: CompiledCall, home: Channel, sent: list, k, v, dk0, dv0):
     wait_all(sent)
     home.advance()
     rk, rv = call.unpack(home.current, like=k)
-    dk = torch.add(sbhd(dk0), rk)  # one rounding of the exact sum (elementwise math runs in fp32)
-    dv = torch.add(sbhd(dv0), rv)
+    pair = halves_of_one_buffer(rk, rv)
+    if pair is not None:  # both adds in one kernel that reads each half's rows as contiguous runs
+        dk, dv = add_halves(sbhd(dk0), sbhd(dv0), pair)
+    else:
+        dk, dv = torch.add(sbhd(dk0), rk), torch.add(sbhd(dv0), rv)
+    # one rounding of the exact sum (elementwise math runs in fp32)
     return dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -9,8 +9,9 @@ same document (a *later* source's chunks precede only B's), so the dense cases s
 the blocks change: every block is masked to "same segment" (causal in local order for the own block). Segment
 ids: ``2i`` for document i's real tokens, ``2i + 1`` for its padding, a segment of its own so every padded
 query sees at least itself (a finite lse, as the merge assumes after step 0); the padded rows of the output
-are zeroed at the end and their incoming gradient dropped, so no gradient reaches or leaves a padded token
-(exactly 0). A received piece's segment ids depend on its source rank, which the schedule knows:
+are zeroed at the end, and so are their gradients: a padded token's segment holds padding alone and every
+kernel tiles each segment pair on its own, so no gradient reaches or leaves a padded token (exactly 0, whatever
+the incoming gradient holds there). A received piece's segment ids depend on its source rank, which the schedule knows:
 :func:`thd_layout` precomputes one segmented kernel (:mod:`megatron_tasp.kernels.segmented`) per (step, lane,
 case) for each set of boundary values.
 
@@ -80,10 +81,11 @@ VARLEN_KERNELS = frozenset({"cudnn", "flash", "efficient"})
 
 
 def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.device,
-           dense_rows: int | None, packed_kernel: str = "auto") -> SegmentedBlock | VarlenBlock:
+           dense_rows: int | None, packed_kernel: str = "auto", merged: bool = False) -> SegmentedBlock | VarlenBlock:
     """The document-masked block of ``kernel``: one varlen launch (``packed_kernel``'s) where it can run (square
     segments of >= ``dense_rows`` rows on ``kernel`` itself, one bucket-padded call each: give it for the own
-    block of a causal call only), else per document."""
+    block of a causal call only), else per document. ``merged``: a remote block, whose output the forward only
+    merges (see :class:`VarlenBlock`)."""
     seg = segmented_block(kernel, seg_q, seg_k, device)
     ops = _varlen_ops(kernel, device, packed_kernel)
     if ops is None or not seg.pairs:  # no shared document: nothing to launch
@@ -92,7 +94,7 @@ def _block(kernel, seg_q: torch.Tensor, seg_k: torch.Tensor, device: torch.devic
     # the bucketed block's contiguous copy like every other (see VarlenBlock.forward_unchecked)
     if seg.full and not is_dense(seg_q.numel(), seg_k.numel(), dense_rows):
         return seg
-    return VarlenBlock(seg, device, big_rows=dense_rows, ops=ops)
+    return VarlenBlock(seg, device, big_rows=dense_rows, ops=ops, merged=merged)
 
 
 def _own_dense_rows(call: CompiledCall | LocalCall) -> int | None:
@@ -158,7 +160,7 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
             for case, rings, kern in call.blocks[st.step][j]:
                 keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
                                   for i in rings])
-                block = _block(kern, mine[call.q_rows(case)], keys, device, None, call.packed_kernel)
+                block = _block(kern, mine[call.q_rows(case)], keys, device, None, call.packed_kernel, merged=True)
                 # a block no query may see is left out (no kernel, no merge), except at step 1 where the
                 # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
                 if block.pairs or st.step == 1:
@@ -223,7 +225,7 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
             keys = torch.cat([torch.where(backs[source[i]], _NO_QUERIES, segs[source[i]]) if case == EARLIER
                               else segs[source[i]] for i in rings])
             queries = torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine
-            block = _block(kern, queries, keys, device, None, call.packed_kernel)
+            block = _block(kern, queries, keys, device, None, call.packed_kernel, merged=True)
             if block.pairs or st.step == 1:  # step 1 also starts every held piece's dK/dV accumulator
                 entries.append((case, rings, block))
         blocks.append([entries])
@@ -364,8 +366,8 @@ def _from_engine(x: torch.Tensor, layout: ThdLayout, shape: torch.Size) -> torch
 
 class ThdAttention(torch.autograd.Function):
     """Packed-document attention: permute to the engine's order (unless the layout keeps the THD order), run
-    the segmented call, zero the padded rows (output, and the incoming gradient, so no gradient reaches or
-    leaves a padded token), permute back."""
+    the segmented call, zero the padded rows (of the output, and of dQ/dK/dV: no gradient reaches or leaves a
+    padded token), permute back."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: ThdLayout):  # type: ignore[override]
@@ -384,8 +386,12 @@ class ThdAttention(torch.autograd.Function):
         layout = ctx.layout
         kept, ctx.kept = ctx.kept, None  # see _TaspAttention.backward (a second backward re-exchanges KV)
         with torch.no_grad():
-            de = _to_engine(dout, layout)
+            # the padded rows' incoming gradient is read as is (no copy of dout): every kernel tiles each segment
+            # pair on its own and a padded token's segment holds padding alone, so what it carries reaches only
+            # padded rows' gradients, which are zeroed here (a non-finite value there included)
+            dq, dk, dv = backward(layout.call, _to_engine(dout, layout).contiguous(), qe, ke, ve, out, lse,
+                                  ctx.kctx, kept)
             if layout.pad is not None:
-                de = de.index_fill(0, layout.pad, 0)
-            dq, dk, dv = backward(layout.call, de.contiguous(), qe, ke, ve, out, lse, ctx.kctx, kept)
+                for g in (dq, dk, dv):
+                    g.index_fill_(0, layout.pad, 0)
         return (*(_from_engine(g, layout, s) for g, s in zip((dq, dk, dv), ctx.shapes)), None)

@@ -8,9 +8,11 @@
     dst_lse = a_lse + softplus(b_lse - a_lse)
 
 ``dst`` may be ``a`` itself (in-place accumulation) or another tensor, e.g. the final bf16 output when a
-row is merged only once, which saves the fp32 accumulator and two copies. Shapes: out ``[b, h, s, d]``
-and lse ``[b, h, s]``, any strides with a unit stride on ``d``. The torch path (CPU, or no Triton) runs
-about six element-wise kernels; the Triton path one, which matters because small shapes are bound by
+row is merged only once, which saves the fp32 accumulator and two copies. Rows where ``b_lse`` is -inf are
+``a``'s: ``b_out`` is not read there (a block may leave the rows of queries without keys unset), and an
+in-place merge does not touch them at all (at CP=2 half the rows of one rank's remote block). Shapes: out
+``[b, h, s, d]`` and lse ``[b, h, s]``, any strides with a unit stride on ``d``. The torch path (CPU, or no
+Triton) runs about seven element-wise kernels; the Triton path one, which matters because small shapes are bound by
 the host's kernel-launch cost. ``fused=False`` (``TaspOptions.fused_merge``, environment
 ``MEGATRON_TASP_FUSED_MERGE=0``) forces the torch path.
 """
@@ -42,7 +44,7 @@ def _kernel():
     def _merge(a, a_sb, a_sh, a_ss, la, la_sb, la_sh, la_ss,
                b, b_sb, b_sh, b_ss, lb, lb_sb, lb_sh, lb_ss,
                o, o_sb, o_sh, o_ss, lo, lo_sb, lo_sh, lo_ss,
-               S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+               S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IN_PLACE: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1).to(tl.int64)
         bb = tl.program_id(2).to(tl.int64)
@@ -52,16 +54,18 @@ def _kernel():
         mask = rmask[:, None] & (cols[None, :] < D)
         l_a = tl.load(la + bb * la_sb + h * la_sh + rows * la_ss, mask=rmask, other=0.0).to(tl.float32)
         l_b = tl.load(lb + bb * lb_sb + h * lb_sh + rows * lb_ss, mask=rmask, other=0.0).to(tl.float32)
+        live = mask & (l_b > float("-inf"))[:, None]  # rows b contributes to: b_out is read there only
+        keep = live if IN_PLACE else mask  # in place, the other rows already hold their result
         diff = l_b - l_a
         w = 1.0 / (1.0 + tl.exp(-diff))
         l_new = l_a + tl.maximum(diff, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(diff)))
-        x_a = tl.load(a + bb * a_sb + h * a_sh + rows[:, None] * a_ss + cols[None, :], mask=mask,
+        x_a = tl.load(a + bb * a_sb + h * a_sh + rows[:, None] * a_ss + cols[None, :], mask=keep,
                       other=0.0).to(tl.float32)
-        x_b = tl.load(b + bb * b_sb + h * b_sh + rows[:, None] * b_ss + cols[None, :], mask=mask,
+        x_b = tl.load(b + bb * b_sb + h * b_sh + rows[:, None] * b_ss + cols[None, :], mask=live,
                       other=0.0).to(tl.float32)
-        res = x_a + w[:, None] * (x_b - x_a)
+        res = x_a + w[:, None] * (x_b - x_a)  # w = 0 and x_b = 0 where b has no keys: exactly x_a
         tl.store(o + bb * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :],
-                 res.to(o.dtype.element_ty), mask=mask)
+                 res.to(o.dtype.element_ty), mask=keep)
         tl.store(lo + bb * lo_sb + h * lo_sh + rows * lo_ss, l_new, mask=rmask)
 
     _TRITON = (_merge, triton.next_power_of_2)
@@ -79,7 +83,8 @@ def _torch_merge(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst
     ot = torch.promote_types(dst_out.dtype, torch.float32)
     diff = b_lse.to(lt) - a_lse.to(lt)
     w = torch.sigmoid(diff).unsqueeze(-1).to(ot)
-    dst_out.copy_(torch.lerp(a_out.to(ot), b_out.to(ot), w))
+    live = (b_lse > float("-inf")).unsqueeze(-1)  # b_out is unset where b has no keys: a's rows there
+    dst_out.copy_(torch.where(live, torch.lerp(a_out.to(ot), b_out.to(ot), w), a_out.to(ot)))
     dst_lse.copy_(a_lse.to(lt) + torch.nn.functional.softplus(diff))
 
 
@@ -103,10 +108,12 @@ def merge_to(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out
     block_d = next_pow2(d)
     block_s = max(1, min(64, 8192 // block_d))
     grid = (triton_cdiv(s, block_s), h, bsz)
+    in_place = dst_out.data_ptr() == a_out.data_ptr() and dst_out.stride() == a_out.stride() \
+        and dst_out.dtype == a_out.dtype
     fn[grid](a_out, *a_out.stride()[:3], a_lse, *a_lse.stride(),
              b_out, *b_out.stride()[:3], b_lse, *b_lse.stride(),
              dst_out, *dst_out.stride()[:3], dst_lse, *dst_lse.stride(),
-             s, d, BLOCK_S=block_s, BLOCK_D=block_d)
+             s, d, BLOCK_S=block_s, BLOCK_D=block_d, IN_PLACE=in_place)
 
 
 def triton_cdiv(a: int, b: int) -> int:

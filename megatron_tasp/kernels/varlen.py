@@ -267,11 +267,15 @@ class VarlenBlock:
     """One document-masked block as one varlen kernel call (see the module doc); falls back to the
     per-document :class:`SegmentedBlock` for inputs the varlen op cannot take. ``big_rows``: square segments of
     at least that many rows run on the dense kernel, bucket-padded (None: none; only for blocks called with
-    ``causal=True``); ``ops``: the varlen pair (None: :func:`flash_varlen_ops`)."""
+    ``causal=True``); ``ops``: the varlen pair (None: :func:`flash_varlen_ops`). ``merged``: the block's output
+    only ever goes to :func:`~megatron_tasp.kernels.fused_merge.merge_to`, which reads no row whose lse is -inf,
+    so the output rows of queries without keys are left as the pair leaves them (unset with cuDNN's) instead of
+    being zeroed; their lse is -inf either way."""
 
     def __init__(self, fallback: SegmentedBlock, device: torch.device, big_rows: int | None = None,
-                 ops: VarlenOps | None = None):
+                 ops: VarlenOps | None = None, merged: bool = False):
         self.fallback = fallback
+        self.merged = merged
         self.ops = flash_varlen_ops() if ops is None else ops
         self.big_rows = big_rows
         self.pairs = fallback.pairs
@@ -339,7 +343,8 @@ class VarlenBlock:
             lonely = self.partnerless
             if lonely.q_rows is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
                 lse.index_fill_(1, lonely.q_rows, float("-inf"))  # lse is [h, tq]
-                fill_rows_(o, lonely.q_rows, 0)
+                if not self.merged or self.big is not None:  # dense rows are written below, over these
+                    fill_rows_(o, lonely.q_rows, 0)
             out = _unpacked(o, self.q_index, sq)
             lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]
             if self.big is not None:

@@ -283,3 +283,38 @@ def test_fill_rows_triton_equals_index_fill(dtype):
         fill_rows_(x, rows, -2.5)
         assert torch.equal(x, want)
     assert torch.equal(pair[:, 1], other), "the other half of the buffer is left alone"
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_merge_triton_reads_no_row_without_keys(in_place):
+    """The Triton merge leaves a's rows where b's lse is -inf (b_out NaN there, as a block leaves them unset)
+    and equals the torch merge elsewhere, in place (rows not touched) and into another tensor."""
+    from megatron_tasp.kernels.fused_merge import merge_to
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(3)
+    a, b = (torch.randn(1, 8, 300, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(2))
+    la, lb = (torch.randn(1, 8, 300, device=dev, generator=g) * 3 for _ in range(2))
+    lb[:, :, 40:170] = float("-inf")
+    b[:, :, 40:170] = float("nan")
+    ref, ref_l = torch.empty_like(a), torch.empty_like(la)
+    merge_to(a, la, b, lb, ref, ref_l, fused=False)
+    dst, dl = (a.clone(), la.clone()) if in_place else (torch.empty_like(a), torch.empty_like(la))
+    src, src_l = (dst, dl) if in_place else (a, la)
+    merge_to(src, src_l, b, lb, dst, dl)
+    assert torch.isfinite(dst.float()).all() and torch.equal(dst[:, :, 40:170], a[:, :, 40:170])
+    assert (dst.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    assert (dl - ref_l).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_add_halves_triton_equals_torch_add(dtype):
+    """The hop home's add (Triton): bit-equal to torch.add of each half, rows wider than one program's block."""
+    from megatron_tasp.kernels.pairadd import add_halves
+
+    dev = torch.device("cuda")
+    pair = torch.randn(37, 2, 9, 128, device=dev).to(dtype)
+    a0, a1 = (torch.randn(37, 9, 128, device=dev).to(dtype) for _ in range(2))
+    o0, o1 = add_halves(a0, a1, pair)
+    assert o0.is_contiguous() and o1.is_contiguous()
+    assert torch.equal(o0, torch.add(a0, pair[:, 0])) and torch.equal(o1, torch.add(a1, pair[:, 1]))
