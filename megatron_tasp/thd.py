@@ -87,7 +87,7 @@ def _within(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def engine_segments(cu_pad: Sequence[int], cu: Sequence[int], n: int, rank: int) -> torch.Tensor:
     """Segment id of every token of CP rank ``rank`` in the engine's order ``[F ; B]`` (F: chunk ``rank`` of
     every document, B: chunk ``2n-1-rank`` of every document): ``2i`` for the real tokens of document i,
-    ``2i + 1`` for its padding (a segment of its own, so every padded query still sees itself)."""
+    ``2i + 1`` for its padding (which the engine's blocks pair with nothing)."""
     chunk, real, _ = _doc_runs(cu_pad, cu, n)
     doc, m = _within(chunk)
     parts = []

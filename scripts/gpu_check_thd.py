@@ -248,6 +248,8 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=0, help="also time N calls per size that each get a NEW document "
                     "mix (as training does), host time included, for the default and each --big-rows value "
                     "(interleaved per mix): the cost of per-shape kernel plans")
+    ap.add_argument("--check-packed-kernel", default="", choices=("", "auto", "cudnn", "flash"),
+                    help="run the correctness checks with this options.packed_kernel (default: auto)")
     ap.add_argument("--check-dense-rows", type=int, default=0, help="run the correctness checks with "
                     "options.packed_dense_rows=N (large causal documents on the dense kernel, bucket-padded)")
     ap.add_argument("--gloo-one-gpu", action="store_true", help="every rank on GPU 0 over a gloo group (its "
@@ -284,13 +286,16 @@ def main() -> None:
         idx = partition_index(cu_pad, n, r).to(dev)
         # the one-GPU loop runs before AND after TASP: a kernel's cached plans must not leak between them
         one_before = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_packed(x, y, z, *m), q, k, v, do)
-        opts = default_options().replace(packed_dense_rows=a.check_dense_rows) if a.check_dense_rows else None
+        opts = None
+        if a.check_dense_rows or a.check_packed_kernel:
+            opts = default_options().replace(packed_dense_rows=a.check_dense_rows or None,
+                                             packed_kernel=a.check_packed_kernel or "auto")
         got = grads(lambda x, y, z, c=causal, cp=cu_pad, cu=cu, o=opts: tasp_attention(
             x, y, z, dist.group.WORLD, causal=c, cu_seqlens_padded=cp, cu_seqlens=cu, options=o), q[idx], k[idx],
             v[idx], do[idx])
         one = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_packed(x, y, z, *m), q, k, v, do)
         rec = {"causal": causal, "tokens": S, "docs": len(lens), "varlen_launches": LAUNCHES["varlen_forward"],
-               "packed_dense_rows": a.check_dense_rows or None}
+               "packed_dense_rows": a.check_dense_rows or None, "packed_kernel": a.check_packed_kernel or "auto"}
         if cuda:
             vl = grads(lambda x, y, z, m=(lens, padded, causal): one_gpu_varlen(x, y, z, *m), q, k, v, do)
             for j, name in enumerate(("out", "dq", "dk", "dv")):

@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--host-bounds", action="store_true", help="also time the default options with the "
                     "boundaries as host integers (no host sync per call, as Megatron's later layers), at CP=2 and "
                     "on one GPU")
+    ap.add_argument("--no-pad", action="store_true", help="documents of the mix's padded lengths (multiples of "
+                    "2*CP): no padding tokens")
     ap.add_argument("--paired", type=int, default=0, help="also time each rank's call and the whole sequence on "
                     "one GPU in N alternating rounds of --iters calls back to back (same clocks for both): "
                     "per-rank medians of the times and of their ratio")
@@ -160,6 +162,8 @@ def main() -> None:
         variants.append((f"packed_kernel_{name}", default_options().replace(packed_kernel=name), False))
     for i, tok in enumerate(parse_tokens(a.tokens)):
         lens, padded = doc_lengths(tok, a.doc_mean, n, seed=tok)
+        if a.no_pad:
+            lens = list(padded)
         g = torch.Generator(device=dev).manual_seed(5)
         q, k, v, do = (torch.randn(tok, h, d, device=dev, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq))
         cu_pad, cu = cumsum(padded, dev), cumsum(lens, dev)

@@ -481,6 +481,15 @@ def test_engine_through_the_varlen_block_is_exact(engine_reference_ops, n):
         assert (dense > 0) == (dense_rows is not None), dense
 
 
+def _documents_with_real_tokens(cu_pad, cu, n: int, rank: int) -> int:
+    """How many documents have a real (not padding) token in CP rank ``rank``'s chunks."""
+    count = 0
+    for i in range(len(cu_pad) - 1):
+        chunk, real = (cu_pad[i + 1] - cu_pad[i]) // (2 * n), cu[i + 1] - cu[i]
+        count += any(c * chunk < real for c in (rank, 2 * n - 1 - rank))
+    return count
+
+
 def _natural_worker(rank, n):
     import torch.distributed as dist
 
@@ -505,6 +514,8 @@ def _natural_worker(rank, n):
                 "remote_in_place": bool(remote) and all(b.q_index == slice(0, t) and b.k_index == slice(0, t)
                                                         for b in remote),
                 "lonely_queries": any(b.lonely_q is not None for b in remote),
+                # padding pairs with nothing: one own-block pair per document with real tokens on this rank
+                "local_pairs": (len(local.pairs), _documents_with_real_tokens(cu_pad, cu, n, rank)),
                 # remote outputs only go to the merge: the rows of queries without keys are left unset
                 "remote_merged": bool(remote) and all(b.merged for b in remote) and not getattr(local, "merged", False),
                 "spans_calls": varlen_reference.CALLS["spans"], "pair_copies": len(PAIR_COPIES)}
@@ -560,6 +571,7 @@ def test_cp2_in_place_with_a_pair_that_takes_spans(reference_ops, monkeypatch):
             assert got["spans_calls"] > 0 or key[1], key  # chunks=2 ([F ; B] order) gathers: cu_seqlens
             assert got["pair_copies"] > 0 or key[1], key
             assert got["remote_merged"], key
+            assert got["local_pairs"][0] == got["local_pairs"][1], key
     assert ranks[0][(True, False)]["lonely_queries"] and ranks[0][(True, False)]["remote_in_place"]
 
 

@@ -54,7 +54,8 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
     # allocated before the mark: memory freed by kernels queued after it must not reach the side stream
     inputs_ready = mark(q.device) if n > 1 and call.detach_first else None
     out0, lse0, c = call.local_kernel.forward_unchecked(qb, bhsd(k), bhsd(v), causal=call.causal, scale=call.scale)
-    # every query sees itself in the local block, so the lse is finite from here on
+    # every query sees itself in the local block, so the lse is finite from here on (packed documents: except
+    # padding, which no block pairs with anything; the merge keeps its -inf)
     acc_t = acc_dtype(q.dtype)
     lse = lse0 if lse0.dtype == acc_t and lse0.is_contiguous() else lse0.to(acc_t).contiguous()
     ctxs: list[Any] = [c]

@@ -7,13 +7,12 @@ rings, pieces, exchange, schedule cases and merges are the dense ones. Within on
 B's globally, and every chunk of a piece from an *earlier* source precedes both of this rank's chunks of the
 same document (a *later* source's chunks precede only B's), so the dense cases stay right per document; only
 the blocks change: every block is masked to "same segment" (causal in local order for the own block). Segment
-ids: ``2i`` for document i's real tokens, ``2i + 1`` for its padding, a segment of its own so every padded
-query sees at least itself (a finite lse, as the merge assumes after step 0); the padded rows of the output
-are zeroed at the end, and so are their gradients: a padded token's segment holds padding alone and every
-kernel tiles each segment pair on its own, so no gradient reaches or leaves a padded token (exactly 0, whatever
-the incoming gradient holds there). A received piece's segment ids depend on its source rank, which the schedule knows:
-:func:`thd_layout` precomputes one segmented kernel (:mod:`megatron_tasp.kernels.segmented`) per (step, lane,
-case) for each set of boundary values.
+ids: ``2i`` for document i's real tokens, ``2i + 1`` for its padding, which every block pairs with nothing
+(queries ``-1``, keys ``-2``: no launch or per-row work for padding; its lse stays -inf through the merges); the
+padded rows of the output are zeroed at the end, and so are their gradients, so no gradient reaches or leaves
+a padded token (exactly 0, whatever the incoming gradient holds there). A received piece's segment ids depend
+on its source rank, which the schedule knows: :func:`thd_layout` precomputes one segmented kernel
+(:mod:`megatron_tasp.kernels.segmented`) per (step, lane, case) for each set of boundary values.
 
 CP=2 with one chunk keeps the THD order instead (:func:`_natural_call`): a rank's one piece is its whole KV in
 any order, so nothing needs ``[F ; B]``; every document's two chunks stay contiguous, the own block's varlen
@@ -140,7 +139,8 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
     n, r = call.plan.world_size, call.plan.rank
     mine = segs[r]
     out = copy.copy(call)
-    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call), call.packed_kernel)
+    out.local_kernel = _block(call.kernel, _as_queries(mine), _as_keys(mine), device, _own_dense_rows(call),
+                              call.packed_kernel)
     if n == 1:
         return out
     pieces = call.pieces
@@ -160,7 +160,8 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
             for case, rings, kern in call.blocks[st.step][j]:
                 keys = torch.cat([segs[source[i]][perm[offs[j, i]:offs[j, i] + call.rows_of(j, case, i)]]
                                   for i in rings])
-                block = _block(kern, mine[call.q_rows(case)], keys, device, None, call.packed_kernel, merged=True)
+                block = _block(kern, _as_queries(mine[call.q_rows(case)]), _as_keys(keys), device, None,
+                               call.packed_kernel, merged=True)
                 # a block no query may see is left out (no kernel, no merge), except at step 1 where the
                 # backward's dK/dV accumulator of every held piece starts from the block's (zero) gradient
                 if block.pairs or st.step == 1:
@@ -173,6 +174,19 @@ def _segmented_call(call: CompiledCall | LocalCall, segs: list[torch.Tensor], de
 
 #: segment ids that match nothing: query rows (-1) and key rows (-2) a block's case leaves out
 _NO_KEYS, _NO_QUERIES = -1, -2
+
+
+def _as_queries(ids: torch.Tensor) -> torch.Tensor:
+    """Segment ids of a block's query side: padding (odd ids) sees no key. A padded token takes no part in any
+    block (no launch, no per-row work: as segments of their own, the padding of every document doubled the
+    varlen launches' segments, which cost cuDNN's per-segment kernels up to half their time); the blocks give
+    its rows lse -inf and output 0, the merge keeps them so (-inf with -inf is -inf), and its gradients are 0."""
+    return torch.where(ids % 2 == 1, _NO_KEYS, ids)
+
+
+def _as_keys(ids: torch.Tensor) -> torch.Tensor:
+    """Segment ids of a block's key side: padding (odd ids) is seen by no query (see :func:`_as_queries`)."""
+    return torch.where(ids % 2 == 1, _NO_QUERIES, ids)
 
 
 def _natural_segments(cu_pad: Sequence[int], cu: Sequence[int], n: int,
@@ -214,7 +228,8 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
     out = copy.copy(call)
     out.full_rows = True
     out.unmerged_rows = None  # the remote block's output covers every row (masked ones with lse -inf)
-    out.local_kernel = _block(call.kernel, mine, mine, device, _own_dense_rows(call), call.packed_kernel)
+    out.local_kernel = _block(call.kernel, _as_queries(mine), _as_keys(mine), device, _own_dense_rows(call),
+                              call.packed_kernel)
     blocks: list = [[]]
     for st in call.plan.steps[1:]:
         source = {h.ring: h.source for h in st.held}
@@ -222,9 +237,9 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
         for case, rings, kern in call.blocks[st.step][0]:
             if case not in (EARLIER, LATER, FULL):
                 raise AssertionError(f"unknown block case {case!r}")
-            keys = torch.cat([torch.where(backs[source[i]], _NO_QUERIES, segs[source[i]]) if case == EARLIER
-                              else segs[source[i]] for i in rings])
-            queries = torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine
+            keys = _as_keys(torch.cat([torch.where(backs[source[i]], _NO_QUERIES, segs[source[i]])
+                                       if case == EARLIER else segs[source[i]] for i in rings]))
+            queries = _as_queries(torch.where(backs[r], mine, _NO_KEYS) if case == LATER else mine)
             block = _block(kern, queries, keys, device, None, call.packed_kernel, merged=True)
             if block.pairs or st.step == 1:  # step 1 also starts every held piece's dK/dV accumulator
                 entries.append((case, rings, block))
@@ -386,9 +401,9 @@ class ThdAttention(torch.autograd.Function):
         layout = ctx.layout
         kept, ctx.kept = ctx.kept, None  # see _TaspAttention.backward (a second backward re-exchanges KV)
         with torch.no_grad():
-            # the padded rows' incoming gradient is read as is (no copy of dout): every kernel tiles each segment
-            # pair on its own and a padded token's segment holds padding alone, so what it carries reaches only
-            # padded rows' gradients, which are zeroed here (a non-finite value there included)
+            # the incoming gradient is read as is (no copy of dout to zero its padded rows): no block pairs
+            # padding with anything and every kernel tiles each segment pair on its own, so what the padded rows
+            # carry reaches at most their own gradients, which are zeroed here (a non-finite value included)
             dq, dk, dv = backward(layout.call, _to_engine(dout, layout).contiguous(), qe, ke, ve, out, lse,
                                   ctx.kctx, kept)
             if layout.pad is not None:

@@ -1,7 +1,8 @@
 """One-kernel log-sum-exp merge on CUDA (Triton), with the same semantics in plain torch elsewhere.
 
 ``merge_to(a_out, a_lse, b_out, b_lse, dst_out, dst_lse)`` writes the merge of two partial results,
-``a`` with finite lse everywhere (TASP's accumulator after step 0) and ``b`` any block result::
+``a`` (TASP's accumulator after step 0: finite lse, or -inf on rows no block sees, the padding of packed
+documents) and ``b`` any block result::
 
     w = sigmoid(b_lse - a_lse)            # weight of b; 0 where b_lse = -inf
     dst_out = a_out + w * (b_out - a_out)  # computed in fp32, stored in dst_out's dtype (one rounding)
@@ -63,6 +64,7 @@ def _kernel():
                       other=0.0).to(tl.float32)
         x_b = tl.load(b + bb * b_sb + h * b_sh + rows[:, None] * b_ss + cols[None, :], mask=live,
                       other=0.0).to(tl.float32)
+        l_new = tl.where(l_b > float("-inf"), l_new, l_a)  # a row no block saw yet stays -inf (not NaN)
         res = x_a + w[:, None] * (x_b - x_a)  # w = 0 and x_b = 0 where b has no keys: exactly x_a
         tl.store(o + bb * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :],
                  res.to(o.dtype.element_ty), mask=keep)
@@ -83,14 +85,14 @@ def _torch_merge(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst
     ot = torch.promote_types(dst_out.dtype, torch.float32)
     diff = b_lse.to(lt) - a_lse.to(lt)
     w = torch.sigmoid(diff).unsqueeze(-1).to(ot)
-    live = (b_lse > float("-inf")).unsqueeze(-1)  # b_out is unset where b has no keys: a's rows there
-    dst_out.copy_(torch.where(live, torch.lerp(a_out.to(ot), b_out.to(ot), w), a_out.to(ot)))
-    dst_lse.copy_(a_lse.to(lt) + torch.nn.functional.softplus(diff))
+    seen = b_lse > float("-inf")  # b_out is unset where b has no keys: a's rows there (lse -inf kept)
+    dst_out.copy_(torch.where(seen.unsqueeze(-1), torch.lerp(a_out.to(ot), b_out.to(ot), w), a_out.to(ot)))
+    dst_lse.copy_(torch.where(seen, a_lse.to(lt) + torch.nn.functional.softplus(diff), a_lse.to(lt)))
 
 
 def merge_to(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor, *,
              fused: bool = True) -> None:
-    """Merge partial result ``b`` into ``a`` (finite lse), writing ``dst`` (may alias ``a``); see the module doc.
+    """Merge partial result ``b`` into ``a``, writing ``dst`` (may alias ``a``); see the module doc.
     ``fused=False`` always takes the torch path."""
     if not (a_out.shape == b_out.shape == dst_out.shape and a_lse.shape == b_lse.shape == dst_lse.shape
             and tuple(a_out.shape[:3]) == tuple(a_lse.shape)):
