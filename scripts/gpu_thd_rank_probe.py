@@ -89,8 +89,30 @@ def _paired(rank: int, step, one, warmup: int, iters: int, rounds: int) -> list[
     return [[float(v) for v in x] for x in every]
 
 
+def _host_ms(rank: int, step, iters: int) -> list[float]:
+    """On each rank in turn (the others wait on the host): milliseconds of host time per call of ``step`` while
+    ``iters`` calls are queued back to back (perf_counter up to the last call's return, before the closing
+    synchronisation). Near the back-to-back GPU time per call, the calls are host-bound."""
+    import time
+
+    t = torch.zeros(1, dtype=torch.float64)
+    for turn in range(dist.get_world_size()):
+        if turn == rank:
+            step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                step()
+            t[0] = (time.perf_counter() - t0) * 1e3 / iters
+            torch.cuda.synchronize()
+        dist.barrier()
+    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    return [float(x) for x in every]
+
+
 def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None, trace: str | None = None,
-             steps: int = 5) -> None:
+             steps: int = 5, cpu: bool = False) -> None:
     """Profile ``steps`` calls of ``step`` queued back to back on each of ``ranks`` in turn: print the top CUDA
     kernels and write a chrome trace to ``trace`` (``{rank}`` in it is replaced) for scripts/trace_summary.py,
     which also tells how much of the span some kernel ran."""
@@ -100,7 +122,8 @@ def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None, 
         if turn == rank and (ranks is None or rank in ranks):
             step()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as p:
+            acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+            with profile(activities=acts) as p:
                 for _ in range(steps):
                     step()
                 torch.cuda.synchronize()
@@ -121,6 +144,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile-trace", default=None, help="with --profile: write each profile's chrome trace here "
                     "('{rank}' and '{what}' are replaced)")
+    ap.add_argument("--profile-cpu", action="store_true", help="with --profile: record host operators too (the "
+                    "trace shows where the host spends each call; recording adds host time)")
+    ap.add_argument("--host-time", action="store_true", help="also record each rank's host time per call queued "
+                    "back to back (host-bound calls show it near their GPU time)")
     ap.add_argument("--profile", action="store_true", help="print each rank's top CUDA kernels at the first size, "
                     "and those of TASP on one GPU")
     ap.add_argument("--dense-rows", type=int, default=0, help="also time options.packed_dense_rows=N (square causal "
@@ -185,19 +212,23 @@ def main() -> None:
             suffix = "" if vname == "default" else "_" + vname
             row["rank_ms" + suffix] = _alone(r, step, a.warmup, a.iters, back_to_back=a.back_to_back)
             row["max_rank_ms" + suffix] = max(row["rank_ms" + suffix])
+            if a.host_time:
+                row["host_ms" + suffix] = _host_ms(r, step, a.iters)
             if a.profile and i == 0:
-                _profile(r, step, f"CP=2 packed, {tok} tokens, {vname}",
+                _profile(r, step, f"CP=2 packed, {tok} tokens, {vname}", cpu=a.profile_cpu,
                          trace=a.profile_trace and a.profile_trace.replace("{what}", f"cp2_{vname}"))
             one = fwd_bwd(lambda x, y, z, cp=bounds[0], c=bounds[1], o=opts: tasp_attention(
                 x, y, z, None, causal=True, cu_seqlens_padded=cp, cu_seqlens=c, options=o), qf, kf, vf, do)
             row["one_gpu_tasp_ms" + suffix] = _alone(r, one, a.warmup, a.iters, ranks=(0,),
                                                     back_to_back=a.back_to_back)[0]
+            if a.host_time:
+                row["one_gpu_host_ms" + suffix] = _host_ms(r, one, a.iters)[0]
             if a.paired:
                 paired = _paired(r, step, one, a.warmup, a.iters, a.paired)
                 row["paired" + suffix] = {"rank_ms": [x[0] for x in paired], "one_gpu_ms": [x[1] for x in paired],
                                           "ratio": [x[2] for x in paired], "max_ratio": max(x[2] for x in paired)}
             if a.profile and i == 0:
-                _profile(r, one, f"one GPU TASP, {tok} tokens, {vname}", ranks=(0,),
+                _profile(r, one, f"one GPU TASP, {tok} tokens, {vname}", ranks=(0,), cpu=a.profile_cpu,
                          trace=a.profile_trace and a.profile_trace.replace("{what}", f"one_{vname}"))
             row["max_rank_over_one_gpu_tasp" + suffix] = row["max_rank_ms" + suffix] / row["one_gpu_tasp_ms" + suffix]
         m = (lens, padded, True)

@@ -157,12 +157,16 @@ def test_contiguous_rows_are_views_and_other_inputs_fall_back(reference_ops):
 
 GAPS_Q = [-1] * 2 + [0] * 3 + [-1] * 2 + [1] * 4 + [2] * 2 + [-1]  # -1: queries without keys
 GAPS_K = [0] * 4 + [-2] * 3 + [1] * 2 + [-2] + [2] * 5 + [-2] * 2  # -2: keys without queries
+PADDED_Q = [0] * 3 + [-1] + [1] * 4 + [2] * 3 + [-1]  # an own block of padded documents: odd runs, padding after
+PADDED_K = [0] * 3 + [-2] + [1] * 4 + [2] * 3 + [-2]
 
 
 @pytest.mark.parametrize("unset", [False, True, "spans"], ids=["zeroing_pair", "unset_pair", "spans_pair"])
 @pytest.mark.parametrize("causal,seg_q,seg_k,cu_q,cu_k", [
     (False, GAPS_Q, GAPS_K, [0, 2, 5, 7, 7, 11, 11, 13, 14, 14], [0, 0, 4, 4, 7, 9, 10, 15, 15, 17]),
     (True, [0] * 3 + [1] * 4 + [2] * 2, [0] * 3 + [1] * 4 + [2] * 2, [0, 3, 7, 9], [0, 3, 7, 9]),
+    (True, PADDED_Q, PADDED_K, [0, 3, 4, 4, 8, 11, 12, 12], [0, 3, 3, 4, 8, 11, 11, 12]),
+    (False, [-1, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 4, 9], [0, 0, 2, 4]),
 ])
 def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, cu_k, unset):
     """Shared segments that are runs ascending on both sides: one launch over EVERY row, no gather; rows
@@ -196,6 +200,25 @@ def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, 
     assert varlen_reference.CALLS == {"forward": 1, "backward": 1, "spans": int(unset == "spans")}
     shared = [(a, b) for a, b in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])) if a[0] < a[1] and b[0] < b[1]]
     assert var.spans.q.tolist() == [list(a) for a, _ in shared] and var.spans.k.tolist() == [list(b) for _, b in shared]
+
+
+def test_odd_spans_are_lent_a_row_without_a_partner():
+    """A pair that asks for even query spans (cuDNN's) gets each odd span lengthened by one adjacent query row
+    without a partner, each row lent once: the row after the span, or (not causal only) the row before it; the
+    key spans stay. With no such row the span stays odd; a pair that does not ask gets the spans as they are."""
+    _, var = _pair(torch.tensor(PADDED_Q), torch.tensor(PADDED_K), ops=varlen_reference.SPANS_OPS)
+    for causal in (True, False):  # the padding after each odd document's run
+        s = var.launch_spans[causal]
+        assert s.q.tolist() == [[0, 4], [4, 8], [8, 12]] and s.borrowed.tolist() == [3, 11] and s.max_q == 4
+        assert s.k.tolist() == var.spans.k.tolist() == [[0, 3], [4, 8], [8, 11]] and s.max_k == 4
+    ops = varlen_reference.SPANS_OPS
+    _, var = _pair(torch.tensor([-1, 0, 0, 0, 1, 1, 1, 1, 1]), torch.tensor([0, 0, 1, 1]), ops=ops)
+    assert var.launch_spans[True] is var.spans and var.spans.q.tolist() == [[1, 4], [4, 9]]  # nothing after
+    full = var.launch_spans[False]  # the row in front; the last span has no free row on either side
+    assert full.q.tolist() == [[0, 4], [4, 9]] and full.borrowed.tolist() == [0] and full.max_q == 5
+    _, plain = _pair(torch.tensor(PADDED_Q), torch.tensor(PADDED_K), ops=type(ops)(ops.forward, ops.backward,
+                                                                                   spans=ops.spans))
+    assert plain.launch_spans[True] is plain.spans and plain.launch_spans[False] is plain.spans
 
 
 def test_in_place_declines_what_it_cannot_serve(reference_ops):
@@ -518,7 +541,10 @@ def _natural_worker(rank, n):
                 "local_pairs": (len(local.pairs), _documents_with_real_tokens(cu_pad, cu, n, rank)),
                 # remote outputs only go to the merge: the rows of queries without keys are left unset
                 "remote_merged": bool(remote) and all(b.merged for b in remote) and not getattr(local, "merged", False),
-                "spans_calls": varlen_reference.CALLS["spans"], "pair_copies": len(PAIR_COPIES)}
+                "spans_calls": varlen_reference.CALLS["spans"], "pair_copies": len(PAIR_COPIES),
+                # query rows without a partner lent to odd spans (pairs that ask for even spans)
+                "lent_rows": sum(len(s.borrowed) for b in [local, *remote] if isinstance(b, VarlenBlock)
+                                 for s in b.launch_spans.values() if s.borrowed is not None)}
     return seen
 
 
@@ -573,6 +599,8 @@ def test_cp2_in_place_with_a_pair_that_takes_spans(reference_ops, monkeypatch):
             assert got["remote_merged"], key
             assert got["local_pairs"][0] == got["local_pairs"][1], key
     assert ranks[0][(True, False)]["lonely_queries"] and ranks[0][(True, False)]["remote_in_place"]
+    # rank 0 holds every document's padding: odd runs of its own block take a padded row, exactly
+    assert ranks[0][(True, False)]["lent_rows"] > 0 and ranks[0][(False, False)]["lent_rows"] > 0
 
 
 def test_packed_dense_rows_gets_its_own_layout(engine_reference_ops):

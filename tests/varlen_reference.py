@@ -1,8 +1,9 @@
 """A float64 reference of the packed varlen attention ops (``megatron_tasp.kernels.varlen.VarlenOps``): the
 same contract as torch's flash varlen forward/backward, per segment in plain torch, so the varlen block's
-gather/scatter plumbing runs on CPU. Causal segments are square (the only kind the engine passes) unless one
-side is empty. A segment empty on one side computes nothing, as in FlashAttention-2: output 0 and lse +inf
-for queries without keys, dq 0 for them and dk/dv 0 for keys without queries."""
+gather/scatter plumbing runs on CPU. Causal segments are square (the only kind the engine passes; or one query
+row longer, top-left: a span lent a row at its end, ``VarlenOps.even_spans``) unless one side is empty. A
+segment empty on one side computes nothing, as in FlashAttention-2: output 0 and lse +inf for queries without
+keys, dq 0 for them and dk/dv 0 for keys without queries."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _scores(q, k, causal, scale):
     g = q.shape[1] // k.shape[1]
     s = torch.einsum("qhd,khd->hqk", q.double(), k.double().repeat_interleave(g, 1)) * scale
     if causal:
-        assert q.shape[0] == k.shape[0], "causal segments are square"
+        assert q.shape[0] - k.shape[0] in (0, 1), "causal segments are square (or lent one query row at the end)"
         s = s.masked_fill(~torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(), float("-inf"))
     return s, g
 
@@ -132,5 +133,5 @@ def _spans_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, s
 
 #: a pair that takes spans, as cuDNN's does, and leaves every row outside them NaN (never touched); for K/V
 #: given as the halves of one buffer it returns dK/dV likewise; given cu_seqlens (blocks that gather), it acts
-#: as UNSET_OPS
-SPANS_OPS = VarlenOps(_spans_forward, _spans_backward, spans=lambda q: True)
+#: as UNSET_OPS. Like cuDNN's, it asks for even query spans (blocks lend odd ones a row without a partner)
+SPANS_OPS = VarlenOps(_spans_forward, _spans_backward, spans=lambda q: True, even_spans=True)

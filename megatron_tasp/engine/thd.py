@@ -10,8 +10,9 @@ the blocks change: every block is masked to "same segment" (causal in local orde
 ids: ``2i`` for document i's real tokens, ``2i + 1`` for its padding, which every block pairs with nothing
 (queries ``-1``, keys ``-2``: no launch or per-row work for padding; its lse stays -inf through the merges); the
 padded rows of the output are zeroed at the end, and so are their gradients, so no gradient reaches or leaves
-a padded token (exactly 0, whatever the incoming gradient holds there). A received piece's segment ids depend
-on its source rank, which the schedule knows: :func:`thd_layout` precomputes one segmented kernel
+a padded token (exactly 0, whatever finite values the incoming gradient holds there; cuDNN's pair may lend a
+padded row to an odd span, whose weights of exactly 0 carry no finite value on). A received piece's segment ids
+depend on its source rank, which the schedule knows: :func:`thd_layout` precomputes one segmented kernel
 (:mod:`megatron_tasp.kernels.segmented`) per (step, lane, case) for each set of boundary values.
 
 CP=2 with one chunk keeps the THD order instead (:func:`_natural_call`): a rank's one piece is its whole KV in

@@ -26,7 +26,10 @@ the block writes 0 / -inf there itself, so the outputs here are allocated, not z
 H200 that took a CP=2 remote block's fwd+bwd from 3.59 to 3.14 ms at 32K (rank 0, where half the query rows
 have no keys): the backward's main kernel and its per-row kernels (dO.O, dQ conversion, GQA head sums) skip
 those rows (a zero fill of a
-query-sized tensor is ~40 us per launch at 16K rows on the H200). The forward's lse is ``[h, total_q]`` float32;
+query-sized tensor is ~40 us per launch at 16K rows on the H200). Its backward's dot(dO, O) kernel ran 1.47x as
+long when query segments had odd row counts (a CP=2 rank's own block at 32K on the H200: 260 vs 177 us, with or
+without gaps between spans; the main kernels unchanged), so the pair asks for even spans
+(:attr:`~megatron_tasp.kernels.varlen.VarlenOps.even_spans`). The forward's lse is ``[h, total_q]`` float32;
 the backward takes the merged out and lse of the engine.
 """
 
@@ -216,7 +219,9 @@ class _CudnnRagged:
         t["k"].set_ragged_offset(t["off_k"])
         t["v"].set_ragged_offset(t["off_k"])
         mask: dict[str, Any] = {"use_padding_mask": True, "seq_len_q": t["len_q"], "seq_len_kv": t["len_k"]}
-        if causal:  # only square segments are causal here (the own block): both alignments agree
+        # causal segments are the own block's: square, or one query row longer where a span was lent a row at
+        # its end (VarlenOps.even_spans), which top-left alignment keeps off the real rows' diagonal
+        if causal:
             mask.update(diagonal_band_right_bound=0, diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT)
         if not backward:
             o, stats = g.sdpa(name="fwd", q=t["q"], k=t["k"], v=t["v"], generate_stats=True, attn_scale=scale,
@@ -369,7 +374,7 @@ def _always(q: Tensor) -> bool:
 
 _STATE = _CudnnRagged()  # process-wide, like cuDNN's own plan cache (see the class)
 # segments may start at any row (ragged offsets): in-place blocks give spans, leaving out the partnerless rows
-_OPS = VarlenOps(_STATE.forward, _STATE.backward, cudnn_varlen_reason, spans=_always)
+_OPS = VarlenOps(_STATE.forward, _STATE.backward, cudnn_varlen_reason, spans=_always, even_spans=True)
 
 
 def cudnn_varlen_ops() -> VarlenOps:
@@ -390,7 +395,7 @@ def _strict_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor,
     return _STATE.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
 
 
-_STRICT = VarlenOps(_strict_forward, _STATE.backward, None, spans=_always)
+_STRICT = VarlenOps(_strict_forward, _STATE.backward, None, spans=_always, even_spans=True)
 
 
 def strict_cudnn_varlen_ops() -> VarlenOps:
@@ -428,7 +433,7 @@ def _auto_spans(q: Tensor) -> bool:
     return cudnn_varlen_reason(q) is None  # the pair _auto_forward runs: cuDNN's takes spans, flash's does not
 
 
-_AUTO = VarlenOps(_auto_forward, _auto_backward, _auto_reason, spans=_auto_spans)
+_AUTO = VarlenOps(_auto_forward, _auto_backward, _auto_reason, spans=_auto_spans, even_spans=True)
 
 
 def auto_varlen_ops() -> VarlenOps:

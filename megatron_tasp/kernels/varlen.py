@@ -24,7 +24,8 @@ disjoint rows of the same outputs and gradients (such blocks gather the rest).
 What it needs, checked per call (otherwise the same block runs on the per-document fallback): a CUDA
 tensor of fp16 or bf16, head dim a multiple of 8 and at most 256, batch 1 (packed documents are ``[t, 1,
 h, d]``), and the op in this torch build. ``causal=True`` appears only on square segments (the own block of
-packed documents: the same rows on both sides), so the op's causal alignment convention does not matter.
+packed documents: the same rows on both sides), so the op's causal alignment convention does not matter; the
+one exception, a span one query row longer (:attr:`VarlenOps.even_spans`, cuDNN's pair only), is top-left.
 
 The two ops are a :class:`VarlenOps` (a pair of functions of plain tensors, plus what inputs they refuse),
 an argument of each block: ``ops=None`` is torch's flash pair (:func:`flash_varlen_ops`). There is no
@@ -65,6 +66,10 @@ class VarlenOps:
     #: not be back to back: an in-place block then lists its shared segments only, and rows outside every span
     #: are never touched (see :func:`spans_of`)
     spans: Callable[[Tensor], bool] | None = None
+    #: the pair's per-row kernels run faster when every query span has an even number of rows (cuDNN's dot(dO, O)
+    #: took 1.47x as long over a CP=2 rank's own block at 32K with some odd spans, on the H200): an in-place
+    #: block then lends each odd span one adjacent row without a partner (see :class:`_Spans`)
+    even_spans: bool = False
 
     # Segments may be empty on one side (the in-place form). The pair may leave the rows of such segments unset
     # (output and lse of queries without keys, dq of them, dk/dv of keys without queries): the block writes 0
@@ -179,6 +184,11 @@ class _Spans:
     k: Tensor
     max_q: int
     max_k: int
+    #: query rows without a partner lent to odd spans (:attr:`VarlenOps.even_spans`), or None. The launch computes
+    #: them as queries of the span; the block overwrites their results as for every row without a partner
+    #: (output 0, lse -inf; dq 0) and gives the backward lse +inf there, so their attention weights are exactly 0
+    #: and they add nothing to dK/dV (for a finite incoming gradient: 0 times NaN is NaN)
+    borrowed: Tensor | None = None
 
 
 def _spans(pairs: list[tuple[slice, slice]], device: torch.device) -> _Spans:
@@ -188,12 +198,40 @@ def _spans(pairs: list[tuple[slice, slice]], device: torch.device) -> _Spans:
                   max(ik.stop - ik.start for _, ik in pairs))
 
 
-def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
-              device: torch.device) -> tuple[tuple, tuple, _Partnerless, _Spans] | None:
+def _evened(pairs: list[tuple[slice, slice]], lonely: list[slice], rows: int, front: bool,
+            device: torch.device) -> _Spans | None:
+    """The pairs as spans whose odd query spans each take one adjacent row of ``lonely`` (query rows without a
+    partner, each lent once): the row after the span, or with ``front`` the row before it (only where the mask
+    is not causal: a row in front would shift the causal diagonal). None when no span could take one."""
+    free = bytearray(rows)
+    for r in lonely:
+        free[r.start:r.stop] = b"\x01" * (r.stop - r.start)
+    q, borrowed = [], []
+    for iq, _ in pairs:
+        a, b = iq.start, iq.stop
+        if (b - a) % 2 and b < rows and free[b]:
+            free[b] = 0
+            borrowed.append(b)
+            b += 1
+        elif (b - a) % 2 and front and a > 0 and free[a - 1]:
+            free[a - 1] = 0
+            borrowed.append(a - 1)
+            a -= 1
+        q.append([a, b])
+    if not borrowed:
+        return None
+    k = torch.tensor([[ik.start, ik.stop] for _, ik in pairs], dtype=torch.int32).reshape(-1, 2)
+    return _Spans(torch.tensor(q, dtype=torch.int32).to(device), k.to(device), max(b - a for a, b in q),
+                  max(ik.stop - ik.start for _, ik in pairs), torch.tensor(sorted(borrowed)).to(device))
+
+
+def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None, device: torch.device,
+              even: bool = False) -> tuple[tuple, tuple, _Partnerless, _Spans, dict[bool, _Spans]] | None:
     """Segments over EVERY row, for pairs that are slices ascending on both sides: ((slice, cu_q, max_q),
-    (slice, cu_k, max_k), the rows without a partner, the pairs alone as spans). Rows outside the pairs become
-    segments with an empty partner: queries without keys, then keys without queries. None when the pairs do not
-    allow it (a gather is needed) or the block's size is unknown."""
+    (slice, cu_k, max_k), the rows without a partner, the pairs alone as spans, the spans a launch takes per
+    ``causal``: with ``even``, odd query spans lent a row without a partner, see :func:`_evened`). Rows outside
+    the pairs become segments with an empty partner: queries without keys, then keys without queries. None when
+    the pairs do not allow it (a gather is needed) or the block's size is unknown."""
     if rows is None or not pairs:
         return None
     seg_q: list[Rows] = []
@@ -231,8 +269,12 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None,
         # swapped layout, reshaped by segment count (it fails once segments outnumber the query rows); empty
         # segments are not checked in that layout on GPU: gather instead
         return None
-    return (q_side, k_side, _Partnerless(_rows_of(lonely, device), _rows_of(lonely_k, device)),
-            _spans(pairs, device))
+    spans = _spans(pairs, device)
+    launch = {True: spans, False: spans}
+    if even:
+        for causal in (True, False):
+            launch[causal] = _evened(pairs, lonely, rows[0], not causal, device) or spans
+    return (q_side, k_side, _Partnerless(_rows_of(lonely, device), _rows_of(lonely_k, device)), spans, launch)
 
 
 def _first(rows: Rows) -> int:
@@ -291,12 +333,13 @@ class VarlenBlock:
         # in place (no gather or scatter) where the pairs allow it; the rows of dense segments are then rows
         # without a partner in the varlen launch, filled by the dense calls afterwards
         self.rows = getattr(fallback, "rows", None)
-        whole = _in_place(pairs, self.rows, device)
+        whole = _in_place(pairs, self.rows, device, self.ops.even_spans)
         self.partnerless = _Partnerless(None, None)  # rows the block writes itself (in place only)
         self.spans: _Spans | None = None  # the shared segments alone, for pairs that take spans (in place only)
+        self.launch_spans: dict[bool, _Spans] = {}  # per causal: the spans a launch takes (odd ones evened)
         if whole is not None:
             (self.q_index, self.cu_q, self.max_q), (self.k_index, self.cu_k, self.max_k), self.partnerless, \
-                self.spans = whole
+                self.spans, self.launch_spans = whole
         else:
             self.q_index, self.cu_q, self.max_q = _index([p[0] for p in pairs], device)
             self.k_index, self.cu_k, self.max_k = _index([p[1] for p in pairs], device)
@@ -334,14 +377,16 @@ class VarlenBlock:
         if self.big is not None:
             self.big.check(causal)
         sq = q.shape[2]
-        aux = big_ctx = None
-        spans = False
+        aux = big_ctx = spans = None
         if self.small:  # first: in place, its output is the block's (the dense rows are rows without keys in it)
             qp, kp, vp = _packed(q, self.q_index), _packed(k, self.k_index), _packed(v, self.k_index)
-            spans = self.spans is not None and self.ops.takes_spans(qp)
+            if self.spans is not None and self.ops.takes_spans(qp):
+                spans = self.launch_spans[bool(causal)]
             o, lse, aux = self.ops.forward(qp, kp, vp, *self._segments(spans), causal, scale)
             lonely = self.partnerless
-            if lonely.q_rows is not None:  # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN)
+            # the pairs give them +inf (FlashAttention-2) or leave them unset (cuDNN); rows lent to odd spans hold
+            # what the launch computed for them: every one is overwritten here
+            if lonely.q_rows is not None:
                 lse.index_fill_(1, lonely.q_rows, float("-inf"))  # lse is [h, tq]
                 if not self.merged or self.big is not None:  # dense rows are written below, over these
                     fill_rows_(o, lonely.q_rows, 0)
@@ -353,13 +398,12 @@ class VarlenBlock:
             out, lse_full, big_ctx = self.big.forward_unchecked(q, k, v, causal=causal, scale=scale)
         return out, lse_full.float().contiguous(), ("varlen", aux, big_ctx, spans)
 
-    def _segments(self, spans: bool) -> tuple[Tensor, Tensor, int, int]:
+    def _segments(self, spans: _Spans | None) -> tuple[Tensor, Tensor, int, int]:
         """(q side, k side, longest query segment, longest key segment) of the varlen launch: every row's segment
-        as ``cu_seqlens``, or with ``spans`` the shared segments alone (the rows without a partner are the
-        block's to write either way)."""
-        if spans:
-            s = self.spans
-            return s.q, s.k, s.max_q, s.max_k
+        as ``cu_seqlens``, or ``spans`` (the shared segments alone; the rows without a partner are the block's
+        to write either way)."""
+        if spans is not None:
+            return spans.q, spans.k, spans.max_q, spans.max_k
         return self.cu_q, self.cu_k, self.max_q, self.max_k
 
     def backward_unchecked(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -376,6 +420,9 @@ class VarlenBlock:
         dp = _packed(dout, self.q_index).to(q.dtype).contiguous()
         op_ = _packed(out, self.q_index).to(q.dtype).contiguous()
         lp = _packed(lse.unsqueeze(-1), self.q_index)[..., 0].t().float().contiguous()  # [h, tq]
+        spans = ctx[3]
+        if spans is not None and spans.borrowed is not None:  # lent rows: weights exp(s - inf) = 0 (a new tensor)
+            lp = lp.index_fill(1, spans.borrowed, float("inf"))
         dq, dk, dv = self.ops.backward(dp, qp, kp, vp, op_, lp, *self._segments(ctx[3]), causal, scale, ctx[1])
         lonely = self.partnerless
         if lonely.q_rows is not None:
