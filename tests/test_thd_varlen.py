@@ -95,17 +95,23 @@ def test_varlen_block_equals_the_segmented_block(reference_ops, causal, big_rows
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_dense_documents_beside_an_in_place_varlen_launch(reference_ops):
+@pytest.mark.parametrize("spans", [False, True], ids=["cu_seqlens", "spans"])
+def test_dense_documents_beside_an_in_place_varlen_launch(reference_ops, spans):
     """Causal own block of contiguous documents with two large ones: the large ones run bucket-padded on the
     dense kernel, the others in ONE in-place varlen launch where the large ones' rows have no partner; the result
-    equals the per-document block, forward and backward from a merged out/lse."""
+    equals the per-document block, forward and backward from a merged out/lse. With a pair that takes spans and
+    asks for even ones, an odd span is lent the first row of the dense document after it, which the dense call
+    then writes over."""
     gen = torch.Generator().manual_seed(4)
     seg = torch.tensor([0] * 7 + [1] * 3 + [2] * 9 + [3] * 2 + [4] * 1)
     q = torch.randn(1, 4, len(seg), 8, generator=gen)
     k, v = (torch.randn(1, 2, len(seg), 8, generator=gen) for _ in range(2))
     dout = torch.randn(q.shape, generator=gen)
-    ref, var = _pair(seg, seg, big_rows=5)
+    ref, var = _pair(seg, seg, big_rows=5, ops=varlen_reference.SPANS_OPS if spans else None)
     assert var.big is not None and len(var.big.pairs) == 2 and var.small
+    if spans:  # the 3-row document lends row 10 (the 9-row dense one's first); the last 1-row one has none
+        assert var.launch_spans[True].q.tolist() == [[7, 11], [19, 21], [21, 22]]
+        assert var.launch_spans[True].borrowed.tolist() == [10]
     assert var.q_index == slice(0, len(seg)) and var.lonely_q is not None  # in place: nothing gathered
     o1, l1, c1 = ref.forward_unchecked(q, k, v, causal=True, scale=0.3)
     o2, l2, c2 = var.forward_unchecked(q, k, v, causal=True, scale=0.3)
@@ -167,6 +173,8 @@ PADDED_K = [0] * 3 + [-2] + [1] * 4 + [2] * 3 + [-2]
     (True, [0] * 3 + [1] * 4 + [2] * 2, [0] * 3 + [1] * 4 + [2] * 2, [0, 3, 7, 9], [0, 3, 7, 9]),
     (True, PADDED_Q, PADDED_K, [0, 3, 4, 4, 8, 11, 12, 12], [0, 3, 3, 4, 8, 11, 11, 12]),
     (False, [-1, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 4, 9], [0, 0, 2, 4]),
+    # causal: an odd span whose only free row is in front keeps its length (a row in front shifts the diagonal)
+    (True, [-1, 0, 0, 0, 1, 1, 1, 1, 1], [-2, 0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 4, 9], [0, 0, 1, 4, 9]),
 ])
 def test_ascending_runs_run_in_place(reference_ops, causal, seg_q, seg_k, cu_q, cu_k, unset):
     """Shared segments that are runs ascending on both sides: one launch over EVERY row, no gather; rows

@@ -58,7 +58,8 @@ def _kernel():
         live = mask & (l_b > float("-inf"))[:, None]  # rows b contributes to: b_out is read there only
         keep = live if IN_PLACE else mask  # in place, the other rows already hold their result
         diff = l_b - l_a
-        w = 1.0 / (1.0 + tl.exp(-diff))
+        # b's weight, 0 where b has no keys: also where a has none either (diff NaN there), so a's row stays
+        w = tl.where(l_b > float("-inf"), 1.0 / (1.0 + tl.exp(-diff)), 0.0)
         l_new = l_a + tl.maximum(diff, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(diff)))
         x_a = tl.load(a + bb * a_sb + h * a_sh + rows[:, None] * a_ss + cols[None, :], mask=keep,
                       other=0.0).to(tl.float32)

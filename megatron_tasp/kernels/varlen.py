@@ -388,7 +388,9 @@ class VarlenBlock:
             # what the launch computed for them: every one is overwritten here
             if lonely.q_rows is not None:
                 lse.index_fill_(1, lonely.q_rows, float("-inf"))  # lse is [h, tq]
-                if not self.merged or self.big is not None:  # dense rows are written below, over these
+                # a merged block's rows stay unset (the merge reads none whose lse is -inf); dense segments
+                # (the own block only, never merged) write their rows below, over these
+                if not self.merged or self.big is not None:
                     fill_rows_(o, lonely.q_rows, 0)
             out = _unpacked(o, self.q_index, sq)
             lse_full = _unpacked(lse.t().unsqueeze(-1), self.q_index, sq, float("-inf"))[..., 0]

@@ -287,8 +287,9 @@ def test_fill_rows_triton_equals_index_fill(dtype):
 
 @pytest.mark.parametrize("in_place", [False, True])
 def test_merge_triton_reads_no_row_without_keys(in_place):
-    """The Triton merge leaves a's rows where b's lse is -inf (b_out NaN there, as a block leaves them unset)
-    and equals the torch merge elsewhere, in place (rows not touched) and into another tensor."""
+    """The Triton merge leaves a's rows where b's lse is -inf (b_out NaN there, as a block leaves them unset),
+    also where a's is -inf too (padding: lse stays -inf, no NaN), and equals the torch merge elsewhere, in place
+    (rows not touched) and into another tensor."""
     from megatron_tasp.kernels.fused_merge import merge_to
 
     dev = torch.device("cuda")
@@ -297,6 +298,7 @@ def test_merge_triton_reads_no_row_without_keys(in_place):
     la, lb = (torch.randn(1, 8, 300, device=dev, generator=g) * 3 for _ in range(2))
     lb[:, :, 40:170] = float("-inf")
     b[:, :, 40:170] = float("nan")
+    la[:, :, 60:90] = float("-inf")  # rows no block has keys for
     ref, ref_l = torch.empty_like(a), torch.empty_like(la)
     merge_to(a, la, b, lb, ref, ref_l, fused=False)
     dst, dl = (a.clone(), la.clone()) if in_place else (torch.empty_like(a), torch.empty_like(la))
@@ -304,7 +306,8 @@ def test_merge_triton_reads_no_row_without_keys(in_place):
     merge_to(src, src_l, b, lb, dst, dl)
     assert torch.isfinite(dst.float()).all() and torch.equal(dst[:, :, 40:170], a[:, :, 40:170])
     assert (dst.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
-    assert (dl - ref_l).abs().max() <= 1e-5
+    assert torch.equal(dl.isinf(), ref_l.isinf()) and bool((dl[:, :, 60:90] == float("-inf")).all())
+    assert (dl - ref_l)[torch.isfinite(ref_l)].abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
