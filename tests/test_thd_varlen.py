@@ -59,7 +59,7 @@ def _dense_segments(layout, dense_rows: int | None, causal: bool) -> int:
     count = 0
     for b in _varlen_blocks(layout):
         want = dense_rows if (b is layout.call.local_kernel and causal) else None
-        assert b.big_rows == want and b.ops is varlen_reference.REFERENCE_OPS
+        assert b.big_rows == want and b.ops in (varlen_reference.REFERENCE_OPS, varlen_reference.SPANS_OPS)
         rows = [(int(b.cu_q[i + 1] - b.cu_q[i]), int(b.cu_k[i + 1] - b.cu_k[i])) for i in range(len(b.cu_q) - 1)]
         assert want is None or all(nq != nk or nq < want for nq, nk in rows), (rows, want)
         count += len(b.big.pairs) if b.big is not None else 0
@@ -488,7 +488,7 @@ def _engine_worker(rank, n, dense_rows):
 
     opts = TaspOptions(packed_dense_rows=dense_rows)
     scope = PLAN_CACHE.scope(dist.group.WORLD)
-    errs, dense = {}, 0
+    errs, dense, lent = {}, 0, 0
     for name, lengths in mixes(n, 5).items():
         cu_pad, cu = boundaries(lengths, n)
         for causal in (True, False):
@@ -497,19 +497,33 @@ def _engine_worker(rank, n, dense_rows):
                                                                 options=opts, **kw)
                 layout = next(reversed(scope.layouts().entries.values()))  # this case's
                 dense += _dense_segments(layout, dense_rows, causal)
-    return errs, varlen_reference.CALLS["forward"], dense
+                lent += _lent_rows(layout)
+    return errs, varlen_reference.CALLS["forward"], dense, lent
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_engine_through_the_varlen_block_is_exact(engine_reference_ops, n):
-    """n=2: every block in one varlen launch; n=3: options.packed_dense_rows=3, square segments of >= 3 rows of
-    the own block of causal calls on the dense kernel (bucket-padded), the rest varlen."""
+def _lent_rows(layout) -> int:
+    """Query rows without a partner lent to odd spans, over the layout's varlen blocks."""
+    return sum(len(s.borrowed) for b in _varlen_blocks(layout) for s in b.launch_spans.values()
+               if s.borrowed is not None)
+
+
+@pytest.mark.parametrize("spans", [False, True], ids=["cu_seqlens_pair", "spans_pair"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_engine_through_the_varlen_block_is_exact(reference_ops, monkeypatch, n, spans):
+    """n=2 and 4: every block in one varlen launch; n=3: options.packed_dense_rows=3, square segments of >= 3 rows
+    of the own block of causal calls on the dense kernel (bucket-padded), the rest varlen. With a pair that takes
+    spans and asks for even ones (as cuDNN's, the default on Hopper), odd spans are lent rows and it stays exact."""
+    ops = varlen_reference.SPANS_OPS if spans else varlen_reference.REFERENCE_OPS
+    monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device, *_: ops)
     dense_rows = 3 if n == 3 else None
-    for errs, launches, dense in run_workers(_engine_worker, n, dense_rows, timeout_s=300):
+    lent = []
+    for errs, launches, dense, rows in run_workers(_engine_worker, n, dense_rows, timeout_s=300):
         bad = {k: e for k, e in errs.items() if not e <= TOL}
         assert not bad, bad
         assert launches > 0, "the varlen block must have run"
         assert (dense > 0) == (dense_rows is not None), dense
+        lent.append(rows)
+    assert (sum(lent) > 0) == spans, lent  # some rank lent rows (which ones depends on the documents)
 
 
 def _documents_with_real_tokens(cu_pad, cu, n: int, rank: int) -> int:
@@ -642,9 +656,13 @@ def _sequence_worker(rank, n):
     return errs, varlen_reference.CALLS["forward"]
 
 
+@pytest.mark.parametrize("spans", [False, True], ids=["cu_seqlens_pair", "spans_pair"])
 @pytest.mark.parametrize("n", [2, 3])
-def test_sequence_split_through_the_varlen_block_is_exact(engine_reference_ops, n):
-    """packed_split='sequence' with every block on the varlen path, incl. blocks that share no document."""
+def test_sequence_split_through_the_varlen_block_is_exact(reference_ops, monkeypatch, n, spans):
+    """packed_split='sequence' with every block on the varlen path, incl. blocks that share no document; also
+    with a pair that takes spans and asks for even ones (cuDNN's)."""
+    ops = varlen_reference.SPANS_OPS if spans else varlen_reference.REFERENCE_OPS
+    monkeypatch.setattr(engine_thd, "_varlen_ops", lambda kernel, device, *_: ops)
     for errs, launches in run_workers(_sequence_worker, n, timeout_s=300):
         bad = {k: e for k, e in errs.items() if not e <= TOL}
         assert not bad, bad
