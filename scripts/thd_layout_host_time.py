@@ -2,8 +2,9 @@
 which training pays once per micro-batch: two gloo processes on the CPU (CP=2), one thread each.
 
 The varlen ops are replaced by a stand-in (CUDA-only in the engine), so the measured work is the host's: segment
-ids, the blocks' row sets, the in-place segments and the cross-rank agreement; nothing is computed, and the
-index tensors stay on the CPU (on a GPU they are also copied to the device, not measured here). Prints the median
+ids, the blocks' row sets, the in-place segments (with ``--pair cudnn``, the default on Hopper, also the spans
+and the evened ones) and the cross-rank agreement; nothing is computed, and the index tensors stay on the CPU
+(on a GPU they are also copied to the device, not measured here). Prints the median
 over ``--mixes`` fresh document mixes per size (the first two left out; per mix the slower rank) and writes JSON
 with ``--out``.
 Run it under another source tree with ``PYTHONPATH=<tree>`` to compare two versions.
@@ -35,8 +36,10 @@ def _worker(rank: int, world: int, a: argparse.Namespace, port: int, results) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    stand_in = VarlenOps(None, None, None)  # built into the blocks, never called here
-    engine_thd._varlen_ops = lambda kernel, device: stand_in
+    # built into the blocks, never called here: cuDNN's pair takes spans and asks for even ones, flash's neither
+    cudnn = a.pair == "cudnn"
+    stand_in = VarlenOps(None, None, None, spans=(lambda q: True) if cudnn else None, even_spans=cudnn)
+    engine_thd._varlen_ops = lambda kernel, device, *_: stand_in
     cpu = torch.device("cpu")
     rows = []
     for tok in parse_tokens(a.tokens):
@@ -72,6 +75,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="32k,64k,128k", help="packed tokens per sequence (comma list; 'k' = 1024)")
     ap.add_argument("--doc-mean", type=int, default=4096, help="mean document length of the log-normal mix")
     ap.add_argument("--mixes", type=int, default=12, help="fresh document mixes per size")
+    ap.add_argument("--pair", choices=("cudnn", "flash"), default="cudnn", help="the varlen pair the blocks are "
+                    "built for: cuDNN's (spans, evened; the default on Hopper) or FlashAttention-2's (cu_seqlens)")
     ap.add_argument("--port", type=int, default=29541)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -96,7 +101,8 @@ def main() -> None:
               "per new layout (median)")
     if a.out:
         with open(a.out, "w") as fh:
-            json.dump({"cp": 2, "doc_mean": a.doc_mean, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+            json.dump({"cp": 2, "doc_mean": a.doc_mean, "pair": a.pair, "torch": torch.__version__, "rows": rows}, fh,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,23 @@ def test_sft_fixture_feeds_megatrons_sft_tokenizer_and_the_bench(tmp_path, monke
     a.code = str(tmp_path / "base")  # an A/B baseline: first on the path and the runs' working directory
     env, cwd = bench.child_setup(a)
     assert cwd == str(tmp_path / "base") and env["PYTHONPATH"].split(":")[:2] == [cwd, str(tmp_path / "stub")]
+
+
+@pytest.mark.parametrize("pair", ["cudnn", "flash"])
+def test_thd_layout_host_time_runs(tmp_path, pair):
+    """The layout host-time script builds layouts for fresh mixes on two spawned gloo ranks with the stand-in of
+    either varlen pair (it builds the blocks the engine would on CUDA) and writes its JSON."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "host.json"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "thd_layout_host_time.py"), "--tokens", "2k", "--mixes", "3",
+                          "--doc-mean", "256", "--pair", pair, "--port", str(port), "--out", str(out)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["pair"] == pair and got["rows"][0]["tokens"] == 2048 and len(got["rows"][0]["layout_ms"]) == 3
+    assert "per new layout" in run.stdout
