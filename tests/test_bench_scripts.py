@@ -165,3 +165,14 @@ def test_thd_layout_host_time_runs(tmp_path, pair):
     got = json.loads(out.read_text())
     assert got["pair"] == pair and got["rows"][0]["tokens"] == 2048 and len(got["rows"][0]["layout_ms"]) == 3
     assert "per new layout" in run.stdout
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SCRIPTS.glob("*.py")))
+def test_every_script_imports_and_prints_its_help(name, monkeypatch, capsys):
+    """Each script (most need a GPU to run) imports on a CPU machine and its ``--help`` exits 0: a renamed or
+    removed function of the package breaks it here, not on the GPU machine."""
+    mod = _load(name)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / f"{name}.py"), "--help"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 0 and "usage" in capsys.readouterr().out
