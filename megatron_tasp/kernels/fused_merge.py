@@ -23,23 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._triton import lazy_triton
+
 __all__ = ["fused_merge_available", "merge_to"]
 
-# Process-wide by design (like the kernel registry): the Triton kernel compiled once, False when Triton is
-# unusable, None before the first CUDA merge.
-_TRITON = None
 
-
-def _kernel():
-    global _TRITON
-    if _TRITON is not None:
-        return _TRITON
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001 - Triton missing or broken: torch path
-        _TRITON = False
-        return _TRITON
+@lazy_triton
+def _kernel(triton, tl):
+    """The compiled kernel and the helper its launch needs (False where Triton cannot be imported: torch path)."""
 
     @triton.jit
     def _merge(a, a_sb, a_sh, a_ss, la, la_sb, la_sh, la_ss,
@@ -71,8 +62,7 @@ def _kernel():
                  res.to(o.dtype.element_ty), mask=keep)
         tl.store(lo + bb * lo_sb + h * lo_sh + rows * lo_ss, l_new, mask=rmask)
 
-    _TRITON = (_merge, triton.next_power_of_2)
-    return _TRITON
+    return _merge, triton.next_power_of_2
 
 
 def fused_merge_available(device: torch.device | str) -> bool:

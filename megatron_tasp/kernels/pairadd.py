@@ -13,24 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._triton import lazy_triton
+
 __all__ = ["add_halves"]
 
 _BLOCK = 1024  # elements per program along a row
-# Process-wide like the other Triton kernels (rowfill, fused_merge): the compiled kernel, False when Triton is
-# unusable, None before the first CUDA call.
-_TRITON = None
 
 
-def _kernel():
-    global _TRITON
-    if _TRITON is not None:
-        return _TRITON
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001 - Triton missing or broken: torch.add
-        _TRITON = False
-        return _TRITON
+@lazy_triton
+def _kernel(triton, tl):
+    """The compiled kernel and the helper its launch needs (False where Triton cannot be imported: torch.add)."""
 
     @triton.jit
     def _add(a0, a1, pair, out0, out1, pair_row, pair_half, row_len, BLOCK: tl.constexpr):
@@ -44,8 +36,7 @@ def _kernel():
         tl.store(out0 + at, x0.to(out0.dtype.element_ty), mask=keep)
         tl.store(out1 + at, x1.to(out1.dtype.element_ty), mask=keep)
 
-    _TRITON = (_add, triton.cdiv)
-    return _TRITON
+    return _add, triton.cdiv
 
 
 def _fits(a0: Tensor, a1: Tensor, pair: Tensor) -> bool:

@@ -13,24 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._triton import lazy_triton
+
 __all__ = ["fill_rows_"]
 
 _BLOCK = 1024  # elements per program along a row
-# Process-wide like the merge's kernel (fused_merge): the compiled kernel, False when Triton is unusable, None
-# before the first CUDA call.
-_TRITON = None
 
 
-def _kernel():
-    global _TRITON
-    if _TRITON is not None:
-        return _TRITON
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001 - Triton missing or broken: index_fill_
-        _TRITON = False
-        return _TRITON
+@lazy_triton
+def _kernel(triton, tl):
+    """The compiled kernel and the helper its launch needs (False where Triton cannot be imported: index_fill_)."""
 
     @triton.jit
     def _fill(x, rows, row_stride, row_len, value, BLOCK: tl.constexpr):
@@ -39,8 +31,7 @@ def _kernel():
         fill = tl.full([BLOCK], value, x.dtype.element_ty)
         tl.store(x + row * row_stride + cols, fill, mask=cols < row_len)
 
-    _TRITON = (_fill, triton.cdiv)
-    return _TRITON
+    return _fill, triton.cdiv
 
 
 def fill_rows_(x: Tensor, rows: Tensor, value: float) -> Tensor:
