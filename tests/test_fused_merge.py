@@ -81,3 +81,15 @@ def test_merge_to_reads_no_row_without_keys(in_place):
     assert torch.isfinite(dst).all() and torch.equal(dst[gone], keep)
     torch.testing.assert_close(dst, ref_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dlse, ref_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_merge_lse_is_exact_in_float64():
+    """The torch path's merged lse is log(exp(a) + exp(b)) to fp64's resolution also for large differences (a
+    thresholded softplus would drop up to 2e-9 there), and a's row where b has no keys."""
+    a_lse = torch.tensor([[[0.0, 3.0, -40.0, 1.0]]], dtype=torch.float64)
+    b_lse = torch.tensor([[[25.0, -30.0, 0.0, float("-inf")]]], dtype=torch.float64)
+    a_out, b_out = (torch.randn(1, 1, 4, 8, dtype=torch.float64) for _ in range(2))
+    out, lse = torch.empty_like(a_out), torch.empty_like(a_lse)
+    merge_to(a_out, a_lse, b_out, b_lse, out, lse, fused=False)
+    exact = torch.logaddexp(a_lse, b_lse)
+    assert (lse - exact).abs().max() <= 1e-14 and torch.equal(out[..., 3, :], a_out[..., 3, :])
