@@ -78,10 +78,9 @@ def _torch_merge(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst
     w = torch.sigmoid(diff).unsqueeze(-1).to(ot)
     seen = b_lse > float("-inf")  # b_out is unset where b has no keys: a's rows there (lse -inf kept)
     dst_out.copy_(torch.where(seen.unsqueeze(-1), torch.lerp(a_out.to(ot), b_out.to(ot), w), a_out.to(ot)))
-    # softplus(diff) exactly: torch's softplus returns diff itself above its threshold (20), dropping up to 2e-9,
-    # below fp32's resolution but not fp64's (the Triton kernel uses the same form)
-    soft = diff.clamp(min=0) + torch.log1p(torch.exp(-diff.abs()))
-    dst_lse.copy_(torch.where(seen, a_lse.to(lt) + soft, a_lse.to(lt)))
+    # log(e^a + e^b) exactly: a + softplus(diff) with torch's softplus would return diff itself above its
+    # threshold (20), dropping up to 2e-9, below fp32's resolution but not fp64's
+    dst_lse.copy_(torch.where(seen, torch.logaddexp(a_lse.to(lt), b_lse.to(lt)), a_lse.to(lt)))
 
 
 def merge_to(a_out: Tensor, a_lse: Tensor, b_out: Tensor, b_lse: Tensor, dst_out: Tensor, dst_lse: Tensor, *,
