@@ -36,7 +36,7 @@ which tests replace (pytest's monkeypatch) with a float64 reference so the gathe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -198,11 +198,11 @@ def _spans(pairs: list[tuple[slice, slice]], device: torch.device) -> _Spans:
                   max(ik.stop - ik.start for _, ik in pairs))
 
 
-def _evened(pairs: list[tuple[slice, slice]], lonely: list[slice], rows: int, front: bool,
-            device: torch.device) -> _Spans | None:
-    """The pairs as spans whose odd query spans each take one adjacent row of ``lonely`` (query rows without a
-    partner, each lent once): the row after the span, or with ``front`` the row before it (only where the mask
-    is not causal: a row in front would shift the causal diagonal). None when no span could take one."""
+def _evened(pairs: list[tuple[slice, slice]], lonely: list[slice], rows: int,
+            front: bool) -> tuple[list[list[int]], list[int]]:
+    """(query spans, lent rows): the pairs' query spans, each odd one given one adjacent row of ``lonely`` (query
+    rows without a partner, each lent once): the row after the span, or with ``front`` the row before it (only
+    where the mask is not causal: a row in front would shift the causal diagonal). Host lists."""
     free = bytearray(rows)
     for r in lonely:
         free[r.start:r.stop] = b"\x01" * (r.stop - r.start)
@@ -218,11 +218,7 @@ def _evened(pairs: list[tuple[slice, slice]], lonely: list[slice], rows: int, fr
             borrowed.append(a - 1)
             a -= 1
         q.append([a, b])
-    if not borrowed:
-        return None
-    k = torch.tensor([[ik.start, ik.stop] for _, ik in pairs], dtype=torch.int32).reshape(-1, 2)
-    return _Spans(torch.tensor(q, dtype=torch.int32).to(device), k.to(device), max(b - a for a, b in q),
-                  max(ik.stop - ik.start for _, ik in pairs), torch.tensor(sorted(borrowed)).to(device))
+    return q, sorted(borrowed)
 
 
 def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None, device: torch.device,
@@ -271,9 +267,15 @@ def _in_place(pairs: list[tuple[Rows, Rows]], rows: tuple[int, int] | None, devi
         return None
     spans = _spans(pairs, device)
     launch = {True: spans, False: spans}
-    if even:
+    if even:  # the key spans stay; one device copy per distinct result (causal: lent after the span only)
+        made: dict[tuple, _Spans] = {}
         for causal in (True, False):
-            launch[causal] = _evened(pairs, lonely, rows[0], not causal, device) or spans
+            q, lent = _evened(pairs, lonely, rows[0], not causal)
+            key = tuple(map(tuple, q))
+            if lent and key not in made:
+                made[key] = replace(spans, q=torch.tensor(q, dtype=torch.int32).to(device),
+                                    max_q=max(b - a for a, b in q), borrowed=torch.tensor(lent).to(device))
+            launch[causal] = made[key] if lent else spans
     return (q_side, k_side, _Partnerless(_rows_of(lonely, device), _rows_of(lonely_k, device)), spans, launch)
 
 
