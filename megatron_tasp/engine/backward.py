@@ -9,7 +9,9 @@ gets exactly one remote contribution, added straight into the local block's dQ (
 Two schemes. With kept KV (``keep_kv``: the forward kept the pieces it received) there is no KV traffic:
 remote steps run first and the local block last, so every hop, the one home included, overlaps a kernel.
 Without it the backward runs the KV rotation again (the first transfer overlapping the local block, issued
-after it like the forward's), and the hop home reuses the two KV buffers.
+after it like the forward's), and the hop home reuses the two KV buffers. With a stream for the own block
+(``call.local_stream``, CP=2 packed documents) the own block runs first on that stream in both schemes,
+beside the remote block; the sums wait for both.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megatron_tasp.engine.channel import Channel, detached, mark
+from megatron_tasp.engine.channel import Channel, beside, detached, fork, join, mark
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, acc_dtype, bhsd, sbhd
 from megatron_tasp.engine.forward import wait_all
 from megatron_tasp.kernels.pairadd import add_halves
@@ -151,13 +153,16 @@ def backward(call: LocalCall | CompiledCall, dout, q, k, v, out, lse, ctxs, kept
         return backward_kept(call, g, q, k, v, kept, mid)
     kv_chan = call.channel(k.dtype, k.device, "backward KV")  # before the mark, as in the forward
     inputs_ready = mark(q.device) if call.detach_first else None
-    dq0, dk0, dv0 = g.local(k, v)
+    aux = fork(q.device, call.local_stream) if call.single_contribution else None  # see forward()
+    with beside(aux):
+        own = g.local(k, v)
+    dq0, dk0, dv0 = own
     with detached(q.device, inputs_ready, call.side):
         call.pack(k, v, kv_chan.current)
         recvd = kv_chan.start(0)
     kv_chan.advance()
     if not call.single_contribution:
-        g.dq = dq0.to(acc_dtype(q.dtype), copy=True)
+        g.dq = dq0.to(acc_dtype(q.dtype), copy=True)  # (no own stream: aux is None)
     home = None
     dkv_recvd: list | None = None
     sent: list = []
@@ -181,14 +186,21 @@ def backward(call: LocalCall | CompiledCall, dout, q, k, v, out, lse, ctxs, kept
         if nxt is not None:
             kv_chan.advance()
             recvd = nxt
+    join(aux, own)
     dq = g.finish_dq(dq0, q) if call.single_contribution else sbhd(g.dq).to(q.dtype)
     return (dq, *home_sum(call, home, sent, k, v, dk0, dv0))
 
 
 def backward_kept(call: CompiledCall, g: Grads, q, k, v, kept: list, mid: Channel | None):
     """Backward on the KV pieces kept by the forward: remote steps first (each dK/dV hop hidden by the
-    next step's kernels), the local block last (hiding the hop home)."""
+    next step's kernels), the local block last (hiding the hop home), or first on its own stream beside them."""
     n = call.plan.world_size
+    # the own block first, beside the remote steps (see forward()); else last, hiding the hop home
+    aux = fork(q.device, call.local_stream) if call.single_contribution else None
+    own = None
+    if aux is not None:
+        with beside(aux):
+            own = g.local(k, v)
     if not call.single_contribution:
         g.dq = torch.zeros(bhsd(q).shape, dtype=acc_dtype(q.dtype), device=q.device)
     home = call.channel(k.dtype, k.device, "backward dKV (hop home)",
@@ -204,6 +216,9 @@ def backward_kept(call: CompiledCall, g: Grads, q, k, v, kept: list, mid: Channe
         if not last:
             mid.advance()
             dkv_recvd = sent
-    dq0, dk0, dv0 = g.local(k, v)
+    if own is None:
+        own = g.local(k, v)
+    join(aux, own)
+    dq0, dk0, dv0 = own
     dq = g.finish_dq(dq0, q)
     return (dq, *home_sum(call, home, sent, k, v, dk0, dv0))

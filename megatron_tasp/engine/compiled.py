@@ -116,6 +116,9 @@ class CompiledCall:
         self.graphed: Any = None  # its GraphedCall, made on the first call
         self.dkv_input_dtype = options.dkv_dtype == "input"  # the travelling dK/dV in the input dtype
         self.side = side  # the stream the first exchange of a call is posted on (CUDA)
+        # the stream the own block runs on beside the remote blocks (CP=2, one chunk; None: in line), set where
+        # measured: packed documents in their THD order (megatron_tasp.engine.thd)
+        self.local_stream: torch.cuda.Stream | None = None
         b, hkv, d = kv_shape
         self.transports = []
         for j in range(self.chunks):

@@ -7,7 +7,9 @@ source s is either *earlier* (s < r: every query sees its front slice) or *later
 query block sees it, all of it). Pieces of one case are concatenated so a step launches at most two
 kernels. Partial results merge by log-sum-exp in fp32 (fp64 for fp64 inputs). The local kernel is queued
 before the first exchange is posted (on a side stream, :func:`~megatron_tasp.engine.channel.detached`), so
-the host posts it while the GPU computes.
+the host posts it while the GPU computes. Where the call gives the own block a stream of its own
+(``call.local_stream``: packed documents at CP=2), the own block runs there beside the remote block, which
+waits only for its KV; the merge waits for both (:func:`~megatron_tasp.engine.channel.fork`).
 
 Lanes (``chunks=c``): every piece travels as c sub-pieces, one message each, and a lane's kernels wait only
 for that lane. At CP=2 with one chunk every output row receives exactly one remote contribution, so the
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megatron_tasp.engine.channel import detached, mark
+from megatron_tasp.engine.channel import beside, detached, fork, join, mark
 from megatron_tasp.engine.compiled import CompiledCall, LocalCall, acc_dtype, bhsd, sbhd
 from megatron_tasp.kernels.fused_merge import merge_to
 
@@ -53,11 +55,15 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
     chan = call.channel(k.dtype, k.device, "forward KV", depth=n if call.keep_kv else 2) if n > 1 else None
     # allocated before the mark: memory freed by kernels queued after it must not reach the side stream
     inputs_ready = mark(q.device) if n > 1 and call.detach_first else None
-    out0, lse0, c = call.local_kernel.forward_unchecked(qb, bhsd(k), bhsd(v), causal=call.causal, scale=call.scale)
-    # every query sees itself in the local block, so the lse is finite from here on (packed documents: except
-    # padding, which no block pairs with anything; the merge keeps its -inf)
+    # the own block beside the remote ones where the call allows it (CP=2, one remote contribution per row)
+    aux = fork(q.device, call.local_stream) if n > 1 and call.single_contribution else None
     acc_t = acc_dtype(q.dtype)
-    lse = lse0 if lse0.dtype == acc_t and lse0.is_contiguous() else lse0.to(acc_t).contiguous()
+    with beside(aux):
+        out0, lse0, c = call.local_kernel.forward_unchecked(qb, bhsd(k), bhsd(v), causal=call.causal,
+                                                            scale=call.scale)
+        # every query sees itself in the local block, so the lse is finite from here on (packed documents:
+        # except padding, which no block pairs with anything; the merge keeps its -inf)
+        lse = lse0 if lse0.dtype == acc_t and lse0.is_contiguous() else lse0.to(acc_t).contiguous()
     ctxs: list[Any] = [c]
     if n == 1:
         return sbhd(out0).to(q.dtype).contiguous(), lse, ctxs, None
@@ -66,6 +72,12 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
         call.pack(k, v, chan.current)
         recvd = chan.start(0)  # messages landing in chan.other, one per lane
     chan.advance()
+    pending = [aux]  # the own block's stream until the first read of its results
+
+    def own_results() -> None:
+        if pending:
+            join(pending.pop(), (out0, lse, ctxs[0]))
+
     if call.single_contribution and in_output_layout(out0, q):
         # every row merges at most once, and the local kernel's output already has the output's layout:
         # merge in place (rows no remote block touches keep the local result; no allocation, no copy)
@@ -74,8 +86,10 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         acc, src = bhsd(out), out0
         if call.unmerged_rows is not None:
+            own_results()
             acc[:, :, call.unmerged_rows].copy_(out0[:, :, call.unmerged_rows])
     else:
+        own_results()
         acc = src = out0.to(acc_t, copy=True)
     for st in plan.steps[1:]:
         nxt = None
@@ -89,11 +103,13 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
                 kk, vv = call.group_kv(views, j, case, rings)
                 rows = call.q_rows(case)
                 o, l_, c = kernel.forward_unchecked(qb[:, :, rows], kk, vv, causal=False, scale=call.scale)
+                own_results()
                 merge_to(src[:, :, rows], lse[:, :, rows], o, l_, acc[:, :, rows], lse[:, :, rows], fused=fused)
                 ctxs.append(c)
         if nxt is not None:
             chan.advance()
             recvd = nxt
+    own_results()
     kept = None
     if call.keep_kv:  # buffer t holds step t's pieces (buffer 0, the own packed copy, is dropped)
         kept = [None, *chan.buffers[1:]]

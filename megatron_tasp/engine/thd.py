@@ -228,6 +228,11 @@ def _natural_call(call: CompiledCall, segs: list[torch.Tensor], backs: list[torc
     mine = segs[r]
     out = copy.copy(call)
     out.full_rows = True
+    # the own block on a second stream, beside the remote one: one block's per-row kernels (dO.O, the dQ
+    # conversion, the GQA head sums) and tails overlap the other's attention kernel (on one H200, a rank's
+    # fwd+bwd against the whole sequence on one GPU went from 0.570 to 0.552 at 32K tokens and from 0.57 to 0.559
+    # at 64K: scripts/gpu_thd_rank_probe.py, docs/benchmarks/2026-12-02-h200-thd-cp2-own-stream.json)
+    out.local_stream = PLAN_CACHE.streams.get(device, "own block") if device.type == "cuda" else None
     out.unmerged_rows = None  # the remote block's output covers every row (masked ones with lse -inf)
     out.local_kernel = _block(call.kernel, _as_queries(mine), _as_keys(mine), device, _own_dense_rows(call),
                               call.packed_kernel)
