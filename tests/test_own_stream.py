@@ -65,6 +65,7 @@ def _order_worker(rank: int, n: int, causal: bool, keep_kv: bool) -> tuple[list[
         mod.fork, mod.beside, mod.join = fake_fork, fake_beside, fake_join
     engine_forward.merge_to = logged("merge", engine_forward.merge_to)
     engine_backward.home_sum = logged("sum", engine_backward.home_sum)
+    engine_backward.Grads.finish_dq = logged("dq", engine_backward.Grads.finish_dq)  # adds into the own dQ
     SegmentedBlock.forward_unchecked = logged("fwd", SegmentedBlock.forward_unchecked)
     SegmentedBlock.backward_unchecked = logged("bwd", SegmentedBlock.backward_unchecked)
     cu_pad, cu = boundaries([9, 16, 3, 24], n)
@@ -81,5 +82,5 @@ def test_own_block_is_queued_first_and_read_only_after_the_join(causal, keep_kv)
         fwd_part, bwd_part = log[:second], log[second:]
         # forward: the own block on its stream, then the remote block, and the merge only after the join
         assert fwd_part == ["fork", "beside(", "fwd", ")", "fwd", "join", "merge"], log
-        # backward: the same, and the dK/dV/dQ sums only after the join
-        assert bwd_part == ["fork", "beside(", "bwd", ")", "bwd", "join", "sum"], log
+        # backward: the same, and the dQ and dK/dV sums only after the join
+        assert bwd_part == ["fork", "beside(", "bwd", ")", "bwd", "join", "dq", "sum"], log

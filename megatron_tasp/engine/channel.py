@@ -11,6 +11,7 @@ host can queue the first (local) kernel before spending its time on packing and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -125,7 +126,8 @@ def detached(device: torch.device, after: torch.cuda.Event | None,
 def fork(device: torch.device, stream: torch.cuda.Stream | None) -> torch.cuda.Stream | None:
     """``stream``, ordered after everything queued so far on the current stream, for work to run BESIDE what the
     current stream does next (a call's own block beside its remote blocks: the per-row kernels of one fill the
-    other's tails; measured on the H200 for a CP=2 rank of packed documents: ~0.25 of its ~7.7 ms per fwd+bwd).
+    other's tails; measured on the H200 for a CP=2 rank of packed documents: ~0.25 ms of its ~7.7 ms per
+    fwd+bwd).
     None (run on the current stream) on CPU, without a stream, or while the current stream is being captured
     into a CUDA graph. Pair with :func:`join` before anything on the current stream reads the results.
 
@@ -141,19 +143,27 @@ def fork(device: torch.device, stream: torch.cuda.Stream | None) -> torch.cuda.S
 
 def join(stream: torch.cuda.Stream | None, results: Iterable[Any]) -> None:
     """Order the current stream after ``stream`` (from :func:`fork`; None: nothing to do) and mark every tensor
-    in ``results`` (nested tuples/lists) as used by it."""
+    in ``results`` (nested in tuples, lists, dict values and dataclass fields, e.g. a kernel's context) as used
+    by it."""
     if stream is None:
         return
     current = torch.cuda.current_stream(stream.device)
     current.wait_stream(stream)
-    todo = list(results)
+    todo, seen = list(results), set()
     while todo:
         x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
         if isinstance(x, torch.Tensor):
             if x.is_cuda:
                 x.record_stream(current)
         elif isinstance(x, (tuple, list)):
             todo.extend(x)
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            todo.extend(getattr(x, f.name) for f in dataclasses.fields(x))
 
 
 def beside(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:

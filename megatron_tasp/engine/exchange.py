@@ -45,11 +45,18 @@ class StreamPool:
         self._streams: dict[tuple[str, object], torch.cuda.Stream] = {}
 
     def get(self, device: torch.device, purpose: object) -> torch.cuda.Stream:
-        """The stream of ``device`` for ``purpose`` (e.g. "side", or a ring index for symm copies)."""
+        """The stream of ``device`` for ``purpose`` (e.g. "side", or a ring index for symm copies), never one
+        that another purpose of this pool already holds: torch hands out its pool streams round-robin (32 per
+        priority), and two purposes on one stream would run one after the other."""
         key = (str(device), purpose)
         s = self._streams.get(key)
         if s is None:
-            s = self._streams[key] = torch.cuda.Stream(device=device)
+            taken = {x.cuda_stream for (d, _), x in self._streams.items() if d == str(device)}
+            for _ in range(64):  # two rounds of the pool
+                s = torch.cuda.Stream(device=device)
+                if s.cuda_stream not in taken:
+                    break
+            self._streams[key] = s
         return s
 
 

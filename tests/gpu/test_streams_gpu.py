@@ -23,7 +23,17 @@ def _stream() -> torch.cuda.Stream:
     return PLAN_CACHE.streams.get(torch.device("cuda", torch.cuda.current_device()), "own block test")
 
 
+def test_pool_streams_are_distinct():
+    """The pool's streams never alias (torch hands out pool streams round-robin, 32 per priority)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    pool = type(PLAN_CACHE.streams)()
+    handles = {pool.get(dev, i).cuda_stream for i in range(20)}
+    assert len(handles) == 20
+
+
 def test_forked_work_waits_for_the_current_stream_and_join_waits_for_it():
+    """A forked stream sees what the current stream wrote before the fork; the current stream sees the forked
+    work's result after the join."""
     dev = torch.device("cuda", torch.cuda.current_device())
     x = torch.zeros(1 << 20, device=dev)
     torch.cuda.synchronize()
@@ -32,24 +42,23 @@ def test_forked_work_waits_for_the_current_stream_and_join_waits_for_it():
     aux = fork(dev, _stream())
     assert aux is not None and aux != torch.cuda.current_stream(dev)
     with beside(aux):
-        torch.cuda._sleep(_SPIN)  # the forked work is slow ...
-        y = x + 1.0  # ... and reads x, which it must see written
+        t = x + 1.0  # read at once: without the fork's wait it would see the zeros
+        torch.cuda._sleep(_SPIN)  # then the forked work is slow ...
+        y = t * 2.0  # ... before it writes its result
     join(aux, (y,))
-    z = y * 2.0  # read on the current stream after the join
+    z = y + 0.0  # read on the current stream after the join: without it, before y is written
     assert torch.all(z == 4.0)
 
 
 def test_no_fork_while_capturing():
+    """Inside a CUDA graph capture the own block runs in line."""
     dev = torch.device("cuda", torch.cuda.current_device())
     g = torch.cuda.CUDAGraph()
     x = torch.ones(8, device=dev)
     seen = []
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side), torch.cuda.graph(g):
+    with torch.cuda.graph(g):  # captures on a stream of its own
         seen.append(fork(dev, _stream()))
         y = x * 3
-    torch.cuda.current_stream(dev).wait_stream(side)
     g.replay()
     torch.cuda.synchronize()
     assert seen == [None] and torch.all(y == 3)
