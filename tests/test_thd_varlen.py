@@ -508,9 +508,9 @@ def _lent_rows(layout) -> int:
 
 
 @pytest.mark.parametrize("spans", [False, True], ids=["cu_seqlens_pair", "spans_pair"])
-@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
 def test_engine_through_the_varlen_block_is_exact(reference_ops, monkeypatch, n, spans):
-    """n=2 and 4: every block in one varlen launch; n=3: options.packed_dense_rows=3, square segments of >= 3 rows
+    """n=2, 4 and 5: every block in one varlen launch; n=3: options.packed_dense_rows=3, square segments of >= 3 rows
     of the own block of causal calls on the dense kernel (bucket-padded), the rest varlen. With a pair that takes
     spans and asks for even ones (as cuDNN's, the default on Hopper), odd spans are lent rows and it stays exact."""
     ops = varlen_reference.SPANS_OPS if spans else varlen_reference.REFERENCE_OPS
