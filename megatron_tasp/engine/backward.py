@@ -153,7 +153,7 @@ def backward(call: LocalCall | CompiledCall, dout, q, k, v, out, lse, ctxs, kept
         return backward_kept(call, g, q, k, v, kept, mid)
     kv_chan = call.channel(k.dtype, k.device, "backward KV")  # before the mark, as in the forward
     inputs_ready = mark(q.device) if call.detach_first else None
-    aux = fork(q.device, call.local_stream) if call.single_contribution else None  # see forward()
+    aux = fork(q.device, call.own_stream)  # see forward()
     with beside(aux):
         own = g.local(k, v)
     dq0, dk0, dv0 = own
@@ -196,7 +196,7 @@ def backward_kept(call: CompiledCall, g: Grads, q, k, v, kept: list, mid: Channe
     next step's kernels), the local block last (hiding the hop home), or first on its own stream beside them."""
     n = call.plan.world_size
     # the own block first, beside the remote steps (see forward()); else last, hiding the hop home
-    aux = fork(q.device, call.local_stream) if call.single_contribution else None
+    aux = fork(q.device, call.own_stream)
     own = None
     if aux is not None:
         with beside(aux):

@@ -126,7 +126,7 @@ def detached(device: torch.device, after: torch.cuda.Event | None,
 def fork(device: torch.device, stream: torch.cuda.Stream | None) -> torch.cuda.Stream | None:
     """``stream``, ordered after everything queued so far on the current stream, for work to run BESIDE what the
     current stream does next (a call's own block beside its remote blocks: the per-row kernels of one fill the
-    other's tails; measured on the H200 for a CP=2 rank of packed documents: ~0.25 ms of its ~7.7 ms per
+    other's tails; measured on the H200 for a CP=2 rank of packed documents: ~0.2 ms of its ~7.7 ms per
     fwd+bwd).
     None (run on the current stream) on CPU, without a stream, or while the current stream is being captured
     into a CUDA graph. Pair with :func:`join` before anything on the current stream reads the results.

@@ -146,6 +146,12 @@ class CompiledCall:
                 raise AssertionError(f"schedule steps out of order: step {st.step} at position {t}")
             self.blocks.append([[(c, r, kernel) for c, r in self.groups(st)] for _ in range(self.chunks)])
 
+    @property
+    def own_stream(self) -> torch.cuda.Stream | None:
+        """The own block's stream (``local_stream``) where every row gets one remote contribution, which the
+        forward's merge and the backward's sums read only after joining it; else None (in line)."""
+        return self.local_stream if self.single_contribution else None
+
     def dkv_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """dtype of the travelling dK/dV accumulator for inputs of ``dtype``."""
         return dtype if self.dkv_input_dtype else acc_dtype(dtype)

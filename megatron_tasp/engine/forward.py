@@ -56,7 +56,7 @@ def forward(call: LocalCall | CompiledCall, q: torch.Tensor, k: torch.Tensor, v:
     # allocated before the mark: memory freed by kernels queued after it must not reach the side stream
     inputs_ready = mark(q.device) if n > 1 and call.detach_first else None
     # the own block beside the remote ones where the call allows it (CP=2, one remote contribution per row)
-    aux = fork(q.device, call.local_stream) if n > 1 and call.single_contribution else None
+    aux = fork(q.device, call.own_stream) if n > 1 else None
     acc_t = acc_dtype(q.dtype)
     with beside(aux):
         out0, lse0, c = call.local_kernel.forward_unchecked(qb, bhsd(k), bhsd(v), causal=call.causal,
