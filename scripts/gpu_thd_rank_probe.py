@@ -17,7 +17,7 @@ single calls that each start from an idle GPU (which expose the host time of a c
 ``--paired N`` also times each rank's call against the whole sequence on one GPU in N alternating rounds
 (back to back), so both meet the same clocks: the H200 runs power-capped and its clock drifts over seconds,
 which moved the separately timed ratio by several percent. ``--profile-trace`` writes the profiles' chrome
-traces for ``scripts/trace_summary.py``.
+traces for ``scripts/trace_summary.py``; ``--memory`` records each rank's peak memory per call.
 """
 
 from __future__ import annotations
@@ -111,6 +111,26 @@ def _host_ms(rank: int, step, iters: int) -> list[float]:
     return [float(x) for x in every]
 
 
+def _peak_mib(rank: int, step) -> list[float]:
+    """On each rank in turn (the others wait on the host): MiB allocated above what was live before one call of
+    ``step`` (peak of the caching allocator's allocations, every stream of this process), and what the
+    allocator reserved at that point; ``[peak, reserved]`` per rank."""
+    t = torch.zeros(2, dtype=torch.float64)
+    for turn in range(dist.get_world_size()):
+        if turn == rank:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            t[0] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            t[1] = torch.cuda.memory_reserved() / 2**20
+        dist.barrier()
+    every = [torch.zeros(2, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    return [[float(v) for v in x] for x in every]
+
+
 def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None, trace: str | None = None,
              steps: int = 5, cpu: bool = False) -> None:
     """Profile ``steps`` calls of ``step`` queued back to back on each of ``ranks`` in turn: print the top CUDA
@@ -167,6 +187,8 @@ def main() -> None:
     ap.add_argument("--back-to-back", action="store_true", help="time calls queued back to back (steady state, "
                     "as between a model's layers: host work overlaps the previous call's GPU work) instead of "
                     "single calls that each start from an idle GPU")
+    ap.add_argument("--memory", action="store_true", help="also record each rank's peak memory of one fwd+bwd "
+                    "(MiB above what was allocated before the call) and what the allocator then reserved")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     # a rank that fails while the other waits in a barrier ends the run within minutes, not the default half hour
@@ -214,6 +236,8 @@ def main() -> None:
             row["max_rank_ms" + suffix] = max(row["rank_ms" + suffix])
             if a.host_time:
                 row["host_ms" + suffix] = _host_ms(r, step, a.iters)
+            if a.memory:
+                row["peak_reserved_mib" + suffix] = _peak_mib(r, step)
             if a.profile and i == 0:
                 _profile(r, step, f"CP=2 packed, {tok} tokens, {vname}", cpu=a.profile_cpu,
                          trace=a.profile_trace and a.profile_trace.replace("{what}", f"cp2_{vname}"))
@@ -223,6 +247,8 @@ def main() -> None:
                                                     back_to_back=a.back_to_back)[0]
             if a.host_time:
                 row["one_gpu_host_ms" + suffix] = _host_ms(r, one, a.iters)[0]
+            if a.memory:
+                row["one_gpu_peak_reserved_mib" + suffix] = _peak_mib(r, one)[0]
             if a.paired:
                 paired = _paired(r, step, one, a.warmup, a.iters, a.paired)
                 row["paired" + suffix] = {"rank_ms": [x[0] for x in paired], "one_gpu_ms": [x[1] for x in paired],
