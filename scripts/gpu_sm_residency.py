@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_thd import cumsum, doc_lengths, parse_tokens  # noqa: E402
 
 from megatron_tasp import tasp_attention  # noqa: E402
+from megatron_tasp.apps.bench.timing import time_fn  # noqa: E402
 
 
 def _few_block_copy(blocks: int):
@@ -84,20 +85,6 @@ def _time_beside(main, probe, side: torch.cuda.Stream, delay_s: float, trials: i
     return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
-def _alone(fn, trials: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return round(statistics.median(ts), 3)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="32k", help="packed tokens ('k' = 1024)")
@@ -137,11 +124,11 @@ def main() -> None:
            "beside_backward": {}, "probe_first": {}}
     fwd()
     bwd()
-    res["forward_alone_ms"] = _alone(fwd, a.trials)
-    res["fwd_bwd_alone_ms"] = _alone(lambda: (fwd(), bwd()), a.trials)
+    res["forward_alone_ms"] = round(time_fn(fwd, dev, 1, a.trials), 3)
+    res["fwd_bwd_alone_ms"] = round(time_fn(lambda: (fwd(), bwd()), dev, 1, a.trials), 3)
     side = torch.cuda.Stream(device=dev)
     for name, probe in probes.items():
-        res["probe_alone_ms"][name] = _alone(probe, a.trials)
+        res["probe_alone_ms"][name] = round(time_fn(probe, dev, 1, a.trials), 3)
         res["beside_forward"][name] = _time_beside(fwd, probe, side, 3e-4, a.trials, False)
         # 1 ms in: past the backward's dO.O, inside its main kernel
         res["beside_backward"][name] = _time_beside(bwd, probe, side, 1e-3, a.trials, False, prepare=fwd)

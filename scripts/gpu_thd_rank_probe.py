@@ -49,44 +49,48 @@ from megatron_tasp.options import default_options  # noqa: E402
 from megatron_tasp.thd import partition_index  # noqa: E402
 
 
+def _in_turn(rank: int, work, width: int, ranks: tuple[int, ...] | None = None) -> list[list[float]]:
+    """``work()`` (``width`` numbers) on each of ``ranks`` (None: all) in turn while the others wait on the host,
+    so each has the GPU to itself; every rank's numbers (zeros where it did not run)."""
+    t = torch.zeros(width, dtype=torch.float64)
+    for turn in range(dist.get_world_size()):
+        if turn == rank and (ranks is None or rank in ranks):
+            t[:] = torch.tensor(work(), dtype=torch.float64)
+        dist.barrier()
+    every = [torch.zeros(width, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    return [[float(v) for v in x] for x in every]
+
+
 def _alone(rank: int, step, warmup: int, iters: int, ranks: tuple[int, ...] | None = None,
            back_to_back: bool = False) -> list[float]:
     """``step`` timed on each of ``ranks`` (None: all) in turn while the others wait on the host; every rank's
     time (0 where it did not run): the median of single calls that each start from an idle GPU, or with
     ``back_to_back`` the time per call of calls queued one after another (steady state)."""
-    t = torch.zeros(1, dtype=torch.float64)
     dev = torch.device("cuda", 0)
-    for turn in range(dist.get_world_size()):
-        if turn == rank and (ranks is None or rank in ranks):
-            t[0] = time_back_to_back(step, dev, warmup, iters) if back_to_back else time_fn(step, dev, warmup, iters)
-        dist.barrier()
-    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, t)
-    return [float(x) for x in every]
+    timer = time_back_to_back if back_to_back else time_fn
+    return [x[0] for x in _in_turn(rank, lambda: [timer(step, dev, warmup, iters)], 1, ranks)]
 
 
 def _paired(rank: int, step, one, warmup: int, iters: int, rounds: int) -> list[list[float]]:
     """On each rank in turn (the others wait on the host): ``rounds`` rounds of ``iters`` calls of ``step``
     then ``iters`` of ``one`` (the whole sequence on this GPU), each queued back to back, so both meet the
     same clocks (the H200 runs power-capped, and its clock drifts over seconds). Every rank's
-    ``[step ms, one ms, ratio]`` per round, medians over the rounds (zeros where it did not run)."""
-    t = torch.zeros(3, dtype=torch.float64)
+    ``[step ms, one ms, ratio]`` per round, medians over the rounds."""
     dev = torch.device("cuda", 0)
-    for turn in range(dist.get_world_size()):
-        if turn == rank:
-            for fn in (step, one):
-                for _ in range(warmup):
-                    fn()
-            rows = []
-            for _ in range(rounds):
-                a = time_back_to_back(step, dev, 0, iters, rounds=1)
-                b = time_back_to_back(one, dev, 0, iters, rounds=1)
-                rows.append((a, b, a / b))
-            t[:] = torch.tensor([statistics.median(x) for x in zip(*rows)], dtype=torch.float64)
-        dist.barrier()
-    every = [torch.zeros(3, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, t)
-    return [[float(v) for v in x] for x in every]
+
+    def work() -> list[float]:
+        for fn in (step, one):
+            for _ in range(warmup):
+                fn()
+        rows = []
+        for _ in range(rounds):
+            a = time_back_to_back(step, dev, 0, iters, rounds=1)
+            b = time_back_to_back(one, dev, 0, iters, rounds=1)
+            rows.append((a, b, a / b))
+        return [statistics.median(x) for x in zip(*rows)]
+
+    return _in_turn(rank, work, 3)
 
 
 def _host_ms(rank: int, step, iters: int) -> list[float]:
@@ -95,40 +99,33 @@ def _host_ms(rank: int, step, iters: int) -> list[float]:
     synchronisation). Near the back-to-back GPU time per call, the calls are host-bound."""
     import time
 
-    t = torch.zeros(1, dtype=torch.float64)
-    for turn in range(dist.get_world_size()):
-        if turn == rank:
+    def work() -> list[float]:
+        step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
             step()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                step()
-            t[0] = (time.perf_counter() - t0) * 1e3 / iters
-            torch.cuda.synchronize()
-        dist.barrier()
-    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, t)
-    return [float(x) for x in every]
+        ms = (time.perf_counter() - t0) * 1e3 / iters
+        torch.cuda.synchronize()
+        return [ms]
+
+    return [x[0] for x in _in_turn(rank, work, 1)]
 
 
-def _peak_mib(rank: int, step) -> list[float]:
+def _peak_mib(rank: int, step) -> list[list[float]]:
     """On each rank in turn (the others wait on the host): MiB allocated above what was live before one call of
     ``step`` (peak of the caching allocator's allocations, every stream of this process), and what the
     allocator reserved at that point; ``[peak, reserved]`` per rank."""
-    t = torch.zeros(2, dtype=torch.float64)
-    for turn in range(dist.get_world_size()):
-        if turn == rank:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            t[0] = (torch.cuda.max_memory_allocated() - before) / 2**20
-            t[1] = torch.cuda.memory_reserved() / 2**20
-        dist.barrier()
-    every = [torch.zeros(2, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, t)
-    return [[float(v) for v in x] for x in every]
+
+    def work() -> list[float]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return [(torch.cuda.max_memory_allocated() - before) / 2**20, torch.cuda.memory_reserved() / 2**20]
+
+    return _in_turn(rank, work, 2)
 
 
 def _profile(rank: int, step, label: str, ranks: tuple[int, ...] | None = None, trace: str | None = None,

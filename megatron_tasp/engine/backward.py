@@ -10,7 +10,7 @@ Two schemes. With kept KV (``keep_kv``: the forward kept the pieces it received)
 remote steps run first and the local block last, so every hop, the one home included, overlaps a kernel.
 Without it the backward runs the KV rotation again (the first transfer overlapping the local block, issued
 after it like the forward's), and the hop home reuses the two KV buffers. With a stream for the own block
-(``call.local_stream``, CP=2 packed documents) the own block runs first on that stream in both schemes,
+(``call.own_stream``, CP=2 packed documents) the own block runs first on that stream in both schemes,
 beside the remote block; the sums wait for both.
 """
 

@@ -8,7 +8,7 @@ query block sees it, all of it). Pieces of one case are concatenated so a step l
 kernels. Partial results merge by log-sum-exp in fp32 (fp64 for fp64 inputs). The local kernel is queued
 before the first exchange is posted (on a side stream, :func:`~megatron_tasp.engine.channel.detached`), so
 the host posts it while the GPU computes. Where the call gives the own block a stream of its own
-(``call.local_stream``: packed documents at CP=2), the own block runs there beside the remote block, which
+(``call.own_stream``: packed documents at CP=2), the own block runs there beside the remote block, which
 waits only for its KV; the merge waits for both (:func:`~megatron_tasp.engine.channel.fork`).
 
 Lanes (``chunks=c``): every piece travels as c sub-pieces, one message each, and a lane's kernels wait only
